@@ -1,0 +1,3 @@
+from cogradctl.cli import main
+
+main()

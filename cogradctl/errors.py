@@ -1,0 +1,53 @@
+"""The error table: every failure a user can act on is one of these, each with its exit code.
+
+The CLI catches them, prints one line to stderr and exits with ``exit_code``. Anything else is a bug
+and exits 1 (with a traceback only under ``--debug`` or ``COGRADCTL_DEBUG=1``).
+
+| exit | meaning                                                                  |
+|------|--------------------------------------------------------------------------|
+| 0    | success                                                                  |
+| 1    | unexpected failure (a bug: please report it with COGRADCTL_DEBUG=1 output) |
+| 2    | usage or input error: bad option, missing or invalid file, schema mismatch |
+| 3    | a quality gate failed (measure-transference thresholds)                  |
+"""
+
+EXIT_OK = 0
+EXIT_UNEXPECTED = 1
+EXIT_INPUT = 2
+EXIT_GATE = 3
+
+
+class CogradError(Exception):
+    """Base of the errors cogradctl reports as one line; ``exit_code`` says how the CLI exits."""
+
+    exit_code = EXIT_UNEXPECTED
+
+
+class UsageError(CogradError):
+    """A bad option value or combination of options."""
+
+    exit_code = EXIT_INPUT
+
+
+class DataError(CogradError):
+    """A missing, unreadable or invalid data file, or data that does not fit the schema."""
+
+    exit_code = EXIT_INPUT
+
+
+class CheckpointError(CogradError):
+    """A missing, unreadable or incompatible checkpoint."""
+
+    exit_code = EXIT_INPUT
+
+
+class PluginError(CogradError):
+    """An unknown, duplicated or broken model plugin or gradient method."""
+
+    exit_code = EXIT_INPUT
+
+
+class GateFailed(CogradError):
+    """A quality gate (threshold) failed."""
+
+    exit_code = EXIT_GATE

@@ -1,0 +1,117 @@
+"""Name → factory registries filled from entry-point groups (and, for files, a plugin path).
+
+Built-ins register through the same entry-point groups as third-party packages
+(``cogradctl.models`` and ``cogradctl.methods`` in ``pyproject.toml``), so the two are
+treated alike. A plugin file given with ``--plugin-path DIR`` / ``COGRADCTL_PLUGIN_PATH`` is a
+``.py`` file that defines ``MODELS = {"name": factory}`` and/or ``METHODS = {"name": factory}``.
+
+A plugin that fails to import is recorded with its cause and does not break the others; a name
+registered twice is an error when it is used; an unknown name is answered with the known ones.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any, Callable
+
+from cogradctl.errors import PluginError
+
+GROUPS = {"models": "cogradctl.models", "methods": "cogradctl.methods"}
+# The module-level dict a plugin file defines for each kind.
+FILE_ATTRS = {"models": "MODELS", "methods": "METHODS"}
+
+
+@dataclass
+class Entry:
+    name: str
+    source: str  # "built-in", "package <dist>", or "file <path>"
+    factory: Callable[..., Any] | None = None
+    error: str | None = None  # why it could not be loaded
+    duplicates: list[str] = field(default_factory=list)  # other sources of the same name
+
+    @property
+    def description(self) -> str:
+        doc = getattr(self.factory, "__doc__", None) or ""
+        return doc.strip().splitlines()[0] if doc.strip() else ""
+
+
+def plugin_paths(extra: list[str] | None = None) -> list[Path]:
+    """Directories from the option, then from ``COGRADCTL_PLUGIN_PATH`` (os.pathsep-separated)."""
+    dirs = list(extra or [])
+    env = os.environ.get("COGRADCTL_PLUGIN_PATH", "")
+    dirs += [d for d in env.split(os.pathsep) if d]
+    paths = []
+    for d in dirs:
+        p = Path(d)
+        if not p.is_dir():
+            raise PluginError(f"plugin path {d}: not a directory (expected a folder of plugin .py files)")
+        paths.append(p)
+    return paths
+
+
+def _load_file(path: Path) -> Any:
+    name = f"cogradctl_plugin_file_{abs(hash(str(path.resolve())))}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
+def _add(found: dict[str, Entry], entry: Entry) -> None:
+    if entry.name in found:
+        found[entry.name].duplicates.append(entry.source)
+    else:
+        found[entry.name] = entry
+
+
+def discover(kind: str, extra_paths: list[str] | None = None) -> dict[str, Entry]:
+    """All registered entries of ``kind`` ("models" or "methods"), broken ones included."""
+    found: dict[str, Entry] = {}
+    for ep in sorted(entry_points(group=GROUPS[kind]), key=lambda e: e.name):
+        dist = ep.dist.name if ep.dist is not None else "?"
+        source = "built-in" if dist == "cogradctl" else f"package {dist}"
+        entry = Entry(ep.name, source)
+        try:
+            entry.factory = ep.load()
+        except Exception as exc:  # a broken plugin must not break the others
+            entry.error = f"{type(exc).__name__}: {exc}"
+        _add(found, entry)
+    for directory in plugin_paths(extra_paths):
+        for path in sorted(directory.glob("*.py")):
+            try:
+                module = _load_file(path)
+            except Exception as exc:
+                # We cannot know which names it meant to register: record it under its file name.
+                _add(found, Entry(path.stem, f"file {path}", error=f"{type(exc).__name__}: {exc}"))
+                continue
+            for name, factory in getattr(module, FILE_ATTRS[kind], {}).items():
+                _add(found, Entry(name, f"file {path}", factory=factory))
+    return found
+
+
+def lookup(kind: str, name: str, extra_paths: list[str] | None = None) -> Callable[..., Any]:
+    """The factory registered as ``name``, or a PluginError saying what is known or what broke."""
+    found = discover(kind, extra_paths)
+    singular = kind[:-1]
+    entry = found.get(name)
+    if entry is None:
+        known = ", ".join(sorted(n for n, e in found.items() if e.error is None)) or "none"
+        raise PluginError(f"unknown {singular} '{name}'; known {kind}: {known}")
+    if entry.duplicates:
+        sources = ", ".join([entry.source, *entry.duplicates])
+        raise PluginError(f"{singular} '{name}' is registered more than once ({sources}); uninstall or rename one")
+    if entry.error is not None:
+        raise PluginError(f"{singular} '{name}' ({entry.source}) failed to load: {entry.error}")
+    return entry.factory
