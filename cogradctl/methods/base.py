@@ -6,13 +6,44 @@ the K task losses to the P-vector update applied to the shared parameters. It is
 weights) lives in buffers and parameters that a checkpoint stores and restores with
 ``state_dict()``; learnable parameters (``method.parameters()``) are trained by the loop's
 optimizer, and a method sets their ``.grad`` itself inside ``aggregate``.
+
+What the training loop provides (the contract, read by the loop's author):
+
+* ``method.segments``: ``list[int]``, the number of elements of each shared parameter tensor in
+  the order in which they are flattened into a gradient row (``sum(segments) == P``). The loop
+  sets it after construction and before ``setup``. It is needed only by methods constructed with
+  ``granularity="tensor"``, which apply the method separately to each tensor's block of columns
+  (as the per-layer variants of PCGrad and GradVac do); ``None`` means "one block".
+* ``method.setup(K)``: called once before the first step (``forward`` calls it lazily too).
+  Per-task state (buffers, parameters) is allocated there, so a checkpoint is restored with
+  ``setup(K)`` then ``load_state_dict(...)``.
+* ``requires_hvp``: when a method's instance attribute is true, the loop calls
+  ``method(grads, losses, hvp=fn)`` where ``fn(i, v)`` returns ``H_i v``, the product of the
+  Hessian of task ``i``'s loss with respect to the shared parameters (flattened like the rows of
+  ``grads``) with the P-vector ``v`` (one double backward through task ``i``'s graph, so the loop
+  keeps the graphs with ``create_graph=True``). Methods that do not need it ignore ``hvp``.
+* ``task_weights()``: the K weights the loop applies to each task's gradient on its own
+  task-specific parameters (``None``: all 1).
+* ``stats``: diagnostics of the last call (floats, bools or lists of floats), logged per step.
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from cogradctl.errors import UsageError
+
+HVP = Callable[[int, torch.Tensor], torch.Tensor]
+
+GRANULARITY_OPTION = (
+    "'global' (default: the method sees the whole flattened gradient) or 'tensor' (applied "
+    "separately to each shared parameter tensor's block of columns)"
+)
+
+# Column chunk used when forming the Gram matrix in float64 (bounds the float64 copy's memory).
+_GRAM_CHUNK = 1 << 20
 
 
 class Method(torch.nn.Module):
@@ -20,31 +51,69 @@ class Method(torch.nn.Module):
 
     Class attributes describe the method for ``cogradctl methods``:
     ``family`` ("loss weighting", "gradient manipulation" or "transference"), ``paper`` and
-    ``options`` (option name → one-line description).
+    ``options`` (option name → one-line description). ``requires_hvp`` (false by default) asks the
+    loop for Hessian-vector products (see the module docstring).
+
+    Gradient-manipulation methods pass ``granularity`` to ``Method.__init__``; with ``"tensor"``
+    the base class splits the columns by ``self.segments``, calls ``aggregate`` once per block with
+    ``self.block`` set to the block's index (so state can be kept per block: ``self.num_blocks``
+    is known in ``setup``), concatenates the updates and averages the blocks' numeric stats
+    (``stats["blocks"]`` is the number of blocks).
     """
 
     family = ""
     paper = ""
     options: dict[str, str] = {}
+    requires_hvp = False
 
-    def __init__(self) -> None:
+    def __init__(self, granularity: str = "global") -> None:
         super().__init__()
+        if granularity not in ("global", "tensor"):
+            raise ValueError(f"granularity must be 'global' or 'tensor', got {granularity!r}")
+        self.granularity = granularity
         self.num_tasks: int | None = None
+        self.num_blocks: int = 1
+        self.block: int = 0
+        self.segments: list[int] | None = None
         # Diagnostics of the last call, logged to metrics.jsonl by the training loop.
         self.stats: dict[str, float | list[float]] = {}
+
+    def _blocks(self) -> int:
+        if self.granularity == "tensor" and self.segments:
+            return len(self.segments)
+        return 1
 
     def setup(self, num_tasks: int) -> None:
         """Allocate per-task state for ``num_tasks`` tasks. Called once before the first step."""
         self.num_tasks = num_tasks
+        self.num_blocks = self._blocks()
 
-    def forward(self, grads: torch.Tensor, losses: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        grads: torch.Tensor,
+        losses: torch.Tensor | None = None,
+        hvp: HVP | None = None,
+    ) -> torch.Tensor:
         if grads.dim() != 2:
             raise ValueError(f"grads must be a K×P matrix, got shape {tuple(grads.shape)}")
         if losses is not None and losses.shape != (grads.shape[0],):
             raise ValueError(f"losses must be a K-vector, got shape {tuple(losses.shape)} for K={grads.shape[0]}")
-        if self.num_tasks != grads.shape[0]:
+        if self.num_tasks != grads.shape[0] or self.num_blocks != self._blocks():
             self.setup(grads.shape[0])
-        return self.aggregate(grads, losses)
+        extra = {"hvp": hvp} if self.requires_hvp else {}
+        if self.num_blocks == 1:
+            self.block = 0
+            return self.aggregate(grads, losses, **extra)
+        if sum(self.segments) != grads.shape[1]:
+            raise ValueError(f"segments sum to {sum(self.segments)} but grads have {grads.shape[1]} columns")
+        updates, all_stats = [], []
+        for b, block in enumerate(torch.split(grads, list(self.segments), dim=1)):
+            self.block = b
+            updates.append(self.aggregate(block, losses, **extra))
+            all_stats.append(self.stats)
+        self.block = 0
+        self.stats = _mean_stats(all_stats)
+        return torch.cat(updates)
 
     def aggregate(self, grads: torch.Tensor, losses: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
@@ -52,6 +121,17 @@ class Method(torch.nn.Module):
     def task_weights(self) -> torch.Tensor | None:
         """Weights of each task's gradient on its own task-specific parameters (None: all 1)."""
         return None
+
+
+def _mean_stats(all_stats: list[dict]) -> dict:
+    out: dict = {"blocks": float(len(all_stats))}
+    for key in all_stats[0]:
+        values = [s.get(key) for s in all_stats]
+        try:
+            out[key] = torch.tensor(values, dtype=torch.float64).mean(dim=0).tolist()
+        except (TypeError, ValueError):
+            out[key] = values[-1]
+    return out
 
 
 def per_task(value: float | list[float] | tuple[float, ...] | torch.Tensor, num_tasks: int, name: str) -> torch.Tensor:
@@ -62,3 +142,30 @@ def per_task(value: float | list[float] | tuple[float, ...] | torch.Tensor, num_
     if t.numel() != num_tasks:
         raise UsageError(f"option {name}: expected one value or {num_tasks} (one per task), got {t.numel()}")
     return t
+
+
+def gram(grads: torch.Tensor) -> torch.Tensor:
+    """The K×K Gram matrix G Gᵀ of the gradient rows, accumulated in float64 (O(K²P) once)."""
+    k, p = grads.shape
+    m = torch.zeros(k, k, dtype=torch.float64, device=grads.device)
+    for start in range(0, p, _GRAM_CHUNK):
+        chunk = grads[:, start : start + _GRAM_CHUNK].to(torch.float64)
+        m += chunk @ chunk.T
+    return (m + m.T) / 2
+
+
+def combine(weights: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+    """Σ_i weights_i g_i in the gradients' dtype (the one P-wide product of Gram-based methods)."""
+    return weights.to(device=grads.device, dtype=grads.dtype) @ grads
+
+
+def project_simplex(v: torch.Tensor) -> torch.Tensor:
+    """Euclidean projection of a vector onto the probability simplex (sort-based, exact)."""
+    k = v.numel()
+    u, _ = torch.sort(v, descending=True)
+    css = torch.cumsum(u, 0) - 1
+    ind = torch.arange(1, k + 1, dtype=v.dtype, device=v.device)
+    cond = u - css / ind > 0
+    rho = int(torch.nonzero(cond).max())
+    tau = css[rho] / (rho + 1)
+    return (v - tau).clamp_min(0)

@@ -1,0 +1,83 @@
+"""Gradient Vaccine (Wang et al., ICLR 2021)."""
+
+from __future__ import annotations
+
+import torch
+
+from cogradctl.methods.base import GRANULARITY_OPTION, Method, combine, gram
+
+
+class GradVac(Method):
+    """GradVac: raise each pair's cosine similarity up to an EMA target instead of only to zero.
+
+    For each task i and each other task j (random order from a seeded generator, as PCGrad), with
+    φ_ij = cos(g_i^GV, g_j) and target φ̂_ij (a buffer, initially 0): if φ_ij < φ̂_ij,
+
+        g_i^GV ← g_i^GV + ‖g_i^GV‖ (φ̂ √(1−φ²) − φ √(1−φ̂²)) / (‖g_j‖ √(1−φ̂²)) g_j
+
+    then φ̂_ij ← (1−β) φ̂_ij + β φ_ij. Update: Σ_i g_i^GV. With ``granularity='tensor'`` each block
+    keeps its own targets (the paper's per-layer variant). A pair with a zero gradient is skipped
+    and its target left unchanged.
+
+    >>> import torch
+    >>> GradVac()(torch.tensor([[1.0, 0.0], [-1.0, 1.0]]))   # first step: targets 0 = PCGrad
+    tensor([0.5000, 1.5000])
+    """
+
+    family = "gradient manipulation"
+    paper = "Gradient Vaccine: Investigating and Improving Multi-task Optimization in Massively Multilingual Models (Wang et al., ICLR 2021)"
+    options = {
+        "beta": "EMA rate β of the cosine targets (default 0.5)",
+        "eps": "added to denominators (default 1e-8)",
+        "order": "'random' (default) or 'fixed' order of the other tasks",
+        "seed": "seed of the random order's generator (default 0)",
+        "granularity": GRANULARITY_OPTION,
+    }
+
+    def __init__(self, beta: float = 0.5, eps: float = 1e-8, order: str = "random", seed: int = 0, granularity: str = "global") -> None:
+        super().__init__(granularity)
+        if not 0.0 <= float(beta) <= 1.0:
+            raise ValueError("beta must be in [0, 1]")
+        if order not in ("random", "fixed"):
+            raise ValueError(f"order must be 'random' or 'fixed', got {order!r}")
+        self.beta = float(beta)
+        self.eps = float(eps)
+        self.order = order
+        self.seed = int(seed)
+        self.register_buffer("rng_state", torch.Generator().manual_seed(self.seed).get_state())
+
+    def setup(self, num_tasks: int) -> None:
+        super().setup(num_tasks)
+        self.register_buffer("targets", torch.zeros(self.num_blocks, num_tasks, num_tasks, dtype=torch.float64))
+
+    def aggregate(self, grads: torch.Tensor, losses: torch.Tensor | None) -> torch.Tensor:
+        m = gram(grads)
+        k = m.shape[0]
+        targets = self.targets[self.block]
+        gen = torch.Generator()
+        gen.set_state(self.rng_state.cpu())
+        coef = torch.eye(k, dtype=torch.float64)
+        corrections = 0
+        for i in range(k):
+            cm = coef[i] @ m  # (g_i^GV · g_j)_j
+            others = [j for j in range(k) if j != i]
+            if self.order == "random":
+                others = [others[p] for p in torch.randperm(len(others), generator=gen).tolist()]
+            for j in others:
+                norm_j = float(m[j, j].clamp_min(0).sqrt())
+                norm_i = float((cm @ coef[i]).clamp_min(0).sqrt())
+                if norm_j == 0.0 or norm_i == 0.0:
+                    continue
+                phi = float(cm[j]) / (norm_i * norm_j + self.eps)
+                phi_hat = float(targets[i, j])
+                if phi < phi_hat:
+                    s_phi = max(1.0 - phi * phi, 0.0) ** 0.5
+                    s_hat = max(1.0 - phi_hat * phi_hat, 0.0) ** 0.5
+                    w = norm_i * (phi_hat * s_phi - phi * s_hat) / (norm_j * s_hat + self.eps)
+                    coef[i, j] += w
+                    cm = cm + w * m[j]
+                    corrections += 1
+                targets[i, j] = (1.0 - self.beta) * phi_hat + self.beta * phi
+        self.rng_state = gen.get_state()
+        self.stats = {"corrections": float(corrections)}
+        return combine(coef.sum(dim=0), grads)

@@ -1,0 +1,36 @@
+"""Fixed task weights (linear scalarisation with user weights)."""
+
+from __future__ import annotations
+
+import torch
+
+from cogradctl.methods.base import Method, per_task
+
+
+class Weighted(Method):
+    """Weighted sum of the task gradients, ``Σ_i w_i g_i``, with fixed user weights.
+
+    >>> import torch
+    >>> Weighted(weights=[1.0, 0.5])(torch.tensor([[2.0, 0.0], [0.0, 4.0]]))
+    tensor([2., 2.])
+    """
+
+    family = "loss weighting"
+    paper = "linear scalarisation (fixed weights)"
+    options = {"weights": "task weights w_i: one value or one per task (default 1)"}
+
+    def __init__(self, weights=1.0) -> None:
+        super().__init__()
+        self.weights_option = weights
+        self.weights = None
+
+    def setup(self, num_tasks: int) -> None:
+        super().setup(num_tasks)
+        self.weights = per_task(self.weights_option, num_tasks, "weights")
+
+    def aggregate(self, grads: torch.Tensor, losses: torch.Tensor | None) -> torch.Tensor:
+        self.stats = {"weights": self.weights.tolist()}
+        return self.weights.to(grads) @ grads
+
+    def task_weights(self) -> torch.Tensor | None:
+        return self.weights
