@@ -1,0 +1,132 @@
+"""Checkpoints: one ``.safetensors`` file that describes itself.
+
+Tensors: the model's weights under ``model.<name>`` (later runs may add other prefixes).
+``__metadata__`` (strings only; structures are JSON): ``format`` = "cogradctl-checkpoint",
+``format_version``, ``cogradctl_version``, ``model`` (plugin name), ``model_config`` (JSON),
+``schema`` (JSON: features with vocabularies and normalisation statistics, tasks and their types),
+``history`` (JSON list, one entry per init/train run: what, method, steps, seed, data, time).
+
+Loading never unpickles anything. Writing goes to a temporary file in the target's directory,
+fsynced and renamed into place, so a reader never sees a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as st_save
+
+from cogradctl import __version__
+from cogradctl.errors import CheckpointError
+from cogradctl.schema import Schema
+
+FORMAT = "cogradctl-checkpoint"
+FORMAT_VERSION = "1"
+MODEL_PREFIX = "model."
+REQUIRED = ("format", "format_version", "model", "model_config", "schema")
+
+
+@dataclass
+class Checkpoint:
+    model: str
+    model_config: dict
+    schema: Schema
+    state: dict[str, torch.Tensor]  # the model's state_dict
+    history: list[dict] = field(default_factory=list)
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # other tensors, full names
+
+
+def save(ckpt: Checkpoint, path: str | Path) -> None:
+    path = Path(path)
+    tensors = {MODEL_PREFIX + k: v.detach().to("cpu").contiguous().clone() for k, v in ckpt.state.items()}
+    tensors.update({k: v.detach().to("cpu").contiguous().clone() for k, v in ckpt.extra.items()})
+    metadata = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "cogradctl_version": __version__,
+        "model": ckpt.model,
+        "model_config": json.dumps(ckpt.model_config, sort_keys=True),
+        "schema": ckpt.schema.to_json(),
+        "history": json.dumps(ckpt.history),
+    }
+    atomic_write_bytes(path, st_save(tensors, metadata=metadata))
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file in the same directory + fsync + rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
+    missing = [k for k in REQUIRED if k not in meta]
+    if meta.get("format") != FORMAT or missing:
+        raise CheckpointError(
+            f"{path}: a safetensors file without cogradctl metadata (missing: {', '.join(missing) or 'format'}); "
+            "create a checkpoint with 'cogradctl init'"
+        )
+    if meta["format_version"] != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format version {meta['format_version']}, this cogradctl reads {FORMAT_VERSION}")
+    return meta
+
+
+def load(path: str | Path) -> Checkpoint:
+    meta = read_metadata(path)
+    try:
+        with safe_open(path, framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        schema = Schema.from_json(meta["schema"])
+        config = json.loads(meta["model_config"])
+        history = json.loads(meta.get("history", "[]"))
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path}: corrupt checkpoint ({exc})") from exc
+    state = {k[len(MODEL_PREFIX) :]: v for k, v in tensors.items() if k.startswith(MODEL_PREFIX)}
+    extra = {k: v for k, v in tensors.items() if not k.startswith(MODEL_PREFIX)}
+    return Checkpoint(meta["model"], config, schema, state, history, extra)
+
+
+def load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load weights, naming every tensor that is missing, unexpected or of another shape."""
+    own = module.state_dict()
+    problems = []
+    for name, tensor in own.items():
+        if name not in state:
+            problems.append(f"{name} missing")
+        elif tuple(state[name].shape) != tuple(tensor.shape):
+            problems.append(f"{name} has shape {tuple(state[name].shape)}, the model expects {tuple(tensor.shape)}")
+    problems += [f"{name} unexpected" for name in state if name not in own]
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise CheckpointError(f"{source}: the weights do not fit the model plugin: {shown}")
+    module.load_state_dict(state)

@@ -1,0 +1,257 @@
+"""Parquet in, model-ready tensors out.
+
+``--data`` is a file, a directory (every ``*.parquet`` below it) or a glob. Each file is read and
+validated on its own, so an error names the file and the column. A batch handed to a model is a
+dict: ``"dense"`` float32 B×D (standardised), ``"categorical"`` int64 B×C (index 0 = missing/OOV),
+in the schema's feature order; labels are a float32 B×K matrix in the schema's task order.
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import math
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+
+from cogradctl.errors import DataError
+from cogradctl.schema import Feature, Schema, Task, is_categorical_type, is_label_type, plan_columns
+
+
+def resolve(spec: str) -> list[Path]:
+    """The Parquet files ``spec`` names, sorted; a clear error when there are none."""
+    path = Path(spec)
+    if any(ch in spec for ch in "*?["):
+        files = sorted(Path(p) for p in globlib.glob(spec, recursive=True) if Path(p).is_file())
+        if not files:
+            raise DataError(f"{spec}: the pattern matches no files")
+        return files
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*.parquet") if p.is_file())
+        if not files:
+            raise DataError(f"{spec}: directory has no *.parquet files")
+        return files
+    if path.is_file():
+        return [path]
+    raise DataError(f"{spec}: no such file or directory")
+
+
+def read_schema(path: Path) -> pa.Schema:
+    try:
+        return pq.read_schema(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(f"{path}: not a readable Parquet file ({_short(exc)})") from exc
+
+
+def read_file(path: Path, columns: list[str]) -> pa.Table:
+    """Read ``columns`` of one file; a missing column or a corrupt file is a DataError naming it."""
+    names = read_schema(path).names
+    missing = [c for c in columns if c not in names]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {', '.join(missing)} (the checkpoint's schema needs them)")
+    try:
+        return pq.read_table(path, columns=columns)
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(f"{path}: not a readable Parquet file ({_short(exc)})") from exc
+
+
+def _short(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+
+
+# ---------------------------------------------------------------------------- schema inference
+
+
+def infer_schema(
+    spec: str,
+    tasks: list[str],
+    task_types: dict[str, str],
+    features: list[str] | None = None,
+    dense: list[str] = (),
+    categorical: list[str] = (),
+    max_vocab: int = 100_000,
+    min_count: int = 1,
+) -> tuple[Schema, int]:
+    """Read every file once: the feature kinds, vocabularies, normalisation statistics. → (schema, rows)."""
+    files = resolve(spec)
+    kinds = plan_columns(read_schema(files[0]), str(files[0]), tasks, features, list(dense), list(categorical))
+    counts = {c: Counter() for c, k in kinds.items() if k == "categorical"}
+    value_types: dict[str, str] = {}
+    moments = {c: [0, 0.0, 0.0] for c, k in kinds.items() if k == "dense"}  # n, sum, sum of squares
+    rows = 0
+    for path in files:
+        table = read_file(path, [*kinds, *tasks])
+        rows += table.num_rows
+        _validate_labels(table, path, [Task(t, task_types[t]) for t in tasks])
+        for col, kind in kinds.items():
+            arr = table.column(col)
+            if kind == "categorical":
+                arr, vtype = _categorical_values(arr, value_types.get(col))
+                value_types.setdefault(col, vtype)
+                for item in pc.value_counts(arr.drop_null()).to_pylist():
+                    counts[col][item["values"]] += item["counts"]
+            else:
+                values = _dense_values(arr, path, col)
+                finite = values[~np.isnan(values)]
+                m = moments[col]
+                m[0] += finite.size
+                m[1] += float(finite.sum())
+                m[2] += float(np.square(finite).sum())
+    if rows == 0:
+        raise DataError(f"{spec}: the data has no rows")
+    feats = []
+    for col, kind in kinds.items():
+        if kind == "categorical":
+            ranked = sorted(counts[col].items(), key=lambda kv: (-kv[1], str(kv[0])))
+            vocab = [v for v, n in ranked if n >= min_count][:max_vocab]
+            feats.append(Feature(col, "categorical", vocab=vocab, value_type=value_types.get(col, "str")))
+        else:
+            n, s, ss = moments[col]
+            mean = s / n if n else 0.0
+            var = max(ss / n - mean * mean, 0.0) if n else 0.0
+            std = math.sqrt(var) if var > 1e-12 else 1.0
+            feats.append(Feature(col, "dense", mean=mean, std=std))
+    return Schema(feats, [Task(t, task_types[t]) for t in tasks]), rows
+
+
+def _categorical_values(arr: pa.ChunkedArray, vtype: str | None) -> tuple[pa.ChunkedArray, str]:
+    """A categorical column as int64 or string values (dictionaries decoded, booleans as 0/1)."""
+    t = arr.type
+    if pa.types.is_dictionary(t):
+        arr = arr.cast(t.value_type)
+        t = arr.type
+    if vtype is None:
+        vtype = "int" if (pa.types.is_integer(t) or pa.types.is_boolean(t)) else "str"
+    if pa.types.is_boolean(t):
+        arr = arr.cast(pa.int8())
+    return arr.cast(pa.int64() if vtype == "int" else pa.string()), vtype
+
+
+def _dense_values(arr: pa.ChunkedArray, path: Path, col: str) -> np.ndarray:
+    """A dense column as float64 with nulls as NaN; NaN or infinite stored values are an error."""
+    values = arr.cast(pa.float64())
+    raw = values.to_numpy(zero_copy_only=False)  # nulls → NaN
+    stored_nan = np.isnan(raw).sum() - values.null_count
+    if stored_nan > 0 or np.isinf(raw).any():
+        bad = int(stored_nan + np.isinf(raw).sum())
+        raise DataError(f"{path}: column '{col}' has {bad} NaN or infinite value(s); use null for missing values")
+    return raw
+
+
+def _validate_labels(table: pa.Table, path: Path, tasks: list[Task]) -> None:
+    for task in tasks:
+        arr = table.column(task.name)
+        if not is_label_type(arr.type):
+            raise DataError(f"{path}: task column '{task.name}' is {arr.type}; labels must be numeric or boolean")
+        if arr.null_count:
+            raise DataError(f"{path}: task column '{task.name}' has {arr.null_count} missing (null) label(s)")
+        y = arr.cast(pa.float64()).to_numpy(zero_copy_only=False)
+        if not np.isfinite(y).all():
+            raise DataError(f"{path}: task column '{task.name}' has {int((~np.isfinite(y)).sum())} NaN or infinite label(s)")
+        if task.type == "binary":
+            bad = (y != 0) & (y != 1)
+            if bad.any():
+                raise DataError(
+                    f"{path}: binary task column '{task.name}' has {int(bad.sum())} value(s) outside {{0, 1}} "
+                    f"(e.g. {y[bad][0]:g}); declare it with --task-type {task.name}=regression at init if it is real-valued"
+                )
+
+
+# ---------------------------------------------------------------------------- encoding
+
+
+@dataclass
+class Dataset:
+    """Encoded rows in memory, with where each came from (file and row range)."""
+
+    dense: torch.Tensor  # N×D float32
+    categorical: torch.Tensor  # N×C int64
+    labels: torch.Tensor  # N×K float32
+    sources: list[tuple[str, int, int]] = field(default_factory=list)  # (file, first row, end row) in N
+    oov: dict[str, int] = field(default_factory=dict)  # unseen categorical values per column
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    def batch(self, index: torch.Tensor | slice, device: torch.device | str = "cpu") -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        inputs = {"dense": self.dense[index].to(device), "categorical": self.categorical[index].to(device)}
+        return inputs, self.labels[index].to(device)
+
+    def describe(self, start: int, stop: int) -> list[dict]:
+        """Which files and row ranges rows [start, stop) of this dataset come from."""
+        out = []
+        for name, lo, hi in self.sources:
+            a, b = max(lo, start), min(hi, stop)
+            if a < b:
+                out.append({"file": name, "rows": [a - lo, b - lo]})
+        return out
+
+
+def load(spec: str, schema: Schema) -> Dataset:
+    """Read, validate and encode every file of ``spec`` against ``schema``."""
+    files = resolve(spec)
+    parts, sources, oov, start = [], [], Counter(), 0
+    for path in files:
+        table = read_file(path, schema.columns)
+        _validate_types(table, path, schema)
+        _validate_labels(table, path, schema.tasks)
+        part, unseen = encode(table, schema, path)
+        oov.update(unseen)
+        parts.append(part)
+        sources.append((str(path), start, start + table.num_rows))
+        start += table.num_rows
+    if start == 0:
+        raise DataError(f"{spec}: the data has no rows")
+    dense, cat, labels = (torch.cat([p[i] for p in parts]) for i in range(3))
+    unseen = {c: n for c, n in oov.items() if n}
+    if unseen:
+        listed = ", ".join(f"{c}: {n}" for c, n in sorted(unseen.items()))
+        warnings.warn(f"{spec}: categorical values not seen at init were mapped to the OOV bucket ({listed})", stacklevel=2)
+    return Dataset(dense, cat, labels, sources, unseen)
+
+
+def _validate_types(table: pa.Table, path: Path, schema: Schema) -> None:
+    for f in schema.features:
+        t = table.schema.field(f.name).type
+        ok = (pa.types.is_floating(t) or pa.types.is_integer(t) or pa.types.is_boolean(t)) if f.kind == "dense" else (
+            is_categorical_type(t) or pa.types.is_floating(t)
+        )
+        if not ok:
+            expected = "numeric" if f.kind == "dense" else "integer, string or dictionary"
+            raise DataError(f"{path}: column '{f.name}' is {t}; the checkpoint expects a {expected} {f.kind} feature")
+
+
+def encode(table: pa.Table, schema: Schema, path: Path | str = "<table>") -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], Counter]:
+    """Encode one validated table → ((dense, categorical, labels), unseen values per column)."""
+    n = table.num_rows
+    dense = np.zeros((n, len(schema.dense)), dtype=np.float32)
+    for k, f in enumerate(schema.dense):
+        x = _dense_values(table.column(f.name), Path(path), f.name)
+        x = (x - f.mean) / f.std
+        dense[:, k] = np.nan_to_num(x, nan=0.0)
+    cat = np.zeros((n, len(schema.categorical)), dtype=np.int64)
+    unseen = Counter()
+    for k, f in enumerate(schema.categorical):
+        values, _ = _categorical_values(table.column(f.name), f.value_type)
+        vocab = pa.array(f.vocab, type=pa.int64() if f.value_type == "int" else pa.string())
+        idx = pc.index_in(values, value_set=vocab)
+        unseen[f.name] += idx.null_count - values.null_count
+        cat[:, k] = pc.fill_null(idx, -1).to_numpy(zero_copy_only=False) + 1
+    labels = np.stack([table.column(t).cast(pa.float32()).to_numpy(zero_copy_only=False) for t in schema.task_names], axis=1)
+    return (torch.from_numpy(dense), torch.from_numpy(cat), torch.from_numpy(labels.astype(np.float32))), unseen
+
+
+def iterate(data: Dataset, batch_size: int, shuffle: bool, generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+    """Row indices of each batch of one epoch (the last batch may be smaller)."""
+    n = len(data)
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    for start in range(0, n, batch_size):
+        yield order[start : start + batch_size]
