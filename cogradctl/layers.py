@@ -1,0 +1,68 @@
+"""Building blocks for model plugins (public: third-party plugins may use them too)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from cogradctl.schema import Schema
+
+
+class FeatureInput(nn.Module):
+    """Embeds every categorical feature and concatenates the standardised dense features.
+
+    All categorical features share one embedding table with per-feature row offsets (one lookup
+    per batch instead of one per feature). Output: B × (C·embedding_dim + D).
+    """
+
+    def __init__(self, schema: Schema, embedding_dim: int = 8) -> None:
+        super().__init__()
+        cards = [f.cardinality for f in schema.categorical]
+        offsets = torch.tensor([0, *cards[:-1]], dtype=torch.long).cumsum(0) if cards else torch.zeros(0, dtype=torch.long)
+        self.register_buffer("offsets", offsets, persistent=False)
+        self.embedding = nn.Embedding(max(sum(cards), 1), embedding_dim)
+        nn.init.normal_(self.embedding.weight, std=0.05)
+        self.num_categorical = len(cards)
+        self.num_dense = len(schema.dense)
+        self.out_dim = self.num_categorical * embedding_dim + self.num_dense
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        parts = []
+        if self.num_categorical:
+            parts.append(self.embedding(batch["categorical"] + self.offsets).flatten(1))
+        if self.num_dense:
+            parts.append(batch["dense"])
+        return torch.cat(parts, dim=1)
+
+
+def mlp(in_dim: int, hidden: list[int], dropout: float = 0.0) -> nn.Sequential:
+    """Linear → ReLU (→ Dropout) for each hidden size; an empty list is the identity."""
+    layers: list[nn.Module] = []
+    for width in hidden:
+        layers += [nn.Linear(in_dim, width), nn.ReLU()]
+        if dropout:
+            layers.append(nn.Dropout(dropout))
+        in_dim = width
+    return nn.Sequential(*layers)
+
+
+def out_dim(in_dim: int, hidden: list[int]) -> int:
+    return hidden[-1] if hidden else in_dim
+
+
+class Tower(nn.Module):
+    """A task's head: an MLP and a linear output of one unit (a logit, or a regression value)."""
+
+    def __init__(self, in_dim: int, hidden: list[int], dropout: float = 0.0) -> None:
+        super().__init__()
+        self.body = mlp(in_dim, hidden, dropout)
+        self.out = nn.Linear(out_dim(in_dim, hidden), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.body(x)).squeeze(-1)
+
+
+def owned_by_prefix(module: nn.Module, prefixes: dict[str, tuple[str, ...]]) -> dict[str, list[str]]:
+    """``task_parameters()`` helper: task → names of the parameters that start with its prefixes."""
+    names = [n for n, _ in module.named_parameters()]
+    return {task: [n for n in names if n.startswith(pre)] for task, pre in prefixes.items()}
