@@ -1,0 +1,102 @@
+"""Per-task losses and gradients: one forward, then K backward passes onto the shared parameters.
+
+Task i's gradient on the shared parameters is written into row i of one preallocated K×P buffer;
+its gradient on its own task-specific parameters comes out of the same backward pass.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from cogradctl.models import ParamSplit
+from cogradctl.schema import Schema
+
+
+def task_losses(outputs: dict[str, torch.Tensor], labels: torch.Tensor, schema: Schema) -> torch.Tensor:
+    """The K-vector of mean per-task losses: BCE on logits for binary tasks, MSE for regression."""
+    losses = []
+    for k, task in enumerate(schema.tasks):
+        out = outputs[task.name].float()
+        if task.type == "binary":
+            losses.append(F.binary_cross_entropy_with_logits(out, labels[:, k]))
+        else:
+            losses.append(F.mse_loss(out, labels[:, k]))
+    return torch.stack(losses)
+
+
+class TaskGradients:
+    """Computes, for one batch, the K losses, the K×P shared-gradient matrix and each task's own gradients."""
+
+    def __init__(self, model: torch.nn.Module, split: ParamSplit, schema: Schema, device: torch.device | str = "cpu") -> None:
+        self.model, self.split, self.schema = model, split, schema
+        self.tasks = schema.task_names
+        k, p = len(self.tasks), split.num_shared
+        self.grads = torch.empty(k, p, device=device)
+        # views[i][n]: the slice of row i that holds shared parameter n, shaped like it.
+        self.views = []
+        for i in range(k):
+            row, offset = [], 0
+            for param in split.shared:
+                row.append(self.grads[i, offset : offset + param.numel()].view_as(param))
+                offset += param.numel()
+            self.views.append(row)
+        self._graph_grads: list[tuple[torch.Tensor, ...]] = []
+
+    def __call__(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor, create_graph: bool = False):
+        """→ (losses K-vector detached, grads K×P (the shared buffer, overwritten next call),
+        {task: gradients of its own parameters})."""
+        outputs = self.model(inputs)
+        losses = task_losses(outputs, labels, self.schema)
+        own: dict[str, list[torch.Tensor]] = {}
+        n_shared = len(self.split.shared)
+        self._graph_grads = []
+        last = len(self.tasks) - 1
+        for i, task in enumerate(self.tasks):
+            params = [*self.split.shared, *self.split.tasks[task]]
+            grads = torch.autograd.grad(
+                losses[i], params, retain_graph=create_graph or i < last, create_graph=create_graph, allow_unused=True
+            )
+            for view, g in zip(self.views[i], grads[:n_shared]):
+                if g is None:
+                    view.zero_()
+                else:
+                    view.copy_(g)
+            own[task] = [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params[n_shared:], grads[n_shared:])]
+            if create_graph:
+                self._graph_grads.append(grads[:n_shared])
+        return losses.detach(), self.grads, own
+
+    def hvp(self) -> Callable[[int, torch.Tensor], torch.Tensor]:
+        """After a call with ``create_graph=True``: ``fn(i, v)`` = H_i v, task i's Hessian on the
+        shared parameters times a P-vector v (one double-backward pass each)."""
+        graph = self._graph_grads
+        shared = self.split.shared
+
+        def fn(i: int, v: torch.Tensor) -> torch.Tensor:
+            dot = sum((g * chunk.view_as(g)).sum() for g, chunk in zip(graph[i], _chunks(v, shared)) if g is not None)
+            out = torch.autograd.grad(dot, shared, retain_graph=True, allow_unused=True)
+            return torch.cat([torch.zeros(p.numel(), device=v.device) if o is None else o.reshape(-1) for p, o in zip(shared, out)])
+
+        return fn
+
+
+def _chunks(v: torch.Tensor, params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
+    return list(torch.split(v, [p.numel() for p in params]))
+
+
+def set_shared_grad(split: ParamSplit, update: torch.Tensor) -> None:
+    """Write the P-vector ``update`` into the shared parameters' ``.grad``."""
+    for param, chunk in zip(split.shared, _chunks(update, split.shared)):
+        param.grad = chunk.view_as(param).clone()
+
+
+def flat_shared(split: ParamSplit) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in split.shared])
+
+
+def unflatten_shared(split: ParamSplit, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A P-vector as {shared parameter name: tensor}, for ``torch.func.functional_call``."""
+    return {n: c.view_as(p) for n, p, c in zip(split.shared_names, split.shared, _chunks(flat, split.shared))}
