@@ -1,0 +1,571 @@
+"""The command line: parse options, call the library, print. No computation lives here.
+
+stdout carries data only (tables, or exactly one JSON document with ``--json``); logs, warnings and
+progress go to stderr. Errors are one line on stderr and an exit code from the table in
+``cogradctl.errors`` (a traceback only with ``--debug`` or ``COGRADCTL_DEBUG=1``).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from cogradctl import __version__
+from cogradctl.console import Log, stderr
+from cogradctl.errors import EXIT_INPUT, EXIT_UNEXPECTED, CogradError, UsageError
+
+EXIT_CODES = (
+    "Exit codes: 0 success; 1 unexpected failure (a bug; rerun with COGRADCTL_DEBUG=1 for a traceback); "
+    "2 usage or input error (bad option, missing or invalid file, schema mismatch); 3 a quality gate failed."
+)
+
+app = typer.Typer(
+    name="cogradctl",
+    help="Fine-tune multi-task models with CoGrad, GDOD or a baseline, and measure task transference and gradient conflict.",
+    epilog=EXIT_CODES,
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+stdout = Console(highlight=False, soft_wrap=True)
+DEBUG = {"on": os.environ.get("COGRADCTL_DEBUG", "") not in ("", "0")}
+
+# ---------------------------------------------------------------------------- shared options
+
+Json = Annotated[bool, typer.Option("--json", help="Print exactly one JSON document on stdout.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No log lines or progress bars on stderr.")]
+Device = Annotated[str, typer.Option(help="auto (CUDA when available), cpu, cuda or cuda:N.")]
+Seed = Annotated[int, typer.Option(help="Random seed (same seed and data → same results).")]
+PluginPath = Annotated[
+    Optional[list[Path]],
+    typer.Option("--plugin-path", help="Folder of plugin .py files (repeatable; also COGRADCTL_PLUGIN_PATH).", show_default=False),
+]
+
+
+def _paths(plugin_path: list[Path] | None) -> list[str]:
+    return [str(p) for p in plugin_path or []]
+
+
+def _csv(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def command(name: str, **kwargs):
+    """Register a command whose CogradErrors become one line on stderr and their exit code."""
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kw):
+            try:
+                return fn(*args, **kw)
+            except typer.Exit:
+                raise
+            except CogradError as exc:
+                if DEBUG["on"]:
+                    raise
+                stderr.print(f"error: {exc}", markup=False, style="red")
+                raise typer.Exit(exc.exit_code) from None
+            except KeyboardInterrupt:
+                stderr.print("interrupted", markup=False)
+                raise typer.Exit(130) from None
+            except Exception as exc:
+                if DEBUG["on"]:
+                    raise
+                stderr.print(f"unexpected error: {type(exc).__name__}: {exc} (rerun with COGRADCTL_DEBUG=1 for a traceback)", markup=False, style="red")
+                raise typer.Exit(EXIT_UNEXPECTED) from None
+
+        return app.command(name, epilog=EXIT_CODES, **kwargs)(wrapper)
+
+    return decorate
+
+
+def emit_json(doc) -> None:
+    sys.stdout.write(json.dumps(doc, indent=2, allow_nan=False, default=_json_default) + "\n")
+
+
+def _json_default(value):
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def _version(value: bool) -> None:
+    if value:
+        sys.stdout.write(f"cogradctl {__version__}\n")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks (also COGRADCTL_DEBUG=1).")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
+) -> None:
+    if debug:
+        DEBUG["on"] = True
+
+
+# ---------------------------------------------------------------------------- init
+
+
+@command("init")
+def init_cmd(
+    model: Annotated[str, typer.Option(help="Model plugin name (see 'cogradctl models').")],
+    data: Annotated[str, typer.Option(help="Parquet file, directory or glob to infer the schema from.")],
+    tasks: Annotated[str, typer.Option(help="Comma-separated label columns, e.g. click,like,share.")],
+    out: Annotated[Path, typer.Option(help="Checkpoint file to write (.safetensors).")],
+    config: Annotated[Optional[list[str]], typer.Option("--config", help="Model option KEY=VALUE (JSON values), repeatable.")] = None,
+    features: Annotated[Optional[str], typer.Option(help="Comma-separated feature columns (default: every non-task column).")] = None,
+    dense: Annotated[str, typer.Option(help="Columns to treat as dense, overriding the inference.")] = "",
+    categorical: Annotated[str, typer.Option(help="Columns to treat as categorical, overriding the inference.")] = "",
+    task_type: Annotated[Optional[list[str]], typer.Option("--task-type", help="TASK=binary|regression (default binary), repeatable.")] = None,
+    max_vocab: Annotated[int, typer.Option(help="Keep at most this many most frequent values per categorical feature.")] = 100_000,
+    min_count: Annotated[int, typer.Option(help="Drop categorical values seen fewer times (they map to the OOV bucket).")] = 1,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out file.")] = False,
+    seed: Seed = 0,
+    plugin_path: PluginPath = None,
+    json_out: Json = False,
+    quiet: Quiet = False,
+) -> None:
+    """Create a checkpoint with fresh weights: infer the schema from Parquet and build the model."""
+    import torch
+
+    from cogradctl import checkpoint as ckpt_io
+    from cogradctl import data as data_io
+    from cogradctl import models, schema as schema_mod
+    from cogradctl.train import _now
+
+    log = Log(quiet)
+    task_list = _csv(tasks)
+    if not task_list:
+        raise UsageError("--tasks: give at least one label column")
+    if len(set(task_list)) != len(task_list):
+        raise UsageError(f"--tasks {tasks}: a task is named twice")
+    if out.exists() and not overwrite:
+        raise UsageError(f"--out {out}: file exists; pass --overwrite to replace it")
+    if max_vocab < 1 or min_count < 1:
+        raise UsageError("--max-vocab and --min-count must be at least 1")
+    types = schema_mod.parse_task_types(task_type or [], task_list)
+    model_config = models.parse_config(config or [])
+    schema, rows = data_io.infer_schema(
+        data, task_list, types, _csv(features) if features else None, _csv(dense), _csv(categorical), max_vocab, min_count
+    )
+    torch.manual_seed(seed)
+    net, effective = models.build(model, schema, model_config, _paths(plugin_path))
+    split = models.split_parameters(net, schema.task_names, model)
+    history = [{"run": "init", "data": data, "rows": rows, "seed": seed, "time": _now()}]
+    ckpt_io.save(ckpt_io.Checkpoint(model, effective, schema, net.state_dict(), history), out)
+    log.info(f"wrote {out}: {model} with {split.num_shared} shared parameters, {len(schema.features)} features, tasks {', '.join(task_list)}")
+    summary = {
+        "checkpoint": str(out),
+        "model": model,
+        "config": effective,
+        "rows": rows,
+        "tasks": {t.name: t.type for t in schema.tasks},
+        "features": {f.name: f.kind for f in schema.features},
+        "parameters": _param_counts(net, split),
+    }
+    if json_out:
+        emit_json(summary)
+    else:
+        stdout.print(f"{out}  model={model}  rows={rows}  features={len(schema.features)}  tasks={','.join(task_list)}  shared_params={split.num_shared}")
+
+
+def _param_counts(net, split) -> dict:
+    return {
+        "shared": split.num_shared,
+        "tasks": {t: sum(p.numel() for p in ps) for t, ps in split.tasks.items()},
+        "total": sum(p.numel() for p in net.parameters()),
+    }
+
+
+# ---------------------------------------------------------------------------- train
+
+
+def _method_options(method: str, gamma: str | None, weights: str | None, options: list[str], tasks: list[str]) -> dict:
+    """Method options from the CLI: values as JSON, per-task values as TASK=V,… in task order."""
+    from cogradctl.models import parse_config
+
+    parsed = parse_config(options)
+    for key, value in (("gamma", gamma), ("weights", weights)):
+        if value is not None:
+            parsed[key] = value
+    for key, value in list(parsed.items()):
+        if isinstance(value, str) and "=" in value:
+            parsed[key] = _per_task(key, value, tasks)
+        elif isinstance(value, str):
+            try:
+                parsed[key] = json.loads(value)
+            except json.JSONDecodeError:
+                pass
+    return parsed
+
+
+def _per_task(key: str, value: str, tasks: list[str]) -> list[float]:
+    given = {}
+    for item in _csv(value):
+        name, _, number = item.partition("=")
+        if name not in tasks:
+            raise UsageError(f"--{key} {value}: unknown task '{name}'; tasks: {', '.join(tasks)}")
+        try:
+            given[name] = float(number)
+        except ValueError:
+            raise UsageError(f"--{key} {value}: '{number}' is not a number") from None
+    missing = [t for t in tasks if t not in given]
+    if missing:
+        raise UsageError(f"--{key} {value}: no value for task(s) {', '.join(missing)}")
+    return [given[t] for t in tasks]
+
+
+@command("train")
+def train_cmd(
+    checkpoint: Annotated[Path, typer.Option(help="Checkpoint to fine-tune (from 'init' or an earlier 'train').")],
+    data: Annotated[str, typer.Option(help="Training Parquet: a file, directory or glob.")],
+    out: Annotated[Path, typer.Option(help="Output directory: last.safetensors, best.safetensors, metrics.jsonl.")],
+    method: Annotated[str, typer.Option(help="Gradient method (see 'cogradctl methods').")] = "ew",
+    valid: Annotated[Optional[str], typer.Option(help="Validation Parquet, evaluated before, at each epoch and after.")] = None,
+    gamma: Annotated[Optional[str], typer.Option(help="CoGrad strength: one number or TASK=V,… per task.")] = None,
+    weights: Annotated[Optional[str], typer.Option(help="Task weights TASK=W,… (methods that take them).")] = None,
+    option: Annotated[Optional[list[str]], typer.Option("--option", "-o", help="Other method option KEY=VALUE, repeatable.")] = None,
+    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
+    batch_size: Annotated[int, typer.Option(help="Rows per step.")] = 1024,
+    epochs: Annotated[int, typer.Option(help="Passes over the data.")] = 1,
+    max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many steps (overrides --epochs when smaller).")] = None,
+    log_every: Annotated[int, typer.Option(help="Write a metrics.jsonl record every N steps.")] = 10,
+    overwrite: Annotated[bool, typer.Option(help="Replace the outputs of an earlier run in --out.")] = False,
+    device: Device = "auto",
+    seed: Seed = 0,
+    plugin_path: PluginPath = None,
+    json_out: Json = False,
+    quiet: Quiet = False,
+) -> None:
+    """Fine-tune a checkpoint with a gradient method; print per-task AUC/logloss before → after."""
+    from cogradctl import checkpoint as ckpt_io
+    from cogradctl.models import resolve_device
+    from cogradctl.train import TrainConfig, train
+
+    dev = resolve_device(device)
+    tasks = ckpt_io.load(checkpoint).schema.task_names
+    cfg = TrainConfig(
+        checkpoint=str(checkpoint), data=data, out=str(out), method=method,
+        method_options=_method_options(method, gamma, weights, option or [], tasks), valid=valid, lr=lr,
+        batch_size=batch_size, epochs=epochs, max_steps=max_steps, seed=seed, device=str(dev), log_every=log_every,
+        overwrite=overwrite,
+    )
+    result = train(cfg, Log(quiet), _paths(plugin_path))
+    if json_out:
+        emit_json(result)
+        return
+    stdout.print(f"{result['method']}: {result['steps']} steps, {result['epochs']} epoch(s), {result['seconds']:.1f}s → {result['out']}")
+    if result["before"] is not None:
+        stdout.print(_before_after_table(result["before"], result["after"]))
+        stdout.print(f"best mean AUC {_fmt(result['best']['auc'])} at step {result['best']['step']} → {Path(result['out']) / 'best.safetensors'}")
+
+
+def _fmt(value, digits: int = 4) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _before_after_table(before: dict, after: dict) -> Table:
+    table = Table(title="validation: before → after")
+    for col in ("task", "metric", "before", "after", "change"):
+        table.add_column(col, justify="left" if col in ("task", "metric") else "right")
+    for task, metrics in before["tasks"].items():
+        for name, value in metrics.items():
+            new = after["tasks"][task][name]
+            change = None if value is None or new is None else new - value
+            better = change is not None and ((change > 0) == (name == "auc")) and change != 0
+            style = "" if change is None or change == 0 else ("green" if better else "red")
+            table.add_row(task, name, _fmt(value), _fmt(new), f"[{style}]{change:+.4f}[/]" if style else _fmt(change))
+    return table
+
+
+# ---------------------------------------------------------------------------- evaluate
+
+
+@command("evaluate")
+def evaluate_cmd(
+    checkpoint: Annotated[Path, typer.Option(help="Checkpoint to evaluate.")],
+    data: Annotated[str, typer.Option(help="Parquet file, directory or glob with the label columns.")],
+    batch_size: Annotated[int, typer.Option(help="Rows per forward pass.")] = 8192,
+    device: Device = "auto",
+    plugin_path: PluginPath = None,
+    json_out: Json = False,
+    quiet: Quiet = False,
+) -> None:
+    """Per-task AUC (exact, tie-aware) and logloss for binary tasks; MSE and MAE for regression tasks."""
+    from cogradctl import data as data_io
+    from cogradctl.evaluate import evaluate
+    from cogradctl.models import from_checkpoint, resolve_device
+
+    if batch_size < 1:
+        raise UsageError("--batch-size must be positive")
+    dev = resolve_device(device)
+    ckpt, model, _ = from_checkpoint(checkpoint, _paths(plugin_path), dev)
+    dataset = _load_data(data, ckpt.schema, Log(quiet))
+    result = evaluate(model, dataset, ckpt.schema, batch_size, dev)
+    if json_out:
+        emit_json(result)
+        return
+    table = Table(title=f"{checkpoint} on {result['rows']} rows")
+    for col in ("task", "auc", "logloss", "mse", "mae"):
+        table.add_column(col, justify="left" if col == "task" else "right")
+    for task, m in result["tasks"].items():
+        table.add_row(task, *(_fmt(m[k]) if k in m else "" for k in ("auc", "logloss", "mse", "mae")))
+    stdout.print(table)
+
+
+def _load_data(spec: str, schema, log: Log):
+    from cogradctl import data as data_io
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dataset = data_io.load(spec, schema)
+    for w in caught:
+        log.warn(str(w.message))
+    return dataset
+
+
+# ---------------------------------------------------------------------------- measure-transference
+
+
+@command("measure-transference")
+def measure_cmd(
+    checkpoint: Annotated[Path, typer.Option(help="Checkpoint to measure.")],
+    data: Annotated[str, typer.Option(help="Parquet file, directory or glob with the label columns.")],
+    batches: Annotated[int, typer.Option(help="Number of batches to average over.")] = 10,
+    batch_size: Annotated[int, typer.Option(help="Rows per measured batch.")] = 1024,
+    lookahead_lr: Annotated[Optional[float], typer.Option("--lookahead-lr", help="SGD lookahead step α (default 0.1).")] = None,
+    device: Device = "auto",
+    seed: Seed = 0,
+    plugin_path: PluginPath = None,
+    json_out: Json = False,
+    quiet: Quiet = False,
+) -> None:
+    """Pairwise lookahead transference (rows: source task, columns: target) and gradient conflict."""
+    from cogradctl.models import from_checkpoint, resolve_device
+    from cogradctl.transference import DEFAULT_LOOKAHEAD_LR, measure
+
+    alpha = DEFAULT_LOOKAHEAD_LR if lookahead_lr is None else lookahead_lr
+    if batches < 1 or batch_size < 1:
+        raise UsageError("--batches and --batch-size must be positive")
+    if not alpha > 0:
+        raise UsageError(f"--lookahead-lr must be positive, got {alpha}")
+    dev = resolve_device(device)
+    ckpt, model, split = from_checkpoint(checkpoint, _paths(plugin_path), dev)
+    dataset = _load_data(data, ckpt.schema, Log(quiet))
+    result = measure(model, split, ckpt.schema, dataset, batches, batch_size, alpha, seed, dev)
+    if json_out:
+        emit_json(result)
+        return
+    tasks = result["tasks"]
+    stdout.print(_matrix_table(f"relative transference Z_rel (row → column, α={alpha:g}, {result['batches']} batches)", tasks, result["transference_rel"], result["stderr"]["transference_rel"], diverging=True))
+    stdout.print(_matrix_table("gradient cosine", tasks, result["cosine"], result["stderr"]["cosine"], diverging=True))
+    stdout.print(_matrix_table("conflict rate (share of batches with cosine < 0)", tasks, result["conflict_rate"], None, diverging=False))
+    stdout.print(transference_summary(result))
+
+
+def _matrix_table(title: str, tasks: list[str], values, errors, diverging: bool) -> Table:
+    table = Table(title=title)
+    table.add_column("source ↓ / target →")
+    for t in tasks:
+        table.add_column(t, justify="right")
+    for i, src in enumerate(tasks):
+        cells = []
+        for j in range(len(tasks)):
+            v = values[i][j]
+            text = f"{v:+.4f}" if diverging else f"{v:.2f}"
+            if errors is not None:
+                text += f" ±{errors[i][j]:.4f}"
+            style = ("green" if v > 0 else "red" if v < 0 else "") if diverging and i != j else ("dim" if i == j else "")
+            cells.append(f"[{style}]{text}[/]" if style else text)
+        table.add_row(src, *cells)
+    return table
+
+
+def transference_summary(result: dict) -> str:
+    """One plain-language line per ordered pair, strongest effect first."""
+    tasks, z, err = result["tasks"], result["transference_rel"], result["stderr"]["transference_rel"]
+    pairs = [(i, j) for i in range(len(tasks)) for j in range(len(tasks)) if i != j]
+    lines = []
+    for i, j in sorted(pairs, key=lambda p: -abs(z[p[0]][p[1]])):
+        v, e = z[i][j], err[i][j]
+        own = z[i][i]
+        if abs(v) <= 2 * e:
+            kind = "no clear effect"
+        else:
+            strength = "strong " if own and abs(v) >= 0.5 * abs(own) else ""
+            kind = f"{strength}{'positive' if v > 0 else 'negative'}"
+        lines.append(f"  {tasks[i]} → {tasks[j]}: {kind} (Z_rel {v:+.4f} ± {e:.4f}; {tasks[i]}'s own progress {own:+.4f})")
+    return "transference summary (a step on the left task changes the right task's loss):\n" + "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- inspect, models, methods
+
+
+@command("inspect")
+def inspect_cmd(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint file.")],
+    plugin_path: PluginPath = None,
+    json_out: Json = False,
+) -> None:
+    """Describe a checkpoint: model plugin and config, tasks, features, parameter counts, history."""
+    from cogradctl import checkpoint as ckpt_io
+    from cogradctl import models
+
+    ckpt = ckpt_io.load(checkpoint)
+    net, _ = models.build(ckpt.model, ckpt.schema, ckpt.model_config, _paths(plugin_path))
+    ckpt_io.load_into(net, ckpt.state, str(checkpoint))
+    split = models.split_parameters(net, ckpt.schema.task_names, ckpt.model)
+    doc = {
+        "checkpoint": str(checkpoint),
+        "model": ckpt.model,
+        "config": ckpt.model_config,
+        "tasks": {t.name: t.type for t in ckpt.schema.tasks},
+        "features": [
+            {"name": f.name, "kind": f.kind, **({"vocab_size": len(f.vocab)} if f.kind == "categorical" else {"mean": f.mean, "std": f.std})}
+            for f in ckpt.schema.features
+        ],
+        "parameters": _param_counts(net, split),
+        "history": ckpt.history,
+    }
+    if json_out:
+        emit_json(doc)
+        return
+    stdout.print(f"{checkpoint}: model {ckpt.model} {json.dumps(ckpt.model_config, sort_keys=True)}")
+    stdout.print(f"tasks: {', '.join(f'{k} ({v})' for k, v in doc['tasks'].items())}")
+    p = doc["parameters"]
+    stdout.print(f"parameters: {p['total']} total, {p['shared']} shared, " + ", ".join(f"{t} {n}" for t, n in p["tasks"].items()))
+    table = Table(title="features")
+    for col in ("feature", "kind", "vocabulary / mean ± std"):
+        table.add_column(col)
+    for f in doc["features"]:
+        table.add_row(f["name"], f["kind"], str(f["vocab_size"]) if f["kind"] == "categorical" else f"{f['mean']:.4g} ± {f['std']:.4g}")
+    stdout.print(table)
+    table = Table(title="history")
+    for col in ("run", "method", "steps", "data", "seed", "time"):
+        table.add_column(col)
+    for h in ckpt.history:
+        table.add_row(h.get("run", ""), h.get("method", ""), str(h.get("steps", "")), str(h.get("data", "")), str(h.get("seed", "")), h.get("time", ""))
+    stdout.print(table)
+
+
+def _registry_doc(kind: str, plugin_path) -> list[dict]:
+    from cogradctl import registry
+
+    rows = []
+    for name, e in sorted(registry.discover(kind, _paths(plugin_path)).items()):
+        row = {"name": name, "source": e.source, "description": e.description, "status": "ok"}
+        if e.error:
+            row["status"] = f"failed to load: {e.error}"
+        elif e.duplicates:
+            row["status"] = f"duplicate name, also from {', '.join(e.duplicates)}"
+        if kind == "methods" and e.factory is not None:
+            row["family"] = getattr(e.factory, "family", "")
+            row["paper"] = getattr(e.factory, "paper", "")
+            row["options"] = dict(getattr(e.factory, "options", {}))
+        if kind == "models" and e.factory is not None:
+            from cogradctl.models import config_options
+
+            row["config"] = config_options(e.factory)
+        rows.append(row)
+    return rows
+
+
+def _registry_table(title: str, rows: list[dict], columns: list[str]) -> Table:
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col)
+    for row in rows:
+        cells = []
+        for col in columns:
+            value = row.get(col, "")
+            if isinstance(value, dict):
+                value = ", ".join(f"{k}={v}" if kind_is_config(value) else k for k, v in value.items())
+            style = "red" if col == "status" and value != "ok" else ""
+            cells.append(f"[{style}]{value}[/]" if style else str(value))
+        table.add_row(*cells)
+    return table
+
+
+def kind_is_config(d: dict) -> bool:
+    return not all(isinstance(v, str) for v in d.values())
+
+
+@command("models")
+def models_cmd(plugin_path: PluginPath = None, json_out: Json = False) -> None:
+    """List the registered model plugins and where each comes from."""
+    rows = _registry_doc("models", plugin_path)
+    if json_out:
+        emit_json({"models": rows})
+    else:
+        stdout.print(_registry_table("model plugins", rows, ["name", "description", "config", "source", "status"]))
+
+
+@command("methods")
+def methods_cmd(plugin_path: PluginPath = None, json_out: Json = False) -> None:
+    """List the registered gradient methods with family, paper, options and origin."""
+    rows = _registry_doc("methods", plugin_path)
+    if json_out:
+        emit_json({"methods": rows})
+    else:
+        stdout.print(_registry_table("gradient methods", rows, ["name", "family", "description", "options", "source", "status"]))
+
+
+# ---------------------------------------------------------------------------- sample-data
+
+
+@command("sample-data")
+def sample_data_cmd(
+    out: Annotated[Path, typer.Option(help="Directory to write train.parquet and valid.parquet into.")],
+    rows: Annotated[int, typer.Option(help="Training rows.")] = 20_000,
+    valid_rows: Annotated[int, typer.Option(help="Validation rows.")] = 5_000,
+    tasks: Annotated[str, typer.Option(help="NAME=RELATEDNESS[:POSITIVE_RATE],… ; the first task is the anchor.")] = "click=1:0.3,like=0.8:0.2,share=-0.5:0.1",
+    seed: Seed = 0,
+    json_out: Json = False,
+) -> None:
+    """Generate the synthetic multi-task dataset of known task relatedness (sample_data/)."""
+    from cogradctl import sample
+
+    if rows < 1 or valid_rows < 1:
+        raise UsageError("--rows and --valid-rows must be positive")
+    try:
+        spec = sample.parse_tasks(tasks)
+        written = {}
+        for name, n, split_seed in (("train", rows, seed * 2 + 1), ("valid", valid_rows, seed * 2 + 2)):
+            path = out / f"{name}.parquet"
+            sample.write(sample.generate(n, spec, seed=split_seed), path)
+            written[name] = {"path": str(path), "rows": n}
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if json_out:
+        emit_json(written)
+    else:
+        for name, w in written.items():
+            stdout.print(f"{w['path']}  rows={w['rows']}")
+
+
+# ---------------------------------------------------------------------------- entry point
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    stderr.print(f"warning: {message}", markup=False, style="yellow")
+
+
+def main() -> None:
+    warnings.showwarning = _show_warning
+    app()
+
+
+if __name__ == "__main__":
+    main()
