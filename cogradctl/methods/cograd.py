@@ -5,11 +5,28 @@ other tasks (docs/methods.md §2):
 
     ĝ_i = g_i − γ_i Σ_{j≠i} H_i g_j,        update = Σ_i w_i ĝ_i
 
-with the Hessian approximation ``diag``: H_i ≈ diag(g_i ⊙ g_i). The raw term is cubic in the
-gradient scale, so a fixed raw γ is either invisible or explosive depending on the model. By default
-H_i is therefore divided by its mean diagonal (``normalize=True``): H̃_i = diag(g_i⊙g_i)/mean(g_i⊙g_i)
-is invariant to the scale of task i's loss and γ becomes a dimensionless strength (the correction is
-about γ times the size of the other tasks' gradients, concentrated where g_i has most curvature).
+with one of four approximations of task i's Hessian H_i (option ``hessian``):
+
+* ``diag`` (default): H_i ≈ diag(g_i ⊙ g_i). O(KP), no extra backward.
+* ``fisher-ema``: H_i ≈ diag(v_i), v_i ← ρ v_i + (1 − ρ) g_i ⊙ g_i across steps (ρ =
+  ``fisher_decay``; v_i starts at the first step's g_i ⊙ g_i). v is a K×P buffer.
+* ``outer``: H_i ≈ g_i g_iᵀ, so Σ_{j≠i} H_i g_j = (Σ_{j≠i} g_iᵀg_j) g_i, read off the Gram matrix.
+* ``exact``: true Hessian-vector products from the loop's ``hvp(i, v)`` (``requires_hvp``): one
+  product H_i (Σ_{j≠i} g_j) per task (linearity), plus one H_i g_i per task when normalised.
+
+The raw term is cubic in the gradient scale, so a fixed raw γ is either invisible or explosive
+depending on the model. By default (``normalize=True``) H_i is divided by a scalar curvature scale
+ς_i of its own, which makes the term invariant to the scale of task i's loss and γ a dimensionless
+strength (the correction is about γ times the size of the other tasks' gradients):
+
+* ``diag``/``fisher-ema``: ς_i = mean diagonal of the approximation (the normalised diagonal has
+  mean 1);
+* ``outer``: ς_i = ‖g_i‖², the one non-zero eigenvalue (H̃_i = u_i u_iᵀ, the projection on the unit
+  gradient; dividing by the mean diagonal ‖g_i‖²/P instead would multiply the term by P);
+* ``exact``: ς_i = ‖H_i g_i‖ / ‖g_i‖, the gain of H_i along the task's own gradient (which equals
+  ‖g_i‖² for the ``outer`` approximation, so the two normalisations agree there).
+
+A zero scale (zero gradient, or no curvature along it) means no correction for that task.
 ``normalize=False`` gives the paper's raw form.
 """
 
@@ -19,40 +36,52 @@ import warnings
 
 import torch
 
-from cogradctl.methods.base import Method, per_task
+from cogradctl.methods.base import Method, gram, per_task
 
 # A correction whose size relative to the task gradient stays below this is invisible: warn once.
 TINY_CORRECTION = 1e-4
 TINY_STEPS_BEFORE_WARNING = 20
 
 
+HESSIANS = ("diag", "fisher-ema", "outer", "exact")
+
+
 class CoGrad(Method):
-    """CoGrad with the diagonal Hessian approximation (scale-free by default).
+    """CoGrad: ĝ_i = g_i − γ_i Σ_{j≠i} H_i g_j, update Σ_i w_i ĝ_i (scale-free H_i by default).
 
     >>> import torch
     >>> g = torch.tensor([[1.0, 2.0], [1.0, -1.0]])
     >>> # (g_1 - 0.5 g_1⊙g_1⊙g_2) + (g_2 - 0.5 g_2⊙g_2⊙g_1) = [0.5, 4] + [0.5, -2]
     >>> CoGrad(gamma=0.5, normalize=False)(g)
     tensor([1., 2.])
+    >>> # outer: H_1 g_2 = (g_1·g_2) g_1 = -g_1, H_2 g_1 = (g_1·g_2) g_2 = -g_2
+    >>> CoGrad(gamma=0.5, hessian="outer", normalize=False)(g)
+    tensor([3.0000, 1.5000])
     """
 
     family = "transference"
     paper = "Gradient Coordination for Quantifying and Maximizing Knowledge Transference (SIGIR 2023)"
     options = {
         "gamma": "strength of the transference term: one value or one per task (default 0.1)",
-        "hessian": "Hessian approximation: 'diag' (default)",
-        "normalize": "divide H_i by its mean diagonal so gamma is scale-free (default true)",
+        "hessian": "Hessian approximation: 'diag' (default), 'fisher-ema', 'outer' or 'exact' (needs HVPs)",
+        "normalize": "divide H_i by its own curvature scale so gamma is scale-free (default true)",
         "weights": "task weights w_i: one value or one per task (default 1)",
+        "fisher_decay": "EMA decay ρ of the fisher-ema diagonal (default 0.9)",
     }
 
-    def __init__(self, gamma=0.1, hessian: str = "diag", normalize: bool = True, weights=1.0) -> None:
+    def __init__(self, gamma=0.1, hessian: str = "diag", normalize: bool = True, weights=1.0, fisher_decay: float = 0.9) -> None:
         super().__init__()
-        if hessian != "diag":
-            raise ValueError(f"hessian must be 'diag', got {hessian!r}")
+        if hessian not in HESSIANS:
+            raise ValueError(f"hessian must be one of {', '.join(HESSIANS)}, got {hessian!r}")
+        if not 0.0 <= float(fisher_decay) < 1.0:
+            raise ValueError("fisher_decay must be in [0, 1)")
         self.gamma_option = gamma
         self.weights_option = weights
         self.hessian = hessian
         self.normalize = bool(normalize)
+        self.fisher_decay = float(fisher_decay)
+        # The loop passes hvp=fn to methods whose (instance) requires_hvp is true.
+        self.requires_hvp = hessian == "exact"
         self._tiny_steps = 0
         self._warned = False
 
@@ -60,19 +89,69 @@ class CoGrad(Method):
         super().setup(num_tasks)
         self.gamma = per_task(self.gamma_option, num_tasks, "gamma")
         self.weights = per_task(self.weights_option, num_tasks, "weights")
+        if self.hessian == "fisher-ema":
+            width = sum(self.segments) if self.segments else 0
+            self.register_buffer("fisher", torch.zeros(num_tasks, width))
+            self.register_buffer("fisher_steps", torch.zeros((), dtype=torch.long))
 
-    def corrections(self, grads: torch.Tensor) -> torch.Tensor:
-        """The K×P matrix of auxiliary terms γ_i Σ_{j≠i} H_i g_j (O(KP), no extra backward)."""
-        h = grads * grads  # diag(H_i), one row per task
-        if self.normalize:
-            mean = h.mean(dim=1, keepdim=True)
-            h = torch.where(mean > 0, h / mean.clamp_min(torch.finfo(h.dtype).tiny), torch.zeros_like(h))
-        others = grads.sum(dim=0, keepdim=True) - grads  # Σ_{j≠i} g_j
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # The fisher buffer's width P may be unknown until the first step: take the saved one's.
+        key = prefix + "fisher"
+        if self.hessian == "fisher-ema" and key in state_dict and hasattr(self, "fisher"):
+            self.fisher = torch.zeros_like(state_dict[key])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @staticmethod
+    def _scaled(h: torch.Tensor) -> torch.Tensor:
+        """Rows of a non-negative diagonal divided by their mean (zero rows stay zero)."""
+        mean = h.mean(dim=1, keepdim=True)
+        return torch.where(mean > 0, h / mean.clamp_min(torch.finfo(h.dtype).tiny), torch.zeros_like(h))
+
+    def corrections(self, grads: torch.Tensor, hvp=None) -> torch.Tensor:
+        """The K×P matrix of auxiliary terms γ_i Σ_{j≠i} H_i g_j."""
         gamma = self.gamma.to(grads)
-        return gamma[:, None] * h * others
+        others = grads.sum(dim=0, keepdim=True) - grads  # Σ_{j≠i} g_j
+        if self.hessian in ("diag", "fisher-ema"):
+            h = grads * grads  # diag(H_i), one row per task
+            if self.hessian == "fisher-ema":
+                h = self._update_fisher(h)
+            if self.normalize:
+                h = self._scaled(h)
+            return gamma[:, None] * h * others
+        if self.hessian == "outer":
+            m = gram(grads)
+            coef = m.sum(dim=1) - m.diagonal()  # g_iᵀ Σ_{j≠i} g_j
+            if self.normalize:
+                sq = m.diagonal()
+                coef = torch.where(sq > 0, coef / torch.where(sq > 0, sq, 1.0), torch.zeros_like(coef))
+            return (gamma * coef.to(grads))[:, None] * grads
+        if hvp is None:
+            raise ValueError("cograd with hessian='exact' needs Hessian-vector products: call it with hvp=fn")
+        rows = []
+        for i in range(grads.shape[0]):
+            hv = hvp(i, others[i]).detach().reshape(-1).to(grads)
+            if self.normalize:
+                g_norm = float(grads[i].norm())
+                scale = float(hvp(i, grads[i]).detach().reshape(-1).to(grads).norm()) / g_norm if g_norm > 0 else 0.0
+                hv = hv / scale if scale > 0 and scale == scale and scale != float("inf") else torch.zeros_like(hv)
+            rows.append(gamma[i] * hv)
+        return torch.stack(rows)
 
-    def aggregate(self, grads: torch.Tensor, losses: torch.Tensor | None) -> torch.Tensor:
-        corr = self.corrections(grads)
+    def _update_fisher(self, sq: torch.Tensor) -> torch.Tensor:
+        if self.fisher.shape != sq.shape:
+            self.fisher = torch.zeros_like(sq)
+            self.fisher_steps.zero_()
+        fisher = self.fisher.to(sq)
+        if int(self.fisher_steps) == 0:
+            fisher = sq.clone()
+        else:
+            fisher = self.fisher_decay * fisher + (1.0 - self.fisher_decay) * sq
+        self.fisher = fisher.detach().to(self.fisher.dtype)
+        self.fisher_steps += 1
+        return fisher
+
+    def aggregate(self, grads: torch.Tensor, losses: torch.Tensor | None, hvp=None) -> torch.Tensor:
+        corr = self.corrections(grads, hvp)
         w = self.weights.to(grads)
         update = w @ (grads - corr)
         g_norm = grads.norm(dim=1)
