@@ -37,6 +37,8 @@ class GDOD(Method):
         super().__init__(granularity)
         if float(eps) < 0:
             raise ValueError("eps must be non-negative")
+        if (torch.as_tensor(weights, dtype=torch.float64) < 0).any():
+            raise ValueError("weights must be non-negative")
         self.weights_option = weights
         self.eps = float(eps)
         self.beta = float(beta)
@@ -44,10 +46,7 @@ class GDOD(Method):
 
     def setup(self, num_tasks: int) -> None:
         super().setup(num_tasks)
-        w = per_task(self.weights_option, num_tasks, "weights")
-        if (w < 0).any():
-            raise ValueError("weights must be non-negative")
-        self.weights = w
+        self.weights = per_task(self.weights_option, num_tasks, "weights")
 
     def aggregate(self, grads: torch.Tensor, losses: torch.Tensor | None) -> torch.Tensor:
         m = gram(grads)

@@ -7,12 +7,41 @@ import torch
 from cogradctl.methods.base import GRANULARITY_OPTION, Method, combine, gram, project_simplex
 
 
+# Up to this many tasks the min-norm problem is solved exactly by enumerating the simplex's faces.
+EXACT_MAX_TASKS = 12
+
+
+def _faces_solve(m: torch.Tensor) -> torch.Tensor:
+    """Exact min of αᵀMα on the simplex: the KKT point of every face, batched; the best feasible."""
+    k = m.shape[0]
+    codes = torch.arange(1, 2**k)
+    masks = ((codes[:, None] >> torch.arange(k)) & 1).bool()  # S × K supports
+    s = masks.shape[0]
+    kkt = torch.zeros(s, k + 1, k + 1, dtype=torch.float64)
+    both = masks[:, :, None] & masks[:, None, :]
+    kkt[:, :k, :k] = torch.where(both, m.expand(s, k, k), torch.zeros(()).double())
+    eye = torch.eye(k, dtype=torch.bool).expand(s, k, k)
+    kkt[:, :k, :k] += (eye & ~masks[:, :, None]).double()  # pins α_i = 0 off the support
+    kkt[:, :k, k] = masks.double()
+    kkt[:, k, :k] = masks.double()
+    rhs = torch.zeros(s, k + 1, 1, dtype=torch.float64)
+    rhs[:, k] = 1.0
+    sol = torch.linalg.lstsq(kkt, rhs, driver="gelsd").solution[:, :k, 0]
+    feasible = (sol >= -1e-10).all(dim=1) & ((sol.sum(dim=1) - 1).abs() <= 1e-8)
+    sol = sol.clamp_min(0)
+    sol = sol / sol.sum(dim=1, keepdim=True).clamp_min(1e-300)
+    values = torch.einsum("si,ij,sj->s", sol, m, sol)
+    values = torch.where(feasible & torch.isfinite(values), values, torch.full_like(values, float("inf")))
+    return sol[int(torch.argmin(values))]
+
+
 def min_norm_weights(m: torch.Tensor, max_iter: int = 2000, tol: float = 1e-12) -> tuple[torch.Tensor, int]:
     """Simplex weights α minimising αᵀ M α for a PSD K×K matrix M (float64); returns (α, iterations).
 
-    K = 1 and K = 2 are solved in closed form; K > 2 by accelerated projected gradient (FISTA with
-    adaptive restart) on the Gram matrix, stopped when the Frank-Wolfe duality gap
-    αᵀMα − min_i (Mα)_i falls below ``tol`` × max_i M_ii (or after ``max_iter`` iterations).
+    K ≤ 2: closed form. K ≤ 12: exact, by solving the KKT system of every face of the simplex
+    (2^K − 1 small systems, batched) and keeping the best feasible one. K > 12: accelerated
+    projected gradient (FISTA with restart), stopped when the Frank-Wolfe duality gap
+    αᵀMα − min_i (Mα)_i falls below ``tol`` × max_i M_ii or after ``max_iter`` iterations.
     """
     k = m.shape[0]
     scale = float(m.diagonal().max()) if k else 0.0
@@ -26,6 +55,8 @@ def min_norm_weights(m: torch.Tensor, max_iter: int = 2000, tol: float = 1e-12) 
         else:
             g = min(max(float(m[1, 1] - m[0, 1]) / denom, 0.0), 1.0)
         return torch.tensor([g, 1.0 - g], dtype=torch.float64), 0
+    if k <= EXACT_MAX_TASKS:
+        return _faces_solve(m), 0
     lipschitz = float(torch.linalg.eigvalsh(m)[-1])
     step = 1.0 / max(lipschitz, 1e-15)
     alpha = torch.full((k,), 1.0 / k, dtype=torch.float64)
@@ -48,7 +79,8 @@ def min_norm_weights(m: torch.Tensor, max_iter: int = 2000, tol: float = 1e-12) 
 class MGDA(Method):
     """MGDA-UB: the update is the min-norm vector Σ_i α_i g_i over the simplex (Σα = 1, α ≥ 0).
 
-    Solved on the K×K Gram matrix in float64 (closed form for K ≤ 2). Option ``normalize='l2'``
+    Solved on the K×K Gram matrix in float64 (closed form for K ≤ 2, exact face enumeration for
+    K ≤ 12, accelerated projected gradient beyond). Option ``normalize='l2'``
     first scales every gradient to unit norm (the paper's normalisation option); the weights are
     then applied to the raw gradients divided by their norms. All-zero gradients give a zero update.
 
@@ -61,8 +93,8 @@ class MGDA(Method):
     paper = "Multi-Task Learning as Multi-Objective Optimization (Sener & Koltun, NeurIPS 2018)"
     options = {
         "normalize": "'none' (default) or 'l2': scale each task gradient to unit norm first",
-        "max_iter": "iteration cap of the K>2 solver (default 2000)",
-        "tol": "duality-gap tolerance of the K>2 solver, relative to the largest squared norm (default 1e-12)",
+        "max_iter": "iteration cap of the K>12 solver (default 2000)",
+        "tol": "duality-gap tolerance of the K>12 solver, relative to the largest squared norm (default 1e-12)",
         "granularity": GRANULARITY_OPTION,
     }
 

@@ -7,12 +7,13 @@ import torch
 from cogradctl.methods.base import GRANULARITY_OPTION, Method, combine, gram
 
 
-def nash_weights(m: torch.Tensor, start: torch.Tensor, max_iter: int = 100, tol: float = 1e-10) -> tuple[torch.Tensor, int, float]:
+def nash_weights(m: torch.Tensor, start: torch.Tensor, max_iter: int = 500, tol: float = 1e-10) -> tuple[torch.Tensor, int, float]:
     """α > 0 with (Mα)_i = 1/α_i for the active tasks (float64); returns (α, iterations, residual).
 
     The equation is the stationarity condition of the strictly convex, self-concordant
-    f(α) = ½ αᵀ(M + δI)α − Σ_i log α_i (δ = 1e-10 · max M_ii, a ridge that gives a solution when
-    the gradients are linearly dependent), minimised by damped Newton from ``start`` (step
+    f(α) = ½ αᵀMα − Σ_i log α_i, solved in the Jacobi-scaled variable β = diag(M)^{1/2} α with a
+    ridge 1e-10·I on the scaled (unit-diagonal) matrix, which gives a solution when the gradients are
+    linearly dependent, minimised by damped Newton from ``start`` (step
     1/(1 + Newton decrement), which keeps α positive). Tasks whose gradient is zero get α_i = 0.
     """
     k = m.shape[0]
@@ -23,8 +24,11 @@ def nash_weights(m: torch.Tensor, start: torch.Tensor, max_iter: int = 100, tol:
         return alpha, 0, 0.0
     active = diag > top * 1e-24
     idx = torch.nonzero(active).flatten()
-    ma = m[idx][:, idx] + 1e-10 * top * torch.eye(len(idx), dtype=torch.float64)
-    a = start[idx].clone().to(torch.float64)
+    # Jacobi scaling α = Dβ, D = diag(M)^{-1/2}: (Mα)_i = 1/α_i ⇔ (DMD β)_i = 1/β_i, and DMD has a
+    # unit diagonal, so the Newton systems stay well conditioned whatever the gradients' norms.
+    dscale = diag[idx].rsqrt()
+    ma = dscale[:, None] * m[idx][:, idx] * dscale[None, :] + 1e-10 * torch.eye(len(idx), dtype=torch.float64)
+    a = (start[idx].to(torch.float64) / dscale).clone()
     a = torch.where((a > 0) & torch.isfinite(a), a, torch.ones_like(a))
     it, res = 0, float("inf")
     for it in range(1, max_iter + 1):
@@ -37,6 +41,7 @@ def nash_weights(m: torch.Tensor, start: torch.Tensor, max_iter: int = 100, tol:
         decrement = float((-grad @ step).clamp_min(0)) ** 0.5
         a = a + step / (1.0 + decrement)
         a = a.clamp_min(1e-300)
+    a = a * dscale
     alpha[idx] = a
     return alpha, it, res
 
@@ -60,11 +65,11 @@ class NashMTL(Method):
     options = {
         "max_norm": "clip the update to this norm, 0 = no clipping (default 1.0)",
         "update_every": "recompute α every this many steps (default 1)",
-        "max_iter": "Newton iteration cap (default 100)",
+        "max_iter": "Newton iteration cap (default 500; it stops at a relative residual of 1e-10)",
         "granularity": GRANULARITY_OPTION,
     }
 
-    def __init__(self, max_norm: float = 1.0, update_every: int = 1, max_iter: int = 100, granularity: str = "global") -> None:
+    def __init__(self, max_norm: float = 1.0, update_every: int = 1, max_iter: int = 500, granularity: str = "global") -> None:
         super().__init__(granularity)
         if float(max_norm) < 0 or int(update_every) < 1 or int(max_iter) < 1:
             raise ValueError("max_norm must be ≥ 0, update_every and max_iter ≥ 1")
@@ -86,6 +91,8 @@ class NashMTL(Method):
             if norm > 0:
                 # Solved on M/‖M‖_F for conditioning (warm start in that scale), α rescaled to M.
                 start = self.alpha[b].cpu() * norm**0.5
+                if int(self.steps[b]) == 0:  # cold start: the solution for orthogonal gradients
+                    start = (m.diagonal() / norm).clamp_min(1e-300).rsqrt()
                 alpha, iters, res = nash_weights(m / norm, start, self.max_iter)
                 alpha = alpha / norm**0.5
             else:

@@ -1,0 +1,214 @@
+"""Defining properties of the gradient-manipulation methods (docs/methods.md)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cogradctl.methods import get_method
+from cogradctl.methods.base import gram
+
+SETTINGS = settings(max_examples=25, deadline=None)
+
+
+@st.composite
+def matrices(draw, kmin=2, kmax=5, pmax=6):
+    k = draw(st.integers(kmin, kmax))
+    p = draw(st.integers(2, pmax))
+    seed = draw(st.integers(0, 2**31 - 1))
+    gen = torch.Generator().manual_seed(seed)
+    scales = torch.exp(torch.randn(k, 1, generator=gen, dtype=torch.float64) * 2)
+    return torch.randn(k, p, generator=gen, dtype=torch.float64) * scales
+
+
+def brute_min_norm(m: torch.Tensor) -> torch.Tensor:
+    """Min of αᵀMα over the simplex by enumerating supports (KKT of each face), float64."""
+    k = m.shape[0]
+    best, best_val = None, float("inf")
+    for r in range(1, k + 1):
+        for support in itertools.combinations(range(k), r):
+            idx = list(support)
+            ms = m[idx][:, idx]
+            kkt = torch.zeros(r + 1, r + 1, dtype=torch.float64)
+            kkt[:r, :r] = ms
+            kkt[:r, r] = 1
+            kkt[r, :r] = 1
+            rhs = torch.zeros(r + 1, dtype=torch.float64)
+            rhs[r] = 1
+            sol = torch.linalg.lstsq(kkt, rhs.unsqueeze(1)).solution.squeeze(1)
+            a = torch.zeros(k, dtype=torch.float64)
+            a[idx] = sol[:r]
+            if (a < -1e-12).any() or abs(float(a.sum()) - 1) > 1e-9:
+                continue
+            val = float(a @ m @ a)
+            if val < best_val:
+                best, best_val = a, val
+    return best
+
+
+# ---- PCGrad ---------------------------------------------------------------------------------
+
+@SETTINGS
+@given(matrices(kmin=2, kmax=2))
+def test_pcgrad_k2_update_never_conflicts_with_a_task(g):
+    """K = 2: each projected g_i^PC is orthogonal to g_j if they conflicted, so d·g_i ≥ 0 for both."""
+    d = get_method("pcgrad")(g)
+    for i in range(2):
+        assert float(d @ g[i]) >= -1e-9 * float(g.norm()) ** 2
+
+
+def test_pcgrad_no_conflict_is_the_sum():
+    g = torch.tensor([[1.0, 0.5], [0.2, 1.0], [0.3, 0.3]])
+    assert torch.allclose(get_method("pcgrad")(g), g.sum(0))
+
+
+def test_pcgrad_seeded_order_is_deterministic():
+    g = torch.randn(5, 6, dtype=torch.float64)
+    assert torch.equal(get_method("pcgrad", seed=7)(g), get_method("pcgrad", seed=7)(g))
+
+
+# ---- MGDA ---------------------------------------------------------------------------------
+
+@SETTINGS
+@given(matrices(kmin=2, kmax=5))
+def test_mgda_is_the_min_norm_point_of_the_convex_hull(g):
+    m = gram(g)
+    ref = brute_min_norm(m) @ g
+    d = get_method("mgda")(g)
+    scale = float(m.diagonal().max()) ** 0.5
+    assert float(d.norm()) <= float(ref.norm()) + 1e-7 * scale
+    assert torch.allclose(d, ref, atol=1e-5 * scale)
+
+
+def test_mgda_k2_closed_form_and_permutation_equivariance():
+    g = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 2.0]], dtype=torch.float64)
+    d = get_method("mgda")(g)
+    assert torch.allclose(d, torch.tensor([0.5, 0.5], dtype=torch.float64), atol=1e-9)
+    perm = torch.tensor([2, 0, 1])
+    assert torch.allclose(get_method("mgda")(g[perm]), d, atol=1e-9)
+
+
+# ---- IMTL-G --------------------------------------------------------------------------------
+
+@SETTINGS
+@given(matrices(kmin=2, kmax=4, pmax=8))
+def test_imtlg_equal_projections_on_unit_gradients(g):
+    g = torch.cat([g, torch.randn(g.shape[0], g.shape[0], dtype=torch.float64)], dim=1)  # full row rank
+    m = get_method("imtl-g")
+    d = m(g)
+    proj = (g @ d) / g.norm(dim=1)
+    assert torch.allclose(proj, proj.mean().expand_as(proj), rtol=1e-6, atol=1e-9 * float(d.norm()))
+    if not m.stats["fallback_l1"]:
+        assert abs(sum(m.stats["weights"]) - 1) < 1e-9
+
+
+# ---- CAGrad ------------------------------------------------------------------------------
+
+@SETTINGS
+@given(matrices(kmin=1, kmax=5))
+def test_cagrad_c0_is_the_mean(g):
+    assert torch.allclose(get_method("cagrad", c=0.0)(g), g.mean(0), atol=1e-12)
+
+
+@SETTINGS
+@given(matrices(kmin=2, kmax=4))
+def test_cagrad_stays_in_its_ball_and_improves_the_worst_task(g):
+    c = 0.5
+    d = get_method("cagrad", c=c)(g)
+    g0 = g.mean(0)
+    assert float((d - g0).norm()) <= c * float(g0.norm()) * (1 + 1e-6) + 1e-12
+    assert float((g @ d).min()) >= float((g @ g0).min()) - 1e-6 * float(g.norm()) ** 2
+
+
+# ---- GDOD ---------------------------------------------------------------------------------
+
+@SETTINGS
+@given(matrices(kmin=1, kmax=6), st.lists(st.floats(0.0, 3.0), min_size=6, max_size=6))
+def test_gdod_never_conflicts_with_a_task(g, w):
+    k = g.shape[0]
+    d = get_method("gdod", weights=w[:k])(g)
+    scale = float(g.norm()) ** 2
+    assert (g @ d >= -1e-9 * scale).all()
+
+
+@SETTINGS
+@given(st.lists(st.floats(0.01, 100.0), min_size=1, max_size=5), st.lists(st.floats(0.1, 3.0), min_size=5, max_size=5))
+def test_gdod_aligned_gradients_give_the_weighted_sum(sizes, w):
+    """Aligned = positive multiples of one direction (rank 1, the one direction is shared)."""
+    k = len(sizes)
+    v = torch.randn(7, dtype=torch.float64)
+    g = torch.tensor(sizes, dtype=torch.float64)[:, None] * v
+    m = get_method("gdod", weights=w[:k])
+    d = m(g)
+    assert m.stats["conflict_directions"] == 0 and m.stats["rank"] == 1
+    ref = torch.tensor(w[:k]).double() @ g  # the options are stored as float32
+    assert torch.allclose(d, ref, rtol=1e-9, atol=1e-10 * float(ref.norm()))
+
+
+def test_gdod_orthogonal_gradients_give_the_weighted_sum():
+    """Orthogonal gradients: each direction carries one task only, so none conflicts."""
+    q, _ = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64))
+    g = torch.tensor([1.0, 2.0, 5.0], dtype=torch.float64)[:, None] * q[:3]
+    w = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
+    m = get_method("gdod", weights=w.tolist())
+    assert torch.allclose(m(g), w @ g, atol=1e-12)
+    assert m.stats["conflict_directions"] == 0
+
+
+def test_gdod_drops_exactly_the_conflicting_direction():
+    g = torch.tensor([[2.0, 1.0], [2.0, -1.0]], dtype=torch.float64)
+    m = get_method("gdod")
+    assert torch.allclose(m(g), torch.tensor([4.0, 0.0], dtype=torch.float64))
+    assert m.stats["shared_directions"] == 1 and m.stats["conflict_directions"] == 1
+    # beta = 1 keeps every direction: the plain weighted sum
+    assert torch.allclose(get_method("gdod", beta=1.0)(g), g.sum(0))
+
+
+def test_gdod_no_shared_direction_is_a_reported_zero_update():
+    g = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])
+    m = get_method("gdod")
+    assert torch.count_nonzero(m(g)) == 0
+    assert m.stats["no_shared_direction"] is True
+
+
+@SETTINGS
+@given(matrices(kmin=2, kmax=5))
+def test_permutation_equivariance(g):
+    perm = torch.randperm(g.shape[0])
+    for name in ["mgda", "imtl-g", "gdod", "aligned-mtl", "cagrad", "nash-mtl"]:
+        a = get_method(name)(g)
+        b = get_method(name)(g[perm])
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7 * float(g.norm())), name
+
+
+# ---- Nash-MTL / Aligned-MTL / MetaBalance -------------------------------------------------------
+
+@SETTINGS
+@given(matrices(kmin=2, kmax=5, pmax=8))
+def test_nash_mtl_bargaining_condition(g):
+    g = torch.cat([g, torch.randn(g.shape[0], g.shape[0], dtype=torch.float64)], dim=1)  # full row rank
+    m = get_method("nash-mtl", max_norm=0.0)
+    d = m(g)
+    alpha = torch.tensor(m.stats["weights"], dtype=torch.float64)
+    assert torch.allclose((g @ d) * alpha, torch.ones_like(alpha), rtol=1e-5)
+
+
+def test_aligned_mtl_makes_components_equal_and_orthogonal():
+    g = torch.tensor([[3.0, 0.0, 0.0], [1.0, 1.0, 0.0]], dtype=torch.float64)
+    m = get_method("aligned-mtl", weights=[1.0, 0.0])
+    d0 = m(g)
+    d1 = get_method("aligned-mtl", weights=[0.0, 1.0])(g)
+    assert abs(float(d0 @ d1)) < 1e-9
+    assert abs(float(d0.norm() - d1.norm())) < 1e-9
+
+
+def test_metabalance_relax_one_matches_the_target_norm():
+    g = torch.tensor([[1.0, 0.0], [0.0, 5.0], [0.0, 0.1]])
+    m = get_method("metabalance", relax=1.0)
+    d = m(g)
+    assert torch.allclose(d, torch.tensor([1.0, 2.0]))
+    assert get_method("metabalance", relax=0.0)(g).allclose(g.sum(0))
