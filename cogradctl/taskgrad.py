@@ -34,7 +34,7 @@ class TaskGradients:
         self.model, self.split, self.schema = model, split, schema
         self.tasks = schema.task_names
         k, p = len(self.tasks), split.num_shared
-        self.grads = torch.empty(k, p, device=device)
+        self.grads = torch.empty(k, p, device=device, dtype=split.shared[0].dtype)
         # views[i][n]: the slice of row i that holds shared parameter n, shaped like it.
         self.views = []
         for i in range(k):

@@ -1,0 +1,181 @@
+"""The numerical core against independent oracles: per-task gradients, transference, one training step."""
+
+import copy
+
+import pytest
+import torch
+
+from cogradctl import checkpoint as ckpt_io
+from cogradctl import data as data_io
+from cogradctl import models, sample
+from cogradctl.taskgrad import TaskGradients, task_losses
+from cogradctl.train import TrainConfig, train
+from cogradctl.transference import measure, measure_batch, pick_batches
+from cogradctl.console import Log
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A small dataset, its schema and a freshly initialised checkpoint of a small MMoE."""
+    root = tmp_path_factory.mktemp("engine")
+    sample.write(sample.generate(1200, seed=3), root / "train.parquet")
+    schema, _ = data_io.infer_schema(str(root / "train.parquet"), ["click", "like", "share"], {t: "binary" for t in ["click", "like", "share"]})
+    torch.manual_seed(0)
+    net, config = models.build("mmoe", schema, {"num_experts": 3, "expert": [16], "tower": [8]})
+    path = root / "init.safetensors"
+    ckpt_io.save(ckpt_io.Checkpoint("mmoe", config, schema, net.state_dict(), []), path)
+    return {"root": root, "schema": schema, "ckpt": path, "data": data_io.load(str(root / "train.parquet"), schema)}
+
+
+def fresh_model(world, dtype=torch.float32):
+    _, model, split = models.from_checkpoint(world["ckpt"])
+    model.to(dtype)
+    return model, models.split_parameters(model, world["schema"].task_names, "mmoe")
+
+
+def test_task_gradients_match_separate_backward_passes(world):
+    model, split = fresh_model(world)
+    inputs, labels = world["data"].batch(slice(0, 256))
+    losses, g, own = TaskGradients(model, split, world["schema"])(inputs, labels)
+    for i, task in enumerate(world["schema"].task_names):
+        # Oracle: an independent copy, a fresh forward, backward of this one loss only.
+        ref = copy.deepcopy(model)
+        ref_split = models.split_parameters(ref, world["schema"].task_names, "mmoe")
+        loss = task_losses(ref(inputs), labels, world["schema"])[i]
+        loss.backward()
+        expected = torch.cat([p.grad.reshape(-1) for p in ref_split.shared])
+        torch.testing.assert_close(g[i], expected, rtol=1e-6, atol=1e-8)
+        assert float(losses[i]) == pytest.approx(loss.item(), rel=1e-6)
+        for mine, p in zip(own[task], ref_split.tasks[task]):
+            torch.testing.assert_close(mine, p.grad, rtol=1e-6, atol=1e-8)
+
+
+def brute_force_transference(model, split, schema, inputs, labels, alpha):
+    """Deep-copied models, a manual SGD step on one task's loss, separate forwards."""
+    k = len(schema.tasks)
+    base = task_losses(model(inputs), labels, schema).detach()
+    z = torch.empty(k, k, dtype=torch.float64)
+    for i in range(k):
+        stepped = copy.deepcopy(model)
+        stepped_split = models.split_parameters(stepped, schema.task_names, "mmoe")
+        task_losses(stepped(inputs), labels, schema)[i].backward()
+        with torch.no_grad():
+            for p in stepped_split.shared:
+                p -= alpha * p.grad
+        after = task_losses(stepped(inputs), labels, schema).detach()
+        z[i] = (base - after).double()
+    return z, base
+
+
+def test_transference_matches_brute_force_reference(world):
+    model, split = fresh_model(world, torch.float64)  # float64: agreement to 1e-6 is then meaningful
+    model.eval()
+    schema = world["schema"]
+    inputs, labels = world["data"].batch(slice(0, 300))
+    inputs = {"dense": inputs["dense"].double(), "categorical": inputs["categorical"]}
+    labels = labels.double()
+    grads = TaskGradients(model, split, schema)
+    mine = measure_batch(model, split, schema, grads, inputs, labels, lookahead_lr=0.5)
+    ref, base = brute_force_transference(model, split, schema, inputs, labels, 0.5)
+    assert abs(ref).max() > 1e-4  # the step really moves the losses
+    torch.testing.assert_close(torch.tensor(mine["transference"]), ref, rtol=0, atol=1e-6)
+    rel_ref = ref / base.double()[None, :]
+    torch.testing.assert_close(torch.tensor(mine["transference_rel"]), rel_ref, rtol=0, atol=1e-6)
+
+
+def test_transference_first_order_is_alpha_times_gradient_inner_product(world):
+    """Z_{i→j} ≈ α g_iᵀg_j for small α: symmetric to first order, and the error shrinks like α²."""
+    model, split = fresh_model(world, torch.float64)
+    model.eval()
+    schema = world["schema"]
+    inputs, labels = world["data"].batch(slice(0, 300))
+    inputs = {"dense": inputs["dense"].double(), "categorical": inputs["categorical"]}
+    errors = []
+    for alpha in (1e-2, 5e-3):
+        grads = TaskGradients(model, split, schema)
+        result = measure_batch(model, split, schema, grads, inputs, labels.double(), alpha)
+        g = grads.grads
+        first_order = alpha * (g @ g.T)
+        z = torch.tensor(result["transference"])
+        errors.append(float((z - first_order).abs().max()))
+        assert errors[-1] < 0.05 * float(first_order.abs().max())  # sign and scale of the first-order term
+        assert torch.allclose(z, z.T, atol=3 * errors[-1] + 1e-12)  # symmetric up to the second-order term
+    assert errors[1] < errors[0] / 3  # halving α divides the second-order error by ~4
+
+
+def test_measure_is_deterministic_and_reports_batches(world):
+    model, split = fresh_model(world)
+    a = measure(model, split, world["schema"], world["data"], batches=3, batch_size=200, seed=7)
+    b = measure(model, split, world["schema"], world["data"], batches=3, batch_size=200, seed=7)
+    assert a == b
+    assert a["batches"] == 3 and len(a["measured"]) == 3
+    for m in a["measured"]:
+        lo, hi = m["rows"]
+        assert hi - lo == 200 and m["sources"][0]["file"].endswith("train.parquet")
+    assert pick_batches(1200, 3, 200, 7) != pick_batches(1200, 3, 200, 8)
+
+
+def run_one_step(world, tmp_path, method, options):
+    cfg = TrainConfig(checkpoint=str(world["ckpt"]), data=str(world["root"] / "train.parquet"), out=str(tmp_path / method),
+                      method=method, method_options=options, lr=1e-2, batch_size=128, max_steps=1, seed=5)
+    train(cfg, Log(quiet=True))
+    return ckpt_io.load(tmp_path / method / "last.safetensors").state
+
+
+def oracle_step(world, combine):
+    """One Adam step computed independently: per-task grads from separate backward passes,
+    combined by ``combine`` on the shared parameters, own-task grads on task parameters."""
+    model, split = fresh_model(world)
+    schema = world["schema"]
+    index = next(data_io.iterate(world["data"], 128, shuffle=True, generator=torch.Generator().manual_seed(5)))
+    inputs, labels = world["data"].batch(index)
+    rows = []
+    task_grads = {}
+    for i, task in enumerate(schema.task_names):
+        model.zero_grad()
+        task_losses(model(inputs), labels, schema)[i].backward()
+        rows.append(torch.cat([p.grad.reshape(-1) for p in split.shared]))
+        task_grads[task] = [p.grad.clone() for p in split.tasks[task]]
+    update = combine(torch.stack(rows))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    opt.zero_grad()
+    offset = 0
+    for p in split.shared:
+        p.grad = update[offset : offset + p.numel()].view_as(p).clone()
+        offset += p.numel()
+    for task, grads in task_grads.items():
+        for p, g in zip(split.tasks[task], grads):
+            p.grad = g
+    opt.step()
+    return model.state_dict()
+
+
+def test_one_ew_step_equals_adam_on_summed_gradients(world, tmp_path):
+    got = run_one_step(world, tmp_path, "ew", {})
+    want = oracle_step(world, lambda g: g.sum(0))
+    for name, tensor in want.items():
+        torch.testing.assert_close(got[name], tensor, rtol=1e-5, atol=1e-7)
+
+
+def test_one_cograd_step_matches_the_formula(world, tmp_path):
+    gamma = 3.0
+
+    def cograd_raw(g):  # ĝ_i = g_i − γ Σ_{j≠i} g_i⊙g_i⊙g_j, update = Σ ĝ_i
+        total = g.sum(0)
+        return sum(g[i] - gamma * g[i] * g[i] * (total - g[i]) for i in range(g.shape[0]))
+
+    got = run_one_step(world, tmp_path, "cograd", {"gamma": gamma, "normalize": False})
+    want = oracle_step(world, cograd_raw)
+    for name, tensor in want.items():
+        torch.testing.assert_close(got[name], tensor, rtol=1e-5, atol=1e-7)
+    ew = run_one_step(world, tmp_path / "b", "ew", {})
+    assert any(not torch.equal(got[n], ew[n]) for n in got)
+
+
+def test_training_is_deterministic(world, tmp_path):
+    cfg = dict(checkpoint=str(world["ckpt"]), data=str(world["root"] / "train.parquet"), method="cograd", batch_size=128, epochs=1, seed=11)
+    train(TrainConfig(out=str(tmp_path / "a"), **cfg), Log(quiet=True))
+    train(TrainConfig(out=str(tmp_path / "b"), **cfg), Log(quiet=True))
+    a = ckpt_io.load(tmp_path / "a" / "last.safetensors").state
+    b = ckpt_io.load(tmp_path / "b" / "last.safetensors").state
+    assert all(torch.equal(a[n], b[n]) for n in a)
