@@ -134,9 +134,14 @@ def _mean_stats(all_stats: list[dict]) -> dict:
     return out
 
 
-def per_task(value: float | list[float] | tuple[float, ...] | torch.Tensor, num_tasks: int, name: str) -> torch.Tensor:
+def per_task(
+    value: float | list[float] | tuple[float, ...] | torch.Tensor,
+    num_tasks: int,
+    name: str,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """A scalar or a K-sequence option as a K-vector; a wrong length names the option."""
-    t = torch.as_tensor(value, dtype=torch.float32).flatten()
+    t = torch.as_tensor(value, dtype=dtype).flatten()
     if t.numel() == 1:
         return t.expand(num_tasks).clone()
     if t.numel() != num_tasks:

@@ -87,7 +87,7 @@ class CoGrad(Method):
 
     def setup(self, num_tasks: int) -> None:
         super().setup(num_tasks)
-        self.gamma = per_task(self.gamma_option, num_tasks, "gamma")
+        self.gamma = per_task(self.gamma_option, num_tasks, "gamma", torch.float64)
         self.weights = per_task(self.weights_option, num_tasks, "weights")
         if self.hessian == "fisher-ema":
             width = sum(self.segments) if self.segments else 0
