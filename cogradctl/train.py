@@ -89,7 +89,6 @@ def train(cfg: TrainConfig, log: Log, plugin_paths: list[str] | None = None) -> 
 
     optimizer = torch.optim.Adam([*model.parameters(), *method.parameters()], lr=cfg.lr)
     grads = TaskGradients(model, split, schema, device)
-    requires_hvp = getattr(method, "requires_hvp", False)
     generator = torch.Generator().manual_seed(cfg.seed)
     steps_per_epoch = math.ceil(len(train_data) / cfg.batch_size)
     total = min(cfg.max_steps or steps_per_epoch * cfg.epochs, steps_per_epoch * cfg.epochs)
@@ -135,20 +134,11 @@ def train(cfg: TrainConfig, log: Log, plugin_paths: list[str] | None = None) -> 
                 epoch += 1
                 for index in data_io.iterate(train_data, cfg.batch_size, shuffle=True, generator=generator):
                     inputs, labels = train_data.batch(index, device)
-                    losses, g, own = grads(inputs, labels, create_graph=requires_hvp)
-                    if not torch.isfinite(losses).all() or not torch.isfinite(g).all():
-                        bad = [t for t, ok in zip(tasks, torch.isfinite(losses) & torch.isfinite(g).all(dim=1)) if not ok]
-                        raise NonFiniteError(f"non-finite loss or gradient for task(s) {', '.join(bad)} at step {step + 1}; "
-                                             f"the last good weights are in {out / 'best.safetensors'} (if evaluated); lower --lr")
-                    update = method(g, losses, hvp=grads.hvp()) if requires_hvp else method(g, losses)
-                    optimizer.zero_grad(set_to_none=True)
-                    set_shared_grad(split, update)
-                    weights = method.task_weights()
-                    for k, task in enumerate(tasks):
-                        w = 1.0 if weights is None else float(weights[k])
-                        for param, grad in zip(split.tasks[task], own[task]):
-                            param.grad = grad * w if w != 1.0 else grad
-                    optimizer.step()
+                    try:
+                        losses, g = train_step(grads, method, optimizer, inputs, labels)
+                    except NonFiniteError as exc:
+                        raise NonFiniteError(f"{exc} at step {step + 1}; the last good weights are in "
+                                             f"{out / 'best.safetensors'} (if evaluated); lower --lr") from None
                     step += 1
                     if step % cfg.log_every == 0 or step == 1 or step == total:
                         record = step_record(step, epoch, tasks, losses, g)
@@ -183,6 +173,28 @@ def train(cfg: TrainConfig, log: Log, plugin_paths: list[str] | None = None) -> 
         "best": best if valid_data is not None else None,
     }
     return result
+
+
+def train_step(grads: TaskGradients, method, optimizer: torch.optim.Optimizer, inputs, labels) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimisation step: per-task gradients, the method's update on the shared parameters,
+    each task's weighted gradient on its own parameters, an optimizer step. → (losses, K×P grads)."""
+    split, tasks = grads.split, grads.tasks
+    requires_hvp = getattr(method, "requires_hvp", False)
+    losses, g, own = grads(inputs, labels, create_graph=requires_hvp)
+    finite = torch.isfinite(losses) & torch.isfinite(g).all(dim=1)
+    if not bool(finite.all()):
+        bad = [t for t, ok in zip(tasks, finite.tolist()) if not ok]
+        raise NonFiniteError(f"non-finite loss or gradient for task(s) {', '.join(bad)}")
+    update = method(g, losses, hvp=grads.hvp()) if requires_hvp else method(g, losses)
+    optimizer.zero_grad(set_to_none=True)
+    set_shared_grad(split, update)
+    weights = method.task_weights()
+    for k, task in enumerate(tasks):
+        w = 1.0 if weights is None else float(weights[k])
+        for param, grad in zip(split.tasks[task], own[task]):
+            param.grad = grad * w if w != 1.0 else grad
+    optimizer.step()
+    return losses, g
 
 
 def step_record(step: int, epoch: int, tasks: list[str], losses: torch.Tensor, g: torch.Tensor) -> dict:
