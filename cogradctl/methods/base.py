@@ -150,13 +150,17 @@ def per_task(
 
 
 def gram(grads: torch.Tensor) -> torch.Tensor:
-    """The K×K Gram matrix G Gᵀ of the gradient rows, accumulated in float64 (O(K²P) once)."""
+    """The K×K Gram matrix G Gᵀ of the gradient rows, accumulated in float64 (O(K²P) once).
+
+    Returned on the CPU: the K×K solves that follow are tiny, and ``combine`` moves the resulting
+    weights back to the gradients' device for the one P-wide product.
+    """
     k, p = grads.shape
     m = torch.zeros(k, k, dtype=torch.float64, device=grads.device)
     for start in range(0, p, _GRAM_CHUNK):
-        chunk = grads[:, start : start + _GRAM_CHUNK].to(torch.float64)
+        chunk = grads[:, start : start + _GRAM_CHUNK].detach().to(torch.float64)
         m += chunk @ chunk.T
-    return (m + m.T) / 2
+    return ((m + m.T) / 2).cpu()
 
 
 def combine(weights: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:

@@ -51,19 +51,19 @@ class GradNorm(Method):
         with torch.no_grad():
             w = self.weights.clamp_min(1e-6)
             self.weights.copy_(w * (k / w.sum()))
-        w = self.weights.detach().to(torch.float64)
-        loss = losses.detach().to(torch.float64)
+        w = self.weights.detach().to(torch.float64).cpu()
+        loss = losses.detach().to(torch.float64).cpu()
         if not bool(self.started):
             self.initial_losses.copy_(loss)
             self.started.fill_(True)
-        norms = grads.detach().to(torch.float64).norm(dim=1)
+        norms = grads.detach().to(torch.float64).norm(dim=1).cpu()
         n = w * norms
-        l0 = self.initial_losses
+        l0 = self.initial_losses.cpu()
         ratio = torch.where(l0 > 0, loss / torch.where(l0 > 0, l0, 1.0), torch.ones_like(loss))
         mean_ratio = ratio.mean()
         rel = ratio / mean_ratio if mean_ratio > 0 else torch.ones_like(ratio)
         target = n.mean() * rel.clamp_min(0) ** self.alpha
-        self.weights.grad = (torch.sign(n - target) * norms).to(self.weights.dtype)
+        self.weights.grad = (torch.sign(n - target) * norms).to(self.weights)
         self.stats = {"weights": w.tolist(), "grad_norms": n.tolist(), "target_norms": target.tolist()}
         return w.to(grads) @ grads
 

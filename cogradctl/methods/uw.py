@@ -40,7 +40,7 @@ class UW(Method):
             raise UsageError("method 'uw' needs the task losses")
         s = self.log_vars.detach()
         w = torch.exp(-s)
-        self.log_vars.grad = (1.0 - w * losses.detach().to(w)).to(self.log_vars.dtype)
+        self.log_vars.grad = (1.0 - w * losses.detach().to(w)).to(self.log_vars)
         self.stats = {"weights": w.tolist(), "log_vars": s.tolist()}
         return w.to(grads) @ grads
 
