@@ -522,6 +522,94 @@ def methods_cmd(plugin_path: PluginPath = None, json_out: Json = False) -> None:
         stdout.print(_registry_table("gradient methods", rows, ["name", "family", "description", "options", "source", "status"]))
 
 
+# ---------------------------------------------------------------------------- bench
+
+
+@command("bench")
+def bench_cmd(
+    methods: Annotated[str, typer.Option(help="Comma-separated methods to time.")] = "ew,cograd,gdod,pcgrad,mgda,cagrad,imtl-g,aligned-mtl,gradvac,nash-mtl",
+    checkpoint: Annotated[Optional[Path], typer.Option(help="Your checkpoint (with --data).")] = None,
+    data: Annotated[Optional[str], typer.Option(help="Your Parquet data (with --checkpoint).")] = None,
+    model: Annotated[Optional[str], typer.Option(help="A model plugin to build fresh (with --synthetic).")] = None,
+    synthetic: Annotated[bool, typer.Option(help="Use generated sample data (with --model).")] = False,
+    num_tasks: Annotated[int, typer.Option(help="Tasks in the synthetic data.")] = 2,
+    config: Annotated[Optional[list[str]], typer.Option("--config", help="Model option KEY=VALUE for --model, repeatable.")] = None,
+    option: Annotated[Optional[list[str]], typer.Option("--option", "-o", help="METHOD.KEY=VALUE option for one method, repeatable.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Rows per step.")] = 2048,
+    steps: Annotated[int, typer.Option(help="Timed steps per method.")] = 20,
+    warmup: Annotated[int, typer.Option(help="Untimed steps first.")] = 3,
+    device: Device = "auto",
+    seed: Seed = 0,
+    plugin_path: PluginPath = None,
+    json_out: Json = False,
+    quiet: Quiet = False,
+) -> None:
+    """Time each method's training step against the floor (one forward + K backward passes)."""
+    import tempfile
+
+    import torch
+
+    from cogradctl import data as data_io
+    from cogradctl import models, sample
+    from cogradctl.bench import bench
+
+    if steps < 2 or warmup < 0 or batch_size < 1:
+        raise UsageError("--steps must be at least 2, --warmup at least 0, --batch-size positive")
+    names = _csv(methods)
+    if not names:
+        raise UsageError("--methods: give at least one method")
+    per_method: dict[str, dict] = {}
+    for item in option or []:
+        key, sep, value = item.partition("=")
+        meth, dot, opt = key.partition(".")
+        if not sep or not dot or meth not in names:
+            raise UsageError(f"--option {item!r}: expected METHOD.KEY=VALUE with METHOD one of {', '.join(names)}")
+        per_method.setdefault(meth, {}).update(models.parse_config([f"{opt}={value}"]))
+    dev = models.resolve_device(device)
+    torch.manual_seed(seed)
+    log = Log(quiet)
+    if checkpoint is not None and data is not None and model is None and not synthetic:
+        ckpt, net, _ = models.from_checkpoint(checkpoint, _paths(plugin_path), dev)
+        schema, plugin = ckpt.schema, ckpt.model
+        dataset = _load_data(data, schema, log)
+    elif model is not None and synthetic and checkpoint is None and data is None:
+        if not 1 <= num_tasks <= 9:
+            raise UsageError("--num-tasks must be between 1 and 9")
+        tasks = {f"task{k}": (1.0 if k == 0 else 0.5, 0.2) for k in range(num_tasks)}
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "synthetic.parquet"
+            sample.write(sample.generate(batch_size * 4, tasks, seed=seed), path)
+            schema, _ = data_io.infer_schema(str(path), list(tasks), {t: "binary" for t in tasks})
+            dataset = data_io.load(str(path), schema)
+        net, _ = models.build(model, schema, models.parse_config(config or []), _paths(plugin_path))
+        net.to(dev)
+        plugin = model
+    else:
+        raise UsageError("give either --checkpoint and --data, or --model and --synthetic")
+    log.info(f"timing {len(names)} method(s) on {plugin}, K={len(schema.tasks)}, batch {batch_size}, {steps} steps each, {dev}")
+    split = models.split_parameters(net, schema.task_names, plugin)
+    result = bench(net, split, schema, dataset, names, per_method, batch_size, steps, warmup, dev)
+    result["model"] = plugin
+    if json_out:
+        emit_json(result)
+        return
+    table = Table(title=f"{plugin}, K={result['tasks']}, batch {batch_size}, {result['shared_parameters']} shared parameters — {result['device']}")
+    for col in ("step", "ms", "p25–p75", "÷ ew", "÷ floor", "peak MB"):
+        table.add_column(col, justify="left" if col == "step" else "right")
+    lo, hi = result["floor_spread_ms"]
+    table.add_row("floor: 1 fwd + K bwd", f"{result['floor_ms']:.2f}", f"{lo:.2f}–{hi:.2f}", "", "1.00", "")
+    table.add_row("plain: 1 fwd + 1 bwd", f"{result['plain_ms']:.2f}", "", "", f"{result['plain_ms'] / result['floor_ms']:.2f}", "")
+    for name, r in result["methods"].items():
+        peak = "" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.0f}"
+        table.add_row(name, f"{r['step_ms']:.2f}", f"{r['spread_ms'][0]:.2f}–{r['spread_ms'][1]:.2f}",
+                      _fmt(r["ratio_to_ew"], 2), f"{r['ratio_to_floor']:.2f}", peak)
+    m = result["measure_transference"]
+    table.add_row("measure-transference batch", f"{m['batch_ms']:.2f}", "", "", f"{m['ratio_to_floor']:.2f} of its floor ({m['floor_ms']:.2f} ms)", "")
+    stdout.print(table)
+    if result["methods"] and next(iter(result["methods"].values()))["peak_mem_mb"] is None:
+        stdout.print(f"process peak RSS: {result['process_peak_rss_mb']:.0f} MB (no per-method memory statistics on CPU)")
+
+
 # ---------------------------------------------------------------------------- sample-data
 
 
