@@ -195,3 +195,27 @@ def test_global_granularity_ignores_segments():
     m = get_method("mgda")
     m.segments = [2, 3]
     assert torch.allclose(m(g), get_method("mgda")(g))
+
+
+@pytest.mark.parametrize("name", ["gradvac", "nash-mtl", "metabalance"])
+def test_per_block_state_round_trip(name):
+    torch.manual_seed(4)
+    segments = [3, 2]
+    a = get_method(name, granularity="tensor")
+    a.segments = segments
+    for _ in range(3):
+        a(torch.randn(3, 5, dtype=torch.float64))
+    b = get_method(name, granularity="tensor")
+    b.segments = segments
+    b.setup(3)
+    b.load_state_dict(a.state_dict())
+    g = torch.randn(3, 5, dtype=torch.float64)
+    assert torch.equal(a(g), b(g))
+    assert a.stats["blocks"] == 2.0
+
+
+def test_segments_must_cover_the_columns():
+    m = get_method("pcgrad", granularity="tensor")
+    m.segments = [2, 2]
+    with pytest.raises(ValueError, match="segments"):
+        m(torch.randn(2, 5))
