@@ -346,69 +346,240 @@ def measure_cmd(
     data: Annotated[str, typer.Option(help="Parquet file, directory or glob with the label columns.")],
     batches: Annotated[int, typer.Option(help="Number of batches to average over.")] = 10,
     batch_size: Annotated[int, typer.Option(help="Rows per measured batch.")] = 1024,
-    lookahead_lr: Annotated[Optional[float], typer.Option("--lookahead-lr", help="SGD lookahead step α (default 0.1).")] = None,
+    lookahead: Annotated[str, typer.Option(help="sgd: step −α·g_i; optimizer: Adam-preconditioned step −α·g_i/(sqrt(v̂)+ε) from the checkpoint's saved Adam state.")] = "sgd",
+    lookahead_lr: Annotated[Optional[float], typer.Option("--lookahead-lr", help="Lookahead step α (default 0.1 for sgd; the training lr saved in the checkpoint for optimizer).")] = None,
+    holdout: Annotated[bool, typer.Option("--holdout", help="Step on each batch, measure the losses on the next one (generalising transfer).")] = False,
+    by_module: Annotated[bool, typer.Option("--by-module", help="Also break every matrix down by group of shared parameters.")] = False,
+    normalize_rows: Annotated[bool, typer.Option("--normalize-rows", help="Also report Z and Z_rel divided by the row's diagonal (the source's own progress).")] = False,
+    baseline: Annotated[Optional[Path], typer.Option(help="Checkpoint from before (e.g. before fine-tuning): measure it on the same batches and report the change.")] = None,
+    min_transference: Annotated[Optional[float], typer.Option(help="Gate: exit 3 if any off-diagonal Z_rel is below this.")] = None,
+    max_conflict_rate: Annotated[Optional[float], typer.Option(help="Gate: exit 3 if any pair's conflict rate is above this.")] = None,
+    max_regression: Annotated[Optional[float], typer.Option(help="Gate (needs --baseline): exit 3 if any pair's Z_rel fell by more than this.")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="Write heatmaps to this PNG (needs: pip install \"cogradctl[plot]\").")] = None,
+    raw: Annotated[Optional[Path], typer.Option(help="Write every per-batch quantity to this Parquet file (one row per batch × ordered pair).")] = None,
     device: Device = "auto",
     seed: Seed = 0,
     plugin_path: PluginPath = None,
     json_out: Json = False,
     quiet: Quiet = False,
 ) -> None:
-    """Pairwise lookahead transference (rows: source task, columns: target) and gradient conflict."""
-    from cogradctl.models import from_checkpoint, resolve_device
-    from cogradctl.transference import DEFAULT_LOOKAHEAD_LR, measure
+    """Pairwise lookahead transference (rows: source task, columns: target) and gradient conflict.
 
-    alpha = DEFAULT_LOOKAHEAD_LR if lookahead_lr is None else lookahead_lr
+    Gates (--min-transference, --max-conflict-rate, --max-regression) print the results first, then
+    exit 3 with a one-line reason naming the pair when one fails.
+    """
+    from cogradctl import checkpoint as ckpt_io
+    from cogradctl import transference as tr
+    from cogradctl.models import from_checkpoint, resolve_device
+
     if batches < 1 or batch_size < 1:
         raise UsageError("--batches and --batch-size must be positive")
-    if not alpha > 0:
-        raise UsageError(f"--lookahead-lr must be positive, got {alpha}")
+    if lookahead not in ("sgd", "optimizer"):
+        raise UsageError(f"--lookahead {lookahead!r}: expected sgd or optimizer")
+    if lookahead_lr is not None and not lookahead_lr > 0:
+        raise UsageError(f"--lookahead-lr must be positive, got {lookahead_lr}")
+    if max_regression is not None and baseline is None:
+        raise UsageError("--max-regression needs --baseline BEFORE.safetensors")
+    if max_conflict_rate is not None and not 0 <= max_conflict_rate <= 1:
+        raise UsageError(f"--max-conflict-rate must be in [0, 1], got {max_conflict_rate}")
+    if plot is not None:
+        tr_plot_check()
+    log = Log(quiet)
     dev = resolve_device(device)
     ckpt, model, split = from_checkpoint(checkpoint, _paths(plugin_path), dev)
-    dataset = _load_data(data, ckpt.schema, Log(quiet))
-    result = measure(model, split, ckpt.schema, dataset, batches, batch_size, alpha, seed, dev)
+    base_ckpt = None
+    if baseline is not None:
+        base_ckpt = ckpt_io.load(baseline)
+        mine, theirs = ckpt.schema.task_names, base_ckpt.schema.task_names
+        if set(mine) != set(theirs):
+            raise UsageError(f"--baseline {baseline} has tasks {', '.join(theirs)} but --checkpoint {checkpoint} has {', '.join(mine)}; both must have the same tasks")
+
+    def run(ck, net, sp, path):
+        precond, alpha = None, lookahead_lr
+        if lookahead == "optimizer":
+            precond, trained_lr, _ = tr.adam_preconditioner(ck.extra, ck.history, sp, str(path))
+            alpha = trained_lr if lookahead_lr is None else lookahead_lr
+        elif alpha is None:
+            alpha = tr.DEFAULT_LOOKAHEAD_LR
+        dataset = _load_data(data, ck.schema, log)
+        groups = tr.shared_groups(net, sp, ck.model) if by_module else None
+        return tr.measure_full(net, sp, ck.schema, dataset, batches, batch_size, alpha, seed, dev, precond, groups, holdout, normalize_rows, lookahead)
+
+    log.info(f"measuring {checkpoint}")
+    result, per_batch = run(ckpt, model, split, checkpoint)
+    runs = [("checkpoint", per_batch, result["measured"])]
+    if base_ckpt is not None:
+        log.info(f"measuring the baseline {baseline} on the same batches")
+        _, base_model, base_split = from_checkpoint(baseline, _paths(plugin_path), dev)
+        before, before_pb = run(base_ckpt, base_model, base_split, baseline)
+        order = [before["tasks"].index(t) for t in result["tasks"]]
+        if order != list(range(len(order))):
+            before_pb = tr.reorder(before_pb, order)
+            before = {**before, **tr.summarise(before_pb, None, normalize_rows), "tasks": result["tasks"]}
+            before.pop("modules", None)
+        result["baseline"] = {"checkpoint": str(baseline), **before}
+        result["delta"] = tr.compare(per_batch, before_pb)
+        runs.append(("baseline", before_pb, before["measured"]))
+    result["checkpoint"] = str(checkpoint)
+    if raw is not None:
+        tr.write_raw(tr.raw_table(result["tasks"], runs), raw)
+        log.info(f"wrote {raw}")
+    if plot is not None:
+        _plot_heatmaps(result, plot)
+        log.info(f"wrote {plot}")
     if json_out:
         emit_json(result)
-        return
-    tasks = result["tasks"]
-    stdout.print(_matrix_table(f"relative transference Z_rel (row → column, α={alpha:g}, {result['batches']} batches)", tasks, result["transference_rel"], result["stderr"]["transference_rel"], diverging=True))
+    else:
+        _print_measurement(result)
+    tr.gate(result, min_transference=min_transference, max_conflict_rate=max_conflict_rate, max_regression=max_regression)
+
+
+def _print_measurement(result: dict) -> None:
+    tasks, alpha = result["tasks"], result["lookahead_lr"]
+    how = f"{result['lookahead']} lookahead, α={alpha:g}, {result['batches']} batches" + (", holdout" if result["holdout"] else "")
+    key = "transference_rel_normalized" if "transference_rel_normalized" in result else "transference_rel"
+    title = "relative transference Z_rel" + (" ÷ own progress (row diagonal)" if key != "transference_rel" else "")
+    if "baseline" in result:
+        stdout.print(_matrix_table(f"before: {title} (row → column, {how})", tasks, result["baseline"][key], result["baseline"]["stderr"][key], diverging=True))
+    stdout.print(_matrix_table(f"{'after: ' if 'baseline' in result else ''}{title} (row → column, {how})", tasks, result[key], result["stderr"][key], diverging=True))
+    if "delta" in result:
+        d = result["delta"]
+        stdout.print(_matrix_table("change of Z_rel (after − before; ▲ improved / ▼ worsened beyond its standard error)", tasks, d["transference_rel"], d["stderr"]["transference_rel"], diverging=True, marks=d["verdict"]))
     stdout.print(_matrix_table("gradient cosine", tasks, result["cosine"], result["stderr"]["cosine"], diverging=True))
     stdout.print(_matrix_table("conflict rate (share of batches with cosine < 0)", tasks, result["conflict_rate"], None, diverging=False))
+    stdout.print(_matrix_table("gradient magnitude similarity", tasks, result["gms"], None, diverging=False))
+    for name, m in result.get("modules", {}).items():
+        stdout.print(_matrix_table(f"module {name} ({m['size']} parameters): Z_rel of a lookahead that moves only this module", tasks, m["transference_rel"], m["stderr"]["transference_rel"], diverging=True))
+        stdout.print(_matrix_table(f"module {name}: gradient cosine (conflict rate in brackets)", tasks, m["cosine"], None, diverging=True, extra=m["conflict_rate"]))
     stdout.print(transference_summary(result))
 
 
-def _matrix_table(title: str, tasks: list[str], values, errors, diverging: bool) -> Table:
+def _diverging_style(v: float | None, scale: float) -> str:
+    """Positive blue, negative red, intensity by |v| / scale (the table's largest off-diagonal |v|)."""
+    if v is None or v == 0 or scale <= 0:
+        return ""
+    t = min(abs(v) / scale, 1.0)
+    grey = 150
+    if v > 0:
+        r, g, b = (round(grey * (1 - t) + c * t) for c in (40, 120, 255))
+    else:
+        r, g, b = (round(grey * (1 - t) + c * t) for c in (255, 50, 50))
+    return f"{'bold ' if t > 0.5 else ''}rgb({r},{g},{b})"
+
+
+def _matrix_table(title: str, tasks: list[str], values, errors, diverging: bool, marks=None, extra=None) -> Table:
     table = Table(title=title)
     table.add_column("source ↓ / target →")
     for t in tasks:
         table.add_column(t, justify="right")
+    k = len(tasks)
+    off = [abs(values[i][j]) for i in range(k) for j in range(k) if i != j and values[i][j] is not None]
+    scale = max(off, default=0.0)
     for i, src in enumerate(tasks):
         cells = []
-        for j in range(len(tasks)):
+        for j in range(k):
             v = values[i][j]
+            if v is None:
+                cells.append("n/a")
+                continue
             text = f"{v:+.4f}" if diverging else f"{v:.2f}"
-            if errors is not None:
+            if errors is not None and errors[i][j] is not None:
                 text += f" ±{errors[i][j]:.4f}"
-            style = ("green" if v > 0 else "red" if v < 0 else "") if diverging and i != j else ("dim" if i == j else "")
+            if extra is not None:
+                text += f" ({extra[i][j]:.2f})"
+            if marks is not None and i != j:
+                text += {"improved": " ▲", "worsened": " ▼"}.get(marks[i][j], "  ")
+            style = "dim" if i == j else (_diverging_style(v, scale) if diverging else "")
             cells.append(f"[{style}]{text}[/]" if style else text)
         table.add_row(src, *cells)
     return table
 
 
+def _strength(v: float, e: float, own: float | None) -> str:
+    if abs(v) <= 2 * e:
+        return "no clear effect"
+    strong = "strong " if own and abs(v) >= 0.5 * abs(own) else ("weak " if own and abs(v) < 0.1 * abs(own) else "")
+    return f"{strong}{'positive' if v > 0 else 'negative'}"
+
+
 def transference_summary(result: dict) -> str:
-    """One plain-language line per ordered pair, strongest effect first."""
+    """One plain-language paragraph: every ordered pair, strongest effect first, with its change
+    after fine-tuning when a baseline was measured, then the most conflicting pair."""
     tasks, z, err = result["tasks"], result["transference_rel"], result["stderr"]["transference_rel"]
-    pairs = [(i, j) for i in range(len(tasks)) for j in range(len(tasks)) if i != j]
-    lines = []
+    k = len(tasks)
+    pairs = [(i, j) for i in range(k) for j in range(k) if i != j and z[i][j] is not None]
+    delta = result.get("delta")
+    parts = []
     for i, j in sorted(pairs, key=lambda p: -abs(z[p[0]][p[1]])):
-        v, e = z[i][j], err[i][j]
-        own = z[i][i]
-        if abs(v) <= 2 * e:
-            kind = "no clear effect"
-        else:
-            strength = "strong " if own and abs(v) >= 0.5 * abs(own) else ""
-            kind = f"{strength}{'positive' if v > 0 else 'negative'}"
-        lines.append(f"  {tasks[i]} → {tasks[j]}: {kind} (Z_rel {v:+.4f} ± {e:.4f}; {tasks[i]}'s own progress {own:+.4f})")
-    return "transference summary (a step on the left task changes the right task's loss):\n" + "\n".join(lines)
+        text = f"{tasks[i]} → {tasks[j]}: {_strength(z[i][j], err[i][j], z[i][i])}"
+        if delta is not None:
+            verdict, d = delta["verdict"][i][j], delta["transference_rel"][i][j]
+            if verdict != "unchanged":
+                text += f", {verdict} by {abs(d):.3g} after fine-tuning"
+        parts.append(text)
+    if not parts:
+        return "Transference: only one task, nothing to compare."
+    head = ("A step on the first task of each pair changes the second task's loss (relative transference Z_rel, "
+            "'strong' when at least half of the source's own progress, 'no clear effect' within two standard errors): ")
+    text = head + "; ".join(parts) + "."
+    conflict = result["conflict_rate"]
+    worst = max(((conflict[i][j], i, j) for i in range(k) for j in range(i + 1, k)), default=None)
+    if worst is not None and worst[0] > 0:
+        text += f" Gradients conflict most between {tasks[worst[1]]} and {tasks[worst[2]]} ({worst[0]:.0%} of batches have a negative cosine)."
+    elif worst is not None:
+        text += " No pair's gradients conflicted on any measured batch."
+    return text
+
+
+def tr_plot_check() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise UsageError('--plot needs matplotlib: pip install "cogradctl[plot]"') from None
+
+
+def _plot_heatmaps(result: dict, path: Path) -> None:
+    """Heatmaps of Z_rel and cosine (before | after | change when a baseline was measured), diverging
+    colour map centred on zero, written atomically."""
+    import io as _io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from cogradctl.checkpoint import atomic_write_bytes
+
+    tasks = result["tasks"]
+    rows = [("Z_rel", "transference_rel"), ("cosine", "cosine")]
+    columns = [("after" if "baseline" in result else "", result)]
+    if "baseline" in result:
+        columns = [("before", result["baseline"]), ("after", result), ("change", result["delta"])]
+    k = len(tasks)
+    fig, axes = plt.subplots(len(rows), len(columns), figsize=(1.2 + 1.0 * k * len(columns) + 1.5 * len(columns), 0.9 * k * len(rows) + 1.5 * len(rows)), squeeze=False)
+    for r, (label, key) in enumerate(rows):
+        mats = [np.array([[np.nan if v is None else v for v in row] for row in src[key]], dtype=float) for _, src in columns]
+        for c, ((name, _), m) in enumerate(zip(columns, mats)):
+            ax = axes[r][c]
+            off = np.abs(m[~np.eye(k, dtype=bool)]) if k > 1 else np.abs(m)
+            lim = float(np.nanmax(off)) if off.size and np.isfinite(off).any() and np.nanmax(off) > 0 else 1.0
+            im = ax.imshow(m, cmap="RdBu", vmin=-lim, vmax=lim)
+            ax.set_xticks(range(k), tasks, rotation=45, ha="right")
+            ax.set_yticks(range(k), tasks)
+            ax.set_xlabel("target")
+            ax.set_ylabel("source")
+            ax.set_title(f"{name} {label}".strip())
+            for i in range(k):
+                for j in range(k):
+                    if np.isfinite(m[i, j]):
+                        ax.text(j, i, f"{m[i, j]:+.3g}", ha="center", va="center", fontsize=8, color="black" if i != j else "grey")
+            fig.colorbar(im, ax=ax, shrink=0.8)
+    fig.tight_layout()
+    buffer = _io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(Path(path), buffer.getvalue())
 
 
 # ---------------------------------------------------------------------------- inspect, models, methods

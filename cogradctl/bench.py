@@ -1,0 +1,155 @@
+"""Per-step cost of each gradient method against the floor, on the user's model and data.
+
+The floor of one step with K tasks is what any gradient-manipulation method must do: one forward
+pass and K backward passes onto the shared parameters (and each task's own parameters). A method's
+step is exactly what ``train`` runs (``train.train_step``: the floor's work, plus writing the
+gradients into the K×P matrix, the method's maths and the optimizer step); everything above the
+floor is the tool's overhead. ``ew`` is timed the same way, and a plain single-backward step on the
+summed loss is reported as ``plain`` for reference. Timings: median and interquartile spread of
+``steps`` steps after ``warmup`` steps, all candidates interleaved on the same batches and weights;
+on CUDA with synchronisation around each step and per-candidate peak allocated memory.
+"""
+
+from __future__ import annotations
+
+import platform
+import resource
+import statistics
+import time
+
+import torch
+
+from cogradctl.data import Dataset
+from cogradctl.methods import get_method
+from cogradctl.models import ParamSplit
+from cogradctl.schema import Schema
+from cogradctl.taskgrad import TaskGradients, task_losses
+from cogradctl.train import train_step
+from cogradctl.transference import DEFAULT_LOOKAHEAD_LR, measure_batch
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _stats(times: list[float]) -> dict:
+    q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
+    return {"median_ms": statistics.median(times), "p25_ms": q[0], "p75_ms": q[2], "min_ms": min(times)}
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__})"
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads (torch {torch.__version__})"
+
+
+def bench(
+    model: torch.nn.Module,
+    split: ParamSplit,
+    schema: Schema,
+    data: Dataset,
+    methods: list[str],
+    method_options: dict[str, dict] | None = None,
+    batch_size: int = 2048,
+    steps: int = 20,
+    warmup: int = 3,
+    device: torch.device = torch.device("cpu"),
+) -> dict:
+    """Time the floor, a plain step, each method's training step and a measure-transference batch.
+
+    Runs are interleaved: each round times one step of every candidate in turn, so that a noisy,
+    shared machine slows them all alike. The optimizer's learning rate is 0, so the weights (and
+    hence every candidate's work) stay identical across rounds.
+    """
+    method_options = method_options or {}
+    n_batches = max(1, min(len(data) // batch_size, 8))
+    batches = [data.batch(slice(b * batch_size, (b + 1) * batch_size), device) for b in range(n_batches)]
+    k = len(schema.tasks)
+    names = schema.task_names
+    model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.0)
+    grads = TaskGradients(model, split, schema, device)
+
+    def floor(inputs, labels) -> None:  # one forward, K backward passes onto shared + own parameters
+        losses = task_losses(model(inputs), labels, schema)
+        for i, task in enumerate(names):
+            torch.autograd.grad(losses[i], [*split.shared, *split.tasks[task]], retain_graph=i < k - 1, allow_unused=True)
+
+    def plain(inputs, labels) -> None:  # ordinary training on the summed loss
+        optimizer.zero_grad(set_to_none=True)
+        task_losses(model(inputs), labels, schema).sum().backward()
+        optimizer.step()
+
+    def method_step(method):
+        def run(inputs, labels) -> None:
+            train_step(grads, method, optimizer, inputs, labels)
+
+        return run
+
+    def measure(inputs, labels) -> None:
+        measure_batch(model, split, schema, grads, inputs, labels, DEFAULT_LOOKAHEAD_LR)
+
+    def measure_floor(inputs, labels) -> None:  # the floor plus K forwards
+        floor(inputs, labels)
+        with torch.no_grad():
+            for _ in range(k):
+                task_losses(model(inputs), labels, schema)
+
+    candidates = {"floor": floor, "plain": plain}
+    for name in methods:
+        method = get_method(name, **method_options.get(name, {})).to(device)
+        method.setup(k)
+        method.segments = [p.numel() for p in split.shared]
+        if list(method.parameters()):
+            optimizer.add_param_group({"params": list(method.parameters())})
+        candidates[f"method:{name}"] = method_step(method)
+    candidates["measure"] = measure
+    candidates["measure_floor"] = measure_floor
+
+    times: dict[str, list[float]] = {c: [] for c in candidates}
+    peaks: dict[str, float] = {c: 0.0 for c in candidates}
+    for round_ in range(warmup + steps):
+        inputs, labels = batches[round_ % len(batches)]
+        for cand, fn in candidates.items():
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            _sync(device)
+            start = time.perf_counter()
+            fn(inputs, labels)
+            _sync(device)
+            if round_ >= warmup:
+                times[cand].append((time.perf_counter() - start) * 1000.0)
+            if device.type == "cuda":
+                peaks[cand] = max(peaks[cand], torch.cuda.max_memory_allocated(device) / 2**20)
+    stats = {c: _stats(t) for c, t in times.items()}
+
+    floor_ms = stats["floor"]["median_ms"]
+    ew_ms = stats["method:ew"]["median_ms"] if "ew" in methods else None
+    return {
+        "device": describe_device(device),
+        "tasks": k,
+        "batch_size": batch_size,
+        "steps": steps,
+        "shared_parameters": split.num_shared,
+        "floor_ms": floor_ms,
+        "floor_spread_ms": [stats["floor"]["p25_ms"], stats["floor"]["p75_ms"]],
+        "plain_ms": stats["plain"]["median_ms"],
+        # CPU has no per-method allocator statistics: the process's peak RSS is reported once.
+        "process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+        "methods": {
+            name: {
+                "step_ms": stats[f"method:{name}"]["median_ms"],
+                "spread_ms": [stats[f"method:{name}"]["p25_ms"], stats[f"method:{name}"]["p75_ms"]],
+                "ratio_to_ew": stats[f"method:{name}"]["median_ms"] / ew_ms if ew_ms else None,
+                "ratio_to_floor": stats[f"method:{name}"]["median_ms"] / floor_ms,
+                "peak_mem_mb": peaks[f"method:{name}"] if device.type == "cuda" else None,
+            }
+            for name in methods
+        },
+        "measure_transference": {
+            "batch_ms": stats["measure"]["median_ms"],
+            "floor_ms": stats["measure_floor"]["median_ms"],
+            "ratio_to_floor": stats["measure"]["median_ms"] / stats["measure_floor"]["median_ms"],
+        },
+    }
