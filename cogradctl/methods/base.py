@@ -11,7 +11,8 @@ What the training loop provides (the contract, read by the loop's author):
 
 * ``method.segments``: ``list[int]``, the number of elements of each shared parameter tensor in
   the order in which they are flattened into a gradient row (``sum(segments) == P``). The loop
-  sets it after construction and before ``setup``. It is needed only by methods constructed with
+  sets it after construction, before or after ``setup`` but before ``load_state_dict`` (setting it
+  re-allocates the state whose shape depends on it). It is needed only by methods constructed with
   ``granularity="tensor"``, which apply the method separately to each tensor's block of columns
   (as the per-layer variants of PCGrad and GradVac do); ``None`` means "one block".
 * ``method.setup(K)``: called once before the first step (``forward`` calls it lazily too).
@@ -74,9 +75,29 @@ class Method(torch.nn.Module):
         self.num_tasks: int | None = None
         self.num_blocks: int = 1
         self.block: int = 0
-        self.segments: list[int] | None = None
+        self._segments: list[int] | None = None
         # Diagnostics of the last call, logged to metrics.jsonl by the training loop.
         self.stats: dict[str, float | list[float]] = {}
+
+    @property
+    def segments(self) -> list[int] | None:
+        """Sizes of the shared parameter tensors, in flattening order (set by the loop)."""
+        return self._segments
+
+    @segments.setter
+    def segments(self, value: list[int] | None) -> None:
+        self._segments = None if value is None else [int(v) for v in value]
+        if self.num_tasks is not None:
+            self._segments_changed()
+
+    def _segments_changed(self) -> None:
+        """Called when segments are set after ``setup``: re-allocate state whose shape depends on them.
+
+        The default re-runs ``setup`` when the number of blocks changes (``granularity='tensor'``),
+        so the loop may set ``segments`` before or after ``setup`` (but before loading state).
+        """
+        if self._blocks() != self.num_blocks:
+            self.setup(self.num_tasks)
 
     def _blocks(self) -> int:
         if self.granularity == "tensor" and self.segments:

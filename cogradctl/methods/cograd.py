@@ -94,6 +94,12 @@ class CoGrad(Method):
             self.register_buffer("fisher", torch.zeros(num_tasks, width))
             self.register_buffer("fisher_steps", torch.zeros((), dtype=torch.long))
 
+    def _segments_changed(self) -> None:
+        super()._segments_changed()
+        width = sum(self.segments) if self.segments else 0
+        if self.hessian == "fisher-ema" and self.fisher.shape[1] != width and int(self.fisher_steps) == 0:
+            self.fisher = torch.zeros(self.num_tasks, width)
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # The fisher buffer's width P may be unknown until the first step: take the saved one's.
         key = prefix + "fisher"

@@ -219,3 +219,25 @@ def test_segments_must_cover_the_columns():
     m.segments = [2, 2]
     with pytest.raises(ValueError, match="segments"):
         m(torch.randn(2, 5))
+
+
+def test_segments_set_after_setup_reallocate_per_block_state():
+    """The loop calls setup(K) and then sets segments: per-block state must follow."""
+    m = get_method("gradvac", granularity="tensor")
+    m.setup(3)
+    m.segments = [2, 3]
+    assert m.targets.shape == (2, 3, 3)
+    c = get_method("cograd", hessian="fisher-ema")
+    c.setup(3)
+    c.segments = [2, 3]
+    assert c.fisher.shape == (3, 5)
+    saved = get_method("nash-mtl", granularity="tensor")
+    saved.setup(2)
+    saved.segments = [1, 2]
+    saved(torch.randn(2, 3))
+    fresh = get_method("nash-mtl", granularity="tensor")
+    fresh.setup(2)
+    fresh.segments = [1, 2]
+    fresh.load_state_dict(saved.state_dict())
+    g = torch.randn(2, 3)
+    assert torch.equal(fresh(g), saved(g))
