@@ -1,0 +1,311 @@
+#!/usr/bin/env python3
+"""The Census-Income (KDD) benchmark of cogradctl, run through its real command line.
+
+    python benchmarks/census_experiment.py --source ../shared/datasets/census-kdd --out runs/census [--quick]
+
+Steps (each one a ``cogradctl`` subprocess; its exact command and JSON output are kept in
+``OUT/steps/*.json``, and a step whose record exists with the same command is reused, so an
+interrupted run resumes where it stopped):
+
+1. ``data prepare census-kdd`` (task group 1: income > 50K, never married);
+2. ``init`` of each model (mmoe, ple) and a small learning-rate search for the base model trained
+   with ``ew``, chosen by the best mean *validation* AUC (the test split is never used to choose);
+3. ``evaluate --json`` of the base on the test split and ``measure-transference --json`` (before);
+4. fine-tuning of the base with every method and 3 seeds (``train --json``; ``best.safetensors`` is
+   the best mean validation AUC, the starting point included), ``evaluate`` on test, and
+   ``measure-transference`` after (seed 0 of each method);
+5. ``docs/results-census.md``: mean ± std of test AUC per method and task over the seeds, timings,
+   the transference matrices, the exact commands and the machine.
+
+Every number in the results file is read from the tools' JSON; nothing is typed by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+TASKS = ["income", "marital"]
+TARGETS = {"income": 0.950, "marital": 0.9948}
+
+FULL = {
+    "models": ["mmoe", "ple"],
+    "base_epochs": 14,
+    "base_lrs": [1e-3, 2e-3],
+    "batch_size": 1024,
+    "ft_steps": 120,
+    "ft_lr": 5e-4,
+    "seeds": [0, 1, 2],
+    "methods": ["ew", "cograd", "gdod", "pcgrad", "mgda", "cagrad", "nash-mtl", "uw"],
+    "ple_methods": ["ew", "cograd", "gdod"],
+    "measure_batches": 10,
+}
+QUICK = {
+    **FULL,
+    "models": ["mmoe"],
+    "base_epochs": 1,
+    "base_lrs": [2e-3],
+    "ft_steps": 15,
+    "seeds": [0, 1, 2],
+    "methods": ["ew", "cograd", "gdod"],
+    "ple_methods": [],
+    "measure_batches": 4,
+}
+# Explicit method options, recorded in the results (CoGrad's default strength may change).
+METHOD_OPTIONS = {"cograd": ["--gamma", "0.1", "-o", "hessian=diag", "-o", "normalize=true"]}
+
+
+class Runner:
+    def __init__(self, out: Path, cogradctl: list[str]) -> None:
+        self.out = out
+        self.steps = out / "steps"
+        self.steps.mkdir(parents=True, exist_ok=True)
+        self.cogradctl = cogradctl
+        self.records: list[dict] = []
+
+    def __call__(self, key: str, args: list[str]) -> dict:
+        """Run ``cogradctl ARGS`` (which prints one JSON document), or reuse its earlier record."""
+        command = [*self.cogradctl, *map(str, args)]
+        text = shlex.join(["cogradctl", *map(str, args)])
+        path = self.steps / f"{key}.json"
+        if path.exists():
+            record = json.loads(path.read_text())
+            if record.get("command") == text:
+                record["reused"] = True
+                self.records.append(record)
+                return record["result"]
+        print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+        started = time.time()
+        proc = subprocess.run(command, capture_output=True, text=True)
+        seconds = time.time() - started
+        if proc.returncode != 0:
+            sys.stderr.write(proc.stderr)
+            raise SystemExit(f"step {key} failed with exit code {proc.returncode}: {text}")
+        result = json.loads(proc.stdout)
+        record = {"key": key, "command": text, "seconds": round(seconds, 2), "result": result, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record, indent=1))
+        os.replace(tmp, path)
+        self.records.append(record)
+        return result
+
+
+def aucs(evaluation: dict) -> dict:
+    return {t: evaluation["tasks"][t]["auc"] for t in TASKS}
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def experiment(args, cfg: dict, checkpoint=lambda report: None) -> dict:
+    """Run every step; ``checkpoint(report)`` is called after each method so partial results are written."""
+    out = Path(args.out)
+    run = Runner(out, [sys.executable, "-m", "cogradctl"])
+    data = out / "data"
+    train, valid, test = data / "train.parquet", data / "valid.parquet", data / "test.parquet"
+    started = time.time()
+    prep = run("prepare", ["data", "prepare", "census-kdd", "--source", args.source, "--out", data, "--group", "1", "--overwrite", "--json"])
+    report = {"config": cfg, "prepare": prep, "models": {}, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "complete": False}
+    bs = cfg["batch_size"]
+    for model in cfg["models"]:
+        mdir = out / model
+        methods = cfg["methods"] if model == "mmoe" else cfg["ple_methods"]
+        init = mdir / "init.safetensors"
+        run(f"{model}-init", ["init", "--model", model, "--data", train, "--tasks", ",".join(TASKS), "--out", init, "--seed", "0", "--overwrite", "--json"])
+        # Learning-rate search for the base, judged on validation only.
+        search = {}
+        for lr in cfg["base_lrs"]:
+            r = run(f"{model}-base-lr{lr:g}", ["train", "--checkpoint", init, "--data", train, "--valid", valid, "--method", "ew",
+                                              "--epochs", cfg["base_epochs"], "--batch-size", bs, "--lr", lr, "--seed", "0",
+                                              "--out", mdir / f"base-lr{lr:g}", "--overwrite", "--quiet", "--json"])
+            search[lr] = r
+        best_lr = max(search, key=lambda lr: search[lr]["best"]["auc"])
+        base = mdir / f"base-lr{best_lr:g}" / "best.safetensors"
+        base_test = run(f"{model}-base-test", ["evaluate", "--checkpoint", base, "--data", test, "--json", "--quiet"])
+        base_tr = run(f"{model}-base-transference", ["measure-transference", "--checkpoint", base, "--data", valid,
+                                                       "--batches", cfg["measure_batches"], "--seed", "0", "--json", "--quiet"])
+        m = {"base_lr": best_lr, "search": {f"{lr:g}": {"best_valid_mean_auc": r["best"]["auc"], "best_step": r["best"]["step"],
+                                                           "seconds": r["seconds"], "epochs": r["epochs"]} for lr, r in search.items()},
+             "base": {"test": aucs(base_test), "transference": base_tr, "checkpoint": str(base)}, "methods": {}}
+        for method in methods:
+            runs = []
+            for seed in cfg["seeds"]:
+                d = mdir / "ft" / method / f"seed{seed}"
+                r = run(f"{model}-ft-{method}-s{seed}", ["train", "--checkpoint", base, "--data", train, "--valid", valid, "--method", method,
+                                                         *METHOD_OPTIONS.get(method, []), "--max-steps", cfg["ft_steps"], "--batch-size", bs,
+                                                         "--lr", cfg["ft_lr"], "--seed", seed, "--out", d, "--overwrite", "--quiet", "--json"])
+                e = run(f"{model}-ft-{method}-s{seed}-test", ["evaluate", "--checkpoint", d / "best.safetensors", "--data", test, "--json", "--quiet"])
+                runs.append({"seed": seed, "test": aucs(e), "valid_last": aucs(r["after"]), "seconds": r["seconds"], "best_step": r["best"]["step"],
+                             "valid_best": r["best"]["auc"]})
+            tr = run(f"{model}-ft-{method}-transference", ["measure-transference", "--checkpoint", mdir / "ft" / method / f"seed{cfg['seeds'][0]}" / "last.safetensors",
+                                                          "--data", valid, "--batches", cfg["measure_batches"], "--seed", "0", "--json", "--quiet"])
+            m["methods"][method] = {"runs": runs, "transference_after": tr}
+            report["models"][model] = m
+            report["seconds"], report["steps"] = round(time.time() - started, 1), run.records
+            checkpoint(report)
+        report["models"][model] = m
+    report["seconds"] = round(time.time() - started, 1)
+    report["steps"] = run.records
+    report["complete"] = True
+    return report
+
+
+# ---------------------------------------------------------------------------- the results file
+
+
+def machine() -> dict:
+    import torch
+
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(), "platform": platform.platform(),
+            "load_average_at_end": os.getloadavg() if hasattr(os, "getloadavg") else None}
+
+
+def fmt(x: float | None, d: int = 4) -> str:
+    return "n/a" if x is None else f"{x:.{d}f}"
+
+
+def matrix(tr: dict, key: str) -> list[str]:
+    tasks = tr["tasks"]
+    values = tr.get(key)
+    if values is None:
+        return [f"(no `{key}` in the output)"]
+    err = (tr.get("stderr") or {}).get(key)
+    lines = ["| source ↓ / target → | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+    for i, src in enumerate(tasks):
+        cells = [f"{values[i][j]:+.4f}" + (f" ± {err[i][j]:.4f}" if err else "") for j in range(len(tasks))]
+        lines.append(f"| {src} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def write_results(report: dict, path: Path, args, quick: bool) -> None:
+    cfg = report["config"]
+    mach = machine()
+    L = []
+    title = "Census-Income (KDD) benchmark — QUICK smoke run (not the full experiment)" if quick else "Census-Income (KDD) benchmark"
+    if not report.get("complete"):
+        title += " — PARTIAL (the script had not finished when this was written)"
+    L += [f"# {title}", "", "Written by `benchmarks/census_experiment.py`; every number below is read from the JSON that "
+          "`cogradctl` printed (records in `OUT/steps/*.json`). Do not edit by hand: rerun the script.", ""]
+    L += ["## Command", "", "```bash", "python " + shlex.join(["benchmarks/census_experiment.py", *sys.argv[1:]]), "```", ""]
+    total = report["seconds"]
+    ran = sum(r["seconds"] for r in report["steps"] if not r.get("reused"))
+    steps_total = sum(r["seconds"] for r in report["steps"])
+    reused = sum(1 for r in report["steps"] if r.get("reused"))
+    L += ["## Machine and time", "",
+          f"- CPU: {mach['cpu']}; {mach['cores']} cores visible; torch {mach['torch']} ({mach['torch_threads']} threads); Python {mach['python']}; {mach['platform']}",
+          f"- The machine was shared with other jobs during the run (load average at the end: "
+          f"{', '.join(f'{x:.1f}' for x in mach['load_average_at_end']) if mach['load_average_at_end'] else 'n/a'}), so times are upper bounds for an idle 2-core machine.",
+          f"- Sum of the wall times of all {len(report['steps'])} cogradctl steps, as measured when each ran: **{steps_total / 60:.1f} min**"
+          + (f" ({reused} steps reused from an earlier invocation of the script; this invocation ran {ran / 60:.1f} min of steps in {total / 60:.1f} min)" if reused else
+             f" (script wall time {total / 60:.1f} min)"), ""]
+    L += ["## Setup", "",
+          f"- Data: `cogradctl data prepare census-kdd --group 1`: train {report['prepare']['splits']['train']['rows']} rows (UCI training file), "
+          f"valid {report['prepare']['splits']['valid']['rows']} / test {report['prepare']['splits']['test']['rows']} rows (the UCI test file halved, seed {report['prepare']['seed']}). "
+          f"Tasks: income > 50K (`income`), never married (`marital`). Dropped columns: {', '.join(report['prepare']['dropped_columns'])}; every other column is a feature.",
+          f"- Base: `init` (seed 0), then `train --method ew` for {cfg['base_epochs']} epochs, batch {cfg['batch_size']}, Adam lr ∈ {{{', '.join(f'{x:g}' for x in cfg['base_lrs'])}}}; "
+          "the lr with the best mean validation AUC is kept, and its `best.safetensors` (best epoch by mean validation AUC) is the base.",
+          f"- Fine-tuning: from the base, each method for {cfg['ft_steps']} steps, batch {cfg['batch_size']}, Adam lr {cfg['ft_lr']:g}, seeds {', '.join(map(str, cfg['seeds']))} "
+          "(the seed sets the batch order and any randomness of the method). Test AUC of `best.safetensors` (best mean validation AUC, the starting point included) "
+          "and the mean validation AUC at the last step (for reference; best step 0 means no step beat the base on validation and the base itself is scored).",
+          "- Method options given explicitly: " + "; ".join(f"`{k}`: `{' '.join(v)}`" for k, v in METHOD_OPTIONS.items()) + "; every other method at its defaults.",
+          f"- Transference: `measure-transference --batches {cfg['measure_batches']} --seed 0` on the validation split, before (the base) and after (seed-{cfg['seeds'][0]} `last.safetensors` of each method).", ""]
+    for model, m in report["models"].items():
+        L += [f"## {model}", "", "### Base model (`ew`)", ""]
+        L += ["| lr | best mean valid AUC | best step | epochs | train seconds |", "|---|---|---|---|---|"]
+        for lr, s in m["search"].items():
+            L.append(f"| {lr}{' (kept)' if float(lr) == m['base_lr'] else ''} | {fmt(s['best_valid_mean_auc'])} | {s['best_step']} | {s['epochs']} | {s['seconds']:.0f} |")
+        bt = m["base"]["test"]
+        L += ["", f"Test AUC of the base: **income {fmt(bt['income'])}**, **marital {fmt(bt['marital'])}** "
+              f"(targets {TARGETS['income']} / {TARGETS['marital']}: "
+              + ("met" if bt["income"] >= TARGETS["income"] and bt["marital"] >= TARGETS["marital"] else "NOT met") + ").", ""]
+        L += [f"### Fine-tuning from the base ({len(cfg['seeds'])} seeds, test AUC mean ± std)", "",
+              "| method | income | marital | mean of the two | Δ mean vs ew | valid mean at the last step | best step(s) | seconds per run |", "|---|---|---|---|---|---|---|---|"]
+        ew_mean = None
+        rows = []
+        for method, r in m["methods"].items():
+            inc = mean_std([x["test"]["income"] for x in r["runs"]])
+            mar = mean_std([x["test"]["marital"] for x in r["runs"]])
+            both = mean_std([(x["test"]["income"] + x["test"]["marital"]) / 2 for x in r["runs"]])
+            last = mean_std([(x["valid_last"]["income"] + x["valid_last"]["marital"]) / 2 for x in r["runs"]])
+            secs = statistics.fmean(x["seconds"] for x in r["runs"])
+            if method == "ew":
+                ew_mean = both[0]
+            rows.append((method, inc, mar, both, last, secs, ",".join(str(x["best_step"]) for x in r["runs"])))
+        for method, inc, mar, both, last, secs, steps in rows:
+            delta = "" if ew_mean is None else f"{both[0] - ew_mean:+.5f}"
+            L.append(f"| {method} | {inc[0]:.5f} ± {inc[1]:.5f} | {mar[0]:.5f} ± {mar[1]:.5f} | {both[0]:.5f} ± {both[1]:.5f} | {delta} | {last[0]:.5f} ± {last[1]:.5f} | {steps} | {secs:.0f} |")
+        L += ["", f"Base (before fine-tuning): mean {(bt['income'] + bt['marital']) / 2:.5f}.", ""]
+        if "cograd" in m["methods"] and "ew" in m["methods"]:
+            c = {x["seed"]: (x["test"]["income"] + x["test"]["marital"]) / 2 for x in m["methods"]["cograd"]["runs"]}
+            e = {x["seed"]: (x["test"]["income"] + x["test"]["marital"]) / 2 for x in m["methods"]["ew"]["runs"]}
+            per_seed = ", ".join(f"seed {s}: {c[s] - e[s]:+.5f}" for s in sorted(c) if s in e)
+            ok = statistics.fmean(c.values()) >= statistics.fmean(e.values())
+            L += [f"CoGrad vs ew (mean AUC over both tasks, per seed, CoGrad − ew): {per_seed}. Target (CoGrad ≥ ew on the 3-seed mean): **{'met' if ok else 'NOT met'}**.", ""]
+        L += ["### Transference (validation split)", "", "Before (base):", "", *matrix(m["base"]["transference"], "transference_rel"), "",
+              "Gradient cosine (base):", "", *matrix(m["base"]["transference"], "cosine"), ""]
+        for method, r in m["methods"].items():
+            tr = r["transference_after"]
+            L += [f"After `{method}` (Z_rel; conflict rate "
+                  + ", ".join(f"{tr['tasks'][i]}|{tr['tasks'][j]} {tr['conflict_rate'][i][j]:.2f}" for i in range(len(tr['tasks'])) for j in range(i + 1, len(tr['tasks'])))
+                  + "):", "", *matrix(tr, "transference_rel"), ""]
+    if not report.get("complete"):
+        done = {(mo, me) for mo, m in report["models"].items() for me in m["methods"]}
+        missing = [f"{mo}/{me}" for mo in cfg["models"] for me in (cfg["methods"] if mo == "mmoe" else cfg["ple_methods"]) if (mo, me) not in done]
+        L += ["## Missing", "", "Not yet run when this file was written: " + (", ".join(missing) or "nothing") + ".", ""]
+    L += ["## Exact commands", "", "Each line is one `cogradctl` call made by the script, with its wall time"
+          + (" (reused = recorded by an earlier invocation)" if reused else "") + ".", "", "```"]
+    for r in report["steps"]:
+        L.append(f"{r['command']}    # {r['seconds']:.1f}s{' reused' if r.get('reused') else ''}")
+    L += ["```", ""]
+    from cogradctl.checkpoint import atomic_write_bytes
+
+    atomic_write_bytes(path, "\n".join(L).encode())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--source", required=True, help="directory with the raw UCI files")
+    p.add_argument("--out", required=True, help="working directory for data, checkpoints and step records")
+    p.add_argument("--quick", action="store_true", help="smoke run: 2 base epochs, 3 methods, 20 fine-tuning steps, mmoe only")
+    p.add_argument("--results", default=None, help="results file (default docs/results-census.md, or docs/results-census-quick.md with --quick)")
+    p.add_argument("--models", default=None, help="override: comma-separated models")
+    p.add_argument("--methods", default=None, help="override: comma-separated methods for mmoe")
+    args = p.parse_args()
+    cfg = dict(QUICK if args.quick else FULL)
+    if args.models:
+        cfg["models"] = args.models.split(",")
+    if args.methods:
+        cfg["methods"] = args.methods.split(",")
+    root = Path(__file__).resolve().parent.parent
+    results = Path(args.results) if args.results else root / "docs" / ("results-census-quick.md" if args.quick else "results-census.md")
+
+    def save(report: dict) -> None:
+        (Path(args.out) / "report.json").write_text(json.dumps(report, indent=1))
+        write_results(report, results, args, args.quick)
+
+    report = experiment(args, cfg, save)
+    save(report)
+    print(f"wrote {results} ({report['seconds'] / 60:.1f} min)", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
