@@ -518,8 +518,8 @@ def transference_summary(result: dict) -> str:
                 text += f", {verdict} by {abs(d):.3g} after fine-tuning"
         parts.append(text)
     if not parts:
-        return "Transference: only one task, nothing to compare."
-    head = ("A step on the first task of each pair changes the second task's loss (relative transference Z_rel, "
+        return "transference summary: only one task, nothing to compare."
+    head = ("transference summary: a step on the first task of each pair changes the second task's loss (relative transference Z_rel, "
             "'strong' when at least half of the source's own progress, 'no clear effect' within two standard errors): ")
     text = head + "; ".join(parts) + "."
     conflict = result["conflict_rate"]

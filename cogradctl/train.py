@@ -46,6 +46,7 @@ class TrainConfig:
     device: str = "cpu"
     log_every: int = 10
     overwrite: bool = False
+    measure_every: int | None = None  # every N steps: transference on a few fixed training batches
 
     def check(self) -> None:
         for name in ("lr", "batch_size", "epochs", "log_every"):
@@ -53,6 +54,8 @@ class TrainConfig:
                 raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps <= 0:
             raise UsageError(f"--max-steps must be positive, got {self.max_steps}")
+        if self.measure_every is not None and self.measure_every <= 0:
+            raise UsageError(f"--measure-every must be positive, got {self.measure_every}")
 
 
 class NonFiniteError(CogradError):
@@ -109,12 +112,24 @@ def train(cfg: TrainConfig, log: Log, plugin_paths: list[str] | None = None) -> 
         "lr": cfg.lr,
         "batch_size": cfg.batch_size,
         "from": str(cfg.checkpoint),
+        "optimizer": {"name": "adam", "lr": cfg.lr, "betas": list(optimizer.defaults["betas"]), "eps": optimizer.defaults["eps"]},
     }
 
     def save(path: Path, step: int, epoch: int) -> None:
         entry = {**history_entry, "steps": step, "epochs": epoch, "seconds": round(time.time() - started, 3), "time": _now()}
         state = {k: v for k, v in model.state_dict().items()}
-        ckpt_io.save(ckpt_io.Checkpoint(ckpt.model, ckpt.model_config, schema, state, [*ckpt.history, entry]), path)
+        ckpt_io.save(ckpt_io.Checkpoint(ckpt.model, ckpt.model_config, schema, state, [*ckpt.history, entry], optimizer_extra()), path)
+
+    def optimizer_extra() -> dict[str, torch.Tensor]:
+        # Adam's per-parameter state (for measure-transference --lookahead optimizer), by parameter name.
+        extra = {}
+        for name, param in model.named_parameters():
+            st = optimizer.state.get(param)
+            if st:
+                extra[f"optim.exp_avg.{name}"] = st["exp_avg"]
+                extra[f"optim.exp_avg_sq.{name}"] = st["exp_avg_sq"]
+                extra[f"optim.step.{name}"] = torch.as_tensor(st["step"], dtype=torch.float64).reshape(1)
+        return extra
 
     if before is not None:
         save(out / "best.safetensors", 0, 0)
@@ -145,6 +160,8 @@ def train(cfg: TrainConfig, log: Log, plugin_paths: list[str] | None = None) -> 
                         if method.stats:
                             record["method"] = method.stats
                         write(record)
+                    if cfg.measure_every and step % cfg.measure_every == 0:
+                        write({"step": step, "epoch": epoch, "transference": measure_during_training(model, split, schema, train_data, cfg, device)})
                     advance(loss=f"{float(losses.sum()):.4f}")
                     for w in method_warnings:
                         log.warn(str(w.message))
@@ -195,6 +212,19 @@ def train_step(grads: TaskGradients, method, optimizer: torch.optim.Optimizer, i
             param.grad = grad * w if w != 1.0 else grad
     optimizer.step()
     return losses, g
+
+
+MEASURE_BATCHES, MEASURE_BATCH_SIZE = 4, 256  # --measure-every: cheap, and the same batches every time
+
+
+def measure_during_training(model, split, schema, train_data, cfg: TrainConfig, device) -> dict:
+    """Transference on MEASURE_BATCHES fixed (seeded by --seed) training batches, without the
+    per-batch provenance (it is the same at every step)."""
+    from cogradctl.transference import measure
+
+    result = measure(model, split, schema, train_data, MEASURE_BATCHES, min(MEASURE_BATCH_SIZE, cfg.batch_size), seed=cfg.seed, device=device)
+    result.pop("measured")
+    return result
 
 
 def step_record(step: int, epoch: int, tasks: list[str], losses: torch.Tensor, g: torch.Tensor) -> dict:
