@@ -20,8 +20,10 @@ class FeatureInput(nn.Module):
         cards = [f.cardinality for f in schema.categorical]
         offsets = torch.tensor([0, *cards[:-1]], dtype=torch.long).cumsum(0) if cards else torch.zeros(0, dtype=torch.long)
         self.register_buffer("offsets", offsets, persistent=False)
-        self.embedding = nn.Embedding(max(sum(cards), 1), embedding_dim)
-        nn.init.normal_(self.embedding.weight, std=0.05)
+        # No categorical features: no embedding table (an unused parameter would count as shared).
+        self.embedding = nn.Embedding(sum(cards), embedding_dim) if cards else None
+        if self.embedding is not None:
+            nn.init.normal_(self.embedding.weight, std=0.05)
         self.num_categorical = len(cards)
         self.num_dense = len(schema.dense)
         self.out_dim = self.num_categorical * embedding_dim + self.num_dense
@@ -60,6 +62,20 @@ class Tower(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.out(self.body(x)).squeeze(-1)
+
+
+def check_config(**values) -> None:
+    """Validate plugin options: sizes are positive integers (or lists of them), dropout in [0, 1).
+    A ValueError names the key; ``cogradctl init`` reports it as a usage error (exit 2)."""
+    for key, value in values.items():
+        if key == "dropout":
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value < 1.0:
+                raise ValueError(f"{key} must be a number in [0, 1), got {value!r}")
+        elif isinstance(value, (list, tuple)):
+            if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
+                raise ValueError(f"{key} must be a list of positive integers, got {value!r}")
+        elif not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{key} must be a positive integer, got {value!r}")
 
 
 def owned_by_prefix(module: nn.Module, prefixes: dict[str, tuple[str, ...]]) -> dict[str, list[str]]:

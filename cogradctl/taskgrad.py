@@ -88,9 +88,10 @@ def _chunks(v: torch.Tensor, params: list[torch.nn.Parameter]) -> list[torch.Ten
 
 
 def set_shared_grad(split: ParamSplit, update: torch.Tensor) -> None:
-    """Write the P-vector ``update`` into the shared parameters' ``.grad``."""
+    """Point the shared parameters' ``.grad`` at their slices of the P-vector ``update`` (views, no
+    copy: the method returns a fresh tensor each step, so nothing else writes to it)."""
     for param, chunk in zip(split.shared, _chunks(update, split.shared)):
-        param.grad = chunk.view_as(param).clone()
+        param.grad = chunk.view_as(param)
 
 
 def flat_shared(split: ParamSplit) -> torch.Tensor:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cogradctl.layers import FeatureInput, Tower, mlp, out_dim, owned_by_prefix
+from cogradctl.layers import FeatureInput, check_config, Tower, mlp, out_dim, owned_by_prefix
 from cogradctl.schema import Schema
 
 
@@ -46,4 +46,5 @@ def build(
     dropout: float = 0.0,
 ) -> nn.Module:
     """Multi-gate Mixture-of-Experts (Ma et al. 2018): shared experts, a gate and a tower per task."""
+    check_config(embedding_dim=embedding_dim, num_experts=num_experts, expert=expert, tower=tower, dropout=dropout)
     return MMoE(schema, embedding_dim, num_experts, list(expert), list(tower), dropout)

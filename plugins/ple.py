@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cogradctl.layers import FeatureInput, Tower, mlp, out_dim, owned_by_prefix
+from cogradctl.layers import FeatureInput, check_config, Tower, mlp, out_dim, owned_by_prefix
 from cogradctl.schema import Schema
 
 
@@ -87,4 +87,5 @@ def build(
     dropout: float = 0.0,
 ) -> nn.Module:
     """Progressive Layered Extraction (Tang et al. 2020): CGC levels of shared and task experts."""
+    check_config(embedding_dim=embedding_dim, num_levels=num_levels, shared_experts=shared_experts, task_experts=task_experts, expert=expert, tower=tower, dropout=dropout)
     return PLE(schema, embedding_dim, num_levels, shared_experts, task_experts, list(expert), list(tower), dropout)

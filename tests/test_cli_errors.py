@@ -372,14 +372,12 @@ def test_bad_config_value(cli, tmp_path, files, config, words):
     assert_input_error(r, words)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a negative size in --config (num_experts=-1) escapes as RuntimeError, exit 1 instead of 2")
 def test_negative_config_value_is_an_input_error(cli, tmp_path, files):
     r = cli("init", "--model", "mmoe", "--config", "num_experts=-1", "--data", files["valid"], "--tasks", "click", "--out", tmp_path / "m.safetensors")
     assert_input_error(r, "num_experts")
 
 
 @pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
-@pytest.mark.xfail(strict=True, reason="bug: init accepts --config num_experts=0 and writes a checkpoint that evaluate/train then crash on (exit 1)")
 def test_zero_experts_is_rejected_at_init(cli, tmp_path, files):
     out = tmp_path / "m.safetensors"
     r = cli("init", "--model", "mmoe", "--config", "num_experts=0", "--data", files["valid"], "--tasks", "click", "--out", out, "--quiet")
@@ -467,7 +465,6 @@ def test_sample_data_bad_options(cli, tmp_path, args, words):
     assert not (tmp_path / "s").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="bug: sample-data --out naming an existing file escapes as FileExistsError, exit 1 instead of 2")
 def test_sample_data_out_is_a_file(cli, tmp_path):
     out = tmp_path / "taken"
     out.write_text("x")
@@ -475,7 +472,6 @@ def test_sample_data_out_is_a_file(cli, tmp_path):
     assert_input_error(r, out)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: init --out naming a directory with --overwrite escapes as IsADirectoryError, exit 1 instead of 2")
 def test_init_out_is_a_directory(cli, tmp_path, files):
     out = tmp_path / "adir"
     out.mkdir()

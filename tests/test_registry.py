@@ -321,7 +321,6 @@ def test_model_plugin_contract_with_a_regression_task(sample_dir, name):
     check_contract(name, {"tower": [4]}, schema, inputs, labels)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: with only dense features FeatureInput keeps an unused 1-row embedding, a shared parameter no loss reaches")
 def test_model_plugin_contract_dense_only(sample_dir):
     schema, _ = data.infer_schema(str(sample_dir / "valid.parquet"), TASKS, BINARY, features=["f0", "f1", "f2"])
     inputs, labels = data.load(str(sample_dir / "valid.parquet"), schema).batch(slice(0, 64))
