@@ -15,9 +15,15 @@ with one of four approximations of task i's Hessian H_i (option ``hessian``):
   product H_i (Σ_{j≠i} g_j) per task (linearity), plus one H_i g_i per task when normalised.
 
 The raw term is cubic in the gradient scale, so a fixed raw γ is either invisible or explosive
-depending on the model. By default (``normalize=True``) H_i is divided by a scalar curvature scale
-ς_i of its own, which makes the term invariant to the scale of task i's loss and γ a dimensionless
-strength (the correction is about γ times the size of the other tasks' gradients):
+depending on the model. Option ``normalize`` makes γ scale-free:
+
+* ``"relative"`` (default): γ_i is the size of the correction relative to the task gradient,
+  ‖γ_i-term‖ = γ_i ‖g_i‖ exactly, every step; the approximation fixes only its direction. (On an
+  MMoE with the sample data the curvature normalisation below gave corrections 6–40 times the task
+  gradient at γ = 0.1 — heavy-tailed gradients make ``mean(g⊙g)`` a poor scale — hence this default.)
+* ``"curvature"`` (or ``True``): H_i is divided by a scalar curvature scale ς_i of its own, which
+  makes the term invariant to the scale of task i's loss (the size then still depends on how the
+  gradients are distributed over the parameters):
 
 * ``diag``/``fisher-ema``: ς_i = mean diagonal of the approximation (the normalised diagonal has
   mean 1);
@@ -27,7 +33,7 @@ strength (the correction is about γ times the size of the other tasks' gradient
   ‖g_i‖² for the ``outer`` approximation, so the two normalisations agree there).
 
 A zero scale (zero gradient, or no curvature along it) means no correction for that task.
-``normalize=False`` gives the paper's raw form.
+``"none"`` (or ``False``) gives the paper's raw form.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ TINY_STEPS_BEFORE_WARNING = 20
 
 
 HESSIANS = ("diag", "fisher-ema", "outer", "exact")
+NORMALIZE = ("relative", "curvature", "none")
 
 
 class CoGrad(Method):
@@ -64,12 +71,12 @@ class CoGrad(Method):
     options = {
         "gamma": "strength of the transference term: one value or one per task (default 0.1)",
         "hessian": "Hessian approximation: 'diag' (default), 'fisher-ema', 'outer' or 'exact' (needs HVPs)",
-        "normalize": "divide H_i by its own curvature scale so gamma is scale-free (default true)",
+        "normalize": "'relative' (default: gamma = correction size / task-gradient size), 'curvature' (H_i over its own scale) or 'none' (raw γ)",
         "weights": "task weights w_i: one value or one per task (default 1)",
         "fisher_decay": "EMA decay ρ of the fisher-ema diagonal (default 0.9)",
     }
 
-    def __init__(self, gamma=0.1, hessian: str = "diag", normalize: bool = True, weights=1.0, fisher_decay: float = 0.9) -> None:
+    def __init__(self, gamma=0.1, hessian: str = "diag", normalize="relative", weights=1.0, fisher_decay: float = 0.9) -> None:
         super().__init__()
         if hessian not in HESSIANS:
             raise ValueError(f"hessian must be one of {', '.join(HESSIANS)}, got {hessian!r}")
@@ -78,7 +85,11 @@ class CoGrad(Method):
         self.gamma_option = gamma
         self.weights_option = weights
         self.hessian = hessian
-        self.normalize = bool(normalize)
+        if normalize is True or normalize is False:
+            normalize = "curvature" if normalize else "none"
+        if normalize not in NORMALIZE:
+            raise ValueError(f"normalize must be one of {', '.join(NORMALIZE)}, got {normalize!r}")
+        self.normalize = normalize
         self.fisher_decay = float(fisher_decay)
         # The loop passes hvp=fn to methods whose (instance) requires_hvp is true.
         self.requires_hvp = hessian == "exact"
@@ -115,19 +126,27 @@ class CoGrad(Method):
 
     def corrections(self, grads: torch.Tensor, hvp=None) -> torch.Tensor:
         """The K×P matrix of auxiliary terms γ_i Σ_{j≠i} H_i g_j."""
-        gamma = self.gamma.to(grads)
+        if self.normalize != "relative":
+            return self._terms(grads, hvp, self.gamma.to(grads), self.normalize == "curvature")
+        # Direction from the (curvature-scaled, better conditioned) term; size γ_i ‖g_i‖.
+        terms = self._terms(grads, hvp, torch.ones_like(self.gamma).to(grads), self.hessian != "exact")
+        size = terms.norm(dim=1)
+        scale = torch.where(size > 0, self.gamma.to(grads) * grads.norm(dim=1) / size.clamp_min(torch.finfo(grads.dtype).tiny), torch.zeros_like(size))
+        return scale[:, None] * terms
+
+    def _terms(self, grads: torch.Tensor, hvp, gamma: torch.Tensor, normalize: bool) -> torch.Tensor:
         others = grads.sum(dim=0, keepdim=True) - grads  # Σ_{j≠i} g_j
         if self.hessian in ("diag", "fisher-ema"):
             h = grads * grads  # diag(H_i), one row per task
             if self.hessian == "fisher-ema":
                 h = self._update_fisher(h)
-            if self.normalize:
+            if normalize:
                 h = self._scaled(h)
             return gamma[:, None] * h * others
         if self.hessian == "outer":
             m = gram(grads)
             coef = m.sum(dim=1) - m.diagonal()  # g_iᵀ Σ_{j≠i} g_j
-            if self.normalize:
+            if normalize:
                 sq = m.diagonal()
                 coef = torch.where(sq > 0, coef / torch.where(sq > 0, sq, 1.0), torch.zeros_like(coef))
             return (gamma * coef.to(grads))[:, None] * grads
@@ -136,7 +155,7 @@ class CoGrad(Method):
         rows = []
         for i in range(grads.shape[0]):
             hv = hvp(i, others[i]).detach().reshape(-1).to(grads)
-            if self.normalize:
+            if normalize:
                 g_norm = float(grads[i].norm())
                 scale = float(hvp(i, grads[i]).detach().reshape(-1).to(grads).norm()) / g_norm if g_norm > 0 else 0.0
                 hv = hv / scale if scale > 0 and scale == scale and scale != float("inf") else torch.zeros_like(hv)
@@ -176,6 +195,6 @@ class CoGrad(Method):
             warnings.warn(
                 f"cograd: the transference correction has stayed below {TINY_CORRECTION:g} of the task "
                 f"gradients for {TINY_STEPS_BEFORE_WARNING} steps, so the update is practically 'ew'; "
-                "raise gamma (or keep normalize=true)",
+                "raise gamma (or use the default normalize=relative)",
                 stacklevel=2,
             )

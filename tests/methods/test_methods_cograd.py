@@ -82,9 +82,26 @@ def test_diag_by_hand():
         others = sum(g[j] for j in range(3) if j != i)
         expected += g[i] - gamma * g[i] * g[i] * others
     assert torch.allclose(get_method("cograd", gamma=gamma, normalize=False)(g), expected)
-    # normalised: g_i⊙g_i divided by its mean
+    # curvature-normalised: g_i⊙g_i divided by its mean
     expected_n = sum(g[i] - gamma * (g[i] ** 2 / (g[i] ** 2).mean()) * (g.sum(0) - g[i]) for i in range(3))
-    assert torch.allclose(get_method("cograd", gamma=gamma)(g), expected_n)
+    assert torch.allclose(get_method("cograd", gamma=gamma, normalize="curvature")(g), expected_n)
+    assert torch.allclose(get_method("cograd", gamma=gamma, normalize=True)(g), expected_n)
+    # relative (default): the raw term's direction, rescaled to gamma times the task gradient's norm
+    expected_r = torch.zeros(3)
+    for i in range(3):
+        term = g[i] * g[i] * (g.sum(0) - g[i])
+        expected_r += g[i] - gamma * g[i].norm() * term / term.norm()
+    m = get_method("cograd", gamma=gamma)
+    assert torch.allclose(m(g), expected_r)
+    assert m.stats["relative_correction"] == pytest.approx([gamma] * 3, rel=1e-5)
+
+
+def test_relative_strength_is_invariant_to_gradient_scale():
+    g = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    m = get_method("cograd", gamma=0.2)
+    for scale in (1e-6, 1.0, 1e6):
+        torch.testing.assert_close(m(g * scale) / scale, m(g), rtol=1e-4, atol=1e-6)
+        assert m.stats["relative_correction"] == pytest.approx([0.2] * 3, rel=1e-4)
 
 
 def test_outer_is_gram_times_gradient():
@@ -95,8 +112,8 @@ def test_outer_is_gram_times_gradient():
     for i in range(3):
         ref = sum((g[i] @ g[j]) * g[i] for j in range(3) if j != i)
         assert torch.allclose(corr[i], 0.2 * ref)
-    # normalised: H̃_i = u_i u_iᵀ, invariant to the scale of g_i's task
-    mn = get_method("cograd", gamma=0.2, hessian="outer")
+    # curvature-normalised: H̃_i = u_i u_iᵀ, invariant to the scale of g_i's task
+    mn = get_method("cograd", gamma=0.2, hessian="outer", normalize="curvature")
     scaled = g.clone()
     scaled[0] *= 1e3
     mn.setup(3)
@@ -136,7 +153,7 @@ def test_exact_normalisation_uses_the_gain_along_the_own_gradient():
     grads, losses = task_grads(model, theta)
     grads = grads.detach()
     hvp = make_hvp(model, theta)
-    m = get_method("cograd", gamma=0.1, hessian="exact")
+    m = get_method("cograd", gamma=0.1, hessian="exact", normalize="curvature")
     m.setup(3)
     corr = m.corrections(grads, hvp)
     for i in range(3):
