@@ -151,6 +151,8 @@ def init_cmd(
         raise UsageError("--tasks: give at least one label column")
     if len(set(task_list)) != len(task_list):
         raise UsageError(f"--tasks {tasks}: a task is named twice")
+    if out.is_dir():
+        raise UsageError(f"--out {out}: is a directory; give the checkpoint file to write, e.g. {out / 'init.safetensors'}")
     if out.exists() and not overwrite:
         raise UsageError(f"--out {out}: file exists; pass --overwrite to replace it")
     if max_vocab < 1 or min_count < 1:
@@ -799,6 +801,8 @@ def sample_data_cmd(
 
     if rows < 1 or valid_rows < 1:
         raise UsageError("--rows and --valid-rows must be positive")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: exists and is not a directory")
     try:
         spec = sample.parse_tasks(tasks)
         written = {}
