@@ -32,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 TASKS = ["income", "marital"]
@@ -39,10 +40,10 @@ TARGETS = {"income": 0.950, "marital": 0.9948}
 
 FULL = {
     "models": ["mmoe", "ple"],
-    "base_epochs": 14,
+    "base_epochs": 12,
     "base_lrs": [1e-3, 2e-3],
     "batch_size": 1024,
-    "ft_steps": 120,
+    "ft_steps": 60,
     "ft_lr": 5e-4,
     "seeds": [0, 1, 2],
     "methods": ["ew", "cograd", "gdod", "pcgrad", "mgda", "cagrad", "nash-mtl", "uw"],
@@ -71,6 +72,11 @@ class Runner:
         self.steps.mkdir(parents=True, exist_ok=True)
         self.cogradctl = cogradctl
         self.records: list[dict] = []
+        self.env = dict(os.environ)
+
+    def threads(self, n: int) -> None:
+        """Torch threads per cogradctl process (with --jobs > 1, 1 each, so the jobs do not oversubscribe)."""
+        self.env["OMP_NUM_THREADS"] = str(n)
 
     def __call__(self, key: str, args: list[str]) -> dict:
         """Run ``cogradctl ARGS`` (which prints one JSON document), or reuse its earlier record."""
@@ -85,7 +91,7 @@ class Runner:
                 return record["result"]
         print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
         started = time.time()
-        proc = subprocess.run(command, capture_output=True, text=True)
+        proc = subprocess.run(command, capture_output=True, text=True, env=self.env)
         seconds = time.time() - started
         if proc.returncode != 0:
             sys.stderr.write(proc.stderr)
@@ -111,9 +117,12 @@ def experiment(args, cfg: dict, checkpoint=lambda report: None) -> dict:
     """Run every step; ``checkpoint(report)`` is called after each method so partial results are written."""
     out = Path(args.out)
     run = Runner(out, [sys.executable, "-m", "cogradctl"])
+    if args.jobs > 1:
+        run.threads(1)
     data = out / "data"
     train, valid, test = data / "train.parquet", data / "valid.parquet", data / "test.parquet"
     started = time.time()
+    pool = ThreadPoolExecutor(max(1, args.jobs))
     prep = run("prepare", ["data", "prepare", "census-kdd", "--source", args.source, "--out", data, "--group", "1", "--overwrite", "--json"])
     report = {"config": cfg, "prepare": prep, "models": {}, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "complete": False}
     bs = cfg["batch_size"]
@@ -123,12 +132,13 @@ def experiment(args, cfg: dict, checkpoint=lambda report: None) -> dict:
         init = mdir / "init.safetensors"
         run(f"{model}-init", ["init", "--model", model, "--data", train, "--tasks", ",".join(TASKS), "--out", init, "--seed", "0", "--overwrite", "--json"])
         # Learning-rate search for the base, judged on validation only.
-        search = {}
-        for lr in cfg["base_lrs"]:
-            r = run(f"{model}-base-lr{lr:g}", ["train", "--checkpoint", init, "--data", train, "--valid", valid, "--method", "ew",
-                                              "--epochs", cfg["base_epochs"], "--batch-size", bs, "--lr", lr, "--seed", "0",
-                                              "--out", mdir / f"base-lr{lr:g}", "--overwrite", "--quiet", "--json"])
-            search[lr] = r
+        futures = {
+            lr: pool.submit(run, f"{model}-base-lr{lr:g}", ["train", "--checkpoint", init, "--data", train, "--valid", valid, "--method", "ew",
+                                                            "--epochs", cfg["base_epochs"], "--batch-size", bs, "--lr", lr, "--seed", "0",
+                                                            "--out", mdir / f"base-lr{lr:g}", "--overwrite", "--quiet", "--json"])
+            for lr in cfg["base_lrs"]
+        }
+        search = {lr: f.result() for lr, f in futures.items()}
         best_lr = max(search, key=lambda lr: search[lr]["best"]["auc"])
         base = mdir / f"base-lr{best_lr:g}" / "best.safetensors"
         base_test = run(f"{model}-base-test", ["evaluate", "--checkpoint", base, "--data", test, "--json", "--quiet"])
@@ -137,16 +147,18 @@ def experiment(args, cfg: dict, checkpoint=lambda report: None) -> dict:
         m = {"base_lr": best_lr, "search": {f"{lr:g}": {"best_valid_mean_auc": r["best"]["auc"], "best_step": r["best"]["step"],
                                                            "seconds": r["seconds"], "epochs": r["epochs"]} for lr, r in search.items()},
              "base": {"test": aucs(base_test), "transference": base_tr, "checkpoint": str(base)}, "methods": {}}
+        def finetune(method: str, seed: int) -> dict:
+            d = mdir / "ft" / method / f"seed{seed}"
+            r = run(f"{model}-ft-{method}-s{seed}", ["train", "--checkpoint", base, "--data", train, "--valid", valid, "--method", method,
+                                                     *METHOD_OPTIONS.get(method, []), "--max-steps", cfg["ft_steps"], "--batch-size", bs,
+                                                     "--lr", cfg["ft_lr"], "--seed", seed, "--out", d, "--overwrite", "--quiet", "--json"])
+            e = run(f"{model}-ft-{method}-s{seed}-test", ["evaluate", "--checkpoint", d / "best.safetensors", "--data", test, "--json", "--quiet"])
+            return {"seed": seed, "test": aucs(e), "valid_last": aucs(r["after"]), "seconds": r["seconds"], "best_step": r["best"]["step"],
+                    "valid_best": r["best"]["auc"]}
+
+        jobs = {(method, seed): pool.submit(finetune, method, seed) for method in methods for seed in cfg["seeds"]}
         for method in methods:
-            runs = []
-            for seed in cfg["seeds"]:
-                d = mdir / "ft" / method / f"seed{seed}"
-                r = run(f"{model}-ft-{method}-s{seed}", ["train", "--checkpoint", base, "--data", train, "--valid", valid, "--method", method,
-                                                         *METHOD_OPTIONS.get(method, []), "--max-steps", cfg["ft_steps"], "--batch-size", bs,
-                                                         "--lr", cfg["ft_lr"], "--seed", seed, "--out", d, "--overwrite", "--quiet", "--json"])
-                e = run(f"{model}-ft-{method}-s{seed}-test", ["evaluate", "--checkpoint", d / "best.safetensors", "--data", test, "--json", "--quiet"])
-                runs.append({"seed": seed, "test": aucs(e), "valid_last": aucs(r["after"]), "seconds": r["seconds"], "best_step": r["best"]["step"],
-                             "valid_best": r["best"]["auc"]})
+            runs = [jobs[method, seed].result() for seed in cfg["seeds"]]
             tr = run(f"{model}-ft-{method}-transference", ["measure-transference", "--checkpoint", mdir / "ft" / method / f"seed{cfg['seeds'][0]}" / "last.safetensors",
                                                           "--data", valid, "--batches", cfg["measure_batches"], "--seed", "0", "--json", "--quiet"])
             m["methods"][method] = {"runs": runs, "transference_after": tr}
@@ -157,6 +169,7 @@ def experiment(args, cfg: dict, checkpoint=lambda report: None) -> dict:
     report["seconds"] = round(time.time() - started, 1)
     report["steps"] = run.records
     report["complete"] = True
+    pool.shutdown()
     return report
 
 
@@ -191,7 +204,7 @@ def matrix(tr: dict, key: str) -> list[str]:
     err = (tr.get("stderr") or {}).get(key)
     lines = ["| source ↓ / target → | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
     for i, src in enumerate(tasks):
-        cells = [f"{values[i][j]:+.4f}" + (f" ± {err[i][j]:.4f}" if err else "") for j in range(len(tasks))]
+        cells = [f"{values[i][j]:+.3e}" + (f" ± {err[i][j]:.1e}" if err else "") for j in range(len(tasks))]
         lines.append(f"| {src} | " + " | ".join(cells) + " |")
     return lines
 
@@ -221,7 +234,7 @@ def write_results(report: dict, path: Path, args, quick: bool) -> None:
           f"- Data: `cogradctl data prepare census-kdd --group 1`: train {report['prepare']['splits']['train']['rows']} rows (UCI training file), "
           f"valid {report['prepare']['splits']['valid']['rows']} / test {report['prepare']['splits']['test']['rows']} rows (the UCI test file halved, seed {report['prepare']['seed']}). "
           f"Tasks: income > 50K (`income`), never married (`marital`). Dropped columns: {', '.join(report['prepare']['dropped_columns'])}; every other column is a feature.",
-          f"- Base: `init` (seed 0), then `train --method ew` for {cfg['base_epochs']} epochs, batch {cfg['batch_size']}, Adam lr ∈ {{{', '.join(f'{x:g}' for x in cfg['base_lrs'])}}}; "
+          f"- Base: `init` (seed 0), then `train --method ew` for {cfg['base_epochs']} epoch(s), batch {cfg['batch_size']}, Adam lr ∈ {{{', '.join(f'{x:g}' for x in cfg['base_lrs'])}}}; "
           "the lr with the best mean validation AUC is kept, and its `best.safetensors` (best epoch by mean validation AUC) is the base.",
           f"- Fine-tuning: from the base, each method for {cfg['ft_steps']} steps, batch {cfg['batch_size']}, Adam lr {cfg['ft_lr']:g}, seeds {', '.join(map(str, cfg['seeds']))} "
           "(the seed sets the batch order and any randomness of the method). Test AUC of `best.safetensors` (best mean validation AUC, the starting point included) "
@@ -287,6 +300,7 @@ def main() -> None:
     p.add_argument("--out", required=True, help="working directory for data, checkpoints and step records")
     p.add_argument("--quick", action="store_true", help="smoke run: 2 base epochs, 3 methods, 20 fine-tuning steps, mmoe only")
     p.add_argument("--results", default=None, help="results file (default docs/results-census.md, or docs/results-census-quick.md with --quick)")
+    p.add_argument("--jobs", type=int, default=2, help="cogradctl processes at a time (default 2; each then uses 1 torch thread)")
     p.add_argument("--models", default=None, help="override: comma-separated models")
     p.add_argument("--methods", default=None, help="override: comma-separated methods for mmoe")
     args = p.parse_args()
