@@ -40,29 +40,32 @@ TARGETS = {"income": 0.950, "marital": 0.9948}
 
 FULL = {
     "models": ["mmoe", "ple"],
-    "base_epochs": 12,
+    "base_epochs": {"mmoe": 20, "ple": 12},
     "base_lrs": [1e-3, 2e-3],
     "batch_size": 1024,
-    "ft_steps": 60,
+    "ft_epochs": 2,
+    "ft_steps": None,
     "ft_lr": 5e-4,
     "seeds": [0, 1, 2],
     "methods": ["ew", "cograd", "gdod", "pcgrad", "mgda", "cagrad", "nash-mtl", "uw"],
     "ple_methods": ["ew", "cograd", "gdod"],
+    "cograd_gammas": [0.03, 0.1, 0.3, 1.0],
     "measure_batches": 10,
 }
 QUICK = {
     **FULL,
     "models": ["mmoe"],
-    "base_epochs": 1,
+    "base_epochs": {"mmoe": 1},
     "base_lrs": [2e-3],
     "ft_steps": 15,
-    "seeds": [0, 1, 2],
     "methods": ["ew", "cograd", "gdod"],
     "ple_methods": [],
+    "cograd_gammas": [0.1],
     "measure_batches": 4,
 }
 # Explicit method options, recorded in the results (CoGrad's default strength may change).
-METHOD_OPTIONS = {"cograd": ["--gamma", "0.1", "-o", "hessian=diag", "-o", "normalize=true"]}
+# cograd's gamma is chosen per model from cfg["cograd_gammas"] on the validation split (seed 0).
+METHOD_OPTIONS = {"cograd": ["-o", "hessian=diag", "-o", "normalize=true"]}
 
 
 class Runner:
@@ -134,7 +137,7 @@ def experiment(args, cfg: dict, checkpoint=lambda report: None) -> dict:
         # Learning-rate search for the base, judged on validation only.
         futures = {
             lr: pool.submit(run, f"{model}-base-lr{lr:g}", ["train", "--checkpoint", init, "--data", train, "--valid", valid, "--method", "ew",
-                                                            "--epochs", cfg["base_epochs"], "--batch-size", bs, "--lr", lr, "--seed", "0",
+                                                            "--epochs", cfg["base_epochs"][model], "--batch-size", bs, "--lr", lr, "--seed", "0",
                                                             "--out", mdir / f"base-lr{lr:g}", "--overwrite", "--quiet", "--json"])
             for lr in cfg["base_lrs"]
         }
@@ -147,19 +150,41 @@ def experiment(args, cfg: dict, checkpoint=lambda report: None) -> dict:
         m = {"base_lr": best_lr, "search": {f"{lr:g}": {"best_valid_mean_auc": r["best"]["auc"], "best_step": r["best"]["step"],
                                                            "seconds": r["seconds"], "epochs": r["epochs"]} for lr, r in search.items()},
              "base": {"test": aucs(base_test), "transference": base_tr, "checkpoint": str(base)}, "methods": {}}
-        def finetune(method: str, seed: int) -> dict:
-            d = mdir / "ft" / method / f"seed{seed}"
-            r = run(f"{model}-ft-{method}-s{seed}", ["train", "--checkpoint", base, "--data", train, "--valid", valid, "--method", method,
-                                                     *METHOD_OPTIONS.get(method, []), "--max-steps", cfg["ft_steps"], "--batch-size", bs,
-                                                     "--lr", cfg["ft_lr"], "--seed", seed, "--out", d, "--overwrite", "--quiet", "--json"])
-            e = run(f"{model}-ft-{method}-s{seed}-test", ["evaluate", "--checkpoint", d / "best.safetensors", "--data", test, "--json", "--quiet"])
-            return {"seed": seed, "test": aucs(e), "valid_last": aucs(r["after"]), "seconds": r["seconds"], "best_step": r["best"]["step"],
-                    "valid_best": r["best"]["auc"]}
+        length = ["--max-steps", cfg["ft_steps"]] if cfg["ft_steps"] else ["--epochs", cfg["ft_epochs"]]
 
-        jobs = {(method, seed): pool.submit(finetune, method, seed) for method in methods for seed in cfg["seeds"]}
+        def finetune(method: str, seed: int, gamma: float | None = None) -> dict:
+            tag = method if gamma is None else f"{method}-g{gamma:g}"
+            d = mdir / "ft" / tag / f"seed{seed}"
+            extra = [] if gamma is None else ["--gamma", gamma]
+            r = run(f"{model}-ft-{tag}-s{seed}", ["train", "--checkpoint", base, "--data", train, "--valid", valid, "--method", method,
+                                                  *extra, *METHOD_OPTIONS.get(method, []), *length, "--batch-size", bs,
+                                                  "--lr", cfg["ft_lr"], "--seed", seed, "--out", d, "--overwrite", "--quiet", "--json"])
+            e = run(f"{model}-ft-{tag}-s{seed}-test", ["evaluate", "--checkpoint", d / "best.safetensors", "--data", test, "--json", "--quiet"])
+            valid_last = aucs(r["after"])
+            return {"seed": seed, "test": aucs(e), "valid_last": valid_last, "seconds": r["seconds"], "best_step": r["best"]["step"],
+                    "valid_best": r["best"]["auc"], "dir": str(d), "valid_last_mean": sum(valid_last.values()) / len(valid_last)}
+
+        seed0 = cfg["seeds"][0]
+        jobs = {}
+        gamma = None
+        if "cograd" in methods:
+            # CoGrad's strength, chosen on validation (seed 0 only): best mean valid AUC, ties by the last step's.
+            sweep = {g: pool.submit(finetune, "cograd", seed0, g) for g in cfg["cograd_gammas"]}
+            for method in methods:  # start the others meanwhile
+                if method != "cograd":
+                    for seed in cfg["seeds"]:
+                        jobs[method, seed] = pool.submit(finetune, method, seed)
+            sweep = {g: f.result() for g, f in sweep.items()}
+            gamma = max(sweep, key=lambda g: (sweep[g]["valid_best"], sweep[g]["valid_last_mean"]))
+            m["cograd_sweep"] = {f"{g:g}": {"valid_best": r["valid_best"], "valid_last_mean": r["valid_last_mean"], "best_step": r["best_step"]} for g, r in sweep.items()}
+            m["cograd_gamma"] = gamma
+        for method in methods:
+            for seed in cfg["seeds"]:
+                if (method, seed) not in jobs:
+                    jobs[method, seed] = pool.submit(finetune, method, seed, gamma if method == "cograd" else None)
         for method in methods:
             runs = [jobs[method, seed].result() for seed in cfg["seeds"]]
-            tr = run(f"{model}-ft-{method}-transference", ["measure-transference", "--checkpoint", mdir / "ft" / method / f"seed{cfg['seeds'][0]}" / "last.safetensors",
+            tr = run(f"{model}-ft-{method}-transference", ["measure-transference", "--checkpoint", Path(runs[0]["dir"]) / "last.safetensors",
                                                           "--data", valid, "--batches", cfg["measure_batches"], "--seed", "0", "--json", "--quiet"])
             m["methods"][method] = {"runs": runs, "transference_after": tr}
             report["models"][model] = m
@@ -211,6 +236,7 @@ def matrix(tr: dict, key: str) -> list[str]:
 
 def write_results(report: dict, path: Path, args, quick: bool) -> None:
     cfg = report["config"]
+    ft_length = f"{cfg['ft_steps']} steps" if cfg["ft_steps"] else f"{cfg['ft_epochs']} epoch(s) (validation after each)"
     mach = machine()
     L = []
     title = "Census-Income (KDD) benchmark — QUICK smoke run (not the full experiment)" if quick else "Census-Income (KDD) benchmark"
@@ -234,12 +260,13 @@ def write_results(report: dict, path: Path, args, quick: bool) -> None:
           f"- Data: `cogradctl data prepare census-kdd --group 1`: train {report['prepare']['splits']['train']['rows']} rows (UCI training file), "
           f"valid {report['prepare']['splits']['valid']['rows']} / test {report['prepare']['splits']['test']['rows']} rows (the UCI test file halved, seed {report['prepare']['seed']}). "
           f"Tasks: income > 50K (`income`), never married (`marital`). Dropped columns: {', '.join(report['prepare']['dropped_columns'])}; every other column is a feature.",
-          f"- Base: `init` (seed 0), then `train --method ew` for {cfg['base_epochs']} epoch(s), batch {cfg['batch_size']}, Adam lr ∈ {{{', '.join(f'{x:g}' for x in cfg['base_lrs'])}}}; "
+          f"- Base: `init` (seed 0), then `train --method ew` for {', '.join(f'{k} {v}' for k, v in cfg['base_epochs'].items())} epoch(s), batch {cfg['batch_size']}, Adam lr ∈ {{{', '.join(f'{x:g}' for x in cfg['base_lrs'])}}}; "
           "the lr with the best mean validation AUC is kept, and its `best.safetensors` (best epoch by mean validation AUC) is the base.",
-          f"- Fine-tuning: from the base, each method for {cfg['ft_steps']} steps, batch {cfg['batch_size']}, Adam lr {cfg['ft_lr']:g}, seeds {', '.join(map(str, cfg['seeds']))} "
+          f"- Fine-tuning: from the base, each method for {ft_length}, batch {cfg['batch_size']}, Adam lr {cfg['ft_lr']:g}, seeds {', '.join(map(str, cfg['seeds']))} "
           "(the seed sets the batch order and any randomness of the method). Test AUC of `best.safetensors` (best mean validation AUC, the starting point included) "
           "and the mean validation AUC at the last step (for reference; best step 0 means no step beat the base on validation and the base itself is scored).",
-          "- Method options given explicitly: " + "; ".join(f"`{k}`: `{' '.join(v)}`" for k, v in METHOD_OPTIONS.items()) + "; every other method at its defaults.",
+          "- Method options given explicitly: " + "; ".join(f"`{k}`: `{' '.join(v)}`" for k, v in METHOD_OPTIONS.items()) + "; CoGrad's `--gamma` is chosen per model among {" + ", ".join(f"{g:g}" for g in cfg["cograd_gammas"])
+          + "} by the best mean validation AUC of a seed-0 run (ties: the validation AUC at the last step); every other method at its defaults, with no search.",
           f"- Transference: `measure-transference --batches {cfg['measure_batches']} --seed 0` on the validation split, before (the base) and after (seed-{cfg['seeds'][0]} `last.safetensors` of each method).", ""]
     for model, m in report["models"].items():
         L += [f"## {model}", "", "### Base model (`ew`)", ""]
@@ -250,6 +277,11 @@ def write_results(report: dict, path: Path, args, quick: bool) -> None:
         L += ["", f"Test AUC of the base: **income {fmt(bt['income'])}**, **marital {fmt(bt['marital'])}** "
               f"(targets {TARGETS['income']} / {TARGETS['marital']}: "
               + ("met" if bt["income"] >= TARGETS["income"] and bt["marital"] >= TARGETS["marital"] else "NOT met") + ").", ""]
+        if "cograd_sweep" in m:
+            L += [f"CoGrad strength search (seed {cfg['seeds'][0]}, validation only):", "", "| gamma | best mean valid AUC | best step | valid mean at the last step |", "|---|---|---|---|"]
+            for g, r in m["cograd_sweep"].items():
+                L.append(f"| {g}{' (kept)' if float(g) == m['cograd_gamma'] else ''} | {r['valid_best']:.5f} | {r['best_step']} | {r['valid_last_mean']:.5f} |")
+            L.append("")
         L += [f"### Fine-tuning from the base ({len(cfg['seeds'])} seeds, test AUC mean ± std)", "",
               "| method | income | marital | mean of the two | Δ mean vs ew | valid mean at the last step | best step(s) | seconds per run |", "|---|---|---|---|---|---|---|---|"]
         ew_mean = None
@@ -262,6 +294,8 @@ def write_results(report: dict, path: Path, args, quick: bool) -> None:
             secs = statistics.fmean(x["seconds"] for x in r["runs"])
             if method == "ew":
                 ew_mean = both[0]
+            if method == "cograd" and "cograd_gamma" in m:
+                method = f"cograd (γ={m['cograd_gamma']:g})"
             rows.append((method, inc, mar, both, last, secs, ",".join(str(x["best_step"]) for x in r["runs"])))
         for method, inc, mar, both, last, secs, steps in rows:
             delta = "" if ew_mean is None else f"{both[0] - ew_mean:+.5f}"
