@@ -385,7 +385,7 @@ def measure_cmd(
     if max_conflict_rate is not None and not 0 <= max_conflict_rate <= 1:
         raise UsageError(f"--max-conflict-rate must be in [0, 1], got {max_conflict_rate}")
     if plot is not None:
-        tr_plot_check()
+        _require_matplotlib()
     log = Log(quiet)
     dev = resolve_device(device)
     ckpt, model, split = from_checkpoint(checkpoint, _paths(plugin_path), dev)
@@ -477,6 +477,8 @@ def _matrix_table(title: str, tasks: list[str], values, errors, diverging: bool,
     k = len(tasks)
     off = [abs(values[i][j]) for i in range(k) for j in range(k) if i != j and values[i][j] is not None]
     scale = max(off, default=0.0)
+    # Small effects (|v| < 0.01 everywhere) in scientific notation, so they do not print as +0.0000.
+    small = diverging and 0 < max((abs(v) for row in values for v in row if v is not None), default=0.0) < 0.01
     for i, src in enumerate(tasks):
         cells = []
         for j in range(k):
@@ -484,9 +486,9 @@ def _matrix_table(title: str, tasks: list[str], values, errors, diverging: bool,
             if v is None:
                 cells.append("n/a")
                 continue
-            text = f"{v:+.4f}" if diverging else f"{v:.2f}"
+            text = (f"{v:+.2e}" if small else f"{v:+.4f}") if diverging else f"{v:.2f}"
             if errors is not None and errors[i][j] is not None:
-                text += f" ±{errors[i][j]:.4f}"
+                text += f" ±{errors[i][j]:.1e}" if small else f" ±{errors[i][j]:.4f}"
             if extra is not None:
                 text += f" ({extra[i][j]:.2f})"
             if marks is not None and i != j:
@@ -533,7 +535,7 @@ def transference_summary(result: dict) -> str:
     return text
 
 
-def tr_plot_check() -> None:
+def _require_matplotlib() -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError:

@@ -21,9 +21,9 @@ parameters: the gradient restricted to the group, and a lookahead that moves onl
 from __future__ import annotations
 
 import io
-from pathlib import Path
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
