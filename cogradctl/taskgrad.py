@@ -50,23 +50,38 @@ class TaskGradients:
         {task: gradients of its own parameters})."""
         outputs = self.model(inputs)
         losses = task_losses(outputs, labels, self.schema)
+        if create_graph:
+            return self._with_graph(losses)
+        own: dict[str, list[torch.Tensor]] = {}
+        last = len(self.tasks) - 1
+        self.grads.zero_()
+        for i, task in enumerate(self.tasks):
+            # Each backward pass accumulates straight into row i of the buffer: the shared
+            # parameters' .grad are views of it. The task's own parameters get fresh gradients
+            # in the same pass; the last pass frees the graph.
+            for param, view in zip(self.split.shared, self.views[i]):
+                param.grad = view
+            mine = self.split.tasks[task]
+            for param in mine:
+                param.grad = None
+            torch.autograd.backward(losses[i], inputs=[*self.split.shared, *mine], retain_graph=i < last)
+            own[task] = [torch.zeros_like(p) if p.grad is None else p.grad for p in mine]
+        for param in self.split.shared:
+            param.grad = None
+        return losses.detach(), self.grads, own
+
+    def _with_graph(self, losses: torch.Tensor):
+        """As ``__call__``, keeping the gradients' graphs for Hessian-vector products (``hvp``)."""
         own: dict[str, list[torch.Tensor]] = {}
         n_shared = len(self.split.shared)
         self._graph_grads = []
-        last = len(self.tasks) - 1
         for i, task in enumerate(self.tasks):
             params = [*self.split.shared, *self.split.tasks[task]]
-            grads = torch.autograd.grad(
-                losses[i], params, retain_graph=create_graph or i < last, create_graph=create_graph, allow_unused=True
-            )
+            grads = torch.autograd.grad(losses[i], params, retain_graph=True, create_graph=True, allow_unused=True)
             for view, g in zip(self.views[i], grads[:n_shared]):
-                if g is None:
-                    view.zero_()
-                else:
-                    view.copy_(g)
+                view.zero_() if g is None else view.copy_(g.detach())
             own[task] = [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params[n_shared:], grads[n_shared:])]
-            if create_graph:
-                self._graph_grads.append(grads[:n_shared])
+            self._graph_grads.append(grads[:n_shared])
         return losses.detach(), self.grads, own
 
     def hvp(self) -> Callable[[int, torch.Tensor], torch.Tensor]:
