@@ -1,0 +1,219 @@
+"""Speed benchmarks of issue #7; writes docs/benchmarks.md (never edit that file by hand).
+
+    python benchmarks/speed.py [--threads N] [--steps 20] [--out docs/benchmarks.md]
+
+1. `cogradctl bench` (the user-facing command) on the built-in mmoe, batch 2048, K = 2 and 4:
+   each method's training step against the floor (one forward + K backward passes).
+2. The aggregation alone (K×P matrix → update) against torchjd's aggregator of the same name,
+   P = 1M, K = 2, 4, 8, both timed interleaved on the same matrix.
+3. A full CoGrad training step against a torchjd `mtl_backward` + `jac_to_grad(UPGrad)` step on
+   the same model and batch.
+4. Per-task gradients: K backward passes (used) against one batched backward (is_grads_batched).
+
+Every comparison is measured side by side in one run (candidates interleaved round by round), so
+the ratios hold on a noisy shared machine even when absolute times drift. Needs torchjd
+(`pip install -e ".[dev]"`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+MANIPULATION = ["cograd", "gdod", "pcgrad", "mgda", "cagrad", "imtl-g", "aligned-mtl", "gradvac", "nash-mtl"]
+TORCHJD_PAIRS = {  # ours → torchjd aggregator factory
+    "pcgrad": lambda a: a.PCGrad(),
+    "mgda": lambda a: a.MGDA(),
+    "cagrad": lambda a: a.CAGrad(c=0.5),
+    "imtl-g": lambda a: a.IMTLG(),
+    "aligned-mtl": lambda a: a.AlignedMTL(),
+    "gradvac": lambda a: a.GradVac(),
+    "nash-mtl": lambda a: a.NashMTL(n_tasks=0),
+}
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} with {torch.get_num_threads()} thread(s), Python {platform.python_version()}"
+
+
+def interleaved(candidates: dict, rounds: int, warmup: int = 2) -> dict[str, float]:
+    """Median ms of each candidate, timing one call of each in turn per round."""
+    times = {name: [] for name in candidates}
+    for r in range(warmup + rounds):
+        for name, fn in candidates.items():
+            start = time.perf_counter()
+            fn()
+            if r >= warmup:
+                times[name].append((time.perf_counter() - start) * 1000.0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def section_bench(steps: int, threads: int) -> list[str]:
+    lines = ["## 1. `cogradctl bench`: training step ÷ floor (mmoe, batch 2048)", ""]
+    for k in (2, 4):
+        cmd = ["cogradctl", "bench", "--model", "mmoe", "--synthetic", "--num-tasks", str(k), "--batch-size", "2048",
+               "--steps", str(steps), "--methods", ",".join(["ew", *MANIPULATION]), "--device", "cpu", "--json", "--quiet"]
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        doc = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout)
+        lines += [f"K = {k}, {doc['shared_parameters']} shared parameters; floor {doc['floor_ms']:.2f} ms, "
+                  f"plain single-backward step {doc['plain_ms']:.2f} ms. Command: `OMP_NUM_THREADS={threads} {' '.join(cmd[:-2])}`", "",
+                  "| method | step ms | ÷ ew | ÷ floor | target |", "|---|---:|---:|---:|---|"]
+        for name, r in doc["methods"].items():
+            target = "≤ 1.10" if name in ("cograd", "gdod") else ("≤ 1.25" if name != "ew" else "")
+            mark = "" if not target else (" ✓" if r["ratio_to_floor"] <= float(target[2:]) else " ✗")
+            lines.append(f"| {name} | {r['step_ms']:.2f} | {r['ratio_to_ew']:.2f} | {r['ratio_to_floor']:.2f} | {target}{mark} |")
+        m = doc["measure_transference"]
+        lines += ["", f"measure-transference, one batch: {m['batch_ms']:.2f} ms = {m['ratio_to_floor']:.2f} × its floor "
+                      f"(one forward, K backward, K forwards: {m['floor_ms']:.2f} ms).", ""]
+    return lines
+
+
+def section_aggregators(rounds: int) -> list[str]:
+    import torchjd.aggregation as agg
+
+    from cogradctl.methods import get_method
+
+    lines = ["## 2. Aggregation alone against torchjd (P = 1,000,000)", "",
+             "Median ms of one call on the same random K×P float32 matrix (losses all 1), interleaved.", "",
+             "| method | K | cogradctl ms | torchjd ms | cogradctl ÷ torchjd |", "|---|---:|---:|---:|---:|"]
+    gen = torch.Generator().manual_seed(0)
+    for k in (2, 4, 8):
+        g = torch.randn(k, 1_000_000, generator=gen)
+        losses = torch.ones(k)
+        for name, make in TORCHJD_PAIRS.items():
+            ours = get_method(name)
+            theirs = make(agg) if name != "nash-mtl" else agg.NashMTL(n_tasks=k)
+            ours(g, losses)
+            times = interleaved({"ours": lambda: ours(g, losses), "torchjd": lambda: theirs(g)}, rounds)
+            lines.append(f"| {name} | {k} | {times['ours']:.2f} | {times['torchjd']:.2f} | {times['ours'] / times['torchjd']:.2f} |")
+    return lines + [""]
+
+
+def _mmoe(k: int, rows: int = 4096):
+    from cogradctl import data as data_io
+    from cogradctl import models, sample
+
+    tasks = {f"task{i}": (1.0 if i == 0 else 0.5, 0.2) for i in range(k)}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "x.parquet"
+        sample.write(sample.generate(rows, tasks, seed=0), path)
+        schema, _ = data_io.infer_schema(str(path), list(tasks), {t: "binary" for t in tasks})
+        data = data_io.load(str(path), schema)
+    torch.manual_seed(0)
+    net, _ = models.build("mmoe", schema, {})
+    return net, models.split_parameters(net, schema.task_names, "mmoe"), schema, data
+
+
+def section_full_step(rounds: int) -> list[str]:
+    import torchjd.aggregation as agg
+    from torchjd.autojac import jac_to_grad, mtl_backward
+
+    from cogradctl.methods import get_method
+    from cogradctl.taskgrad import TaskGradients, task_losses
+    from cogradctl.train import train_step
+
+    lines = ["## 3. Full training step: CoGrad against torchjd `mtl_backward` + `jac_to_grad(UPGrad)`", "",
+             "Same mmoe, same batch of 2048 rows, Adam with learning rate 0 (identical weights every round). torchjd's "
+             "features are the outputs of the shared modules the task heads read (the input layer and each expert), "
+             "captured with forward hooks; its step then backpropagates the aggregated gradient into the shared parameters.", "",
+             "| K | cogradctl cograd step ms | torchjd UPGrad step ms | cogradctl ÷ torchjd |", "|---:|---:|---:|---:|"]
+    for k in (2, 4):
+        net, split, schema, data = _mmoe(k)
+        inputs, labels = data.batch(slice(0, 2048))
+        opt = torch.optim.Adam(net.parameters(), lr=0.0)
+        method = get_method("cograd")
+        method.setup(k)
+        grads = TaskGradients(net, split, schema)
+        features: list[torch.Tensor] = []
+        hooks = [net.input.register_forward_hook(lambda m, i, o: features.append(o))]
+        hooks += [e.register_forward_hook(lambda m, i, o: features.append(o)) for e in net.experts]
+        upgrad = agg.UPGrad()
+        own = [split.tasks[t] for t in schema.task_names]
+
+        def ours():
+            features.clear()
+            train_step(grads, method, opt, inputs, labels)
+
+        def theirs():
+            features.clear()
+            opt.zero_grad(set_to_none=True)
+            losses = task_losses(net(inputs), labels, schema)
+            # retain_graph: the features overlap (the experts read the input layer), which torchjd
+            # differentiates in separate passes.
+            mtl_backward(list(losses), features=list(features), tasks_params=own, shared_params=split.shared, retain_graph=True)
+            jac_to_grad(split.shared, upgrad)
+            opt.step()
+
+        times = interleaved({"ours": ours, "torchjd": theirs}, rounds)
+        for h in hooks:
+            h.remove()
+        lines.append(f"| {k} | {times['ours']:.2f} | {times['torchjd']:.2f} | {times['ours'] / times['torchjd']:.2f} |")
+    return lines + [""]
+
+
+def section_backward(rounds: int) -> list[str]:
+    from cogradctl.taskgrad import TaskGradients, task_losses
+
+    lines = ["## 4. Per-task gradients: K backward passes against one batched backward", "",
+             "`torch.autograd.grad(losses, shared, grad_outputs=I_K, is_grads_batched=True)` (vmap over the backward) "
+             "against the K passes `TaskGradients` makes, mmoe, batch 2048. The faster one is what the engine uses.", "",
+             "| K | K passes ms | batched ms | batched ÷ passes |", "|---:|---:|---:|---:|"]
+    for k in (2, 4):
+        net, split, schema, data = _mmoe(k)
+        inputs, labels = data.batch(slice(0, 2048))
+        tg = TaskGradients(net, split, schema)
+
+        def batched():
+            losses = task_losses(net(inputs), labels, schema)
+            torch.autograd.grad(losses, split.shared, grad_outputs=torch.eye(k), is_grads_batched=True)
+
+        times = interleaved({"loop": lambda: tg(inputs, labels), "batched": batched}, rounds)
+        lines.append(f"| {k} | {times['loop']:.2f} | {times['batched']:.2f} | {times['batched'] / times['loop']:.2f} |")
+    return lines + [""]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads (default: torch's)")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps/rounds per candidate")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    started = time.time()
+    lines = ["# Benchmarks", "", "Generated by `python benchmarks/speed.py "
+             f"--threads {args.threads} --steps {args.steps}` — do not edit by hand.", "",
+             f"Machine: {machine()}. CPU only: no GPU was available to this run, so there are no GPU rows.", ""]
+    lines += section_bench(args.steps, args.threads)
+    lines += section_aggregators(max(5, args.steps // 2))
+    lines += section_full_step(args.steps)
+    lines += section_backward(args.steps)
+    lines.append(f"Total benchmark time {time.time() - started:.0f} s.")
+    from cogradctl.checkpoint import atomic_write_bytes
+
+    atomic_write_bytes(args.out, ("\n".join(lines) + "\n").encode())
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
