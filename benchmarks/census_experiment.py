@@ -4,12 +4,13 @@
     python benchmarks/census_experiment.py --source ../shared/datasets/census-kdd --out runs/census [--quick]
 
 Steps (each one a ``cogradctl`` subprocess; its exact command and JSON output are kept in
-``OUT/steps/*.json``, and a step whose record exists with the same command is reused, so an
-interrupted run resumes where it stopped):
+``OUT/steps/*.json``; a step whose record has the same command and whose input files are older
+than the record is reused, so an interrupted run resumes where it stopped):
 
 1. ``data prepare census-kdd`` (task group 1: income > 50K, never married);
-2. ``init`` of each model (mmoe, ple) and a small learning-rate search for the base model trained
-   with ``ew``, chosen by the best mean *validation* AUC (the test split is never used to choose);
+2. ``init`` of each model (mmoe, ple) and a small search over (learning rate, batch size, epochs)
+   for the base model trained with ``ew``, chosen by the best mean *validation* AUC (the test split
+   is never used to choose); CoGrad's strength is likewise chosen on validation;
 3. ``evaluate --json`` of the base on the test split and ``measure-transference --json`` (before);
 4. fine-tuning of the base with every method and 3 seeds (``train --json``; ``best.safetensors`` is
    the best mean validation AUC, the starting point included), ``evaluate`` on test, and
@@ -40,8 +41,9 @@ TARGETS = {"income": 0.950, "marital": 0.9948}
 
 FULL = {
     "models": ["mmoe", "ple"],
-    "base_epochs": {"mmoe": 20, "ple": 12},
-    "base_lrs": [1e-3, 2e-3],
+    # Base candidates per model: (Adam lr, batch size, epochs); the best mean validation AUC wins.
+    "base": {"mmoe": [(1e-3, 1024, 20), (2e-3, 1024, 20), (1e-3, 512, 12), (2e-3, 512, 12)],
+             "ple": [(1e-3, 1024, 12), (2e-3, 1024, 12)]},
     "batch_size": 1024,
     "ft_epochs": 2,
     "ft_steps": None,
@@ -49,14 +51,13 @@ FULL = {
     "seeds": [0, 1, 2],
     "methods": ["ew", "cograd", "gdod", "pcgrad", "mgda", "cagrad", "nash-mtl", "uw"],
     "ple_methods": ["ew", "cograd", "gdod"],
-    "cograd_gammas": [0.03, 0.1, 0.3, 1.0],
+    "cograd_gammas": [0.03, 0.1, 0.3, 1.0],  # with normalize=relative: the correction's size relative to the task gradient
     "measure_batches": 10,
 }
 QUICK = {
     **FULL,
     "models": ["mmoe"],
-    "base_epochs": {"mmoe": 1},
-    "base_lrs": [2e-3],
+    "base": {"mmoe": [(2e-3, 1024, 1)]},
     "ft_steps": 15,
     "methods": ["ew", "cograd", "gdod"],
     "ple_methods": [],
@@ -65,7 +66,7 @@ QUICK = {
 }
 # Explicit method options, recorded in the results (CoGrad's default strength may change).
 # cograd's gamma is chosen per model from cfg["cograd_gammas"] on the validation split (seed 0).
-METHOD_OPTIONS = {"cograd": ["-o", "hessian=diag", "-o", "normalize=true"]}
+METHOD_OPTIONS = {"cograd": ["-o", "hessian=diag", "-o", "normalize=relative"]}
 
 
 class Runner:
@@ -86,9 +87,12 @@ class Runner:
         command = [*self.cogradctl, *map(str, args)]
         text = shlex.join(["cogradctl", *map(str, args)])
         path = self.steps / f"{key}.json"
+        inputs = [Path(str(v)) for flag, v in zip(args, args[1:]) if flag in ("--checkpoint", "--data", "--valid", "--source")]
         if path.exists():
             record = json.loads(path.read_text())
-            if record.get("command") == text:
+            began = record.get("started", 0.0)
+            fresh = all(p.exists() and (p.is_dir() or p.stat().st_mtime < began) for p in inputs)
+            if record.get("command") == text and fresh:
                 record["reused"] = True
                 self.records.append(record)
                 return record["result"]
@@ -100,7 +104,7 @@ class Runner:
             sys.stderr.write(proc.stderr)
             raise SystemExit(f"step {key} failed with exit code {proc.returncode}: {text}")
         result = json.loads(proc.stdout)
-        record = {"key": key, "command": text, "seconds": round(seconds, 2), "result": result, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        record = {"key": key, "command": text, "seconds": round(seconds, 2), "result": result, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "started": started}
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(record, indent=1))
         os.replace(tmp, path)
@@ -135,20 +139,23 @@ def experiment(args, cfg: dict, checkpoint=lambda report: None) -> dict:
         init = mdir / "init.safetensors"
         run(f"{model}-init", ["init", "--model", model, "--data", train, "--tasks", ",".join(TASKS), "--out", init, "--seed", "0", "--overwrite", "--json"])
         # Learning-rate search for the base, judged on validation only.
+        def tag(c):
+            return f"lr{c[0]:g}-b{c[1]}-e{c[2]}"
+
         futures = {
-            lr: pool.submit(run, f"{model}-base-lr{lr:g}", ["train", "--checkpoint", init, "--data", train, "--valid", valid, "--method", "ew",
-                                                            "--epochs", cfg["base_epochs"][model], "--batch-size", bs, "--lr", lr, "--seed", "0",
-                                                            "--out", mdir / f"base-lr{lr:g}", "--overwrite", "--quiet", "--json"])
-            for lr in cfg["base_lrs"]
+            c: pool.submit(run, f"{model}-base-{tag(c)}", ["train", "--checkpoint", init, "--data", train, "--valid", valid, "--method", "ew",
+                                                           "--epochs", c[2], "--batch-size", c[1], "--lr", c[0], "--seed", "0",
+                                                           "--out", mdir / f"base-{tag(c)}", "--overwrite", "--quiet", "--json"])
+            for c in map(tuple, cfg["base"][model])
         }
-        search = {lr: f.result() for lr, f in futures.items()}
-        best_lr = max(search, key=lambda lr: search[lr]["best"]["auc"])
-        base = mdir / f"base-lr{best_lr:g}" / "best.safetensors"
+        search = {c: f.result() for c, f in futures.items()}
+        best_c = max(search, key=lambda c: search[c]["best"]["auc"])
+        base = mdir / f"base-{tag(best_c)}" / "best.safetensors"
         base_test = run(f"{model}-base-test", ["evaluate", "--checkpoint", base, "--data", test, "--json", "--quiet"])
         base_tr = run(f"{model}-base-transference", ["measure-transference", "--checkpoint", base, "--data", valid,
                                                        "--batches", cfg["measure_batches"], "--seed", "0", "--json", "--quiet"])
-        m = {"base_lr": best_lr, "search": {f"{lr:g}": {"best_valid_mean_auc": r["best"]["auc"], "best_step": r["best"]["step"],
-                                                           "seconds": r["seconds"], "epochs": r["epochs"]} for lr, r in search.items()},
+        m = {"base_choice": tag(best_c), "search": {tag(c): {"lr": c[0], "batch_size": c[1], "best_valid_mean_auc": r["best"]["auc"], "best_step": r["best"]["step"],
+                                                            "seconds": r["seconds"], "epochs": r["epochs"]} for c, r in search.items()},
              "base": {"test": aucs(base_test), "transference": base_tr, "checkpoint": str(base)}, "methods": {}}
         length = ["--max-steps", cfg["ft_steps"]] if cfg["ft_steps"] else ["--epochs", cfg["ft_epochs"]]
 
@@ -260,8 +267,9 @@ def write_results(report: dict, path: Path, args, quick: bool) -> None:
           f"- Data: `cogradctl data prepare census-kdd --group 1`: train {report['prepare']['splits']['train']['rows']} rows (UCI training file), "
           f"valid {report['prepare']['splits']['valid']['rows']} / test {report['prepare']['splits']['test']['rows']} rows (the UCI test file halved, seed {report['prepare']['seed']}). "
           f"Tasks: income > 50K (`income`), never married (`marital`). Dropped columns: {', '.join(report['prepare']['dropped_columns'])}; every other column is a feature.",
-          f"- Base: `init` (seed 0), then `train --method ew` for {', '.join(f'{k} {v}' for k, v in cfg['base_epochs'].items())} epoch(s), batch {cfg['batch_size']}, Adam lr ∈ {{{', '.join(f'{x:g}' for x in cfg['base_lrs'])}}}; "
-          "the lr with the best mean validation AUC is kept, and its `best.safetensors` (best epoch by mean validation AUC) is the base.",
+          "- Base: `init` (seed 0), then `train --method ew` with each candidate (Adam lr, batch size, epochs): "
+          + "; ".join(f"{k}: " + ", ".join(f"({c[0]:g}, {c[1]}, {c[2]})" for c in v) for k, v in cfg["base"].items())
+          + ". The candidate with the best mean validation AUC is kept, and its `best.safetensors` (best epoch by mean validation AUC) is the base.",
           f"- Fine-tuning: from the base, each method for {ft_length}, batch {cfg['batch_size']}, Adam lr {cfg['ft_lr']:g}, seeds {', '.join(map(str, cfg['seeds']))} "
           "(the seed sets the batch order and any randomness of the method). Test AUC of `best.safetensors` (best mean validation AUC, the starting point included) "
           "and the mean validation AUC at the last step (for reference; best step 0 means no step beat the base on validation and the base itself is scored).",
@@ -270,11 +278,11 @@ def write_results(report: dict, path: Path, args, quick: bool) -> None:
           f"- Transference: `measure-transference --batches {cfg['measure_batches']} --seed 0` on the validation split, before (the base) and after (seed-{cfg['seeds'][0]} `last.safetensors` of each method).", ""]
     for model, m in report["models"].items():
         L += [f"## {model}", "", "### Base model (`ew`)", ""]
-        L += ["| lr | best mean valid AUC | best step | epochs | train seconds |", "|---|---|---|---|---|"]
-        for lr, s in m["search"].items():
-            L.append(f"| {lr}{' (kept)' if float(lr) == m['base_lr'] else ''} | {fmt(s['best_valid_mean_auc'])} | {s['best_step']} | {s['epochs']} | {s['seconds']:.0f} |")
+        L += ["| candidate | best mean valid AUC | best step | epochs | train seconds |", "|---|---|---|---|---|"]
+        for name, s in m["search"].items():
+            L.append(f"| {name}{' (kept)' if name == m['base_choice'] else ''} | {s['best_valid_mean_auc']:.5f} | {s['best_step']} | {s['epochs']} | {s['seconds']:.0f} |")
         bt = m["base"]["test"]
-        L += ["", f"Test AUC of the base: **income {fmt(bt['income'])}**, **marital {fmt(bt['marital'])}** "
+        L += ["", f"Test AUC of the base: **income {bt['income']:.5f}**, **marital {bt['marital']:.5f}** "
               f"(targets {TARGETS['income']} / {TARGETS['marital']}: "
               + ("met" if bt["income"] >= TARGETS["income"] and bt["marital"] >= TARGETS["marital"] else "NOT met") + ").", ""]
         if "cograd_sweep" in m:
