@@ -177,6 +177,7 @@ class Dataset:
     labels: torch.Tensor  # N×K float32
     sources: list[tuple[str, int, int]] = field(default_factory=list)  # (file, first row, end row) in N
     oov: dict[str, int] = field(default_factory=dict)  # unseen categorical values per column
+    offsets: list[int] = field(default_factory=list)  # row in its file of each source's first row (default 0)
 
     def __len__(self) -> int:
         return self.labels.shape[0]
@@ -188,10 +189,11 @@ class Dataset:
     def describe(self, start: int, stop: int) -> list[dict]:
         """Which files and row ranges rows [start, stop) of this dataset come from."""
         out = []
-        for name, lo, hi in self.sources:
+        for k, (name, lo, hi) in enumerate(self.sources):
             a, b = max(lo, start), min(hi, stop)
+            first = self.offsets[k] if k < len(self.offsets) else 0
             if a < b:
-                out.append({"file": name, "rows": [a - lo, b - lo]})
+                out.append({"file": name, "rows": [a - lo + first, b - lo + first]})
         return out
 
 
