@@ -42,7 +42,9 @@ TARGETS = {"income": 0.950, "marital": 0.9948}
 FULL = {
     "models": ["mmoe", "ple"],
     # Base candidates per model: (Adam lr, batch size, epochs); the best mean validation AUC wins.
-    "base": {"mmoe": [(1e-3, 1024, 20), (2e-3, 1024, 20), (1e-3, 512, 12), (2e-3, 512, 12)],
+    # An optional fourth item is model options for init (--config KEY=VALUE).
+    "base": {"mmoe": [(1e-3, 1024, 20), (2e-3, 1024, 20), (1e-3, 512, 12), (2e-3, 512, 12),
+                      (2e-3, 512, 12, {"embedding_dim": 16}), (2e-3, 512, 12, {"expert": [128]})],
              "ple": [(1e-3, 1024, 12), (2e-3, 1024, 12)]},
     "batch_size": 1024,
     "ft_epochs": 2,
@@ -136,26 +138,39 @@ def experiment(args, cfg: dict, checkpoint=lambda report: None) -> dict:
     for model in cfg["models"]:
         mdir = out / model
         methods = cfg["methods"] if model == "mmoe" else cfg["ple_methods"]
-        init = mdir / "init.safetensors"
-        run(f"{model}-init", ["init", "--model", model, "--data", train, "--tasks", ",".join(TASKS), "--out", init, "--seed", "0", "--overwrite", "--json"])
-        # Learning-rate search for the base, judged on validation only.
-        def tag(c):
-            return f"lr{c[0]:g}-b{c[1]}-e{c[2]}"
+        inits = {}
 
+        def ctag(c) -> str:
+            return "-".join(f"{k}{json.dumps(v, separators=(',', ':'))}" for k, v in (c[3] if len(c) > 3 else {}).items())
+
+        def init_for(c) -> Path:
+            name = ctag(c)
+            if name not in inits:
+                path = mdir / (f"init-{name}.safetensors" if name else "init.safetensors")
+                options = [x for k, v in (c[3] if len(c) > 3 else {}).items() for x in ("--config", f"{k}={json.dumps(v, separators=(',', ':'))}")]
+                run(f"{model}-init" + (f"-{name}" if name else ""), ["init", "--model", model, "--data", train, "--tasks", ",".join(TASKS),
+                                                                     *options, "--out", path, "--seed", "0", "--overwrite", "--json"])
+                inits[name] = path
+            return inits[name]
+
+        def tag(c):
+            return f"lr{c[0]:g}-b{c[1]}-e{c[2]}" + (f"-{ctag(c)}" if ctag(c) else "")
+
+        candidates = {tag(c): c for c in cfg["base"][model]}
         futures = {
-            c: pool.submit(run, f"{model}-base-{tag(c)}", ["train", "--checkpoint", init, "--data", train, "--valid", valid, "--method", "ew",
+            tag(c): pool.submit(run, f"{model}-base-{tag(c)}", ["train", "--checkpoint", init_for(c), "--data", train, "--valid", valid, "--method", "ew",
                                                            "--epochs", c[2], "--batch-size", c[1], "--lr", c[0], "--seed", "0",
                                                            "--out", mdir / f"base-{tag(c)}", "--overwrite", "--quiet", "--json"])
-            for c in map(tuple, cfg["base"][model])
+            for c in cfg["base"][model]
         }
-        search = {c: f.result() for c, f in futures.items()}
-        best_c = max(search, key=lambda c: search[c]["best"]["auc"])
-        base = mdir / f"base-{tag(best_c)}" / "best.safetensors"
+        search = {t: f.result() for t, f in futures.items()}
+        best_t = max(search, key=lambda t: search[t]["best"]["auc"])
+        base = mdir / f"base-{best_t}" / "best.safetensors"
         base_test = run(f"{model}-base-test", ["evaluate", "--checkpoint", base, "--data", test, "--json", "--quiet"])
         base_tr = run(f"{model}-base-transference", ["measure-transference", "--checkpoint", base, "--data", valid,
                                                        "--batches", cfg["measure_batches"], "--seed", "0", "--json", "--quiet"])
-        m = {"base_choice": tag(best_c), "search": {tag(c): {"lr": c[0], "batch_size": c[1], "best_valid_mean_auc": r["best"]["auc"], "best_step": r["best"]["step"],
-                                                            "seconds": r["seconds"], "epochs": r["epochs"]} for c, r in search.items()},
+        m = {"base_choice": best_t, "search": {t: {"lr": candidates[t][0], "batch_size": candidates[t][1], "best_valid_mean_auc": r["best"]["auc"], "best_step": r["best"]["step"],
+                                                            "seconds": r["seconds"], "epochs": r["epochs"]} for t, r in search.items()},
              "base": {"test": aucs(base_test), "transference": base_tr, "checkpoint": str(base)}, "methods": {}}
         length = ["--max-steps", cfg["ft_steps"]] if cfg["ft_steps"] else ["--epochs", cfg["ft_epochs"]]
 
@@ -268,7 +283,7 @@ def write_results(report: dict, path: Path, args, quick: bool) -> None:
           f"valid {report['prepare']['splits']['valid']['rows']} / test {report['prepare']['splits']['test']['rows']} rows (the UCI test file halved, seed {report['prepare']['seed']}). "
           f"Tasks: income > 50K (`income`), never married (`marital`). Dropped columns: {', '.join(report['prepare']['dropped_columns'])}; every other column is a feature.",
           "- Base: `init` (seed 0), then `train --method ew` with each candidate (Adam lr, batch size, epochs): "
-          + "; ".join(f"{k}: " + ", ".join(f"({c[0]:g}, {c[1]}, {c[2]})" for c in v) for k, v in cfg["base"].items())
+          + "; ".join(f"{k}: " + ", ".join(f"({c[0]:g}, {c[1]}, {c[2]}" + (f", {json.dumps(c[3])}" if len(c) > 3 else "") + ")" for c in v) for k, v in cfg["base"].items())
           + ". The candidate with the best mean validation AUC is kept, and its `best.safetensors` (best epoch by mean validation AUC) is the base.",
           f"- Fine-tuning: from the base, each method for {ft_length}, batch {cfg['batch_size']}, Adam lr {cfg['ft_lr']:g}, seeds {', '.join(map(str, cfg['seeds']))} "
           "(the seed sets the batch order and any randomness of the method). Test AUC of `best.safetensors` (best mean validation AUC, the starting point included) "
