@@ -51,6 +51,10 @@ PluginPath = Annotated[
     Optional[list[Path]],
     typer.Option("--plugin-path", help="Folder of plugin .py files (repeatable; also COGRADCTL_PLUGIN_PATH).", show_default=False),
 ]
+OnInvalid = Annotated[
+    str,
+    typer.Option("--on-invalid-rows", help="Rows with NaN/infinite features or labels, or null labels: error (exit 2, with a count) or drop (skip them, log the count)."),
+]
 
 
 def _paths(plugin_path: list[Path] | None) -> list[str]:
@@ -301,6 +305,7 @@ def evaluate_cmd(
     checkpoint: Annotated[Path, typer.Option(help="Checkpoint to evaluate.")],
     data: Annotated[str, typer.Option(help="Parquet file, directory or glob with the label columns.")],
     batch_size: Annotated[int, typer.Option(help="Rows per forward pass.")] = 8192,
+    on_invalid_rows: OnInvalid = "error",
     device: Device = "auto",
     plugin_path: PluginPath = None,
     json_out: Json = False,
@@ -315,8 +320,10 @@ def evaluate_cmd(
         raise UsageError("--batch-size must be positive")
     dev = resolve_device(device)
     ckpt, model, _ = from_checkpoint(checkpoint, _paths(plugin_path), dev)
-    dataset = _load_data(data, ckpt.schema, Log(quiet))
-    result = evaluate(model, dataset, ckpt.schema, batch_size, dev)
+    log = Log(quiet)
+    stream = _open_data(data, ckpt.schema, log, on_invalid_rows)
+    result = evaluate(model, stream, ckpt.schema, batch_size, dev)  # streamed in order, never materialised
+    _report_data(stream, log)
     if json_out:
         emit_json(result)
         return
@@ -339,6 +346,24 @@ def _load_data(spec: str, schema, log: Log):
     return dataset
 
 
+def _open_data(spec: str, schema, log: Log, on_invalid: str = "error", shuffle_buffer: int = 65536):
+    """A ParquetStream over ``spec`` (files validated from their footers; nothing read yet)."""
+    from cogradctl.stream import ParquetStream
+
+    return ParquetStream(spec, schema, on_invalid=on_invalid, shuffle_buffer=shuffle_buffer)
+
+
+def _report_data(stream, log: Log) -> None:
+    """Log what reading the stream dropped (--on-invalid-rows drop) and mapped to the OOV bucket."""
+    dropped = stream.stats.get("rows_dropped", 0)
+    if dropped:
+        log.warn(f"{stream.spec}: dropped {dropped} invalid row(s) (NaN/infinite values or null labels; --on-invalid-rows drop)")
+    unseen = {c: n for c, n in stream.stats.get("oov", {}).items() if n}
+    if unseen:
+        listed = ", ".join(f"{c}: {n}" for c, n in sorted(unseen.items()))
+        log.warn(f"{stream.spec}: categorical values not seen at init were mapped to the OOV bucket ({listed})")
+
+
 # ---------------------------------------------------------------------------- measure-transference
 
 
@@ -359,6 +384,7 @@ def measure_cmd(
     max_regression: Annotated[Optional[float], typer.Option(help="Gate (needs --baseline): exit 3 if any pair's Z_rel fell by more than this.")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="Write heatmaps to this PNG (needs: pip install \"cogradctl[plot]\").")] = None,
     raw: Annotated[Optional[Path], typer.Option(help="Write every per-batch quantity to this Parquet file (one row per batch × ordered pair).")] = None,
+    on_invalid_rows: OnInvalid = "error",
     device: Device = "auto",
     seed: Seed = 0,
     plugin_path: PluginPath = None,
@@ -403,9 +429,11 @@ def measure_cmd(
             alpha = trained_lr if lookahead_lr is None else lookahead_lr
         elif alpha is None:
             alpha = tr.DEFAULT_LOOKAHEAD_LR
-        dataset = _load_data(data, ck.schema, log)
+        stream = _open_data(data, ck.schema, log, on_invalid_rows)  # only the picked row ranges are read
         groups = tr.shared_groups(net, sp, ck.model) if by_module else None
-        return tr.measure_full(net, sp, ck.schema, dataset, batches, batch_size, alpha, seed, dev, precond, groups, holdout, normalize_rows, lookahead)
+        out = tr.measure_full(net, sp, ck.schema, stream, batches, batch_size, alpha, seed, dev, precond, groups, holdout, normalize_rows, lookahead)
+        _report_data(stream, log)
+        return out
 
     log.info(f"measuring {checkpoint}")
     result, per_batch = run(ckpt, model, split, checkpoint)
@@ -714,6 +742,7 @@ def bench_cmd(
     batch_size: Annotated[int, typer.Option(help="Rows per step.")] = 2048,
     steps: Annotated[int, typer.Option(help="Timed steps per method.")] = 20,
     warmup: Annotated[int, typer.Option(help="Untimed steps first.")] = 3,
+    on_invalid_rows: OnInvalid = "error",
     device: Device = "auto",
     seed: Seed = 0,
     plugin_path: PluginPath = None,
@@ -747,7 +776,9 @@ def bench_cmd(
     if checkpoint is not None and data is not None and model is None and not synthetic:
         ckpt, net, _ = models.from_checkpoint(checkpoint, _paths(plugin_path), dev)
         schema, plugin = ckpt.schema, ckpt.model
-        dataset = _load_data(data, schema, log)
+        stream = _open_data(data, schema, log, on_invalid_rows)
+        dataset = stream.rows([(0, min(stream.num_rows, 8 * batch_size))])  # bench times at most 8 batches
+        _report_data(stream, log)
     elif model is not None and synthetic and checkpoint is None and data is None:
         if not 1 <= num_tasks <= 9:
             raise UsageError("--num-tasks must be between 1 and 9")

@@ -1,4 +1,8 @@
-"""Predict and score a model on a dataset: AUC and logloss for binary tasks, MSE and MAE for regression."""
+"""Predict and score a model on a dataset: AUC and logloss for binary tasks, MSE and MAE for regression.
+
+``data`` is an in-memory :class:`Dataset` or a :class:`cogradctl.stream.ParquetStream`, which is
+read in order, one batch at a time (only the N×K predictions and labels are kept, for exact AUC).
+"""
 
 from __future__ import annotations
 
@@ -12,26 +16,46 @@ from cogradctl.data import Dataset
 from cogradctl.schema import Schema
 
 
+def _batches(data, batch_size: int, device):
+    if isinstance(data, Dataset):
+        for start in range(0, len(data), batch_size):
+            yield data.batch(slice(start, start + batch_size), device)
+    else:
+        yield from data.batches(batch_size, shuffle=False, device=device)
+
+
 @torch.no_grad()
-def predict(model: torch.nn.Module, data: Dataset, schema: Schema, batch_size: int = 8192, device: torch.device | str = "cpu") -> np.ndarray:
-    """N×K predictions: probabilities for binary tasks, values for regression tasks."""
+def predict_with_labels(model: torch.nn.Module, data, schema: Schema, batch_size: int = 8192,
+                        device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """(N×K predictions: probabilities for binary tasks, values for regression; N×K labels)."""
     was_training = model.training
     model.eval()
-    out = np.empty((len(data), len(schema.tasks)), dtype=np.float64)
-    for start in range(0, len(data), batch_size):
-        inputs, _ = data.batch(slice(start, start + batch_size), device)
-        outputs = model(inputs)
-        for k, task in enumerate(schema.tasks):
-            y = outputs[task.name].float()
-            out[start : start + batch_size, k] = (torch.sigmoid(y) if task.type == "binary" else y).cpu().numpy()
-    model.train(was_training)
-    return out
+    preds, labels = [], []
+    try:
+        for inputs, y_true in _batches(data, batch_size, device):
+            outputs = model(inputs)
+            block = np.empty((len(y_true), len(schema.tasks)), dtype=np.float64)
+            for k, task in enumerate(schema.tasks):
+                y = outputs[task.name].float()
+                block[:, k] = (torch.sigmoid(y) if task.type == "binary" else y).cpu().numpy()
+            preds.append(block)
+            labels.append(y_true.cpu().numpy())
+    finally:
+        model.train(was_training)
+    k = len(schema.tasks)
+    if not preds:
+        return np.empty((0, k)), np.empty((0, k), dtype=np.float32)
+    return np.concatenate(preds), np.concatenate(labels)
 
 
-def evaluate(model: torch.nn.Module, data: Dataset, schema: Schema, batch_size: int = 8192, device: torch.device | str = "cpu") -> dict:
+def predict(model: torch.nn.Module, data, schema: Schema, batch_size: int = 8192, device: torch.device | str = "cpu") -> np.ndarray:
+    """N×K predictions: probabilities for binary tasks, values for regression tasks."""
+    return predict_with_labels(model, data, schema, batch_size, device)[0]
+
+
+def evaluate(model: torch.nn.Module, data, schema: Schema, batch_size: int = 8192, device: torch.device | str = "cpu") -> dict:
     """``{"rows": N, "tasks": {task: {"auc": …, "logloss": …} | {"mse": …, "mae": …}}}`` (AUC None if one class)."""
-    preds = predict(model, data, schema, batch_size, device)
-    labels = data.labels.numpy()
+    preds, labels = predict_with_labels(model, data, schema, batch_size, device)
     tasks = {}
     for k, task in enumerate(schema.tasks):
         if task.type == "binary":
@@ -39,7 +63,7 @@ def evaluate(model: torch.nn.Module, data: Dataset, schema: Schema, batch_size: 
             tasks[task.name] = {"auc": None if math.isnan(a) else a, "logloss": metrics.logloss(labels[:, k], preds[:, k])}
         else:
             tasks[task.name] = {"mse": metrics.mse(labels[:, k], preds[:, k]), "mae": metrics.mae(labels[:, k], preds[:, k])}
-    return {"rows": len(data), "tasks": tasks}
+    return {"rows": len(labels), "tasks": tasks}
 
 
 def mean_auc(result: dict) -> float | None:

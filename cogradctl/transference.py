@@ -256,7 +256,7 @@ def measure_per_batch(
     model: torch.nn.Module,
     split: ParamSplit,
     schema: Schema,
-    data: Dataset,
+    data,  # a Dataset, or a ParquetStream (only the picked row ranges are read)
     batches: int = 10,
     batch_size: int = 1024,
     lookahead_lr: float = DEFAULT_LOOKAHEAD_LR,
@@ -275,11 +275,19 @@ def measure_per_batch(
     if holdout and len(ranges) < 2:
         raise UsageError(f"--holdout needs at least two batches of --batch-size {batch_size} rows; the data has {len(data)} rows")
     pairs = list(zip(ranges[:-1], ranges[1:])) if holdout else [(r, None) for r in ranges]
+    if isinstance(data, Dataset):
+        def batch(rows):
+            return data.batch(slice(*rows), device)
+    else:  # a ParquetStream: read only the picked row ranges
+        picked = {r: data.rows([r]) for r in ranges}
+
+        def batch(rows):
+            return picked[tuple(rows)].batch(slice(None), device)
     results, measured = [], []
     try:
         for (start, stop), ev in pairs:
-            inputs, labels = data.batch(slice(start, stop), device)
-            eval_batch = data.batch(slice(*ev), device) if ev else None
+            inputs, labels = batch((start, stop))
+            eval_batch = batch(ev) if ev else None
             results.append(measure_batch(model, split, schema, grads, inputs, labels, lookahead_lr, precond, group_list, eval_batch))
             entry = {"rows": [start, stop], "sources": data.describe(start, stop)}
             if ev:
