@@ -1,6 +1,7 @@
 """Parquet in, model-ready tensors out.
 
-``--data`` is a file, a directory (every ``*.parquet`` below it) or a glob. Each file is read and
+``--data`` is a file, a directory (every ``*.parquet`` below it) or a glob (matched directories,
+e.g. hive partitions ``events/date=2026-11-*``, contribute every ``*.parquet`` below them). Each file is read and
 validated on its own, so an error names the file and the column. A batch handed to a model is a
 dict: ``"dense"`` float32 B×D (standardised), ``"categorical"`` int64 B×C (index 0 = missing/OOV),
 in the schema's feature order; labels are a float32 B×K matrix in the schema's task order.
@@ -30,7 +31,14 @@ def resolve(spec: str) -> list[Path]:
     """The Parquet files ``spec`` names, sorted; a clear error when there are none."""
     path = Path(spec)
     if any(ch in spec for ch in "*?["):
-        files = sorted(Path(p) for p in globlib.glob(spec, recursive=True) if Path(p).is_file())
+        # a pattern may match directories too (hive partitions: 'events/date=2026-11-*'): their *.parquet
+        files = set()
+        for p in map(Path, globlib.glob(spec, recursive=True)):
+            if p.is_dir():
+                files.update(q for q in p.rglob("*.parquet") if q.is_file())
+            elif p.is_file():
+                files.add(p)
+        files = sorted(files)
         if not files:
             raise DataError(f"{spec}: the pattern matches no files")
         return files

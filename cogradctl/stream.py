@@ -566,7 +566,7 @@ class _Encoder:
             if m is not None:
                 bad[name] = m
             x = (raw - mean) / std
-            np.nan_to_num(x, copy=False, nan=0.0)
+            np.nan_to_num(x, copy=False, nan=0.0, posinf=0.0, neginf=0.0)  # inf only in rows that get dropped
             dense[:, k] = x
         labels, lbad = self._labels(table, where)
         bad.update(lbad)

@@ -1,0 +1,138 @@
+"""ParquetStream: same encoding as data.load, deterministic shuffle, exact resume, hive partitions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from cogradctl import data, sample
+from cogradctl.errors import DataError, UsageError
+from cogradctl.stream import ParquetStream
+
+TASKS = ["click", "like", "share"]
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    """Three files of 700, 0 and 1100 rows in small row groups (a directory), and the schema."""
+    root = tmp_path_factory.mktemp("parts")
+    pq.write_table(sample.generate(700, seed=5), root / "a.parquet", row_group_size=256)
+    pq.write_table(sample.generate(0, seed=6), root / "b.parquet")
+    pq.write_table(sample.generate(1100, seed=7), root / "c.parquet", row_group_size=300)
+    schema, _ = data.infer_schema(str(root), TASKS, {t: "binary" for t in TASKS})
+    return root, schema
+
+
+def cat(batches):
+    return (torch.cat([b[0]["dense"] for b in batches]), torch.cat([b[0]["categorical"] for b in batches]),
+            torch.cat([b[1] for b in batches]))
+
+
+def same(a, b):
+    return len(a) == len(b) and all(
+        torch.equal(x[0]["dense"], y[0]["dense"]) and torch.equal(x[0]["categorical"], y[0]["categorical"]) and torch.equal(x[1], y[1])
+        for x, y in zip(a, b)
+    )
+
+
+def test_in_order_stream_equals_load(parts):
+    root, schema = parts
+    ds = data.load(str(root), schema)
+    s = ParquetStream(str(root), schema)
+    assert s.num_rows == len(ds) == 1800
+    batches = list(s.batches(512, shuffle=False))
+    assert [len(b[1]) for b in batches] == [512, 512, 512, 264]
+    d, c, y = cat(batches)
+    assert torch.equal(d, ds.dense) and torch.equal(c, ds.categorical) and torch.equal(y, ds.labels)
+    assert batches[0][0]["dense"].dtype == torch.float32 and batches[0][0]["categorical"].dtype == torch.int64
+
+
+@pytest.mark.parametrize("buffer", [0, 100, 5000])
+def test_shuffle_is_a_deterministic_permutation(parts, buffer):
+    root, schema = parts
+    ds = data.load(str(root), schema)
+    s = ParquetStream(str(root), schema, shuffle_buffer=buffer)
+    a = list(s.batches(128, shuffle=True, seed=1, epoch=0))
+    assert same(a, list(ParquetStream(str(root), schema, shuffle_buffer=buffer).batches(128, shuffle=True, seed=1, epoch=0)))
+    d, _, y = cat(a)
+    key = lambda m: sorted(map(tuple, m.tolist()))  # noqa: E731
+    assert key(torch.cat([d, y], 1)) == key(torch.cat([ds.dense, ds.labels], 1))
+    assert not torch.equal(d, ds.dense)
+    assert not same(a, list(s.batches(128, shuffle=True, seed=1, epoch=1)))
+    assert not same(a, list(s.batches(128, shuffle=True, seed=2, epoch=0)))
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+@pytest.mark.parametrize("on_invalid", ["error", "drop"])
+def test_start_batch_resumes_exactly(parts, shuffle, on_invalid):
+    root, schema = parts
+    s = ParquetStream(str(root), schema, shuffle_buffer=400, on_invalid=on_invalid)
+    full = list(s.batches(97, shuffle=shuffle, seed=4, epoch=3))
+    assert len(full) == 19
+    for start in (1, 3, 6, 17, 18, 19, 25):
+        assert same(full[start:], list(s.batches(97, shuffle=shuffle, seed=4, epoch=3, start_batch=start))), start
+
+
+def test_start_batch_does_not_encode_skipped_rows(parts, monkeypatch):
+    root, schema = parts
+    s = ParquetStream(str(root), schema, shuffle_buffer=200)
+    list(s.batches(100, shuffle=True, start_batch=0))
+    full_reads = s.stats["rows_read"]
+    s.stats["rows_read"] = 0
+    list(s.batches(100, shuffle=True, start_batch=15))
+    assert s.stats["rows_read"] < full_reads / 2
+
+
+def test_rows_and_describe(parts):
+    root, schema = parts
+    ds = data.load(str(root), schema)
+    s = ParquetStream(str(root), schema)
+    sub = s.rows([(650, 760), (1790, 1800)])
+    assert len(sub) == 120
+    assert torch.equal(sub.dense[:110], ds.dense[650:760]) and torch.equal(sub.labels[110:], ds.labels[1790:])
+    assert s.describe(650, 760) == ds.describe(650, 760)
+    assert sub.describe(0, 110) == ds.describe(650, 760)
+    assert sub.describe(110, 120) == [{"file": str(root / "c.parquet"), "rows": [1090, 1100]}]
+
+
+def test_hive_partitions_and_directory_globs(tmp_path):
+    for day, seed in (("2026-11-01", 1), ("2026-11-02", 2), ("2026-12-01", 3)):
+        d = tmp_path / "events" / f"date={day}" / "hour=7"
+        d.mkdir(parents=True)
+        pq.write_table(sample.generate(50, seed=seed).drop_columns(["device"]), d / "part-0.parquet")
+    # 'hour' is a partition key, not a column; use it as a categorical feature
+    table = sample.generate(50, seed=1).drop_columns(["device"]).append_column("hour", pa.array([7] * 50))
+    pq.write_table(table, tmp_path / "like.parquet")
+    schema, _ = data.infer_schema(str(tmp_path / "like.parquet"), TASKS, {t: "binary" for t in TASKS})
+    s = ParquetStream(f"{tmp_path}/events/date=2026-11-*", schema)
+    assert s.num_rows == 100 and len(s.files) == 2
+    _, c, _ = cat(list(s.batches(64, shuffle=False)))
+    hour = [f.name for f in schema.categorical].index("hour")
+    assert (c[:, hour] == 1).all()  # 7 is in the vocabulary: index 1
+
+
+def test_drop_invalid_rows_counts_them(tmp_path, parts):
+    _, schema = parts
+    table = sample.generate(300, seed=9)
+    f0 = table.column("f0").to_numpy().copy()
+    f0[[3, 200]] = [np.nan, np.inf]
+    like = table.column("like").to_pylist()
+    like[10] = None
+    table = table.set_column(0, "f0", pa.array(f0)).set_column(table.schema.get_field_index("like"), "like", pa.array(like, pa.int8()))
+    pq.write_table(table, tmp_path / "bad.parquet")
+    with pytest.raises(DataError, match=r"bad.parquet \(row group 0\): 3 row\(s\).*'f0' 2.*'like' 1.*--on-invalid-rows drop"):
+        list(ParquetStream(str(tmp_path / "bad.parquet"), schema).batches(64, shuffle=False))
+    s = ParquetStream(str(tmp_path / "bad.parquet"), schema, on_invalid="drop")
+    _, _, y = cat(list(s.batches(64, shuffle=False)))
+    assert len(y) == 297 and s.stats["rows_dropped"] == 3
+
+
+def test_bad_arguments(parts):
+    root, schema = parts
+    with pytest.raises(UsageError, match="--on-invalid-rows"):
+        ParquetStream(str(root), schema, on_invalid="ignore")
+    with pytest.raises(UsageError, match="--shuffle-buffer"):
+        ParquetStream(str(root), schema, shuffle_buffer=-1)
