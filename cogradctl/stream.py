@@ -341,6 +341,8 @@ class ParquetStream:
                 sources.append((str(f.path), n, n + m))
                 offsets.append(u.start - f.start + lo)
                 n += m
+        if not n and any(a < b for a, b in ranges):
+            raise DataError(f"{self.spec}: no rows left after dropping {self.stats['rows_dropped']} invalid row(s)")
         if not parts:
             dense, cat, labels = self._encoder.empty()
         else:
