@@ -191,10 +191,16 @@ class ParquetStream:
                 table = pa.Table.from_batches([rb])
                 for name, value in f.constants.items():
                     table = table.append_column(name, _partition_array(value, table.num_rows))
+                if offset + table.num_rows > u.rows:
+                    offset += table.num_rows
+                    break
                 yield offset, table
                 offset += table.num_rows
-        except (pa.ArrowException, OSError, ValueError) as exc:
+        except (pa.ArrowException, OSError, ValueError, IndexError) as exc:
             raise DataError(f"{f.path} (row group {u.group}): not a readable Parquet file ({_short(exc)})") from exc
+        if offset != u.rows:  # a damaged footer or column chunk
+            raise DataError(f"{f.path} (row group {u.group}): not a readable Parquet file (the footer says {u.rows} rows, "
+                            f"the data has {'at least ' if offset > u.rows else ''}{offset})")
 
     def _where(self, u: _Unit) -> str:
         return f"{self.files[u.file].path} (row group {u.group})"
@@ -607,5 +613,5 @@ class _Encoder:
             idx = pc.index_in(values, value_set=vocab)
             codes = pc.fill_null(idx, -1).to_numpy(zero_copy_only=False).astype(np.int64) + 1
             return codes, idx.null_count - values.null_count
-        except (pa.ArrowException, ValueError, TypeError) as exc:
+        except (pa.ArrowException, ValueError, TypeError, IndexError) as exc:
             raise DataError(f"{where}: categorical column '{name}' cannot be encoded ({_short(exc)})") from exc
