@@ -86,34 +86,29 @@ class _Unit:
 
 
 class _Chunk:
-    """Rows in flight: global row ids and, in data mode, their encoded arrays."""
+    """Rows in flight: global row ids (while skipping), or encoded rows packed one row per line of
+    bytes (categorical int64, dense float32, labels float32), so that the shuffle buffer moves each
+    row with one memory access instead of one per array."""
 
-    __slots__ = ("ids", "dense", "cat", "labels")
+    __slots__ = ("a", "packed")
 
-    def __init__(self, ids, dense=None, cat=None, labels=None):
-        self.ids, self.dense, self.cat, self.labels = ids, dense, cat, labels
+    def __init__(self, a: np.ndarray, packed: bool = False):
+        self.a, self.packed = a, packed
 
     def __len__(self) -> int:
-        return len(self.ids)
+        return len(self.a)
 
     def slice(self, a: int, b: int) -> "_Chunk":
-        if self.dense is None:
-            return _Chunk(self.ids[a:b])
-        return _Chunk(self.ids[a:b], self.dense[a:b], self.cat[a:b], self.labels[a:b])
+        return _Chunk(self.a[a:b], self.packed)
 
     def take(self, index) -> "_Chunk":
-        if self.dense is None:
-            return _Chunk(self.ids[index])
-        return _Chunk(self.ids[index], self.dense[index], self.cat[index], self.labels[index])
+        return _Chunk(self.a.take(index, axis=0), self.packed)
 
     @staticmethod
     def concat(chunks: list["_Chunk"]) -> "_Chunk":
         if len(chunks) == 1:
             return chunks[0]
-        ids = np.concatenate([c.ids for c in chunks])
-        if chunks[0].dense is None:
-            return _Chunk(ids)
-        return _Chunk(ids, *(np.concatenate([getattr(c, k) for c in chunks]) for k in ("dense", "cat", "labels")))
+        return _Chunk(np.concatenate([c.a for c in chunks]), chunks[0].packed)
 
 
 class ParquetStream:
@@ -209,12 +204,11 @@ class ParquetStream:
         """Encoded chunks of one unit (invalid rows raised or dropped)."""
         for offset, table in self._read_unit(u):
             dense, cat, labels, keep, oov = self._encoder.encode(table, self._where(u), self.on_invalid)
-            ids = np.arange(u.start + offset, u.start + offset + table.num_rows, dtype=np.int64)
             self._count(table.num_rows, keep, oov)
             if keep is not None:
-                ids, dense, cat, labels = ids[keep], dense[keep], cat[keep], labels[keep]
-            if len(ids):
-                yield _Chunk(ids, dense, cat, labels)
+                dense, cat, labels = dense[keep], cat[keep], labels[keep]
+            if len(labels):
+                yield _Chunk(self._encoder.pack(dense, cat, labels), True)
 
     def _ids_unit(self, u: _Unit) -> "_Chunk":
         """The ids of one unit's valid rows, as one chunk, without encoding (the data is read only
@@ -240,7 +234,7 @@ class ParquetStream:
     def _gather(self, ids: np.ndarray) -> _Chunk:
         """Encoded rows for global ids (any order), reading only the row groups that hold them."""
         if not len(ids):
-            return _Chunk(ids, *self._encoder.empty())
+            return _Chunk(self._encoder.pack(*self._encoder.empty()), True)
         order = np.argsort(ids, kind="stable")
         sorted_ids = ids[order]
         which = np.searchsorted(self._unit_starts, sorted_ids, side="right") - 1
@@ -250,7 +244,7 @@ class ParquetStream:
             local = sorted_ids[which == k] - u.start
             table = self._read_rows(u)
             dense, cat, labels, _, _ = self._encoder.encode(table.take(pa.array(local)), self._where(u), "drop")
-            parts.append(_Chunk(local + u.start, dense, cat, labels))
+            parts.append(_Chunk(self._encoder.pack(dense, cat, labels), True))
         merged = _Chunk.concat(parts)
         inverse = np.empty_like(order)
         inverse[order] = np.arange(len(order))
@@ -315,10 +309,10 @@ class ParquetStream:
         if total == 0 and start_batch == 0:
             raise DataError(f"{self.spec}: no rows left after dropping {self.stats['rows_dropped']} invalid row(s)")
 
-    @staticmethod
-    def _tensors(c: _Chunk, device) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        inputs = {"dense": torch.from_numpy(c.dense).to(device), "categorical": torch.from_numpy(c.cat).to(device)}
-        return inputs, torch.from_numpy(c.labels).to(device)
+    def _tensors(self, c: _Chunk, device) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        dense, cat, labels = self._encoder.unpack(c.a)
+        inputs = {"dense": torch.from_numpy(dense).to(device), "categorical": torch.from_numpy(cat).to(device)}
+        return inputs, torch.from_numpy(labels).to(device)
 
     # ------------------------------------------------------------------ random access
 
@@ -405,11 +399,8 @@ class _Shuffler:
             self.pool_n += take
             chunk = chunk.slice(take, len(chunk))
             if self.pool_n == self.cap:
-                self.pool = _Chunk.concat(self.pool_parts)
-                if self.pool.dense is not None:  # own, writable copies
-                    self.pool = _Chunk(self.pool.ids.copy(), self.pool.dense.copy(), self.pool.cat.copy(), self.pool.labels.copy())
-                else:
-                    self.pool = _Chunk(self.pool.ids.copy())
+                whole = _Chunk.concat(self.pool_parts)
+                self.pool = _Chunk(whole.a.copy(), whole.packed)  # an own, writable copy
                 self.pool_parts = []
         if chunk is not None and len(chunk):
             self.stage.append(chunk)
@@ -421,11 +412,7 @@ class _Shuffler:
                 continue
             slots = self.rng.choice(self.cap, self.batch, replace=False)
             out = self.pool.take(slots)
-            self.pool.ids[slots] = incoming.ids
-            if self.pool.dense is not None:
-                self.pool.dense[slots] = incoming.dense
-                self.pool.cat[slots] = incoming.cat
-                self.pool.labels[slots] = incoming.labels
+            self.pool.a[slots] = incoming.a
             yield out
 
     def _rest(self) -> _Chunk | None:
@@ -452,14 +439,14 @@ class _Shuffler:
         """Replace id-only rows in flight by encoded ones (after skipping)."""
         if self._drained is not None and self._at < len(self._drained):
             left = self._drained.slice(self._at, len(self._drained))
-            self._drained = gather(left.ids)
+            self._drained = gather(left.a)
             self._at = 0
             return
         self._drained = None
-        if self.pool is not None and self.pool.dense is None:
-            self.pool = gather(self.pool.ids)
-        self.pool_parts = [gather(p.ids) if p.dense is None else p for p in self.pool_parts]
-        self.stage = [gather(p.ids) if p.dense is None else p for p in self.stage]
+        if self.pool is not None and not self.pool.packed:
+            self.pool = gather(self.pool.a)
+        self.pool_parts = [p if p.packed else gather(p.a) for p in self.pool_parts]
+        self.stage = [p if p.packed else gather(p.a) for p in self.stage]
 
     def drain_rest(self) -> Iterator[_Chunk]:
         rest, self._drained = self._drained, None
@@ -489,6 +476,26 @@ class _Encoder:
             vocab = pa.array(f.vocab, type=pa.int64() if f.value_type == "int" else pa.string())
             self.cats.append((f.name, f.value_type, vocab, lut))
         self.tasks = [(t.name, t.type) for t in schema.tasks]
+
+        c, d, k = len(self.cats), len(self.dense), len(self.tasks)
+        self.offsets = (0, 8 * c, 8 * c + 4 * d, 8 * c + 4 * d + 4 * k)
+        self.width = max(8, -(-self.offsets[3] // 8) * 8)  # bytes per packed row, a multiple of 8
+
+    def pack(self, dense: np.ndarray, cat: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """N×width bytes: categorical int64, dense float32, labels float32 side by side."""
+        out = np.zeros((len(labels), self.width), dtype=np.uint8)
+        o = self.offsets
+        for part, (a, b), dtype in ((cat, o[0:2], np.int64), (dense, o[1:3], np.float32), (labels, o[2:4], np.float32)):
+            if b > a:
+                out[:, a:b].view(dtype)[:] = part
+        return out
+
+    def unpack(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        o = self.offsets
+        return tuple(np.ascontiguousarray(rows[:, a:b]).view(dtype).reshape(len(rows), n)
+                     for (a, b), dtype, n in ((o[1:3], np.float32, len(self.dense)),
+                                              (o[0:2], np.int64, len(self.cats)),
+                                              (o[2:4], np.float32, len(self.tasks))))
 
     def empty(self):
         return (np.zeros((0, len(self.dense)), np.float32), np.zeros((0, len(self.cats)), np.int64),
@@ -546,7 +553,7 @@ class _Encoder:
                 f"{'task column' if c in label_cols else 'column'} '{c}' {int(m.sum())}" for c, m in bad.items()
             )
             raise DataError(
-                f"{where}: {int(mask.sum())} row(s) with NaN, infinite or missing label values ({what}); "
+                f"{where}: {int(mask.sum())} invalid row(s) (NaN or infinite values, or null labels: {what}); "
                 "use null for a missing feature value, or --on-invalid-rows drop to skip such rows"
             )
         return ~mask

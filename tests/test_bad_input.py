@@ -131,7 +131,7 @@ def test_nan_and_inf_rows_are_an_error_with_a_count(cli, tmp_path, base_checkpoi
     path = write(nan_table(valid_table), tmp_path / "nan.parquet")
     r = run_untouched(cli, tmp_path, (*READERS[command](base_checkpoint, path, tmp_path)[:-2], "--batch-size", "500")
                       if command != "evaluate" else READERS[command](base_checkpoint, path, tmp_path), path)
-    assert_input_error(r, path, "row group 0", "3 row(s)", "'f1' 2", "'share' 1", "--on-invalid-rows drop")
+    assert_input_error(r, path, "row group 0", "3 invalid row(s)", "'f1' 2", "'share' 1", "--on-invalid-rows drop")
 
 
 def test_drop_invalid_rows_logs_the_count(cli, tmp_path, base_checkpoint, valid_table):

@@ -123,7 +123,7 @@ def test_drop_invalid_rows_counts_them(tmp_path, parts):
     like[10] = None
     table = table.set_column(0, "f0", pa.array(f0)).set_column(table.schema.get_field_index("like"), "like", pa.array(like, pa.int8()))
     pq.write_table(table, tmp_path / "bad.parquet")
-    with pytest.raises(DataError, match=r"bad.parquet \(row group 0\): 3 row\(s\).*'f0' 2.*'like' 1.*--on-invalid-rows drop"):
+    with pytest.raises(DataError, match=r"bad.parquet \(row group 0\): 3 invalid row\(s\).*'f0' 2.*'like' 1.*--on-invalid-rows drop"):
         list(ParquetStream(str(tmp_path / "bad.parquet"), schema).batches(64, shuffle=False))
     s = ParquetStream(str(tmp_path / "bad.parquet"), schema, on_invalid="drop")
     _, _, y = cat(list(s.batches(64, shuffle=False)))
