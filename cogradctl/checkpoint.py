@@ -4,7 +4,10 @@ Tensors: the model's weights under ``model.<name>`` (later runs may add other pr
 ``__metadata__`` (strings only; structures are JSON): ``format`` = "cogradctl-checkpoint",
 ``format_version``, ``cogradctl_version``, ``model`` (plugin name), ``model_config`` (JSON),
 ``schema`` (JSON: features with vocabularies and normalisation statistics, tasks and their types),
-``history`` (JSON list, one entry per init/train run: what, method, steps, seed, data, time).
+``history`` (JSON list, one entry per init/train run: what, method, steps, seed, data, time) and,
+in a ``train`` output, ``training_state`` (JSON: step, epoch, position in the data, best score,
+whether the run finished, its configuration) with the tensors needed to resume exactly under
+``optim.<state>.<parameter>``, ``method.<buffer>`` and ``rng.<generator>``.
 
 Loading never unpickles anything. Writing goes to a temporary file in the target's directory,
 fsynced and renamed into place, so a reader never sees a half-written checkpoint.
@@ -40,6 +43,7 @@ class Checkpoint:
     state: dict[str, torch.Tensor]  # the model's state_dict
     history: list[dict] = field(default_factory=list)
     extra: dict[str, torch.Tensor] = field(default_factory=dict)  # other tensors, full names
+    training_state: dict | None = None  # where an unfinished or finished `train` run stands (resume)
 
 
 def save(ckpt: Checkpoint, path: str | Path) -> None:
@@ -55,6 +59,8 @@ def save(ckpt: Checkpoint, path: str | Path) -> None:
         "schema": ckpt.schema.to_json(),
         "history": json.dumps(ckpt.history),
     }
+    if ckpt.training_state is not None:
+        metadata["training_state"] = json.dumps(ckpt.training_state)
     atomic_write_bytes(path, st_save(tensors, metadata=metadata))
 
 
@@ -109,11 +115,12 @@ def load(path: str | Path) -> Checkpoint:
         schema = Schema.from_json(meta["schema"])
         config = json.loads(meta["model_config"])
         history = json.loads(meta.get("history", "[]"))
+        training_state = json.loads(meta["training_state"]) if "training_state" in meta else None
     except (SafetensorError, OSError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{path}: corrupt checkpoint ({exc})") from exc
     state = {k[len(MODEL_PREFIX) :]: v for k, v in tensors.items() if k.startswith(MODEL_PREFIX)}
     extra = {k: v for k, v in tensors.items() if not k.startswith(MODEL_PREFIX)}
-    return Checkpoint(meta["model"], config, schema, state, history, extra)
+    return Checkpoint(meta["model"], config, schema, state, history, extra, training_state)
 
 
 def load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:

@@ -235,48 +235,85 @@ def _per_task(key: str, value: str, tasks: list[str]) -> list[float]:
 
 @command("train")
 def train_cmd(
-    checkpoint: Annotated[Path, typer.Option(help="Checkpoint to fine-tune (from 'init' or an earlier 'train').")],
-    data: Annotated[str, typer.Option(help="Training Parquet: a file, directory or glob.")],
-    out: Annotated[Path, typer.Option(help="Output directory: last.safetensors, best.safetensors, metrics.jsonl.")],
+    ctx: typer.Context,
+    checkpoint: Annotated[Optional[Path], typer.Option(help="Checkpoint to fine-tune (from 'init' or an earlier 'train').", show_default=False)] = None,
+    data: Annotated[Optional[str], typer.Option(help="Training Parquet: a file, directory or glob.", show_default=False)] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Output directory: last.safetensors, best.safetensors, metrics.jsonl, config.toml.", show_default=False)] = None,
     method: Annotated[str, typer.Option(help="Gradient method (see 'cogradctl methods').")] = "ew",
-    valid: Annotated[Optional[str], typer.Option(help="Validation Parquet, evaluated before, at each epoch and after.")] = None,
+    valid: Annotated[Optional[str], typer.Option(help="Validation Parquet, evaluated before, at each epoch (and --eval-every) and after.")] = None,
     gamma: Annotated[Optional[str], typer.Option(help="CoGrad strength: one number or TASK=V,… per task.")] = None,
     weights: Annotated[Optional[str], typer.Option(help="Task weights TASK=W,… (methods that take them).")] = None,
     option: Annotated[Optional[list[str]], typer.Option("--option", "-o", help="Other method option KEY=VALUE, repeatable.")] = None,
-    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
+    optimizer: Annotated[str, typer.Option(help="adam, adamw or sgd.")] = "adam",
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 1e-3,
+    weight_decay: Annotated[float, typer.Option(help="Weight decay (decoupled for adamw).")] = 0.0,
+    momentum: Annotated[float, typer.Option(help="SGD momentum.")] = 0.9,
+    grad_clip: Annotated[Optional[float], typer.Option(help="Clip the global norm of the final gradients to this.")] = None,
+    warmup_steps: Annotated[int, typer.Option(help="Linear learning-rate warmup over this many steps.")] = 0,
+    schedule: Annotated[str, typer.Option(help="After warmup: constant, cosine or linear decay to 0 at the last step.")] = "constant",
     batch_size: Annotated[int, typer.Option(help="Rows per step.")] = 1024,
     epochs: Annotated[int, typer.Option(help="Passes over the data.")] = 1,
     max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many steps (overrides --epochs when smaller).")] = None,
+    eval_every: Annotated[Optional[int], typer.Option(help="Also evaluate on --valid every N steps.")] = None,
+    early_stopping: Annotated[Optional[int], typer.Option(help="Stop after N evaluations without a better validation score.")] = None,
+    save_every: Annotated[Optional[int], typer.Option(help="Save the resumable state every N steps (it is also saved at each epoch end).")] = None,
+    precision: Annotated[str, typer.Option(help="fp32, bf16 (autocast, CPU or CUDA) or fp16 (CUDA, dynamic loss scaling).")] = "fp32",
+    on_nonfinite: Annotated[str, typer.Option(help="abort (exit 4, keep the last saved state) or skip the batch.")] = "abort",
     log_every: Annotated[int, typer.Option(help="Write a metrics.jsonl record every N steps.")] = 10,
     measure_every: Annotated[Optional[int], typer.Option(help="Every N steps, write a transference record (4 fixed training batches) to metrics.jsonl.")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace the outputs of an earlier run in --out.")] = False,
+    tensorboard: Annotated[bool, typer.Option(help="Also log to OUT/tensorboard (needs the tensorboard package).")] = False,
+    resume: Annotated[bool, typer.Option(help="Require an unfinished run in --out and continue it (rerunning the same command does so too).")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Discard the outputs of an earlier run in --out.")] = False,
+    config: Annotated[Optional[Path], typer.Option("--config", help="A TOML file of these options (keys with underscores); flags override it.")] = None,
     device: Device = "auto",
     seed: Seed = 0,
     plugin_path: PluginPath = None,
     json_out: Json = False,
     quiet: Quiet = False,
 ) -> None:
-    """Fine-tune a checkpoint with a gradient method; print per-task AUC/logloss before → after."""
+    """Fine-tune a checkpoint with a gradient method; print per-task AUC/logloss before → after.
+
+    Killed or stopped (SIGTERM/SIGINT: the step finishes, the state is saved, exit 143/130), the
+    same command resumes exactly where the run stopped.
+    """
     from cogradctl import checkpoint as ckpt_io
+    from cogradctl import runconfig
     from cogradctl.models import resolve_device
     from cogradctl.train import TrainConfig, train
 
-    dev = resolve_device(device)
-    tasks = ckpt_io.load(checkpoint).schema.task_names
-    cfg = TrainConfig(
-        checkpoint=str(checkpoint), data=data, out=str(out), method=method,
-        method_options=_method_options(method, gamma, weights, option or [], tasks), valid=valid, lr=lr,
-        batch_size=batch_size, epochs=epochs, max_steps=max_steps, seed=seed, device=str(dev), log_every=log_every,
-        overwrite=overwrite, measure_every=measure_every,
-    )
+    given = {name: value for name, value in ctx.params.items()}
+    from_file = runconfig.read(config) if config is not None else {}
+    values = {}
+    for key in runconfig.TYPES:
+        if key == "method_options":
+            continue
+        source = ctx.get_parameter_source(key)  # by name: typer may bring its own click
+        explicit = key in given and source is not None and source.name != "DEFAULT"
+        values[key] = given[key] if explicit or key not in from_file else from_file[key]
+    for key in ("checkpoint", "data", "out"):
+        if values[key] is None:
+            raise UsageError(f"missing --{key} (give the option, or '{key}' in a --config file)")
+    dev = resolve_device(str(values["device"]))
+    tasks = ckpt_io.load(values["checkpoint"]).schema.task_names
+    method_options = {k: (_per_task_table(k, v, tasks) if isinstance(v, dict) else v) for k, v in from_file.get("method_options", {}).items()}
+    method_options.update(_method_options(values["method"], gamma, weights, option or [], tasks))
+    cfg = TrainConfig(**{**values, "checkpoint": str(values["checkpoint"]), "out": str(values["out"]), "device": str(dev),
+                         "method_options": method_options, "overwrite": overwrite, "resume": resume})
     result = train(cfg, Log(quiet), _paths(plugin_path))
     if json_out:
         emit_json(result)
         return
-    stdout.print(f"{result['method']}: {result['steps']} steps, {result['epochs']} epoch(s), {result['seconds']:.1f}s → {result['out']}")
+    extra = f", {result['skipped']} skipped" if result["skipped"] else ""
+    extra += ", stopped early" if result["stopped_early"] else ""
+    stdout.print(f"{result['method']}: {result['steps']} steps, {result['epochs']} epoch(s), {result['seconds']:.1f}s{extra} → {result['out']}")
     if result["before"] is not None:
         stdout.print(_before_after_table(result["before"], result["after"]))
-        stdout.print(f"best mean AUC {_fmt(result['best']['auc'])} at step {result['best']['step']} → {Path(result['out']) / 'best.safetensors'}")
+        label = "mean AUC" if result["best"]["auc"] is not None else "score (-mean MSE)"
+        stdout.print(f"best {label} {_fmt(result['best']['score'])} at step {result['best']['step']} → {Path(result['out']) / 'best.safetensors'}")
+
+
+def _per_task_table(key: str, table: dict, tasks: list[str]) -> list[float]:
+    return _per_task(key, ",".join(f"{k}={v}" for k, v in table.items()), tasks)
 
 
 def _fmt(value, digits: int = 4) -> str:

@@ -9,12 +9,16 @@ and exits 1 (with a traceback only under ``--debug`` or ``COGRADCTL_DEBUG=1``).
 | 1    | unexpected failure (a bug: please report it with COGRADCTL_DEBUG=1 output) |
 | 2    | usage or input error: bad option, missing or invalid file, schema mismatch |
 | 3    | a quality gate failed (measure-transference thresholds)                  |
+| 4    | training diverged: a non-finite loss or gradient (the last saved state is kept) |
+| 130  | stopped by SIGINT (Ctrl-C) after saving the state: rerun the command to resume |
+| 143  | stopped by SIGTERM after saving the state: rerun the command to resume   |
 """
 
 EXIT_OK = 0
 EXIT_UNEXPECTED = 1
 EXIT_INPUT = 2
 EXIT_GATE = 3
+EXIT_DIVERGED = 4
 
 
 class CogradError(Exception):
@@ -51,3 +55,17 @@ class GateFailed(CogradError):
     """A quality gate (threshold) failed."""
 
     exit_code = EXIT_GATE
+
+
+class Diverged(CogradError):
+    """A non-finite loss or gradient during training (with --on-nonfinite abort)."""
+
+    exit_code = EXIT_DIVERGED
+
+
+class Stopped(CogradError):
+    """Training stopped by a signal after saving its state; the exit code is 128 + the signal."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum

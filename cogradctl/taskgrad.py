@@ -45,13 +45,15 @@ class TaskGradients:
             self.views.append(row)
         self._graph_grads: list[tuple[torch.Tensor, ...]] = []
 
-    def __call__(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor, create_graph: bool = False):
+    def __call__(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor, create_graph: bool = False, loss_scale: float | None = None):
         """→ (losses K-vector detached, grads K×P (the shared buffer, overwritten next call),
-        {task: gradients of its own parameters})."""
+        {task: gradients of its own parameters}). With ``loss_scale`` (fp16), each loss is
+        multiplied by it before its backward pass and every gradient divided by it afterwards."""
         outputs = self.model(inputs)
         losses = task_losses(outputs, labels, self.schema)
         if create_graph:
             return self._with_graph(losses)
+        scaled = losses * loss_scale if loss_scale is not None else losses
         own: dict[str, list[torch.Tensor]] = {}
         last = len(self.tasks) - 1
         self.grads.zero_()
@@ -64,10 +66,15 @@ class TaskGradients:
             mine = self.split.tasks[task]
             for param in mine:
                 param.grad = None
-            torch.autograd.backward(losses[i], inputs=[*self.split.shared, *mine], retain_graph=i < last)
+            torch.autograd.backward(scaled[i], inputs=[*self.split.shared, *mine], retain_graph=i < last)
             own[task] = [torch.zeros_like(p) if p.grad is None else p.grad for p in mine]
         for param in self.split.shared:
             param.grad = None
+        if loss_scale is not None:
+            self.grads.div_(loss_scale)
+            for grads in own.values():
+                for grad in grads:
+                    grad.div_(loss_scale)
         return losses.detach(), self.grads, own
 
     def _with_graph(self, losses: torch.Tensor):

@@ -1,19 +1,31 @@
-"""The training loop: fine-tune a checkpoint with a gradient method, evaluate, save.
+"""The training loop: fine-tune a checkpoint with a gradient method, evaluate, save, resume.
 
 One step: a forward pass, K backward passes giving the K×P matrix of task gradients on the shared
 parameters (and each task's gradient on its own parameters), the method's update written into the
 shared parameters' ``.grad``, each task's own gradients scaled by the method's task weight, and an
-optimizer step. Outputs in ``out_dir``: ``last.safetensors``, ``best.safetensors`` (best mean
-validation AUC), ``metrics.jsonl`` (one JSON object per logged step or evaluation).
+optimizer step (``train_step``).
+
+Outputs in ``out``: ``last.safetensors`` (the latest weights, plus everything needed to resume:
+optimizer and method state, RNG state, position in the data), ``best.safetensors`` (best
+validation score), ``metrics.jsonl`` (one JSON object per logged step or evaluation),
+``config.toml`` (the effective configuration) and, while running, ``.lock``.
+
+Resume is exact: the order of the data in epoch e depends only on (seed, e), the learning rate only
+on the step, and the rest is in the saved state, so a run killed at any point and resumed ends with
+the same weights as an uninterrupted one (bit-identical on CPU with the same seed).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import socket
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -21,45 +33,84 @@ import torch
 from cogradctl import checkpoint as ckpt_io
 from cogradctl import data as data_io
 from cogradctl.console import Log
-from cogradctl.errors import CogradError, UsageError
+from cogradctl.errors import Diverged, Stopped, UsageError
 from cogradctl.evaluate import evaluate, mean_auc
 from cogradctl.methods import get_method
-from cogradctl.models import from_checkpoint
+from cogradctl.models import build, split_parameters
 from cogradctl.taskgrad import TaskGradients, set_shared_grad
 
 OUTPUTS = ("last.safetensors", "best.safetensors", "metrics.jsonl")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("constant", "cosine", "linear")
+PRECISIONS = ("fp32", "bf16", "fp16")
+# Changing these between a run and its resumption would make the result something else.
+RESUME_KEYS = ("checkpoint", "data", "method", "method_options", "optimizer", "lr", "weight_decay", "momentum",
+               "grad_clip", "warmup_steps", "schedule", "batch_size", "epochs", "max_steps", "seed", "precision")
 
 
 @dataclass
 class TrainConfig:
+    """Every option of ``cogradctl train`` (a ``--config`` TOML file uses the same flat keys)."""
+
     checkpoint: str
     data: str
     out: str
     method: str = "ew"
     method_options: dict = field(default_factory=dict)
     valid: str | None = None
+    optimizer: str = "adam"
     lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9  # sgd only
+    grad_clip: float | None = None  # max global norm of the final gradients
+    warmup_steps: int = 0
+    schedule: str = "constant"
     batch_size: int = 1024
     epochs: int = 1
     max_steps: int | None = None
+    eval_every: int | None = None  # steps; evaluation also runs at every epoch end and after the last step
+    early_stopping: int | None = None  # evaluations without improvement before stopping
+    save_every: int | None = None  # steps; state is also saved at every epoch end
+    precision: str = "fp32"
+    on_nonfinite: str = "abort"
     seed: int = 0
     device: str = "cpu"
     log_every: int = 10
-    overwrite: bool = False
     measure_every: int | None = None  # every N steps: transference on a few fixed training batches
+    tensorboard: bool = False
+    overwrite: bool = False
+    resume: bool = False
 
     def check(self) -> None:
         for name in ("lr", "batch_size", "epochs", "log_every"):
             if not getattr(self, name) > 0:
-                raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if self.max_steps is not None and self.max_steps <= 0:
-            raise UsageError(f"--max-steps must be positive, got {self.max_steps}")
-        if self.measure_every is not None and self.measure_every <= 0:
-            raise UsageError(f"--measure-every must be positive, got {self.measure_every}")
+                raise UsageError(f"--{_flag(name)} must be positive, got {getattr(self, name)}")
+        for name in ("max_steps", "eval_every", "early_stopping", "save_every", "measure_every"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise UsageError(f"--{_flag(name)} must be positive, got {value}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise UsageError(f"--grad-clip must be positive, got {self.grad_clip}")
+        if self.weight_decay < 0 or self.warmup_steps < 0 or not 0 <= self.momentum < 1:
+            raise UsageError("--weight-decay and --warmup-steps must be ≥ 0 and --momentum in [0, 1)")
+        for name, allowed in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("precision", PRECISIONS),
+                              ("on_nonfinite", ("abort", "skip"))):
+            if getattr(self, name) not in allowed:
+                raise UsageError(f"--{_flag(name)} {getattr(self, name)!r}: expected one of {', '.join(allowed)}")
+        if self.early_stopping is not None and self.valid is None:
+            raise UsageError("--early-stopping needs --valid data to evaluate on")
+        if self.precision == "fp16" and not self.device.startswith("cuda"):
+            raise UsageError("--precision fp16 needs a CUDA device; on CPU use bf16 or fp32")
+
+    def identity(self) -> dict:
+        return {k: getattr(self, k) for k in RESUME_KEYS}
 
 
-class NonFiniteError(CogradError):
-    exit_code = 1
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+# ---------------------------------------------------------------------------- the run
 
 
 def train(cfg: TrainConfig, log: Log, plugin_paths: list[str] | None = None) -> dict:
@@ -67,141 +118,236 @@ def train(cfg: TrainConfig, log: Log, plugin_paths: list[str] | None = None) -> 
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: exists and is not a directory")
-    existing = [n for n in OUTPUTS if (out / n).exists()]
-    if existing and not cfg.overwrite:
-        raise UsageError(f"--out {out}: already holds a run ({', '.join(existing)}); choose another directory or pass --overwrite")
-    torch.manual_seed(cfg.seed)
     device = torch.device(cfg.device)
-    ckpt, model, split = from_checkpoint(cfg.checkpoint, plugin_paths, device)
-    schema = ckpt.schema
-    tasks = schema.task_names
+    # Every input is read and checked before anything is written.
+    source = ckpt_io.load(cfg.checkpoint)
+    model, _ = build(source.model, source.schema, source.model_config, plugin_paths)
+    ckpt_io.load_into(model, source.state, cfg.checkpoint)
+    model.to(device)
+    schema = source.schema
+    split = split_parameters(model, schema.task_names, source.model)
     method = get_method(cfg.method, plugin_paths, **cfg.method_options).to(device)
-    method.setup(len(tasks))
-    method.segments = [p.numel() for p in split.shared]
-
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         train_data = data_io.load(cfg.data, schema)
         valid_data = data_io.load(cfg.valid, schema) if cfg.valid else None
     for w in caught:
         log.warn(str(w.message))
-    log.info(
-        f"training {ckpt.model} on {len(train_data)} rows ({', '.join(tasks)}) with {cfg.method}; "
-        f"{split.num_shared} shared parameters; device {device}"
-    )
-
-    optimizer = torch.optim.Adam([*model.parameters(), *method.parameters()], lr=cfg.lr)
-    grads = TaskGradients(model, split, schema, device)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    steps_per_epoch = math.ceil(len(train_data) / cfg.batch_size)
-    total = min(cfg.max_steps or steps_per_epoch * cfg.epochs, steps_per_epoch * cfg.epochs)
-
     out.mkdir(parents=True, exist_ok=True)
-    metrics_path = out / "metrics.jsonl"
-    started = time.time()
-    before = evaluate(model, valid_data, schema, device=device) if valid_data else None
-    if valid_data is None:
-        log.info("no --valid data: skipping evaluation and best.safetensors")
-    best = {"auc": mean_auc(before) if before else None, "step": 0}
+    with run_lock(out):
+        state = _previous_state(cfg, out)
+        return _train(cfg, out, log, state, source, model, split, method, train_data, valid_data)
+
+
+def _train(cfg: TrainConfig, out: Path, log: Log, state: dict | None, source: ckpt_io.Checkpoint, model, split,
+           method, train_data: data_io.Dataset, valid_data: data_io.Dataset | None) -> dict:
+    device = torch.device(cfg.device)
+    schema = source.schema
+    tasks = schema.task_names
+    start = ckpt_io.load(out / "last.safetensors") if state else source
+    if state:
+        ckpt_io.load_into(model, start.state, str(out / "last.safetensors"))
+
+    torch.manual_seed(cfg.seed)
+    method.setup(len(tasks))
+    method.segments = [p.numel() for p in split.shared]
+    optimizer = make_optimizer(cfg, [*model.parameters(), *method.parameters()])
+    names = [n for n, _ in model.named_parameters()] + [f"method.{n}" for n, _ in method.named_parameters()]
+    scaler = LossScaler() if cfg.precision == "fp16" else None
+    if state:
+        restore(start.extra, optimizer, names, method, scaler, device)
+        log.info(f"resuming {out} at step {state['step']} (epoch {state['epoch']}, batch {state['batch']})")
+
+    batches = InMemoryBatches(train_data)
+    steps_per_epoch = math.ceil(batches.num_rows / cfg.batch_size)
+    total = min(cfg.max_steps or steps_per_epoch * cfg.epochs, steps_per_epoch * cfg.epochs)
+    log.info(f"training {source.model} on {batches.num_rows} rows ({', '.join(tasks)}) with {cfg.method}; "
+             f"{split.num_shared} shared parameters; {total} steps; device {device}")
+
     history_entry = {
-        "run": "train",
-        "method": cfg.method,
-        "method_options": cfg.method_options,
-        "data": cfg.data,
-        "seed": cfg.seed,
-        "lr": cfg.lr,
-        "batch_size": cfg.batch_size,
-        "from": str(cfg.checkpoint),
-        "optimizer": {"name": "adam", "lr": cfg.lr, "betas": list(optimizer.defaults["betas"]), "eps": optimizer.defaults["eps"]},
+        "run": "train", "method": cfg.method, "method_options": cfg.method_options, "data": cfg.data, "seed": cfg.seed,
+        "lr": cfg.lr, "batch_size": cfg.batch_size, "from": str(cfg.checkpoint), "config": _plain(cfg),
+        "optimizer": {"name": cfg.optimizer, "lr": cfg.lr, **{k: v for k, v in optimizer.defaults.items() if k in ("betas", "eps", "momentum")}},
     }
+    history_entry["optimizer"] = json.loads(json.dumps(history_entry["optimizer"]))  # tuples → lists
+    started = time.time() - (state["seconds"] if state else 0.0)
+    pos = dict(state) if state else {"step": 0, "epoch": 1, "batch": 0, "best_score": None, "best_step": 0,
+                                      "bad_evals": 0, "skipped": 0, "stopped_early": False, "before": None, "last_eval": None}
 
-    def save(path: Path, step: int, epoch: int) -> None:
-        entry = {**history_entry, "steps": step, "epochs": epoch, "seconds": round(time.time() - started, 3), "time": _now()}
-        state = {k: v for k, v in model.state_dict().items()}
-        ckpt_io.save(ckpt_io.Checkpoint(ckpt.model, ckpt.model_config, schema, state, [*ckpt.history, entry], optimizer_extra()), path)
+    def snapshot(finished: bool) -> ckpt_io.Checkpoint:
+        entry = {**history_entry, "steps": pos["step"], "epochs": pos["epoch"], "seconds": round(time.time() - started, 3), "time": _now()}
+        training_state = {**pos, "finished": finished, "seconds": time.time() - started, "config": cfg.identity()}
+        extra = {**optimizer_tensors(optimizer, names), **{f"method.{k}": v for k, v in method.state_dict().items()},
+                 "rng.torch": torch.get_rng_state()}
+        if device.type == "cuda":
+            extra["rng.cuda"] = torch.cuda.get_rng_state(device)
+        if scaler is not None:
+            extra["scaler.scale"] = torch.tensor([scaler.scale, float(scaler.good_steps)], dtype=torch.float64)
+        return ckpt_io.Checkpoint(source.model, source.model_config, schema, model.state_dict(), [*source.history, entry], extra, training_state)
 
-    def optimizer_extra() -> dict[str, torch.Tensor]:
-        # Adam's per-parameter state (for measure-transference --lookahead optimizer), by parameter name.
-        extra = {}
-        for name, param in model.named_parameters():
-            st = optimizer.state.get(param)
-            if st:
-                extra[f"optim.exp_avg.{name}"] = st["exp_avg"]
-                extra[f"optim.exp_avg_sq.{name}"] = st["exp_avg_sq"]
-                extra[f"optim.step.{name}"] = torch.as_tensor(st["step"], dtype=torch.float64).reshape(1)
-        return extra
+    def save_last(finished: bool = False) -> None:
+        ckpt_io.save(snapshot(finished), out / "last.safetensors")
 
-    if before is not None:
-        save(out / "best.safetensors", 0, 0)
-    step, epoch, seconds = 0, 0, {}
-    with open(metrics_path, "w", encoding="utf-8") as metrics_file, warnings.catch_warnings(record=True) as method_warnings:
+    metrics = MetricsLog(out / "metrics.jsonl", keep_until=pos["step"] if state else None)
+    tensorboard = TensorBoard(out / "tensorboard") if cfg.tensorboard else None
+    _write_config(out / "config.toml", cfg)
+
+    def run_evaluation() -> dict:
+        result = evaluate(model, valid_data, schema, device=device)
+        score = validation_score(result)
+        metrics.write({"step": pos["step"], "epoch": pos["epoch"], "valid": result["tasks"], "score": score})
+        if tensorboard:
+            tensorboard.scalars(pos["step"], {f"valid/{t}/{k}": v for t, m in result["tasks"].items() for k, v in m.items()})
+        log.info(f"step {pos['step']} (epoch {pos['epoch']}): valid " + _summary(result))
+        if score is not None and (pos["best_score"] is None or score > pos["best_score"]):
+            pos.update(best_score=score, best_step=pos["step"], bad_evals=0)
+            ckpt_io.save(snapshot(False), out / "best.safetensors")
+        else:
+            pos["bad_evals"] += 1
+        pos["last_eval"] = result
+        return result
+
+    if not state:
+        if valid_data is not None:
+            pos["before"] = run_evaluation()
+            pos["bad_evals"] = 0
+        else:
+            log.info("no --valid data: skipping evaluation and best.safetensors")
+        save_last()
+
+    grads = TaskGradients(model, split, schema, device)
+    autocast = Autocast(device, cfg.precision)
+    model.train()
+    with stop_signals() as stop, warnings.catch_warnings(record=True) as method_warnings:
         warnings.simplefilter("always")
-
-        def write(record: dict) -> None:
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
-
-        if before is not None:
-            write({"step": 0, "epoch": 0, "valid": before["tasks"]})
-        model.train()
         with log.progress(f"train {cfg.method}", total) as advance:
-            while step < total:
-                epoch += 1
-                for index in data_io.iterate(train_data, cfg.batch_size, shuffle=True, generator=generator):
-                    inputs, labels = train_data.batch(index, device)
+            advance(pos["step"])
+            while pos["step"] < total and not pos["stopped_early"]:
+                for inputs, labels in batches.batches(cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=pos["epoch"],
+                                                      start_batch=pos["batch"], device=device):
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr_at(cfg, pos["step"], total)
                     try:
-                        losses, g = train_step(grads, method, optimizer, inputs, labels)
-                    except NonFiniteError as exc:
-                        raise NonFiniteError(f"{exc} at step {step + 1}; the last good weights are in "
-                                             f"{out / 'best.safetensors'} (if evaluated); lower --lr") from None
-                    step += 1
-                    if step % cfg.log_every == 0 or step == 1 or step == total:
-                        record = step_record(step, epoch, tasks, losses, g)
+                        losses, g = train_step(grads, method, optimizer, inputs, labels, autocast, scaler, cfg.grad_clip)
+                    except Diverged as exc:
+                        if cfg.on_nonfinite == "abort":
+                            raise Diverged(f"{exc} at step {pos['step'] + 1}; the last saved state is kept in "
+                                           f"{out / 'last.safetensors'}; lower --lr or use --on-nonfinite skip") from None
+                        pos["skipped"] += 1
+                        metrics.write({"step": pos["step"] + 1, "epoch": pos["epoch"], "skipped": str(exc), "skipped_total": pos["skipped"]})
+                        losses = g = None
+                    pos["step"] += 1
+                    pos["batch"] += 1
+                    if losses is not None and (pos["step"] % cfg.log_every == 0 or pos["step"] == 1 or pos["step"] == total):
+                        record = step_record(pos["step"], pos["epoch"], tasks, losses, g)
+                        record["lr"] = optimizer.param_groups[0]["lr"]
                         if method.stats:
                             record["method"] = method.stats
-                        write(record)
-                    if cfg.measure_every and step % cfg.measure_every == 0:
-                        write({"step": step, "epoch": epoch, "transference": measure_during_training(model, split, schema, train_data, cfg, device)})
-                    advance(loss=f"{float(losses.sum()):.4f}")
+                        if pos["skipped"]:
+                            record["skipped_total"] = pos["skipped"]
+                        metrics.write(record)
+                        if tensorboard:
+                            tensorboard.scalars(pos["step"], {f"loss/{t}": v for t, v in record["loss"].items()})
+                    if cfg.measure_every and pos["step"] % cfg.measure_every == 0:
+                        metrics.write({"step": pos["step"], "epoch": pos["epoch"], "transference": measure_during_training(model, split, schema, train_data, cfg, device)})
+                        model.train()
+                    advance(loss=f"{float(losses.sum()):.4f}" if losses is not None else "skipped")
                     for w in method_warnings:
                         log.warn(str(w.message))
                     method_warnings.clear()
-                    if step >= total:
+
+                    epoch_end = pos["batch"] >= steps_per_epoch
+                    last_step = pos["step"] >= total
+                    if valid_data is not None and (epoch_end or last_step or (cfg.eval_every and pos["step"] % cfg.eval_every == 0)):
+                        run_evaluation()
+                        model.train()
+                        if cfg.early_stopping and pos["bad_evals"] >= cfg.early_stopping:
+                            pos["stopped_early"] = True
+                            log.info(f"early stopping at step {pos['step']}: no better validation score in {cfg.early_stopping} evaluations")
+                    if epoch_end:
+                        pos["epoch"] += 1
+                        pos["batch"] = 0
+                    done = pos["step"] >= total or pos["stopped_early"]
+                    if epoch_end or done or stop.signum or (cfg.save_every and pos["step"] % cfg.save_every == 0):
+                        save_last(finished=done)
+                    if stop.signum:
+                        name = signal.Signals(stop.signum).name
+                        raise Stopped(f"stopped by {name} at step {pos['step']}; state saved in {out / 'last.safetensors'}; "
+                                      "rerun the same command to resume", stop.signum)
+                    if done:
                         break
-                if valid_data is not None:
-                    result = evaluate(model, valid_data, schema, device=device)
-                    write({"step": step, "epoch": epoch, "valid": result["tasks"]})
-                    auc = mean_auc(result)
-                    log.info(f"epoch {epoch} step {step}: valid " + _summary(result))
-                    if auc is not None and (best["auc"] is None or auc > best["auc"]):
-                        best = {"auc": auc, "step": step}
-                        save(out / "best.safetensors", step, epoch)
-                    after = result
-    seconds = time.time() - started
-    save(out / "last.safetensors", step, epoch)
-    result = {
+    metrics.close()
+    if tensorboard:
+        tensorboard.close()
+    best = {"score": pos["best_score"], "auc": pos["best_score"] if _binary(schema) else None, "step": pos["best_step"]}
+    return {
         "method": cfg.method,
-        "steps": step,
-        "epochs": epoch,
-        "seconds": round(seconds, 3),
+        "steps": pos["step"],
+        "epochs": pos["epoch"] - (1 if pos["batch"] == 0 else 0),
+        "seconds": round(time.time() - started, 3),
         "out": str(out),
-        "before": before,
-        "after": after if valid_data is not None else None,
+        "skipped": pos["skipped"],
+        "stopped_early": pos["stopped_early"],
+        "before": pos["before"],
+        "after": pos["last_eval"] if valid_data is not None else None,
         "best": best if valid_data is not None else None,
     }
-    return result
 
 
-def train_step(grads: TaskGradients, method, optimizer: torch.optim.Optimizer, inputs, labels) -> tuple[torch.Tensor, torch.Tensor]:
+def _previous_state(cfg: TrainConfig, out: Path) -> dict | None:
+    """The saved position of an unfinished run in ``out`` to resume from, or None to start afresh."""
+    last = out / "last.safetensors"
+    existing = [n for n in OUTPUTS if (out / n).exists()]
+    state = ckpt_io.load(last).training_state if last.exists() else None
+    if cfg.overwrite:
+        if cfg.resume:
+            raise UsageError("--resume and --overwrite contradict each other")
+        for name in (*OUTPUTS, "config.toml"):
+            (out / name).unlink(missing_ok=True)
+        return None
+    if state is None:
+        if cfg.resume:
+            raise UsageError(f"--resume: {out} holds no run to resume")
+        if existing:
+            raise UsageError(f"--out {out}: already holds files ({', '.join(existing)}); choose another directory or pass --overwrite")
+        return None
+    if state.get("finished"):
+        if cfg.resume:
+            raise UsageError(f"--resume: the run in {out} has finished (step {state['step']}); pass --overwrite to start again")
+        raise UsageError(f"--out {out}: already holds a finished run; choose another directory or pass --overwrite")
+    saved = state.get("config", {})
+    changed = [k for k, v in cfg.identity().items() if json.dumps(saved.get(k)) != json.dumps(v)]
+    if changed:
+        listed = ", ".join(f"{k} ({saved.get(k)!r} → {getattr(cfg, k)!r})" for k in changed)
+        raise UsageError(f"--out {out} holds an unfinished run with other settings: {listed}; rerun it as it was, or pass --overwrite")
+    return state
+
+
+# ---------------------------------------------------------------------------- one step
+
+
+def train_step(grads: TaskGradients, method, optimizer: torch.optim.Optimizer, inputs, labels,
+               autocast: "Autocast | None" = None, scaler: "LossScaler | None" = None,
+               grad_clip: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimisation step: per-task gradients, the method's update on the shared parameters,
-    each task's weighted gradient on its own parameters, an optimizer step. → (losses, K×P grads)."""
+    each task's weighted gradient on its own parameters, an optimizer step. → (losses, K×P grads).
+
+    With fp16, each task's loss is multiplied by the loss scale before its backward pass and every
+    per-task gradient is divided by it before the method sees them; an overflow skips the step
+    and halves the scale. A non-finite loss or gradient otherwise raises Diverged (naming the tasks).
+    """
     split, tasks = grads.split, grads.tasks
     requires_hvp = getattr(method, "requires_hvp", False)
-    losses, g, own = grads(inputs, labels, create_graph=requires_hvp)
+    scale = scaler.scale if scaler is not None else None
+    with autocast or _nothing():
+        losses, g, own = grads(inputs, labels, create_graph=requires_hvp, loss_scale=scale)
     finite = torch.isfinite(losses) & torch.isfinite(g).all(dim=1)
+    if scaler is not None and not bool(finite.all()):
+        scaler.update(found_inf=True)
+        return losses, g
     if not bool(finite.all()):
         bad = [t for t, ok in zip(tasks, finite.tolist()) if not ok]
-        raise NonFiniteError(f"non-finite loss or gradient for task(s) {', '.join(bad)}")
+        raise Diverged(f"non-finite loss or gradient for task(s) {', '.join(bad)}")
     update = method(g, losses, hvp=grads.hvp()) if requires_hvp else method(g, losses)
     optimizer.zero_grad(set_to_none=True)
     set_shared_grad(split, update)
@@ -210,9 +356,270 @@ def train_step(grads: TaskGradients, method, optimizer: torch.optim.Optimizer, i
         w = 1.0 if weights is None else float(weights[k])
         for param, grad in zip(split.tasks[task], own[task]):
             param.grad = grad * w if w != 1.0 else grad
+    if grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], grad_clip)
     optimizer.step()
+    if scaler is not None:
+        scaler.update(found_inf=False)
     return losses, g
 
+
+class LossScaler:
+    """Dynamic loss scaling for fp16, with torch.amp.GradScaler's policy (start 2^16, halve on
+    overflow, double after 2000 good steps). It is applied per task because the gradient methods
+    need every unscaled task gradient, not the sum that GradScaler unscales."""
+
+    def __init__(self, scale: float = 2.0**16, growth_interval: int = 2000) -> None:
+        self.scale, self.growth_interval, self.good_steps = scale, growth_interval, 0
+
+    def update(self, found_inf: bool) -> None:
+        if found_inf:
+            self.scale, self.good_steps = max(self.scale / 2.0, 1.0), 0
+        else:
+            self.good_steps += 1
+            if self.good_steps >= self.growth_interval:
+                self.scale, self.good_steps = self.scale * 2.0, 0
+
+
+class Autocast:
+    """``torch.autocast`` for bf16 (CPU or CUDA) and fp16 (CUDA); a no-op for fp32."""
+
+    def __init__(self, device: torch.device, precision: str) -> None:
+        self.ctx = None if precision == "fp32" else torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+    def __enter__(self):
+        return self.ctx.__enter__() if self.ctx else None
+
+    def __exit__(self, *exc):
+        return self.ctx.__exit__(*exc) if self.ctx else False
+
+
+@contextmanager
+def _nothing():
+    yield
+
+
+def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def lr_at(cfg: TrainConfig, step: int, total: int) -> float:
+    """Learning rate of the step after ``step`` steps: linear warmup, then constant, cosine or linear decay to 0."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    span = max(total - cfg.warmup_steps, 1)
+    t = min(max(step - cfg.warmup_steps, 0) / span, 1.0)
+    return cfg.lr * (0.5 * (1.0 + math.cos(math.pi * t)) if cfg.schedule == "cosine" else 1.0 - t)
+
+
+# ---------------------------------------------------------------------------- state and data
+
+
+class InMemoryBatches:
+    """Batches of a Dataset: the order of epoch e is a permutation seeded by (seed, e) alone, so
+    batch b of epoch e is the same whether the run got there directly or by resuming."""
+
+    def __init__(self, data: data_io.Dataset) -> None:
+        self.data = data
+        self.num_rows = len(data)
+
+    def batches(self, batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0, start_batch: int = 0, device="cpu"):
+        n = self.num_rows
+        if shuffle:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        else:
+            order = torch.arange(n)
+        for start in range(start_batch * batch_size, n, batch_size):
+            yield self.data.batch(order[start : start + batch_size], device)
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer, names: list[str]) -> dict[str, torch.Tensor]:
+    """The optimizer's per-parameter state as ``optim.<key>.<parameter name>`` tensors."""
+    out = {}
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for name, param in zip(names, params):
+        for key, value in optimizer.state.get(param, {}).items():
+            out[f"optim.{key}.{name}"] = torch.as_tensor(value).detach().clone()
+    return out
+
+
+def restore(extra: dict[str, torch.Tensor], optimizer, names: list[str], method, scaler, device) -> None:
+    """Put back the optimizer, method, RNG and loss-scale state saved by a previous run."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for name, param in zip(names, params):
+        prefix, suffix = "optim.", f".{name}"
+        entries = {k[len(prefix) : -len(suffix)]: v for k, v in extra.items() if k.startswith(prefix) and k.endswith(suffix)
+                   and k[len(prefix) : -len(suffix)] and "." not in k[len(prefix) : -len(suffix)]}
+        if entries:
+            optimizer.state[param] = {k: (v.to(device) if k != "step" else v) for k, v in entries.items()}
+    method_state = {k[len("method.") :]: v for k, v in extra.items() if k.startswith("method.")}
+    if method_state:
+        method.load_state_dict(method_state)
+    if "rng.torch" in extra:
+        torch.set_rng_state(extra["rng.torch"])
+    if "rng.cuda" in extra and device.type == "cuda":
+        torch.cuda.set_rng_state(extra["rng.cuda"], device)
+    if scaler is not None and "scaler.scale" in extra:
+        scaler.scale, scaler.good_steps = float(extra["scaler.scale"][0]), int(extra["scaler.scale"][1])
+
+
+class MetricsLog:
+    """Appends JSON lines, flushed each time. On resume, records after the saved step (written by
+    the run that died after its last save) are dropped first, so the file reads as one run."""
+
+    def __init__(self, path: Path, keep_until: int | None) -> None:
+        if keep_until is None:
+            path.write_text("")
+        elif path.exists():
+            kept = [line for line in path.read_text().splitlines() if line.strip() and _step_of(line) <= keep_until]
+            ckpt_io.atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
+        self.file = open(path, "a", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _step_of(line: str) -> int:
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError):
+        return 1 << 62  # a torn last line from a killed run: drop it
+
+
+class TensorBoard:
+    def __init__(self, logdir: Path) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise UsageError('--tensorboard needs the tensorboard package: pip install "cogradctl[tensorboard]"') from None
+        self.writer = SummaryWriter(str(logdir))
+
+    def scalars(self, step: int, values: dict) -> None:
+        for key, value in values.items():
+            if isinstance(value, (int, float)) and value is not None:
+                self.writer.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+@contextmanager
+def run_lock(out: Path):
+    """Refuse an output directory that another live run holds; recover the lock of a dead one."""
+    lock = out / ".lock"
+    me = f"{os.getpid()} {socket.gethostname()}"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            pid, host = _lock_owner(lock)
+            if pid is not None and (host != socket.gethostname() or _alive(pid)):
+                where = "" if host == socket.gethostname() else f" on {host}"
+                raise UsageError(f"--out {out}: in use by another cogradctl run (pid {pid}{where}); "
+                                 f"wait for it, or remove {lock} if that process is gone") from None
+            lock.unlink(missing_ok=True)  # stale: its process is dead
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(me)
+        break
+    try:
+        yield
+    finally:
+        try:
+            if lock.read_text() == me:
+                lock.unlink()
+        except OSError:
+            pass
+
+
+def _lock_owner(lock: Path) -> tuple[int | None, str]:
+    try:
+        pid, _, host = lock.read_text().partition(" ")
+        return int(pid), host.strip()
+    except (OSError, ValueError):
+        return None, ""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class _StopFlag:
+    signum: int | None = None
+
+
+@contextmanager
+def stop_signals():
+    """On SIGTERM or SIGINT, set a flag: the loop finishes its step, saves, and exits 128+signal."""
+    flag = _StopFlag()
+    previous = {}
+
+    def handler(signum, frame):
+        flag.signum = signum
+
+    try:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        pass
+    try:
+        yield flag
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _write_config(path: Path, cfg: TrainConfig) -> None:
+    """The effective configuration as a flat TOML file that ``--config`` accepts back."""
+    lines = ["# the effective configuration of this run (cogradctl train --config accepts this file)"]
+    for key, value in _plain(cfg).items():
+        if value is None or key in ("overwrite", "resume"):
+            continue
+        if isinstance(value, dict):
+            lines.append(f"{key} = {{ {', '.join(f'{json.dumps(k)} = {json.dumps(v)}' for k, v in value.items())} }}")
+        else:
+            lines.append(f"{key} = {json.dumps(value)}")
+    ckpt_io.atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
+
+
+def _plain(cfg: TrainConfig) -> dict:
+    return json.loads(json.dumps(asdict(cfg)))
+
+
+def config_fields() -> dict[str, type]:
+    return {f.name: f.type for f in fields(TrainConfig)}
+
+
+def validation_score(result: dict) -> float | None:
+    """Higher is better: the mean AUC of the binary tasks, or minus the mean MSE if there are none."""
+    auc = mean_auc(result)
+    if auc is not None:
+        return auc
+    mses = [m["mse"] for m in result["tasks"].values() if "mse" in m]
+    return -sum(mses) / len(mses) if mses else None
+
+
+def _binary(schema) -> bool:
+    return any(t.type == "binary" for t in schema.tasks)
+
+
+# ---------------------------------------------------------------------------- logging helpers
 
 MEASURE_BATCHES, MEASURE_BATCH_SIZE = 4, 256  # --measure-every: cheap, and the same batches every time
 

@@ -20,7 +20,7 @@ from cogradctl import cli as cli_module
 
 TASKS = ["click", "like", "share"]
 TINY_TRAIN = ("--max-steps", "3", "--batch-size", "256", "--device", "cpu", "--quiet")
-OUTPUTS = ("last.safetensors", "best.safetensors", "metrics.jsonl")
+OUTPUTS = ("last.safetensors", "best.safetensors", "metrics.jsonl", "config.toml")
 CUDA = torch.cuda.is_available()
 
 
@@ -141,11 +141,11 @@ def test_train_evaluate_measure_inspect_leave_inputs_untouched(cli, tmp_path, fi
             "--method", "cograd", "--gamma", "0.1", *TINY_TRAIN, "--json")
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
-    assert set(doc) == {"method", "steps", "epochs", "seconds", "out", "before", "after", "best"}
+    assert set(doc) == {"method", "steps", "epochs", "seconds", "out", "before", "after", "best", "skipped", "stopped_early"}
     assert doc["method"] == "cograd" and doc["steps"] == 3 and doc["epochs"] == 1 and doc["out"] == str(out)
     for key in ("before", "after"):
         assert doc[key]["rows"] == 500 and set(doc[key]["tasks"]) == set(TASKS)
-    assert set(doc["best"]) == {"auc", "step"}
+    assert set(doc["best"]) == {"auc", "score", "step"}
     assert sorted(os.listdir(out)) == sorted(OUTPUTS)
     last = ckpt_io.load(out / "last.safetensors")
     assert [h["run"] for h in last.history] == ["init", "train"]
@@ -418,7 +418,7 @@ def test_train_out_already_holds_a_run(cli, tmp_path, files):
     existing = tree_state(out)
     assert set(existing) == set(OUTPUTS)
     r = cli(*args, "--seed", "7")
-    assert_input_error(r, f"--out {out}", "already holds a run", "--overwrite")
+    assert_input_error(r, f"--out {out}", "already holds a finished run", "--overwrite")
     assert tree_state(out) == existing
     r = cli(*args, "--seed", "7", "--overwrite")
     assert r.exit_code == 0, r.output

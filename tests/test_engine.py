@@ -127,7 +127,8 @@ def oracle_step(world, combine):
     combined by ``combine`` on the shared parameters, own-task grads on task parameters."""
     model, split = fresh_model(world)
     schema = world["schema"]
-    index = next(data_io.iterate(world["data"], 128, shuffle=True, generator=torch.Generator().manual_seed(5)))
+    # The first batch of epoch 1: train orders epoch e by a permutation seeded with seed·1000003 + e.
+    index = torch.randperm(len(world["data"]), generator=torch.Generator().manual_seed(5 * 1_000_003 + 1))[:128]
     inputs, labels = world["data"].batch(index)
     rows = []
     task_grads = {}
