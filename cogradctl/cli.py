@@ -259,6 +259,8 @@ def train_cmd(
     save_every: Annotated[Optional[int], typer.Option(help="Save the resumable state every N steps (it is also saved at each epoch end).")] = None,
     precision: Annotated[str, typer.Option(help="fp32, bf16 (autocast, CPU or CUDA) or fp16 (CUDA, dynamic loss scaling).")] = "fp32",
     on_nonfinite: Annotated[str, typer.Option(help="abort (exit 4, keep the last saved state) or skip the batch.")] = "abort",
+    on_invalid_rows: OnInvalid = "error",
+    shuffle_buffer: Annotated[int, typer.Option(help="Rows held in the shuffle buffer (files and row groups are also shuffled each epoch).")] = 65536,
     log_every: Annotated[int, typer.Option(help="Write a metrics.jsonl record every N steps.")] = 10,
     measure_every: Annotated[Optional[int], typer.Option(help="Every N steps, write a transference record (4 fixed training batches) to metrics.jsonl.")] = None,
     tensorboard: Annotated[bool, typer.Option(help="Also log to OUT/tensorboard (needs the tensorboard package).")] = False,

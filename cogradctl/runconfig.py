@@ -24,7 +24,7 @@ TYPES: dict[str, tuple[type, ...]] = {
     "valid": (str,), "optimizer": (str,), "lr": (float, int), "weight_decay": (float, int), "momentum": (float, int),
     "grad_clip": (float, int), "warmup_steps": (int,), "schedule": (str,), "batch_size": (int,), "epochs": (int,),
     "max_steps": (int,), "eval_every": (int,), "early_stopping": (int,), "save_every": (int,), "precision": (str,),
-    "on_nonfinite": (str,), "seed": (int,), "device": (str,), "log_every": (int,), "measure_every": (int,),
+    "on_nonfinite": (str,), "on_invalid_rows": (str,), "shuffle_buffer": (int,), "seed": (int,), "device": (str,), "log_every": (int,), "measure_every": (int,),
     "tensorboard": (bool,),
 }
 

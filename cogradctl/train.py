@@ -10,9 +10,10 @@ optimizer and method state, RNG state, position in the data), ``best.safetensors
 validation score), ``metrics.jsonl`` (one JSON object per logged step or evaluation),
 ``config.toml`` (the effective configuration) and, while running, ``.lock``.
 
-Resume is exact: the order of the data in epoch e depends only on (seed, e), the learning rate only
-on the step, and the rest is in the saved state, so a run killed at any point and resumed ends with
-the same weights as an uninterrupted one (bit-identical on CPU with the same seed).
+Data stream from Parquet (``cogradctl.stream``): memory stays bounded whatever the data size. Resume
+is exact: the order of the data in epoch e depends only on (seed, e), the learning rate only on the
+step, and the rest is in the saved state, so a run killed at any point and resumed ends with the
+same weights as an uninterrupted one (bit-identical on CPU with the same seed).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from cogradctl.errors import Diverged, Stopped, UsageError
 from cogradctl.evaluate import evaluate, mean_auc
 from cogradctl.methods import get_method
 from cogradctl.models import build, split_parameters
+from cogradctl.stream import ParquetStream
 from cogradctl.taskgrad import TaskGradients, set_shared_grad
 
 OUTPUTS = ("last.safetensors", "best.safetensors", "metrics.jsonl")
@@ -45,7 +47,8 @@ SCHEDULES = ("constant", "cosine", "linear")
 PRECISIONS = ("fp32", "bf16", "fp16")
 # Changing these between a run and its resumption would make the result something else.
 RESUME_KEYS = ("checkpoint", "data", "method", "method_options", "optimizer", "lr", "weight_decay", "momentum",
-               "grad_clip", "warmup_steps", "schedule", "batch_size", "epochs", "max_steps", "seed", "precision")
+               "grad_clip", "warmup_steps", "schedule", "batch_size", "epochs", "max_steps", "seed", "precision",
+               "on_invalid_rows", "shuffle_buffer")
 
 
 @dataclass
@@ -73,6 +76,8 @@ class TrainConfig:
     save_every: int | None = None  # steps; state is also saved at every epoch end
     precision: str = "fp32"
     on_nonfinite: str = "abort"
+    on_invalid_rows: str = "error"  # or "drop": rows with NaN/inf/missing labels or features
+    shuffle_buffer: int = 65536  # rows held for shuffling, beyond file and row-group order
     seed: int = 0
     device: str = "cpu"
     log_every: int = 10
@@ -91,10 +96,12 @@ class TrainConfig:
                 raise UsageError(f"--{_flag(name)} must be positive, got {value}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise UsageError(f"--grad-clip must be positive, got {self.grad_clip}")
+        if self.shuffle_buffer < 0:
+            raise UsageError(f"--shuffle-buffer must be at least 0, got {self.shuffle_buffer}")
         if self.weight_decay < 0 or self.warmup_steps < 0 or not 0 <= self.momentum < 1:
             raise UsageError("--weight-decay and --warmup-steps must be ≥ 0 and --momentum in [0, 1)")
         for name, allowed in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("precision", PRECISIONS),
-                              ("on_nonfinite", ("abort", "skip"))):
+                              ("on_nonfinite", ("abort", "skip")), ("on_invalid_rows", ("error", "drop"))):
             if getattr(self, name) not in allowed:
                 raise UsageError(f"--{_flag(name)} {getattr(self, name)!r}: expected one of {', '.join(allowed)}")
         if self.early_stopping is not None and self.valid is None:
@@ -119,7 +126,9 @@ def train(cfg: TrainConfig, log: Log, plugin_paths: list[str] | None = None) -> 
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: exists and is not a directory")
     device = torch.device(cfg.device)
-    # Every input is read and checked before anything is written.
+    # Every input is read and checked before anything is written: the checkpoint, the method's
+    # options, every file's schema, the first training batch and, for a new run, all of --valid
+    # (evaluated as the starting point). Later training rows are checked as they stream by.
     source = ckpt_io.load(cfg.checkpoint)
     model, _ = build(source.model, source.schema, source.model_config, plugin_paths)
     ckpt_io.load_into(model, source.state, cfg.checkpoint)
@@ -127,20 +136,44 @@ def train(cfg: TrainConfig, log: Log, plugin_paths: list[str] | None = None) -> 
     schema = source.schema
     split = split_parameters(model, schema.task_names, source.model)
     method = get_method(cfg.method, plugin_paths, **cfg.method_options).to(device)
+    state = _previous_state(cfg, out)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        train_data = data_io.load(cfg.data, schema)
-        valid_data = data_io.load(cfg.valid, schema) if cfg.valid else None
+        stream = ParquetStream(cfg.data, schema, on_invalid=cfg.on_invalid_rows, shuffle_buffer=cfg.shuffle_buffer)
+        valid = ParquetStream(cfg.valid, schema, on_invalid=cfg.on_invalid_rows) if cfg.valid else None
+        position = (state["epoch"], state["batch"]) if state else (1, 0)
+        first = stream.batches(cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=position[0], start_batch=position[1], device=device)
+        primed = next(first, None)
+        before = evaluate(model, valid, schema, device=device) if valid is not None and not state else None
     for w in caught:
         log.warn(str(w.message))
     out.mkdir(parents=True, exist_ok=True)
-    with run_lock(out):
-        state = _previous_state(cfg, out)
-        return _train(cfg, out, log, state, source, model, split, method, train_data, valid_data)
+    with run_lock(out), stop_signals() as stop:
+        if cfg.overwrite:
+            for name in (*OUTPUTS, "config.toml"):
+                (out / name).unlink(missing_ok=True)
+        batches = _Primed(stream, position, primed, first)
+        return _train(cfg, out, log, state, source, model, split, method, batches, valid, before, stop)
+
+
+class _Primed:
+    """The training stream, whose first batch (at the run's starting position) was already read."""
+
+    def __init__(self, stream: ParquetStream, position: tuple[int, int], first, rest) -> None:
+        self.stream, self.position, self.first, self.rest = stream, position, first, rest
+        self.num_rows = stream.num_rows
+
+    def batches(self, batch_size: int, *, shuffle: bool, seed: int, epoch: int, start_batch: int, device):
+        if (epoch, start_batch) == self.position and self.first is not None:
+            first, self.first = self.first, None
+            yield first
+            yield from self.rest
+        else:
+            yield from self.stream.batches(batch_size, shuffle=shuffle, seed=seed, epoch=epoch, start_batch=start_batch, device=device)
 
 
 def _train(cfg: TrainConfig, out: Path, log: Log, state: dict | None, source: ckpt_io.Checkpoint, model, split,
-           method, train_data: data_io.Dataset, valid_data: data_io.Dataset | None) -> dict:
+           method, batches: _Primed, valid: ParquetStream | None, before: dict | None, stop: "_StopFlag") -> dict:
     device = torch.device(cfg.device)
     schema = source.schema
     tasks = schema.task_names
@@ -158,11 +191,17 @@ def _train(cfg: TrainConfig, out: Path, log: Log, state: dict | None, source: ck
         restore(start.extra, optimizer, names, method, scaler, device)
         log.info(f"resuming {out} at step {state['step']} (epoch {state['epoch']}, batch {state['batch']})")
 
-    batches = InMemoryBatches(train_data)
-    steps_per_epoch = math.ceil(batches.num_rows / cfg.batch_size)
+    steps_per_epoch = math.ceil(batches.num_rows / cfg.batch_size)  # fewer if invalid rows are dropped
     total = min(cfg.max_steps or steps_per_epoch * cfg.epochs, steps_per_epoch * cfg.epochs)
     log.info(f"training {source.model} on {batches.num_rows} rows ({', '.join(tasks)}) with {cfg.method}; "
              f"{split.num_shared} shared parameters; {total} steps; device {device}")
+    valid_data = valid
+    measure_rows = None
+    if cfg.measure_every:
+        from cogradctl.transference import pick_batches
+
+        size = min(MEASURE_BATCH_SIZE, cfg.batch_size)
+        measure_rows = batches.stream.rows(pick_batches(batches.num_rows, MEASURE_BATCHES, size, cfg.seed))
 
     history_entry = {
         "run": "train", "method": cfg.method, "method_options": cfg.method_options, "data": cfg.data, "seed": cfg.seed,
@@ -172,7 +211,8 @@ def _train(cfg: TrainConfig, out: Path, log: Log, state: dict | None, source: ck
     history_entry["optimizer"] = json.loads(json.dumps(history_entry["optimizer"]))  # tuples → lists
     started = time.time() - (state["seconds"] if state else 0.0)
     pos = dict(state) if state else {"step": 0, "epoch": 1, "batch": 0, "best_score": None, "best_step": 0,
-                                      "bad_evals": 0, "skipped": 0, "stopped_early": False, "before": None, "last_eval": None}
+                                      "bad_evals": 0, "skipped": 0, "stopped_early": False, "finished_steps": False, "evaluated_step": None,
+                                      "before": None, "last_eval": None}
 
     def snapshot(finished: bool) -> ckpt_io.Checkpoint:
         entry = {**history_entry, "steps": pos["step"], "epochs": pos["epoch"], "seconds": round(time.time() - started, 3), "time": _now()}
@@ -193,7 +233,9 @@ def _train(cfg: TrainConfig, out: Path, log: Log, state: dict | None, source: ck
     _write_config(out / "config.toml", cfg)
 
     def run_evaluation() -> dict:
-        result = evaluate(model, valid_data, schema, device=device)
+        return record_evaluation(evaluate(model, valid_data, schema, device=device))
+
+    def record_evaluation(result: dict) -> dict:
         score = validation_score(result)
         metrics.write({"step": pos["step"], "epoch": pos["epoch"], "valid": result["tasks"], "score": score})
         if tensorboard:
@@ -207,10 +249,21 @@ def _train(cfg: TrainConfig, out: Path, log: Log, state: dict | None, source: ck
         pos["last_eval"] = result
         return result
 
+    def evaluate_now() -> None:
+        if pos.get("evaluated_step") == pos["step"]:
+            return
+        pos["evaluated_step"] = pos["step"]
+        run_evaluation()
+        model.train()
+        if cfg.early_stopping and pos["bad_evals"] >= cfg.early_stopping:
+            pos["stopped_early"] = True
+            log.info(f"early stopping at step {pos['step']}: no better validation score in {cfg.early_stopping} evaluations")
+
     if not state:
-        if valid_data is not None:
-            pos["before"] = run_evaluation()
+        if before is not None:
+            pos["before"] = record_evaluation(before)
             pos["bad_evals"] = 0
+            pos["evaluated_step"] = 0
         else:
             log.info("no --valid data: skipping evaluation and best.safetensors")
         save_last()
@@ -218,11 +271,11 @@ def _train(cfg: TrainConfig, out: Path, log: Log, state: dict | None, source: ck
     grads = TaskGradients(model, split, schema, device)
     autocast = Autocast(device, cfg.precision)
     model.train()
-    with stop_signals() as stop, warnings.catch_warnings(record=True) as method_warnings:
+    with warnings.catch_warnings(record=True) as method_warnings:
         warnings.simplefilter("always")
         with log.progress(f"train {cfg.method}", total) as advance:
             advance(pos["step"])
-            while pos["step"] < total and not pos["stopped_early"]:
+            while pos["epoch"] <= cfg.epochs and not pos["finished_steps"]:
                 for inputs, labels in batches.batches(cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=pos["epoch"],
                                                       start_batch=pos["batch"], device=device):
                     for group in optimizer.param_groups:
@@ -248,34 +301,32 @@ def _train(cfg: TrainConfig, out: Path, log: Log, state: dict | None, source: ck
                         metrics.write(record)
                         if tensorboard:
                             tensorboard.scalars(pos["step"], {f"loss/{t}": v for t, v in record["loss"].items()})
-                    if cfg.measure_every and pos["step"] % cfg.measure_every == 0:
-                        metrics.write({"step": pos["step"], "epoch": pos["epoch"], "transference": measure_during_training(model, split, schema, train_data, cfg, device)})
+                    if measure_rows is not None and pos["step"] % cfg.measure_every == 0:
+                        metrics.write({"step": pos["step"], "epoch": pos["epoch"], "transference": measure_during_training(model, split, schema, measure_rows, cfg, device)})
                         model.train()
                     advance(loss=f"{float(losses.sum()):.4f}" if losses is not None else "skipped")
                     for w in method_warnings:
                         log.warn(str(w.message))
                     method_warnings.clear()
 
-                    epoch_end = pos["batch"] >= steps_per_epoch
-                    last_step = pos["step"] >= total
-                    if valid_data is not None and (epoch_end or last_step or (cfg.eval_every and pos["step"] % cfg.eval_every == 0)):
-                        run_evaluation()
-                        model.train()
-                        if cfg.early_stopping and pos["bad_evals"] >= cfg.early_stopping:
-                            pos["stopped_early"] = True
-                            log.info(f"early stopping at step {pos['step']}: no better validation score in {cfg.early_stopping} evaluations")
-                    if epoch_end:
-                        pos["epoch"] += 1
-                        pos["batch"] = 0
-                    done = pos["step"] >= total or pos["stopped_early"]
-                    if epoch_end or done or stop.signum or (cfg.save_every and pos["step"] % cfg.save_every == 0):
-                        save_last(finished=done)
-                    if stop.signum:
-                        name = signal.Signals(stop.signum).name
-                        raise Stopped(f"stopped by {name} at step {pos['step']}; state saved in {out / 'last.safetensors'}; "
-                                      "rerun the same command to resume", stop.signum)
-                    if done:
+                    pos["finished_steps"] = cfg.max_steps is not None and pos["step"] >= cfg.max_steps
+                    if valid_data is not None and (pos["finished_steps"] or (cfg.eval_every and pos["step"] % cfg.eval_every == 0)):
+                        evaluate_now()
+                    stopping = pos["finished_steps"] or pos["stopped_early"]
+                    if stopping or stop.signum or (cfg.save_every and pos["step"] % cfg.save_every == 0):
+                        save_last(finished=stopping)
+                    _raise_if_stopped(stop, pos, out)
+                    if stopping:
                         break
+                else:  # the epoch's data ran out: evaluate, then move on (and save) at the epoch boundary
+                    if valid_data is not None:
+                        evaluate_now()
+                    pos["epoch"] += 1
+                    pos["batch"] = 0
+                    save_last(finished=pos["epoch"] > cfg.epochs or pos["stopped_early"])
+                    _raise_if_stopped(stop, pos, out)
+                if pos["stopped_early"]:
+                    break
     metrics.close()
     if tensorboard:
         tensorboard.close()
@@ -294,17 +345,23 @@ def _train(cfg: TrainConfig, out: Path, log: Log, state: dict | None, source: ck
     }
 
 
+def _raise_if_stopped(stop: "_StopFlag", pos: dict, out: Path) -> None:
+    if stop.signum:
+        name = signal.Signals(stop.signum).name
+        raise Stopped(f"stopped by {name} at step {pos['step']}; state saved in {out / 'last.safetensors'}; "
+                      "rerun the same command to resume", stop.signum)
+
+
 def _previous_state(cfg: TrainConfig, out: Path) -> dict | None:
-    """The saved position of an unfinished run in ``out`` to resume from, or None to start afresh."""
+    """The saved position of an unfinished run in ``out`` to resume from, or None to start afresh
+    (reads only)."""
     last = out / "last.safetensors"
     existing = [n for n in OUTPUTS if (out / n).exists()]
     state = ckpt_io.load(last).training_state if last.exists() else None
     if cfg.overwrite:
         if cfg.resume:
             raise UsageError("--resume and --overwrite contradict each other")
-        for name in (*OUTPUTS, "config.toml"):
-            (out / name).unlink(missing_ok=True)
-        return None
+        return None  # its outputs are removed once the inputs have been checked
     if state is None:
         if cfg.resume:
             raise UsageError(f"--resume: {out} holds no run to resume")
@@ -419,24 +476,6 @@ def lr_at(cfg: TrainConfig, step: int, total: int) -> float:
 
 
 # ---------------------------------------------------------------------------- state and data
-
-
-class InMemoryBatches:
-    """Batches of a Dataset: the order of epoch e is a permutation seeded by (seed, e) alone, so
-    batch b of epoch e is the same whether the run got there directly or by resuming."""
-
-    def __init__(self, data: data_io.Dataset) -> None:
-        self.data = data
-        self.num_rows = len(data)
-
-    def batches(self, batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0, start_batch: int = 0, device="cpu"):
-        n = self.num_rows
-        if shuffle:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-        else:
-            order = torch.arange(n)
-        for start in range(start_batch * batch_size, n, batch_size):
-            yield self.data.batch(order[start : start + batch_size], device)
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer, names: list[str]) -> dict[str, torch.Tensor]:
@@ -624,12 +663,12 @@ def _binary(schema) -> bool:
 MEASURE_BATCHES, MEASURE_BATCH_SIZE = 4, 256  # --measure-every: cheap, and the same batches every time
 
 
-def measure_during_training(model, split, schema, train_data, cfg: TrainConfig, device) -> dict:
-    """Transference on MEASURE_BATCHES fixed (seeded by --seed) training batches, without the
-    per-batch provenance (it is the same at every step)."""
+def measure_during_training(model, split, schema, rows: data_io.Dataset, cfg: TrainConfig, device) -> dict:
+    """Transference on the MEASURE_BATCHES fixed training batches in ``rows`` (picked once, seeded by
+    --seed), without the per-batch provenance (it is the same at every step)."""
     from cogradctl.transference import measure
 
-    result = measure(model, split, schema, train_data, MEASURE_BATCHES, min(MEASURE_BATCH_SIZE, cfg.batch_size), seed=cfg.seed, device=device)
+    result = measure(model, split, schema, rows, MEASURE_BATCHES, min(MEASURE_BATCH_SIZE, cfg.batch_size), seed=cfg.seed, device=device)
     result.pop("measured")
     return result
 

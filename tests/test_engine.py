@@ -127,9 +127,11 @@ def oracle_step(world, combine):
     combined by ``combine`` on the shared parameters, own-task grads on task parameters."""
     model, split = fresh_model(world)
     schema = world["schema"]
-    # The first batch of epoch 1: train orders epoch e by a permutation seeded with seed·1000003 + e.
-    index = torch.randperm(len(world["data"]), generator=torch.Generator().manual_seed(5 * 1_000_003 + 1))[:128]
-    inputs, labels = world["data"].batch(index)
+    # The batch train's first step sees: the first of epoch 1 of the seeded stream.
+    from cogradctl.stream import ParquetStream
+
+    stream = ParquetStream(str(world["root"] / "train.parquet"), schema)
+    inputs, labels = next(stream.batches(128, shuffle=True, seed=5, epoch=1))
     rows = []
     task_grads = {}
     for i, task in enumerate(schema.task_names):
