@@ -133,7 +133,7 @@ def experiment(args, cfg: dict, checkpoint=lambda report: None) -> dict:
     started = time.time()
     pool = ThreadPoolExecutor(max(1, args.jobs))
     prep = run("prepare", ["data", "prepare", "census-kdd", "--source", args.source, "--out", data, "--group", "1", "--overwrite", "--json"])
-    report = {"config": cfg, "prepare": prep, "models": {}, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "complete": False}
+    report = {"jobs": args.jobs, "config": cfg, "prepare": prep, "models": {}, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "complete": False}
     bs = cfg["batch_size"]
     for model in cfg["models"]:
         mdir = out / model
@@ -272,11 +272,13 @@ def write_results(report: dict, path: Path, args, quick: bool) -> None:
     steps_total = sum(r["seconds"] for r in report["steps"])
     reused = sum(1 for r in report["steps"] if r.get("reused"))
     L += ["## Machine and time", "",
-          f"- CPU: {mach['cpu']}; {mach['cores']} cores visible; torch {mach['torch']} ({mach['torch_threads']} threads); Python {mach['python']}; {mach['platform']}",
+          f"- CPU: {mach['cpu']}; {mach['cores']} cores visible; torch {mach['torch']}; Python {mach['python']}; {mach['platform']}. "
+          f"cogradctl steps ran {report.get('jobs', 1)} at a time" + (" with 1 torch thread each (OMP_NUM_THREADS=1)." if report.get("jobs", 1) > 1 else f" with {mach['torch_threads']} torch threads."),
           f"- The machine was shared with other jobs during the run (load average at the end: "
           f"{', '.join(f'{x:.1f}' for x in mach['load_average_at_end']) if mach['load_average_at_end'] else 'n/a'}), so times are upper bounds for an idle 2-core machine.",
           f"- Sum of the wall times of all {len(report['steps'])} cogradctl steps, as measured when each ran: **{steps_total / 60:.1f} min**"
-          + (f" ({reused} steps reused from an earlier invocation of the script; this invocation ran {ran / 60:.1f} min of steps in {total / 60:.1f} min)" if reused else
+          + (f" ({reused} steps reused from their records — an earlier invocation of the script, or the CoGrad search's seed-0 run counted again; "
+             f"this invocation ran {ran / 60:.1f} min of steps in {total / 60:.1f} min)" if reused else
              f" (script wall time {total / 60:.1f} min)"), ""]
     L += ["## Setup", "",
           f"- Data: `cogradctl data prepare census-kdd --group 1`: train {report['prepare']['splits']['train']['rows']} rows (UCI training file), "
