@@ -4,7 +4,8 @@
 #   2. train  – a base model with equal weighting (ew), as a production model would have been trained
 #   3. train  – fine-tune the base with plain ew and, from the same base, with CoGrad; each prints
 #               per-task AUC/logloss before → after, so the two can be compared
-#   4. measure-transference – pairwise transference and gradient conflict of the fine-tuned model
+#   4. measure-transference – pairwise transference and gradient conflict of the CoGrad model,
+#               before (the base) and after fine-tuning, on the same validation batches
 # Usage: bash sample_data/quickstart.sh [OUTPUT_DIR]   (default: runs/quickstart)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,4 +21,5 @@ cogradctl train --checkpoint "$out/base/best.safetensors" --data "$data" --valid
     --method ew --epochs 2 --batch-size 512 --out "$out/ew" --overwrite --seed 0 --quiet
 cogradctl train --checkpoint "$out/base/best.safetensors" --data "$data" --valid "$valid" \
     --method cograd --epochs 2 --batch-size 512 --out "$out/cograd" --overwrite --seed 0
-cogradctl measure-transference --checkpoint "$out/cograd/best.safetensors" --data "$valid" --batches 8 --seed 0
+cogradctl measure-transference --checkpoint "$out/cograd/best.safetensors" --baseline "$out/base/best.safetensors" \
+    --data "$valid" --batches 8 --seed 0
