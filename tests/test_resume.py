@@ -275,3 +275,20 @@ def test_input_checkpoint_is_never_modified(base_checkpoint, sample_dir, tmp_pat
     before = base_checkpoint.read_bytes()
     train(_cfg(base_checkpoint, sample_dir, tmp_path / "ro"), Log(quiet=True))
     assert base_checkpoint.read_bytes() == before
+
+
+def test_tensorboard_logs_the_losses(base_checkpoint, sample_dir, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "tb"
+    train(_cfg(base_checkpoint, sample_dir, out, tensorboard=True, log_every=2, valid=str(sample_dir / "valid.parquet")), Log(quiet=True))
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert {"loss/click", "loss/like", "loss/share", "valid/click/auc"} <= set(tags)
+    logged = {e.step: e.value for e in events.Scalars("loss/click")}
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for r in records:
+        if "loss" in r:
+            assert logged[r["step"]] == pytest.approx(r["loss"]["click"], rel=1e-6)
