@@ -398,7 +398,8 @@ def train_step(grads: TaskGradients, method, optimizer: torch.optim.Optimizer, i
     scale = scaler.scale if scaler is not None else None
     with autocast or _nothing():
         losses, g, own = grads(inputs, labels, create_graph=requires_hvp, loss_scale=scale)
-    finite = torch.isfinite(losses) & torch.isfinite(g).all(dim=1)
+    # A NaN or inf anywhere in a row makes its sum non-finite: one reduction, no K×P mask.
+    finite = torch.isfinite(losses) & torch.isfinite(g.sum(dim=1))
     if scaler is not None and not bool(finite.all()):
         scaler.update(found_inf=True)
         return losses, g
