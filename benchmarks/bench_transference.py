@@ -26,18 +26,8 @@ import torch
 from cogradctl import data as data_io
 from cogradctl import models, sample
 from cogradctl import transference as tr
+from cogradctl.bench import cpu_model
 from cogradctl.taskgrad import task_losses
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def setup(k: int, rows: int, tmp: str):

@@ -47,15 +47,9 @@ TORCHJD_PAIRS = {  # ours → torchjd aggregator factory
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} with {torch.get_num_threads()} thread(s), Python {platform.python_version()}"
+    from cogradctl.bench import cpu_model
+
+    return f"{cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__} with {torch.get_num_threads()} thread(s), Python {platform.python_version()}"
 
 
 def interleaved(candidates: dict, rounds: int, warmup: int = 2) -> dict[str, float]:

@@ -30,8 +30,11 @@ def task_losses(outputs: dict[str, torch.Tensor], labels: torch.Tensor, schema: 
 class TaskGradients:
     """Computes, for one batch, the K losses, the K×P shared-gradient matrix and each task's own gradients."""
 
-    def __init__(self, model: torch.nn.Module, split: ParamSplit, schema: Schema, device: torch.device | str = "cpu") -> None:
+    def __init__(self, model: torch.nn.Module, split: ParamSplit, schema: Schema, device: torch.device | str = "cpu",
+                 own: bool = True) -> None:
+        """``own=False``: gradients on the shared parameters only (measurement needs no others)."""
         self.model, self.split, self.schema = model, split, schema
+        self.own = own
         self.tasks = schema.task_names
         k, p = len(self.tasks), split.num_shared
         self.grads = torch.empty(k, p, device=device, dtype=split.shared[0].dtype)
@@ -63,7 +66,7 @@ class TaskGradients:
             # in the same pass; the last pass frees the graph.
             for param, view in zip(self.split.shared, self.views[i]):
                 param.grad = view
-            mine = self.split.tasks[task]
+            mine = self.split.tasks[task] if self.own else []
             for param in mine:
                 param.grad = None
             torch.autograd.backward(scaled[i], inputs=[*self.split.shared, *mine], retain_graph=i < last)

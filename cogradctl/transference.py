@@ -33,7 +33,7 @@ from cogradctl.data import Dataset
 from cogradctl.errors import CheckpointError, GateFailed, PluginError, UsageError
 from cogradctl.models import ParamSplit
 from cogradctl.schema import Schema
-from cogradctl.taskgrad import flat_shared, task_losses, unflatten_shared
+from cogradctl.taskgrad import TaskGradients, flat_shared, task_losses, unflatten_shared
 
 # The default SGD lookahead step α (see docs/transference.md, "Choosing the lookahead step"): large
 # enough that loss changes are far above float32 rounding of the losses, small enough to stay near
@@ -128,33 +128,10 @@ def _groups(split: ParamSplit, spec: dict[str, list[str]], device) -> list[Group
 # ---------------------------------------------------------------------------- gradients, lookahead
 
 
-class SharedGradients:
+def SharedGradients(model: torch.nn.Module, split: ParamSplit, schema: Schema, device: torch.device | str = "cpu") -> TaskGradients:
     """For one batch: the K losses and the K×P matrix of task gradients on the shared parameters only
     (one forward, K backward passes; the graph is freed by the last one)."""
-
-    def __init__(self, model: torch.nn.Module, split: ParamSplit, schema: Schema, device: torch.device | str = "cpu") -> None:
-        self.model, self.split, self.schema = model, split, schema
-        k = len(schema.tasks)
-        self.grads = torch.empty(k, split.num_shared, device=device, dtype=split.shared[0].dtype)
-        self.views = []
-        for i in range(k):
-            row, offset = [], 0
-            for p in split.shared:
-                row.append(self.grads[i, offset : offset + p.numel()].view_as(p))
-                offset += p.numel()
-            self.views.append(row)
-
-    def __call__(self, inputs, labels):
-        losses = task_losses(self.model(inputs), labels, self.schema)
-        last = len(self.views) - 1
-        for i, row in enumerate(self.views):
-            grads = torch.autograd.grad(losses[i], self.split.shared, retain_graph=i < last, allow_unused=True)
-            for view, g in zip(row, grads):
-                if g is None:
-                    view.zero_()
-                else:
-                    view.copy_(g)
-        return losses.detach(), self.grads, None
+    return TaskGradients(model, split, schema, device, own=False)
 
 
 def adam_preconditioner(extra: dict[str, torch.Tensor], history: list[dict], split: ParamSplit, source: str):
