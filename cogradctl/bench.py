@@ -24,7 +24,7 @@ from cogradctl.methods import get_method
 from cogradctl.models import ParamSplit
 from cogradctl.schema import Schema
 from cogradctl.taskgrad import TaskGradients, task_losses
-from cogradctl.train import train_step
+from cogradctl.train import TrainConfig, make_optimizer, train_step
 from cogradctl.transference import DEFAULT_LOOKAHEAD_LR, measure_batch
 
 
@@ -75,7 +75,7 @@ def bench(
     k = len(schema.tasks)
     names = schema.task_names
     model.train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.0)
+    optimizer = make_optimizer(TrainConfig(checkpoint="", data="", out="", lr=0.0), list(model.parameters()))  # as train's
     grads = TaskGradients(model, split, schema, device)
 
     def floor(inputs, labels) -> None:  # one forward, K backward passes onto shared + own parameters

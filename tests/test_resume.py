@@ -80,10 +80,10 @@ def test_sigkill_mid_epoch_then_rerun_gives_bit_identical_weights(dropout_checkp
 
 def test_sigterm_finishes_the_step_saves_and_exits_143(dropout_checkpoint, sample_dir, tmp_path):
     out = tmp_path / "term"
-    proc = subprocess.Popen(train_args(dropout_checkpoint, sample_dir, out, "--save-every", "1000"), cwd=ROOT,
+    long_run = ("--save-every", "1000", "--epochs", "40")  # 1280 steps: still running when the signal lands
+    proc = subprocess.Popen(train_args(dropout_checkpoint, sample_dir, out, *long_run), cwd=ROOT,
                             stderr=subprocess.PIPE, text=True)
-    wait_for_step(proc, out, 0)
-    time.sleep(1.0)
+    wait_for_step(proc, out, 32)  # the end of epoch 1 was saved: training is under way
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err
@@ -91,7 +91,7 @@ def test_sigterm_finishes_the_step_saves_and_exits_143(dropout_checkpoint, sampl
     state = ckpt_io.load(out / "last.safetensors").training_state
     assert not state["finished"] and state["step"] >= 1
     assert not (out / ".lock").exists()
-    done = subprocess.run(train_args(dropout_checkpoint, sample_dir, out, "--save-every", "1000"), cwd=ROOT, timeout=600)
+    done = subprocess.run(train_args(dropout_checkpoint, sample_dir, out, *long_run), cwd=ROOT, timeout=600)  # the same command
     assert done.returncode == 0
     assert ckpt_io.load(out / "last.safetensors").training_state["finished"]
 
