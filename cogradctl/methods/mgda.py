@@ -19,6 +19,13 @@ def _faces_solve(m: torch.Tensor) -> torch.Tensor:
     """
     mm = m.detach().cpu().double().numpy()
     k = mm.shape[0]
+    # Fast path: when the minimiser over the whole affine hull is inside the simplex (α ≥ 0, the
+    # common case for nearly orthogonal gradients) it is the answer: Mα = λ·1 holds on the full support.
+    full = np.block([[mm, np.ones((k, 1))], [np.ones((1, k)), np.zeros((1, 1))]])
+    if np.linalg.cond(full) < 1e12:
+        alpha = np.linalg.solve(full, np.r_[np.zeros(k), 1.0])[:k]
+        if (alpha >= 0).all() and abs(alpha.sum() - 1.0) <= 1e-10:
+            return torch.from_numpy(alpha.copy())
     codes = np.arange(1, 2**k)
     masks = ((codes[:, None] >> np.arange(k)) & 1).astype(bool)  # S × K supports
     s = masks.shape[0]
