@@ -762,7 +762,7 @@ def methods_cmd(plugin_path: PluginPath = None, json_out: Json = False) -> None:
     if json_out:
         emit_json({"methods": rows})
     else:
-        stdout.print(_registry_table("gradient methods", rows, ["name", "family", "description", "options", "source", "status"]))
+        stdout.print(_registry_table("gradient methods", rows, ["name", "family", "description", "paper", "options", "source", "status"]))
 
 
 # ---------------------------------------------------------------------------- bench
