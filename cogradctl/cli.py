@@ -22,11 +22,12 @@ from rich.table import Table
 
 from cogradctl import __version__
 from cogradctl.console import Log, stderr
-from cogradctl.errors import EXIT_INPUT, EXIT_UNEXPECTED, CogradError, UsageError
+from cogradctl.errors import EXIT_UNEXPECTED, CogradError, UsageError
 
 EXIT_CODES = (
     "Exit codes: 0 success; 1 unexpected failure (a bug; rerun with COGRADCTL_DEBUG=1 for a traceback); "
-    "2 usage or input error (bad option, missing or invalid file, schema mismatch); 3 a quality gate failed."
+    "2 usage or input error (bad option, missing or invalid file, schema mismatch); 3 a quality gate failed; "
+    "4 training diverged (non-finite loss or gradient); 130/143 stopped by SIGINT/SIGTERM after saving (rerun to resume)."
 )
 
 app = typer.Typer(
@@ -281,6 +282,7 @@ def train_cmd(
     from cogradctl import checkpoint as ckpt_io
     from cogradctl import runconfig
     from cogradctl.models import resolve_device
+    from cogradctl.schema import Schema
     from cogradctl.train import TrainConfig, train
 
     given = {name: value for name, value in ctx.params.items()}
@@ -296,7 +298,8 @@ def train_cmd(
         if values[key] is None:
             raise UsageError(f"missing --{key} (give the option, or '{key}' in a --config file)")
     dev = resolve_device(str(values["device"]))
-    tasks = ckpt_io.load(values["checkpoint"]).schema.task_names
+    # Task names from the metadata alone: train reads the tensors once, itself.
+    tasks = Schema.from_json(ckpt_io.read_metadata(values["checkpoint"])["schema"]).task_names
     method_options = {k: (_per_task_table(k, v, tasks) if isinstance(v, dict) else v) for k, v in from_file.get("method_options", {}).items()}
     method_options.update(_method_options(values["method"], gamma, weights, option or [], tasks))
     cfg = TrainConfig(**{**values, "checkpoint": str(values["checkpoint"]), "out": str(values["out"]), "device": str(dev),
@@ -351,7 +354,6 @@ def evaluate_cmd(
     quiet: Quiet = False,
 ) -> None:
     """Per-task AUC (exact, tie-aware) and logloss for binary tasks; MSE and MAE for regression tasks."""
-    from cogradctl import data as data_io
     from cogradctl.evaluate import evaluate
     from cogradctl.models import from_checkpoint, resolve_device
 
@@ -372,17 +374,6 @@ def evaluate_cmd(
     for task, m in result["tasks"].items():
         table.add_row(task, *(_fmt(m[k]) if k in m else "" for k in ("auc", "logloss", "mse", "mae")))
     stdout.print(table)
-
-
-def _load_data(spec: str, schema, log: Log):
-    from cogradctl import data as data_io
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        dataset = data_io.load(spec, schema)
-    for w in caught:
-        log.warn(str(w.message))
-    return dataset
 
 
 def _open_data(spec: str, schema, log: Log, on_invalid: str = "error", shuffle_buffer: int = 65536):

@@ -48,11 +48,6 @@ def predict_with_labels(model: torch.nn.Module, data, schema: Schema, batch_size
     return np.concatenate(preds), np.concatenate(labels)
 
 
-def predict(model: torch.nn.Module, data, schema: Schema, batch_size: int = 8192, device: torch.device | str = "cpu") -> np.ndarray:
-    """N×K predictions: probabilities for binary tasks, values for regression tasks."""
-    return predict_with_labels(model, data, schema, batch_size, device)[0]
-
-
 def evaluate(model: torch.nn.Module, data, schema: Schema, batch_size: int = 8192, device: torch.device | str = "cpu") -> dict:
     """``{"rows": N, "tasks": {task: {"auc": …, "logloss": …} | {"mse": …, "mae": …}}}`` (AUC None if one class)."""
     preds, labels = predict_with_labels(model, data, schema, batch_size, device)

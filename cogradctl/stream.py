@@ -24,7 +24,6 @@ labels outside {0, 1} are always an error (the task type is wrong, not the row).
 
 from __future__ import annotations
 
-import math
 import re
 from collections import Counter
 from dataclasses import dataclass

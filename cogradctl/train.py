@@ -26,7 +26,7 @@ import socket
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -644,10 +644,6 @@ def _write_config(path: Path, cfg: TrainConfig) -> None:
 
 def _plain(cfg: TrainConfig) -> dict:
     return json.loads(json.dumps(asdict(cfg)))
-
-
-def config_fields() -> dict[str, type]:
-    return {f.name: f.type for f in fields(TrainConfig)}
 
 
 def validation_score(result: dict) -> float | None:
