@@ -82,6 +82,12 @@ class _Unit:
     group: int
     start: int  # global row number of the first row
     rows: int
+    skip: int = 0  # a piece of a row group (data shards): rows of the group before this piece
+    group_rows: int | None = None  # the whole row group's rows, when this is a piece of it
+
+    def piece(self, lo: int, hi: int) -> "_Unit":
+        """Rows [lo, hi) of this unit."""
+        return _Unit(self.file, self.group, self.start + lo, hi - lo, self.skip + lo, self.group_rows or self.rows)
 
 
 class _Chunk:
@@ -177,24 +183,32 @@ class ParquetStream:
         return pq.ParquetFile(f.path, metadata=f.meta, read_dictionary=f.dictionary or None)
 
     def _read_unit(self, u: _Unit) -> Iterator[tuple[int, pa.Table]]:
-        """(offset in the unit, table of up to READ_ROWS rows) for one row group."""
+        """(offset in the unit, table of up to READ_ROWS rows) for one row group, or the piece of
+        it that ``u`` names."""
         f = self.files[u.file]
-        offset = 0
+        expected = u.group_rows or u.rows
+        lo, hi = u.skip, u.skip + u.rows
+        offset = 0  # in the row group
         try:
             for rb in self._parquet(f).iter_batches(batch_size=READ_ROWS, row_groups=[u.group], columns=f.columns, use_threads=False):
-                table = pa.Table.from_batches([rb])
-                for name, value in f.constants.items():
-                    table = table.append_column(name, _partition_array(value, table.num_rows))
-                if offset + table.num_rows > u.rows:
-                    offset += table.num_rows
+                n = rb.num_rows
+                if offset + n > expected:
+                    offset += n
                     break
-                yield offset, table
-                offset += table.num_rows
+                if offset + n > lo and offset < hi:
+                    a, b = max(lo - offset, 0), min(hi - offset, n)
+                    table = pa.Table.from_batches([rb.slice(a, b - a) if (a, b) != (0, n) else rb])
+                    for name, value in f.constants.items():
+                        table = table.append_column(name, _partition_array(value, table.num_rows))
+                    yield offset + a - lo, table
+                offset += n
+                if offset >= hi and u.group_rows:
+                    return  # a piece: the rest of the group is another shard's
         except (pa.ArrowException, OSError, ValueError, IndexError) as exc:
             raise DataError(f"{f.path} (row group {u.group}): not a readable Parquet file ({_short(exc)})") from exc
-        if offset != u.rows:  # a damaged footer or column chunk
-            raise DataError(f"{f.path} (row group {u.group}): not a readable Parquet file (the footer says {u.rows} rows, "
-                            f"the data has {'at least ' if offset > u.rows else ''}{offset})")
+        if offset != expected:  # a damaged footer or column chunk
+            raise DataError(f"{f.path} (row group {u.group}): not a readable Parquet file (the footer says {expected} rows, "
+                            f"the data has {'at least ' if offset > expected else ''}{offset})")
 
     def _where(self, u: _Unit) -> str:
         return f"{self.files[u.file].path} (row group {u.group})"
@@ -255,18 +269,54 @@ class ParquetStream:
     # ------------------------------------------------------------------ batches
 
     def batches(self, batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0, start_batch: int = 0,
-                device: torch.device | str = "cpu") -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+                device: torch.device | str = "cpu", shards: int = 1, take: tuple[int, ...] = (0,),
+                ) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
         """One epoch of (inputs {"dense", "categorical"}, labels B×K); the last batch may be smaller.
 
         The same ``(seed, epoch)`` gives the same batches; ``start_batch`` skips that many batches
         of the sequence exactly (the rows they held are not encoded).
+
+        Data shards (distributed training): with ``shards`` S > 1, the epoch's rows, in the
+        permuted order of the units, are cut into S contiguous parts of equal size (±1 row; a row
+        group may be cut between two shards), and each part has its own shuffle buffer and random
+        generator. Batch t is then the concatenation of batch t (``batch_size`` rows) of each
+        shard in ``take``; the stream ends when all of them are exhausted. The batches depend on
+        (seed, epoch, S) only, so any split of the S shards among processes sees the same rows.
         """
         if batch_size < 1:
             raise UsageError(f"batch size must be positive, got {batch_size}")
         if start_batch < 0:
             raise UsageError(f"start_batch must be at least 0, got {start_batch}")
+        if shards < 1 or not take or any(not 0 <= s < shards for s in take):
+            raise UsageError(f"data shards {list(take)} of {shards}: expected shard numbers in [0, {shards})")
         rng = np.random.default_rng([int(seed), int(epoch), 0x5EED])
         order = rng.permutation(len(self.units)) if shuffle else np.arange(len(self.units))
+        units = [self.units[k] for k in order]
+        if shards == 1:
+            streams = [self._shard_batches(units, batch_size, shuffle, rng, start_batch)]
+        else:
+            parts = _cut(units, shards)
+            streams = [self._shard_batches(parts[s], batch_size, shuffle, np.random.default_rng([int(seed), int(epoch), 0x5EED, shards, s]),
+                                           start_batch) for s in take]
+        total = 0
+        while streams:
+            chunks = []
+            for stream in list(streams):
+                chunk = next(stream, None)
+                if chunk is None:
+                    streams.remove(stream)
+                else:
+                    chunks.append(chunk)
+            if chunks:
+                out = _Chunk.concat(chunks)
+                total += len(out)
+                yield self._tensors(out, device)
+        if total == 0 and start_batch == 0 and shards == 1:
+            raise DataError(f"{self.spec}: no rows left after dropping {self.stats['rows_dropped']} invalid row(s)")
+
+    def _shard_batches(self, units: list[_Unit], batch_size: int, shuffle: bool, rng: np.random.Generator,
+                       start_batch: int) -> Iterator[_Chunk]:
+        """The batches (encoded chunks) of one shard: ``units`` in this order through one buffer."""
         cap = max(self.shuffle_buffer, batch_size) if shuffle else 0
         state = _Shuffler(cap, batch_size, rng)
         k = 0
@@ -274,8 +324,8 @@ class ParquetStream:
             # Skipping replays the same algorithm on row ids only: the random draws depend on row
             # counts alone, so the rows in flight afterwards are exactly those of the full run.
             emitted, done = 0, False
-            while k < len(order) and not done:
-                chunk = self._ids_unit(self.units[order[k]])
+            while k < len(units) and not done:
+                chunk = self._ids_unit(units[k])
                 k += 1
                 for _ in state.push(chunk):
                     emitted += 1
@@ -290,23 +340,14 @@ class ParquetStream:
                         break
                 if done:
                     state.hydrate(self._gather)
-                    for out in state.drain_rest():
-                        yield self._tensors(out, device)
+                    yield from state.drain_rest()
                 return
             state.hydrate(self._gather)
-            for out in state.push(None):  # batches the staged rows still make
-                yield self._tensors(out, device)
-        total = 0
-        for k in range(k, len(order)):
-            for chunk in self._encode_unit(self.units[order[k]]):
-                for out in state.push(chunk):
-                    total += len(out)
-                    yield self._tensors(out, device)
-        for out in state.drain():
-            total += len(out)
-            yield self._tensors(out, device)
-        if total == 0 and start_batch == 0:
-            raise DataError(f"{self.spec}: no rows left after dropping {self.stats['rows_dropped']} invalid row(s)")
+            yield from state.push(None)  # batches the staged rows still make
+        for k in range(k, len(units)):
+            for chunk in self._encode_unit(units[k]):
+                yield from state.push(chunk)
+        yield from state.drain()
 
     def _tensors(self, c: _Chunk, device) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         dense, cat, labels = self._encoder.unpack(c.a)
@@ -361,6 +402,21 @@ class ParquetStream:
 
     def __len__(self) -> int:
         return self.num_rows
+
+
+def _cut(units: list[_Unit], shards: int) -> list[list[_Unit]]:
+    """``units`` (in order) cut into ``shards`` contiguous parts of equal row counts (±1)."""
+    total = sum(u.rows for u in units)
+    bounds = [total * s // shards for s in range(shards + 1)]
+    parts: list[list[_Unit]] = [[] for _ in range(shards)]
+    at = 0
+    for u in units:
+        for s in range(shards):
+            lo, hi = max(bounds[s], at), min(bounds[s + 1], at + u.rows)
+            if lo < hi:
+                parts[s].append(u if (lo, hi) == (at, at + u.rows) else u.piece(lo - at, hi - at))
+        at += u.rows
+    return parts
 
 
 class _Shuffler:

@@ -136,3 +136,43 @@ def test_bad_arguments(parts):
         ParquetStream(str(root), schema, on_invalid="ignore")
     with pytest.raises(UsageError, match="--shuffle-buffer"):
         ParquetStream(str(root), schema, shuffle_buffer=-1)
+
+
+def _rowset(batches) -> list[tuple]:
+    dense, cats, labels = cat(batches)
+    return sorted(map(tuple, torch.cat([dense, cats.double(), labels.double()], dim=1).tolist()))
+
+
+@pytest.mark.parametrize("shards", [2, 3, 5])
+def test_data_shards_partition_the_epoch(parts, shards):
+    """Shards are disjoint, cover every row once, are equal to ±1 row (row groups cut where
+    needed), and a process holding several shards sees the concatenation of their batches."""
+    root, schema = parts
+    s = ParquetStream(str(root), schema, shuffle_buffer=200)
+    every = _rowset(list(s.batches(64, shuffle=True, seed=3, epoch=2)))
+    per = [list(s.batches(64, shuffle=True, seed=3, epoch=2, shards=shards, take=(k,))) for k in range(shards)]
+    sizes = [sum(len(b[1]) for b in p) for p in per]
+    assert sum(sizes) == 1800 and max(sizes) - min(sizes) <= 1
+    assert sorted(r for p in per for r in _rowset(p)) == every
+    together = list(s.batches(64, shuffle=True, seed=3, epoch=2, shards=shards, take=tuple(range(shards))))
+    for t, batch in enumerate(together):
+        alone = [p[t] for p in per if t < len(p)]
+        assert torch.equal(batch[1], torch.cat([b[1] for b in alone]))
+        assert torch.equal(batch[0]["dense"], torch.cat([b[0]["dense"] for b in alone]))
+    # Deterministic per (seed, epoch, shards); another seed reorders.
+    assert same(per[1], list(s.batches(64, shuffle=True, seed=3, epoch=2, shards=shards, take=(1,))))
+    assert not same(per[1], list(s.batches(64, shuffle=True, seed=4, epoch=2, shards=shards, take=(1,))))
+
+
+def test_data_shards_resume_exactly(parts):
+    root, schema = parts
+    s = ParquetStream(str(root), schema, shuffle_buffer=150)
+    full = list(s.batches(50, shuffle=True, seed=1, epoch=1, shards=2, take=(0, 1)))
+    for start in (1, 5, len(full) - 1):
+        assert same(full[start:], list(s.batches(50, shuffle=True, seed=1, epoch=1, shards=2, take=(0, 1), start_batch=start))), start
+
+
+def test_data_shard_numbers_are_checked(parts):
+    root, schema = parts
+    with pytest.raises(UsageError, match="data shards"):
+        next(ParquetStream(str(root), schema).batches(10, shuffle=True, shards=2, take=(2,)))
