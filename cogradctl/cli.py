@@ -79,7 +79,7 @@ def command(name: str, **kwargs):
             except CogradError as exc:
                 if DEBUG["on"]:
                     raise
-                stderr.print(f"error: {exc}", markup=False, style="red")
+                stderr.print(f"{_rank_prefix()}error: {exc}", markup=False, style="red")
                 raise typer.Exit(exc.exit_code) from None
             except KeyboardInterrupt:
                 stderr.print("interrupted", markup=False)
@@ -93,6 +93,13 @@ def command(name: str, **kwargs):
         return app.command(name, epilog=EXIT_CODES, **kwargs)(wrapper)
 
     return decorate
+
+
+def _rank_prefix() -> str:
+    """Under torchrun, errors from processes other than rank 0 name their rank."""
+    from cogradctl.distributed import env_rank
+
+    return f"[rank {env_rank()}] " if env_rank() else ""
 
 
 def emit_json(doc) -> None:
@@ -252,7 +259,8 @@ def train_cmd(
     grad_clip: Annotated[Optional[float], typer.Option(help="Clip the global norm of the final gradients to this.")] = None,
     warmup_steps: Annotated[int, typer.Option(help="Linear learning-rate warmup over this many steps.")] = 0,
     schedule: Annotated[str, typer.Option(help="After warmup: constant, cosine or linear decay to 0 at the last step.")] = "constant",
-    batch_size: Annotated[int, typer.Option(help="Rows per step.")] = 1024,
+    batch_size: Annotated[int, typer.Option(help="Rows per step and process (under torchrun the global batch is this × the number of processes).")] = 1024,
+    data_shards: Annotated[Optional[int], typer.Option(help="Cut each epoch's data into this many shards (default: one per process); a run resumes with any number of processes that divides it.", show_default=False)] = None,
     epochs: Annotated[int, typer.Option(help="Passes over the data.")] = 1,
     max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many steps (overrides --epochs when smaller).")] = None,
     eval_every: Annotated[Optional[int], typer.Option(help="Also evaluate on --valid every N steps.")] = None,
@@ -304,7 +312,12 @@ def train_cmd(
     method_options.update(_method_options(values["method"], gamma, weights, option or [], tasks))
     cfg = TrainConfig(**{**values, "checkpoint": str(values["checkpoint"]), "out": str(values["out"]), "device": str(dev),
                          "method_options": method_options, "overwrite": overwrite, "resume": resume})
-    result = train(cfg, Log(quiet), _paths(plugin_path))
+    from cogradctl.distributed import env_rank
+
+    main = env_rank() == 0  # under torchrun, rank 0 alone logs and prints
+    result = train(cfg, Log(quiet or not main), _paths(plugin_path))
+    if not main:
+        return
     if json_out:
         emit_json(result)
         return
@@ -442,56 +455,64 @@ def measure_cmd(
         raise UsageError(f"--max-conflict-rate must be in [0, 1], got {max_conflict_rate}")
     if plot is not None:
         _require_matplotlib()
-    log = Log(quiet)
-    dev = resolve_device(device)
-    ckpt, model, split = from_checkpoint(checkpoint, _paths(plugin_path), dev)
-    base_ckpt = None
-    if baseline is not None:
-        base_ckpt = ckpt_io.load(baseline)
-        mine, theirs = ckpt.schema.task_names, base_ckpt.schema.task_names
-        if set(mine) != set(theirs):
-            raise UsageError(f"--baseline {baseline} has tasks {', '.join(theirs)} but --checkpoint {checkpoint} has {', '.join(mine)}; both must have the same tasks")
+    import torch
 
-    def run(ck, net, sp, path):
-        precond, alpha = None, lookahead_lr
-        if lookahead == "optimizer":
-            precond, trained_lr, _ = tr.adam_preconditioner(ck.extra, ck.history, sp, str(path))
-            alpha = trained_lr if lookahead_lr is None else lookahead_lr
-        elif alpha is None:
-            alpha = tr.DEFAULT_LOOKAHEAD_LR
-        stream = _open_data(data, ck.schema, log, on_invalid_rows)  # only the picked row ranges are read
-        groups = tr.shared_groups(net, sp, ck.model) if by_module else None
-        out = tr.measure_full(net, sp, ck.schema, stream, batches, batch_size, alpha, seed, dev, precond, groups, holdout, normalize_rows, lookahead)
-        _report_data(stream, log)
-        return out
+    from cogradctl.distributed import env_rank, process_group
 
-    log.info(f"measuring {checkpoint}")
-    result, per_batch = run(ckpt, model, split, checkpoint)
-    runs = [("checkpoint", per_batch, result["measured"])]
-    if base_ckpt is not None:
-        log.info(f"measuring the baseline {baseline} on the same batches")
-        _, base_model, base_split = from_checkpoint(baseline, _paths(plugin_path), dev)
-        before, before_pb = run(base_ckpt, base_model, base_split, baseline)
-        order = [before["tasks"].index(t) for t in result["tasks"]]
-        if order != list(range(len(order))):
-            before_pb = tr.reorder(before_pb, order)
-            before = {**before, **tr.summarise(before_pb, None, normalize_rows), "tasks": result["tasks"]}
-            before.pop("modules", None)
-        result["baseline"] = {"checkpoint": str(baseline), **before}
-        result["delta"] = tr.compare(per_batch, before_pb)
-        runs.append(("baseline", before_pb, before["measured"]))
-    result["checkpoint"] = str(checkpoint)
-    if raw is not None:
-        tr.write_raw(tr.raw_table(result["tasks"], runs), raw)
-        log.info(f"wrote {raw}")
-    if plot is not None:
-        _plot_heatmaps(result, plot)
-        log.info(f"wrote {plot}")
-    if json_out:
-        emit_json(result)
-    else:
-        _print_measurement(result)
-    tr.gate(result, min_transference=min_transference, max_conflict_rate=max_conflict_rate, max_regression=max_regression)
+    log = Log(quiet or env_rank() != 0)
+    # Under torchrun, each process measures its share of the batches (docs/distributed.md).
+    with process_group(str(resolve_device(device))) as (dist, device_name):
+        dev = torch.device(device_name)
+        ckpt, model, split = from_checkpoint(checkpoint, _paths(plugin_path), dev)
+        base_ckpt = None
+        if baseline is not None:
+            base_ckpt = ckpt_io.load(baseline)
+            mine, theirs = ckpt.schema.task_names, base_ckpt.schema.task_names
+            if set(mine) != set(theirs):
+                raise UsageError(f"--baseline {baseline} has tasks {', '.join(theirs)} but --checkpoint {checkpoint} has {', '.join(mine)}; both must have the same tasks")
+
+        def run(ck, net, sp, path):
+            precond, alpha = None, lookahead_lr
+            if lookahead == "optimizer":
+                precond, trained_lr, _ = tr.adam_preconditioner(ck.extra, ck.history, sp, str(path))
+                alpha = trained_lr if lookahead_lr is None else lookahead_lr
+            elif alpha is None:
+                alpha = tr.DEFAULT_LOOKAHEAD_LR
+            stream = _open_data(data, ck.schema, log, on_invalid_rows)  # only the picked row ranges are read
+            groups = tr.shared_groups(net, sp, ck.model) if by_module else None
+            out = tr.measure_full(net, sp, ck.schema, stream, batches, batch_size, alpha, seed, dev, precond, groups, holdout, normalize_rows, lookahead, dist)
+            _report_data(stream, log)
+            return out
+
+        log.info(f"measuring {checkpoint}")
+        result, per_batch = run(ckpt, model, split, checkpoint)
+        runs = [("checkpoint", per_batch, result["measured"])]
+        if base_ckpt is not None:
+            log.info(f"measuring the baseline {baseline} on the same batches")
+            _, base_model, base_split = from_checkpoint(baseline, _paths(plugin_path), dev)
+            before, before_pb = run(base_ckpt, base_model, base_split, baseline)
+            order = [before["tasks"].index(t) for t in result["tasks"]]
+            if order != list(range(len(order))):
+                before_pb = tr.reorder(before_pb, order)
+                before = {**before, **tr.summarise(before_pb, None, normalize_rows), "tasks": result["tasks"]}
+                before.pop("modules", None)
+            result["baseline"] = {"checkpoint": str(baseline), **before}
+            result["delta"] = tr.compare(per_batch, before_pb)
+            runs.append(("baseline", before_pb, before["measured"]))
+        result["checkpoint"] = str(checkpoint)
+        if not dist.main:
+            return  # under torchrun, rank 0 alone writes and prints
+        if raw is not None:
+            tr.write_raw(tr.raw_table(result["tasks"], runs), raw)
+            log.info(f"wrote {raw}")
+        if plot is not None:
+            _plot_heatmaps(result, plot)
+            log.info(f"wrote {plot}")
+        if json_out:
+            emit_json(result)
+        else:
+            _print_measurement(result)
+        tr.gate(result, min_transference=min_transference, max_conflict_rate=max_conflict_rate, max_regression=max_regression)
 
 
 def _print_measurement(result: dict) -> None:

@@ -22,7 +22,7 @@ from cogradctl.errors import UsageError
 TYPES: dict[str, tuple[type, ...]] = {
     "checkpoint": (str,), "data": (str,), "out": (str,), "method": (str,), "method_options": (dict,),
     "valid": (str,), "optimizer": (str,), "lr": (float, int), "weight_decay": (float, int), "momentum": (float, int),
-    "grad_clip": (float, int), "warmup_steps": (int,), "schedule": (str,), "batch_size": (int,), "epochs": (int,),
+    "grad_clip": (float, int), "warmup_steps": (int,), "schedule": (str,), "batch_size": (int,), "data_shards": (int,), "epochs": (int,),
     "max_steps": (int,), "eval_every": (int,), "early_stopping": (int,), "save_every": (int,), "precision": (str,),
     "on_nonfinite": (str,), "on_invalid_rows": (str,), "shuffle_buffer": (int,), "seed": (int,), "device": (str,), "log_every": (int,), "measure_every": (int,),
     "tensorboard": (bool,),

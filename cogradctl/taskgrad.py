@@ -80,6 +80,12 @@ class TaskGradients:
                     grad.div_(loss_scale)
         return losses.detach(), self.grads, own
 
+    def nothing(self):
+        """The result of a call on no rows, all zeros: a process out of data in a distributed step."""
+        self.grads.zero_()
+        own = {t: [torch.zeros_like(p) for p in self.split.tasks[t]] if self.own else [] for t in self.tasks}
+        return torch.zeros(len(self.tasks), device=self.grads.device), self.grads, own
+
     def _with_graph(self, losses: torch.Tensor):
         """As ``__call__``, keeping the gradients' graphs for Hessian-vector products (``hvp``)."""
         own: dict[str, list[torch.Tensor]] = {}

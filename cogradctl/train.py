@@ -34,6 +34,7 @@ import torch
 from cogradctl import checkpoint as ckpt_io
 from cogradctl import data as data_io
 from cogradctl.console import Log
+from cogradctl.distributed import SINGLE, Dist, StepReducer, process_group
 from cogradctl.errors import Diverged, Stopped, UsageError
 from cogradctl.evaluate import evaluate, mean_auc
 from cogradctl.methods import get_method
@@ -47,7 +48,7 @@ SCHEDULES = ("constant", "cosine", "linear")
 PRECISIONS = ("fp32", "bf16", "fp16")
 # Changing these between a run and its resumption would make the result something else.
 RESUME_KEYS = ("checkpoint", "data", "method", "method_options", "optimizer", "lr", "weight_decay", "momentum",
-               "grad_clip", "warmup_steps", "schedule", "batch_size", "epochs", "max_steps", "seed", "precision",
+               "grad_clip", "warmup_steps", "schedule", "epochs", "max_steps", "seed", "precision",
                "on_invalid_rows", "shuffle_buffer")
 
 
@@ -68,7 +69,8 @@ class TrainConfig:
     grad_clip: float | None = None  # max global norm of the final gradients
     warmup_steps: int = 0
     schedule: str = "constant"
-    batch_size: int = 1024
+    batch_size: int = 1024  # per process
+    data_shards: int | None = None  # default: one per process (or the resumed run's)
     epochs: int = 1
     max_steps: int | None = None
     eval_every: int | None = None  # steps; evaluation also runs at every epoch end and after the last step
@@ -90,7 +92,7 @@ class TrainConfig:
         for name in ("lr", "batch_size", "epochs", "log_every"):
             if not getattr(self, name) > 0:
                 raise UsageError(f"--{_flag(name)} must be positive, got {getattr(self, name)}")
-        for name in ("max_steps", "eval_every", "early_stopping", "save_every", "measure_every"):
+        for name in ("data_shards", "max_steps", "eval_every", "early_stopping", "save_every", "measure_every"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise UsageError(f"--{_flag(name)} must be positive, got {value}")
@@ -109,8 +111,10 @@ class TrainConfig:
         if self.precision == "fp16" and not self.device.startswith("cuda"):
             raise UsageError("--precision fp16 needs a CUDA device; on CPU use bf16 or fp32")
 
-    def identity(self) -> dict:
-        return {k: getattr(self, k) for k in RESUME_KEYS}
+    def identity(self, world: int = 1, shards: int = 1) -> dict:
+        """What a resumed run must share with the saved one. The batch counts as the global batch
+        and the data shards, so a run may resume with another number of processes (docs/distributed.md)."""
+        return {**{k: getattr(self, k) for k in RESUME_KEYS}, "global_batch": self.batch_size * world, "data_shards": shards}
 
 
 def _flag(name: str) -> str:
@@ -125,7 +129,11 @@ def train(cfg: TrainConfig, log: Log, plugin_paths: list[str] | None = None) -> 
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: exists and is not a directory")
-    device = torch.device(cfg.device)
+    with process_group(cfg.device) as (dist, device_name):
+        return _start(cfg, out, log, plugin_paths, dist, torch.device(device_name))
+
+
+def _start(cfg: TrainConfig, out: Path, log: Log, plugin_paths, dist: Dist, device: torch.device) -> dict:
     # Every input is read and checked before anything is written: the checkpoint, the method's
     # options, every file's schema, the first training batch and, for a new run, all of --valid
     # (evaluated as the starting point). Later training rows are checked as they stream by.
@@ -136,45 +144,73 @@ def train(cfg: TrainConfig, log: Log, plugin_paths: list[str] | None = None) -> 
     schema = source.schema
     split = split_parameters(model, schema.task_names, source.model)
     method = get_method(cfg.method, plugin_paths, **cfg.method_options).to(device)
-    state = _previous_state(cfg, out)
+    state = _previous_state(cfg, out, dist.world)
+    shards = data_shards(cfg, state, dist.world)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         stream = ParquetStream(cfg.data, schema, on_invalid=cfg.on_invalid_rows, shuffle_buffer=cfg.shuffle_buffer)
-        valid = ParquetStream(cfg.valid, schema, on_invalid=cfg.on_invalid_rows) if cfg.valid else None
+        valid = ParquetStream(cfg.valid, schema, on_invalid=cfg.on_invalid_rows) if cfg.valid and dist.main else None
         position = (state["epoch"], state["batch"]) if state else (1, 0)
-        first = stream.batches(cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=position[0], start_batch=position[1], device=device)
-        primed = next(first, None)
+        batches = _Batches(stream, cfg, shards, dist, position, device)
         before = evaluate(model, valid, schema, device=device) if valid is not None and not state else None
     for w in caught:
         log.warn(str(w.message))
+    dist.barrier()  # every process has read the previous state before rank 0 writes
+    if not dist.main:
+        with stop_signals() as stop:
+            return _train(cfg, out, log, state, source, model, split, method, batches, None, None, stop, dist, device)
     out.mkdir(parents=True, exist_ok=True)
     with run_lock(out), stop_signals() as stop:
         if cfg.overwrite:
             for name in (*OUTPUTS, "config.toml"):
                 (out / name).unlink(missing_ok=True)
-        batches = _Primed(stream, position, primed, first)
-        return _train(cfg, out, log, state, source, model, split, method, batches, valid, before, stop)
+        return _train(cfg, out, log, state, source, model, split, method, batches, valid, before, stop, dist, device)
 
 
-class _Primed:
-    """The training stream, whose first batch (at the run's starting position) was already read."""
+def data_shards(cfg: TrainConfig, state: dict | None, world: int) -> int:
+    """How many shards the data is cut into: --data-shards, else the resumed run's, else one per
+    process. Each process reads shards/world of them, so the world size must divide it."""
+    shards = cfg.data_shards or (state["config"].get("data_shards", 1) if state else world)
+    if shards % world:
+        where = f"the run in {cfg.out} reads its data in {shards} shard(s)" if state and not cfg.data_shards else f"--data-shards {shards}"
+        raise UsageError(f"{where}: run it with a number of processes that divides {shards} (now {world})")
+    if (cfg.batch_size * world) % shards:
+        raise UsageError(f"--batch-size {cfg.batch_size} × {world} process(es) is not a multiple of the {shards} data shards")
+    return shards
 
-    def __init__(self, stream: ParquetStream, position: tuple[int, int], first, rest) -> None:
-        self.stream, self.position, self.first, self.rest = stream, position, first, rest
+
+class _Batches:
+    """This process's training batches: its data shards, and the first batch (at the run's starting
+    position) read up front to check the data before anything is written."""
+
+    def __init__(self, stream: ParquetStream, cfg: TrainConfig, shards: int, dist: Dist, position: tuple[int, int], device) -> None:
+        self.stream, self.cfg, self.shards, self.device = stream, cfg, shards, device
+        self.take = dist.shards(shards)
+        self.shard_batch = cfg.batch_size * dist.world // shards
         self.num_rows = stream.num_rows
+        self.steps_per_epoch = math.ceil(math.ceil(self.num_rows / shards) / self.shard_batch)
+        self.position = position
+        self.rest = self._read(*position)
+        self.first = next(self.rest, None)
 
-    def batches(self, batch_size: int, *, shuffle: bool, seed: int, epoch: int, start_batch: int, device):
+    def _read(self, epoch: int, start_batch: int):
+        return self.stream.batches(self.shard_batch, shuffle=True, seed=self.cfg.seed, epoch=epoch, start_batch=start_batch,
+                                   device=self.device, shards=self.shards, take=self.take)
+
+    def batches(self, epoch: int, start_batch: int):
         if (epoch, start_batch) == self.position and self.first is not None:
             first, self.first = self.first, None
             yield first
             yield from self.rest
         else:
-            yield from self.stream.batches(batch_size, shuffle=shuffle, seed=seed, epoch=epoch, start_batch=start_batch, device=device)
+            yield from self._read(epoch, start_batch)
 
 
 def _train(cfg: TrainConfig, out: Path, log: Log, state: dict | None, source: ckpt_io.Checkpoint, model, split,
-           method, batches: _Primed, valid: ParquetStream | None, before: dict | None, stop: "_StopFlag") -> dict:
-    device = torch.device(cfg.device)
+           method, batches: _Batches, valid: ParquetStream | None, before: dict | None, stop: "_StopFlag",
+           dist: Dist = SINGLE, device: torch.device | None = None) -> dict:
+    """The loop. Distributed, every process runs it in step; rank 0 alone evaluates and writes."""
+    device = device or torch.device(cfg.device)
     schema = source.schema
     tasks = schema.task_names
     start = ckpt_io.load(out / "last.safetensors") if state else source
@@ -190,14 +226,23 @@ def _train(cfg: TrainConfig, out: Path, log: Log, state: dict | None, source: ck
     if state:
         restore(start.extra, optimizer, names, method, scaler, device)
         log.info(f"resuming {out} at step {state['step']} (epoch {state['epoch']}, batch {state['batch']})")
+    if dist.world > 1:
+        # Dropout draws differ between processes; the methods' own generators are buffers, the
+        # same everywhere. (Distributed resume therefore re-seeds: it is exact only without dropout.)
+        torch.manual_seed(cfg.seed * 1_000_003 + dist.rank * 7_919 + (state["step"] if state else 0))
 
-    steps_per_epoch = math.ceil(batches.num_rows / cfg.batch_size)  # fewer if invalid rows are dropped
+    steps_per_epoch = batches.steps_per_epoch  # fewer if invalid rows are dropped
     total = min(cfg.max_steps or steps_per_epoch * cfg.epochs, steps_per_epoch * cfg.epochs)
     log.info(f"training {source.model} on {batches.num_rows} rows ({', '.join(tasks)}) with {cfg.method}; "
              f"{split.num_shared} shared parameters; {total} steps; device {device}")
-    valid_data = valid
+    if dist.world > 1 or batches.shards > 1:
+        log.info(f"{dist.world} process(es) × batch {cfg.batch_size} = global batch {cfg.batch_size * dist.world} "
+                 f"({batches.shards} data shard(s) of {batches.shard_batch} rows per step); learning rate {cfg.lr:g} "
+                 "as given (the gradients are means over the global batch; it is not scaled with the number of processes)")
+    has_valid = cfg.valid is not None
+    reduce = StepReducer(dist) if dist.world > 1 else None
     measure_rows = None
-    if cfg.measure_every:
+    if cfg.measure_every and dist.main:
         from cogradctl.transference import pick_batches
 
         size = min(MEASURE_BATCH_SIZE, cfg.batch_size)
@@ -216,7 +261,7 @@ def _train(cfg: TrainConfig, out: Path, log: Log, state: dict | None, source: ck
 
     def snapshot(finished: bool) -> ckpt_io.Checkpoint:
         entry = {**history_entry, "steps": pos["step"], "epochs": pos["epoch"], "seconds": round(time.time() - started, 3), "time": _now()}
-        training_state = {**pos, "finished": finished, "seconds": time.time() - started, "config": cfg.identity()}
+        training_state = {**pos, "finished": finished, "seconds": time.time() - started, "config": cfg.identity(dist.world, batches.shards)}
         extra = {**optimizer_tensors(optimizer, names), **{f"method.{k}": v for k, v in method.state_dict().items()},
                  "rng.torch": torch.get_rng_state()}
         if device.type == "cuda":
@@ -226,14 +271,16 @@ def _train(cfg: TrainConfig, out: Path, log: Log, state: dict | None, source: ck
         return ckpt_io.Checkpoint(source.model, source.model_config, schema, model.state_dict(), [*source.history, entry], extra, training_state)
 
     def save_last(finished: bool = False) -> None:
-        ckpt_io.save(snapshot(finished), out / "last.safetensors")
+        if dist.main:
+            ckpt_io.save(snapshot(finished), out / "last.safetensors")
 
-    metrics = MetricsLog(out / "metrics.jsonl", keep_until=pos["step"] if state else None)
-    tensorboard = TensorBoard(out / "tensorboard") if cfg.tensorboard else None
-    _write_config(out / "config.toml", cfg)
+    metrics = MetricsLog(out / "metrics.jsonl", keep_until=pos["step"] if state else None) if dist.main else _NoLog()
+    tensorboard = TensorBoard(out / "tensorboard") if cfg.tensorboard and dist.main else None
+    if dist.main:
+        _write_config(out / "config.toml", cfg)
 
     def run_evaluation() -> dict:
-        return record_evaluation(evaluate(model, valid_data, schema, device=device))
+        return record_evaluation(evaluate(model, valid, schema, device=device))
 
     def record_evaluation(result: dict) -> dict:
         score = validation_score(result)
@@ -253,9 +300,10 @@ def _train(cfg: TrainConfig, out: Path, log: Log, state: dict | None, source: ck
         if pos.get("evaluated_step") == pos["step"]:
             return
         pos["evaluated_step"] = pos["step"]
-        run_evaluation()
-        model.train()
-        if cfg.early_stopping and pos["bad_evals"] >= cfg.early_stopping:
+        if dist.main:
+            run_evaluation()
+            model.train()
+        if dist.from_main(bool(cfg.early_stopping) and pos["bad_evals"] >= (cfg.early_stopping or 0)):
             pos["stopped_early"] = True
             log.info(f"early stopping at step {pos['step']}: no better validation score in {cfg.early_stopping} evaluations")
 
@@ -263,10 +311,20 @@ def _train(cfg: TrainConfig, out: Path, log: Log, state: dict | None, source: ck
         if before is not None:
             pos["before"] = record_evaluation(before)
             pos["bad_evals"] = 0
-            pos["evaluated_step"] = 0
-        else:
+        elif not has_valid:
             log.info("no --valid data: skipping evaluation and best.safetensors")
+        pos["evaluated_step"] = 0 if has_valid else None
         save_last()
+
+    def stopping_now() -> bool:
+        """SIGTERM/SIGINT received; distributed, by any process before the last step (all agree)."""
+        return reduce.stop if reduce is not None else bool(stop.signum)
+
+    def raise_if_stopped() -> None:
+        if stopping_now():
+            stop.signum = stop.signum or signal.SIGTERM  # another process was asked to stop
+            dist.barrier()  # rank 0 has saved: no process exits before
+            _raise_if_stopped(stop, pos, out)
 
     grads = TaskGradients(model, split, schema, device)
     autocast = Autocast(device, cfg.precision)
@@ -276,19 +334,27 @@ def _train(cfg: TrainConfig, out: Path, log: Log, state: dict | None, source: ck
         with log.progress(f"train {cfg.method}", total) as advance:
             advance(pos["step"])
             while pos["epoch"] <= cfg.epochs and not pos["finished_steps"]:
-                for inputs, labels in batches.batches(cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=pos["epoch"],
-                                                      start_batch=pos["batch"], device=device):
+                stream = batches.batches(pos["epoch"], pos["batch"])
+                while True:
+                    inputs, labels = next(stream, (None, None))
+                    if inputs is None and reduce is None:
+                        break  # the epoch's data ran out
                     for group in optimizer.param_groups:
                         group["lr"] = lr_at(cfg, pos["step"], total)
                     try:
-                        losses, g = train_step(grads, method, optimizer, inputs, labels, autocast, scaler, cfg.grad_clip)
+                        result = train_step(grads, method, optimizer, inputs, labels, autocast, scaler, cfg.grad_clip,
+                                            reduce=reduce, stop=bool(stop.signum))
                     except Diverged as exc:
                         if cfg.on_nonfinite == "abort":
+                            dist.barrier()
                             raise Diverged(f"{exc} at step {pos['step'] + 1}; the last saved state is kept in "
                                            f"{out / 'last.safetensors'}; lower --lr or use --on-nonfinite skip") from None
                         pos["skipped"] += 1
                         metrics.write({"step": pos["step"] + 1, "epoch": pos["epoch"], "skipped": str(exc), "skipped_total": pos["skipped"]})
-                        losses = g = None
+                        result = (None, None)
+                    if result is None:
+                        break  # distributed: every process's data ran out
+                    losses, g = result
                     pos["step"] += 1
                     pos["batch"] += 1
                     if losses is not None and (pos["step"] % cfg.log_every == 0 or pos["step"] == 1 or pos["step"] == total):
@@ -310,23 +376,25 @@ def _train(cfg: TrainConfig, out: Path, log: Log, state: dict | None, source: ck
                     method_warnings.clear()
 
                     pos["finished_steps"] = cfg.max_steps is not None and pos["step"] >= cfg.max_steps
-                    if valid_data is not None and (pos["finished_steps"] or (cfg.eval_every and pos["step"] % cfg.eval_every == 0)):
+                    if has_valid and (pos["finished_steps"] or (cfg.eval_every and pos["step"] % cfg.eval_every == 0)):
                         evaluate_now()
                     stopping = pos["finished_steps"] or pos["stopped_early"]
-                    if stopping or stop.signum or (cfg.save_every and pos["step"] % cfg.save_every == 0):
+                    if stopping or stopping_now() or (cfg.save_every and pos["step"] % cfg.save_every == 0):
                         save_last(finished=stopping)
-                    _raise_if_stopped(stop, pos, out)
+                    raise_if_stopped()
                     if stopping:
                         break
-                else:  # the epoch's data ran out: evaluate, then move on (and save) at the epoch boundary
-                    if valid_data is not None:
+                if not (pos["finished_steps"] or pos["stopped_early"]):
+                    # The epoch's data ran out: evaluate, then move on (and save) at the epoch boundary.
+                    if has_valid:
                         evaluate_now()
                     pos["epoch"] += 1
                     pos["batch"] = 0
                     save_last(finished=pos["epoch"] > cfg.epochs or pos["stopped_early"])
-                    _raise_if_stopped(stop, pos, out)
+                    raise_if_stopped()
                 if pos["stopped_early"]:
                     break
+    dist.barrier()  # the last save is done before any process leaves
     metrics.close()
     if tensorboard:
         tensorboard.close()
@@ -340,8 +408,8 @@ def _train(cfg: TrainConfig, out: Path, log: Log, state: dict | None, source: ck
         "skipped": pos["skipped"],
         "stopped_early": pos["stopped_early"],
         "before": pos["before"],
-        "after": pos["last_eval"] if valid_data is not None else None,
-        "best": best if valid_data is not None else None,
+        "after": pos["last_eval"] if has_valid else None,
+        "best": best if has_valid else None,
     }
 
 
@@ -352,7 +420,7 @@ def _raise_if_stopped(stop: "_StopFlag", pos: dict, out: Path) -> None:
                       "rerun the same command to resume", stop.signum)
 
 
-def _previous_state(cfg: TrainConfig, out: Path) -> dict | None:
+def _previous_state(cfg: TrainConfig, out: Path, world: int = 1) -> dict | None:
     """The saved position of an unfinished run in ``out`` to resume from, or None to start afresh
     (reads only)."""
     last = out / "last.safetensors"
@@ -373,10 +441,14 @@ def _previous_state(cfg: TrainConfig, out: Path) -> dict | None:
             raise UsageError(f"--resume: the run in {out} has finished (step {state['step']}); pass --overwrite to start again")
         raise UsageError(f"--out {out}: already holds a finished run; choose another directory or pass --overwrite")
     saved = state.get("config", {})
-    changed = [k for k, v in cfg.identity().items() if json.dumps(saved.get(k)) != json.dumps(v)]
+    now = cfg.identity(world, data_shards(cfg, state, world))
+    changed = [k for k, v in now.items() if json.dumps(saved.get(k)) != json.dumps(v)]
     if changed:
-        listed = ", ".join(f"{k} ({saved.get(k)!r} → {getattr(cfg, k)!r})" for k in changed)
-        raise UsageError(f"--out {out} holds an unfinished run with other settings: {listed}; rerun it as it was, or pass --overwrite")
+        listed = ", ".join(f"{k} ({saved.get(k)!r} → {now[k]!r})" for k in changed)
+        hint = ""
+        if "global_batch" in changed and saved.get("global_batch", 0) % world == 0:
+            hint = f" (--batch-size is per process: with {world} process(es), pass --batch-size {saved['global_batch'] // world})"
+        raise UsageError(f"--out {out} holds an unfinished run with other settings: {listed}{hint}; rerun it as it was, or pass --overwrite")
     return state
 
 
@@ -385,19 +457,36 @@ def _previous_state(cfg: TrainConfig, out: Path) -> dict | None:
 
 def train_step(grads: TaskGradients, method, optimizer: torch.optim.Optimizer, inputs, labels,
                autocast: "Autocast | None" = None, scaler: "LossScaler | None" = None,
-               grad_clip: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               grad_clip: float | None = None, reduce: StepReducer | None = None,
+               stop: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
     """One optimisation step: per-task gradients, the method's update on the shared parameters,
     each task's weighted gradient on its own parameters, an optimizer step. → (losses, K×P grads).
 
     With fp16, each task's loss is multiplied by the loss scale before its backward pass and every
     per-task gradient is divided by it before the method sees them; an overflow skips the step
     and halves the scale. A non-finite loss or gradient otherwise raises Diverged (naming the tasks).
+
+    Distributed (``reduce``): the losses and gradients are those of the global batch, the same on
+    every process; ``inputs`` is None on a process out of data, and the step returns None (nothing
+    done) when every process is. ``stop`` is this process's stop request, shared with the others.
     """
     split, tasks = grads.split, grads.tasks
     requires_hvp = getattr(method, "requires_hvp", False)
     scale = scaler.scale if scaler is not None else None
-    with autocast or _nothing():
-        losses, g, own = grads(inputs, labels, create_graph=requires_hvp, loss_scale=scale)
+    if inputs is not None:
+        with autocast or _nothing():
+            losses, g, own = grads(inputs, labels, create_graph=requires_hvp, loss_scale=scale)
+    else:
+        losses, g, own = grads.nothing()
+    hvp = grads.hvp() if requires_hvp and inputs is not None else None
+    if reduce is not None:
+        n = 0 if inputs is None else len(labels)
+        reduced = reduce(n, losses, g, own, stop)
+        if reduced is None:
+            return None
+        losses, own = reduced
+        if requires_hvp:
+            hvp = reduce.hvp(n, hvp)
     # A NaN or inf anywhere in a row makes its sum non-finite: one reduction, no K×P mask.
     finite = torch.isfinite(losses) & torch.isfinite(g.sum(dim=1))
     if scaler is not None and not bool(finite.all()):
@@ -406,7 +495,7 @@ def train_step(grads: TaskGradients, method, optimizer: torch.optim.Optimizer, i
     if not bool(finite.all()):
         bad = [t for t, ok in zip(tasks, finite.tolist()) if not ok]
         raise Diverged(f"non-finite loss or gradient for task(s) {', '.join(bad)}")
-    update = method(g, losses, hvp=grads.hvp()) if requires_hvp else method(g, losses)
+    update = method(g, losses, hvp=hvp) if requires_hvp else method(g, losses)
     optimizer.zero_grad(set_to_none=True)
     set_shared_grad(split, update)
     weights = method.task_weights()
@@ -538,6 +627,16 @@ def _step_of(line: str) -> int:
         return int(json.loads(line).get("step", 0))
     except (ValueError, AttributeError):
         return 1 << 62  # a torn last line from a killed run: drop it
+
+
+class _NoLog:
+    """metrics.jsonl on processes other than rank 0: nothing is written."""
+
+    def write(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class TensorBoard:

@@ -30,6 +30,7 @@ import torch
 from torch.func import functional_call
 
 from cogradctl.data import Dataset
+from cogradctl.distributed import SINGLE, Dist
 from cogradctl.errors import CheckpointError, GateFailed, PluginError, UsageError
 from cogradctl.models import ParamSplit
 from cogradctl.schema import Schema
@@ -242,8 +243,11 @@ def measure_per_batch(
     precond: torch.Tensor | None = None,
     groups: dict[str, list[str]] | None = None,
     holdout: bool = False,
+    dist: Dist = SINGLE,
 ) -> tuple[list[dict], list[dict]]:
-    """→ (per-batch results of :func:`measure_batch`, where each came from)."""
+    """→ (per-batch results of :func:`measure_batch`, where each came from). Distributed, process r
+    measures batches r, r + world, … and every process gets all of them, in order: the same
+    results as one process."""
     was_training = model.training
     model.eval()  # no dropout noise: the lookahead must compare like with like
     grads = SharedGradients(model, split, schema, device)
@@ -252,17 +256,19 @@ def measure_per_batch(
     if holdout and len(ranges) < 2:
         raise UsageError(f"--holdout needs at least two batches of --batch-size {batch_size} rows; the data has {len(data)} rows")
     pairs = list(zip(ranges[:-1], ranges[1:])) if holdout else [(r, None) for r in ranges]
+    mine = [k for k in range(len(pairs)) if k % dist.world == dist.rank]
     if isinstance(data, Dataset):
         def batch(rows):
             return data.batch(slice(*rows), device)
     else:  # a ParquetStream: read only the picked row ranges
-        picked = {r: data.rows([r]) for r in ranges}
+        picked = {tuple(r): data.rows([r]) for k in mine for r in pairs[k] if r is not None}
 
         def batch(rows):
             return picked[tuple(rows)].batch(slice(None), device)
     results, measured = [], []
     try:
-        for (start, stop), ev in pairs:
+        for k in mine:
+            (start, stop), ev = pairs[k]
             inputs, labels = batch((start, stop))
             eval_batch = batch(ev) if ev else None
             results.append(measure_batch(model, split, schema, grads, inputs, labels, lookahead_lr, precond, group_list, eval_batch))
@@ -272,6 +278,9 @@ def measure_per_batch(
             measured.append(entry)
     finally:
         model.train(was_training)
+    if dist.world > 1:
+        everything = sorted(dist.gather(list(zip(mine, results, measured))), key=lambda item: item[0])
+        results, measured = [r for _, r, _ in everything], [m for _, _, m in everything]
     return results, measured
 
 
@@ -317,10 +326,10 @@ def summarise(per_batch: list[dict], module: str | None = None, normalize_rows: 
 
 def measure_full(
     model, split, schema, data, batches=10, batch_size=1024, lookahead_lr=DEFAULT_LOOKAHEAD_LR, seed=0, device="cpu",
-    precond=None, groups=None, holdout=False, normalize_rows=False, lookahead="sgd",
+    precond=None, groups=None, holdout=False, normalize_rows=False, lookahead="sgd", dist: Dist = SINGLE,
 ) -> tuple[dict, list[dict]]:
     """→ (the summarised result, the per-batch results for --raw and baseline comparison)."""
-    per_batch, measured = measure_per_batch(model, split, schema, data, batches, batch_size, lookahead_lr, seed, device, precond, groups, holdout)
+    per_batch, measured = measure_per_batch(model, split, schema, data, batches, batch_size, lookahead_lr, seed, device, precond, groups, holdout, dist)
     result: dict = {
         "tasks": schema.task_names,
         "lookahead": lookahead,
