@@ -123,7 +123,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        return worker(args)
+        worker(args)
+        sys.stdout.flush()
+        os._exit(0)  # as cogradctl does under torchrun: no interpreter finalisation with gloo threads alive
 
     from cogradctl import sample
     from cogradctl.bench import cpu_model
