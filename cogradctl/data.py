@@ -15,7 +15,6 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -257,11 +256,3 @@ def encode(table: pa.Table, schema: Schema, path: Path | str = "<table>") -> tup
         cat[:, k] = pc.fill_null(idx, -1).to_numpy(zero_copy_only=False) + 1
     labels = np.stack([table.column(t).cast(pa.float32()).to_numpy(zero_copy_only=False) for t in schema.task_names], axis=1)
     return (torch.from_numpy(dense), torch.from_numpy(cat), torch.from_numpy(labels.astype(np.float32))), unseen
-
-
-def iterate(data: Dataset, batch_size: int, shuffle: bool, generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
-    """Row indices of each batch of one epoch (the last batch may be smaller)."""
-    n = len(data)
-    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-    for start in range(0, n, batch_size):
-        yield order[start : start + batch_size]
