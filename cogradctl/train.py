@@ -495,8 +495,8 @@ def train_step(grads: TaskGradients, method, optimizer: torch.optim.Optimizer, i
     if not bool(finite.all()):
         bad = [t for t, ok in zip(tasks, finite.tolist()) if not ok]
         raise Diverged(f"non-finite loss or gradient for task(s) {', '.join(bad)}")
+    optimizer.zero_grad(set_to_none=True)  # before the method: uw and gradnorm set their weights' .grad
     update = method(g, losses, hvp=hvp) if requires_hvp else method(g, losses)
-    optimizer.zero_grad(set_to_none=True)
     set_shared_grad(split, update)
     weights = method.task_weights()
     for k, task in enumerate(tasks):
