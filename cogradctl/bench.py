@@ -65,9 +65,10 @@ def bench(
 ) -> dict:
     """Time the floor, a plain step, each method's training step and a measure-transference batch.
 
-    Runs are interleaved: each round times one step of every candidate in turn, so that a noisy,
-    shared machine slows them all alike. The optimizer's learning rate is 0, so the weights (and
-    hence every candidate's work) stay identical across rounds.
+    Runs are interleaved: each round times one step of every candidate in turn, in an order that
+    rotates from round to round, so that a noisy, shared machine slows them all alike. The
+    optimizer's learning rate is 0, so the weights (and hence every candidate's work) stay
+    identical across rounds.
     """
     method_options = method_options or {}
     n_batches = max(1, min(len(data) // batch_size, 8))
@@ -116,9 +117,13 @@ def bench(
 
     times: dict[str, list[float]] = {c: [] for c in candidates}
     peaks: dict[str, float] = {c: 0.0 for c in candidates}
+    order = list(candidates.items())
     for round_ in range(warmup + steps):
         inputs, labels = batches[round_ % len(batches)]
-        for cand, fn in candidates.items():
+        # The order rotates every round: no candidate always runs right after the same other one
+        # (caches, allocator state and clock boost then affect every candidate alike).
+        shift = round_ % len(order)
+        for cand, fn in order[shift:] + order[:shift]:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
                 begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
