@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from cogradctl.methods.base import GRANULARITY_OPTION, Method, combine, gram, per_task
@@ -42,27 +43,27 @@ class AlignedMTL(Method):
         self.weights = per_task(self.weights_option, num_tasks, "weights")
 
     def aggregate(self, grads: torch.Tensor, losses: torch.Tensor | None) -> torch.Tensor:
-        m = gram(grads)
+        m = gram(grads).numpy()  # the K×K algebra in numpy: a torch op on a K×K matrix costs µs each
         k = m.shape[0]
-        lam, vec = torch.linalg.eigh(m)
+        lam, vec = np.linalg.eigh(m)
         tol = float(lam.max()) * k * torch.finfo(grads.dtype).eps
         keep = lam > tol
         rank = int(keep.sum())
-        w = self.weights.to(torch.float64)
+        w = self.weights.detach().cpu().double().numpy()
         if rank == 0:
-            alpha = torch.zeros(k, dtype=torch.float64)
+            alpha = np.zeros(k)
         else:
             lam_r, vec_r = lam[keep], vec[:, keep]
             if self.scale == "min":
                 s = lam_r.min()
             elif self.scale == "median":
-                s = torch.sort(lam_r).values[(rank - 1) // 2]
+                s = np.sort(lam_r)[(rank - 1) // 2]
             else:
                 s = lam_r.mean()
-            balance = s.sqrt() * (vec_r / lam_r.sqrt()) @ vec_r.T
+            balance = np.sqrt(s) * (vec_r / np.sqrt(lam_r)) @ vec_r.T
             alpha = balance @ w
         self.stats = {"weights": alpha.tolist(), "rank": float(rank)}
-        return combine(alpha, grads)
+        return combine(torch.from_numpy(alpha), grads)
 
     def task_weights(self) -> torch.Tensor | None:
         return self.weights

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from cogradctl.methods.base import GRANULARITY_OPTION, Method, combine, gram
@@ -30,22 +31,22 @@ class IMTLG(Method):
         super().__init__(granularity)
 
     def aggregate(self, grads: torch.Tensor, losses: torch.Tensor | None) -> torch.Tensor:
-        m = gram(grads)
+        m = gram(grads).numpy()  # the K×K algebra in numpy: a torch op on a K×K matrix costs µs each
         k = m.shape[0]
-        lam, vec = torch.linalg.eigh(m)
+        lam, vec = np.linalg.eigh(m)
         lmax = float(lam.max()) if k else 0.0
         fallback = False
         if lmax <= 0:
-            alpha = torch.zeros(k, dtype=torch.float64)
+            alpha = np.zeros(k)
         else:
-            keep = lam > lmax * k * torch.finfo(torch.float64).eps * 10
-            inv = torch.where(keep, 1.0 / torch.where(keep, lam, 1.0), torch.zeros_like(lam))
-            v = vec @ (inv * (vec.T @ m.diagonal().clamp_min(0).sqrt()))
+            keep = lam > lmax * k * np.finfo(np.float64).eps * 10
+            inv = np.where(keep, 1.0 / np.where(keep, lam, 1.0), 0.0)
+            v = vec @ (inv * (vec.T @ np.sqrt(np.clip(np.diagonal(m), 0.0, None))))
             total = float(v.sum())
-            l1 = float(v.abs().sum())
+            l1 = float(np.abs(v).sum())
             if total > 1e-12 * l1:
                 alpha = v / total
             else:
                 alpha, fallback = v / l1, True
         self.stats = {"weights": alpha.tolist(), "fallback_l1": fallback}
-        return combine(alpha, grads)
+        return combine(torch.from_numpy(alpha), grads)

@@ -54,17 +54,19 @@ def min_norm_weights(m: torch.Tensor, max_iter: int = 2000, tol: float = 1e-12) 
     αᵀMα − min_i (Mα)_i falls below ``tol`` × max_i M_ii or after ``max_iter`` iterations.
     """
     k = m.shape[0]
-    scale = float(m.diagonal().max()) if k else 0.0
+    a = m.numpy()  # scalars from numpy: a torch op on a K×K matrix costs µs each
+    scale = float(a.diagonal().max()) if k else 0.0
     if k == 1 or scale <= 0:
         return torch.full((k,), 1.0 / k, dtype=torch.float64), 0
-    m = m / scale
     if k == 2:
-        denom = float(m[0, 0] + m[1, 1] - 2 * m[0, 1])
+        a = a / scale
+        denom = float(a[0, 0] + a[1, 1] - 2 * a[0, 1])
         if denom <= 1e-15:  # identical gradients: every point of the segment is the same vector
             g = 0.5
         else:
-            g = min(max(float(m[1, 1] - m[0, 1]) / denom, 0.0), 1.0)
+            g = min(max(float(a[1, 1] - a[0, 1]) / denom, 0.0), 1.0)
         return torch.tensor([g, 1.0 - g], dtype=torch.float64), 0
+    m = m / scale
     if k <= EXACT_MAX_TASKS:
         return _faces_solve(m), 0
     lipschitz = float(torch.linalg.eigvalsh(m)[-1])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from cogradctl.methods.base import GRANULARITY_OPTION, Method, combine, gram
@@ -39,11 +40,11 @@ class PCGrad(Method):
         self.register_buffer("rng_state", gen.get_state())
 
     def aggregate(self, grads: torch.Tensor, losses: torch.Tensor | None) -> torch.Tensor:
-        m = gram(grads)
+        m = gram(grads).numpy()  # the K×K loop in numpy: a torch op on a K-vector costs µs each
         k = m.shape[0]
         gen = torch.Generator()
         gen.set_state(self.rng_state.cpu())
-        coef = torch.eye(k, dtype=torch.float64)
+        coef = np.eye(k)
         conflicts = 0
         for i in range(k):
             perm = torch.randperm(k, generator=gen).tolist() if self.order == "random" else range(k)
@@ -56,4 +57,4 @@ class PCGrad(Method):
                     conflicts += 1
         self.rng_state = gen.get_state()
         self.stats = {"projections": float(conflicts)}
-        return combine(coef.sum(dim=0), grads)
+        return combine(torch.from_numpy(coef.sum(axis=0)), grads)
