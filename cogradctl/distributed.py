@@ -40,14 +40,6 @@ class Dist:
         if self.world > 1:
             tdist.barrier()
 
-    def any(self, flag: bool) -> bool:
-        """True on every process if ``flag`` is true on any."""
-        if self.world == 1:
-            return flag
-        t = torch.tensor([1.0 if flag else 0.0], device=_device())
-        tdist.all_reduce(t)
-        return bool(t.item() > 0)
-
     def from_main(self, value: bool) -> bool:
         """Rank 0's ``value`` on every process."""
         if self.world == 1:
