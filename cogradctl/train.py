@@ -34,7 +34,7 @@ import torch
 from cogradctl import checkpoint as ckpt_io
 from cogradctl import data as data_io
 from cogradctl.console import Log
-from cogradctl.distributed import SINGLE, Dist, StepReducer, process_group
+from cogradctl.distributed import Dist, StepReducer, process_group
 from cogradctl.errors import Diverged, Stopped, UsageError
 from cogradctl.evaluate import evaluate, mean_auc
 from cogradctl.methods import get_method
@@ -208,9 +208,8 @@ class _Batches:
 
 def _train(cfg: TrainConfig, out: Path, log: Log, state: dict | None, source: ckpt_io.Checkpoint, model, split,
            method, batches: _Batches, valid: ParquetStream | None, before: dict | None, stop: "_StopFlag",
-           dist: Dist = SINGLE, device: torch.device | None = None) -> dict:
+           dist: Dist, device: torch.device) -> dict:
     """The loop. Distributed, every process runs it in step; rank 0 alone evaluates and writes."""
-    device = device or torch.device(cfg.device)
     schema = source.schema
     tasks = schema.task_names
     start = ckpt_io.load(out / "last.safetensors") if state else source
