@@ -311,7 +311,7 @@ class ParquetStream:
                 out = _Chunk.concat(chunks)
                 total += len(out)
                 yield self._tensors(out, device)
-        if total == 0 and start_batch == 0 and shards == 1:
+        if total == 0 and start_batch == 0 and len(take) == shards:  # this process holds every shard
             raise DataError(f"{self.spec}: no rows left after dropping {self.stats['rows_dropped']} invalid row(s)")
 
     def _shard_batches(self, units: list[_Unit], batch_size: int, shuffle: bool, rng: np.random.Generator,

@@ -35,7 +35,7 @@ from cogradctl import checkpoint as ckpt_io
 from cogradctl import data as data_io
 from cogradctl.console import Log
 from cogradctl.distributed import Dist, StepReducer, process_group
-from cogradctl.errors import Diverged, Stopped, UsageError
+from cogradctl.errors import DataError, Diverged, Stopped, UsageError
 from cogradctl.evaluate import evaluate, mean_auc
 from cogradctl.methods import get_method
 from cogradctl.models import build, split_parameters
@@ -351,8 +351,11 @@ def _train(cfg: TrainConfig, out: Path, log: Log, state: dict | None, source: ck
                         pos["skipped"] += 1
                         metrics.write({"step": pos["step"] + 1, "epoch": pos["epoch"], "skipped": str(exc), "skipped_total": pos["skipped"]})
                         result = (None, None)
-                    if result is None:
-                        break  # distributed: every process's data ran out
+                    if result is None:  # distributed: every process's data ran out
+                        if pos["batch"] == 0:  # as the stream says for one process holding every shard
+                            raise DataError(f"{cfg.data}: no rows left in epoch {pos['epoch']} on any of the {dist.world} "
+                                            "processes after dropping invalid rows")
+                        break
                     losses, g = result
                     pos["step"] += 1
                     pos["batch"] += 1

@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -203,3 +205,13 @@ def test_data_shards_must_split_evenly_among_processes(tmp_path):
     with pytest.raises(UsageError, match="reads its data in 4 shard"):
         data_shards(TrainConfig(checkpoint="c", data="d", out=str(tmp_path), batch_size=60), state, 3)
     assert _previous_state(TrainConfig(checkpoint="c", data="d", out=str(tmp_path / "none")), tmp_path / "none", 2) is None
+
+
+def test_no_valid_rows_on_any_process_is_an_error(base_checkpoint, tmp_path):
+    table = sample.generate(300, seed=3)
+    table = table.set_column(table.schema.get_field_index("f0"), "f0", pa.array([float("nan")] * 300, pa.float32()))
+    pq.write_table(table, tmp_path / "bad.parquet", row_group_size=100)
+    proc = run(torchrun(2, "train", "--checkpoint", base_checkpoint, "--data", tmp_path / "bad.parquet", "--on-invalid-rows", "drop",
+                        "--batch-size", "32", "--device", "cpu", "--out", tmp_path / "out", "--quiet"))
+    assert proc.returncode != 0
+    assert "no rows left in epoch 1 on any of the 2 processes after dropping invalid rows" in proc.stderr

@@ -176,3 +176,16 @@ def test_data_shard_numbers_are_checked(parts):
     root, schema = parts
     with pytest.raises(UsageError, match="data shards"):
         next(ParquetStream(str(root), schema).batches(10, shuffle=True, shards=2, take=(2,)))
+
+
+def test_no_rows_left_is_an_error_for_a_process_holding_every_shard(tmp_path, parts):
+    _, schema = parts
+    table = sample.generate(300, seed=3)
+    table = table.set_column(table.schema.get_field_index("f0"), "f0", pa.array([np.nan] * 300, pa.float64()))
+    pq.write_table(table, tmp_path / "bad.parquet", row_group_size=100)
+    s = ParquetStream(str(tmp_path / "bad.parquet"), schema, on_invalid="drop")
+    for shards, take in ((1, (0,)), (2, (0, 1))):
+        with pytest.raises(DataError, match="no rows left after dropping"):
+            list(s.batches(32, shuffle=True, shards=shards, take=take))
+    # One shard of two may be empty: the other process may still hold rows.
+    assert list(s.batches(32, shuffle=True, shards=2, take=(1,))) == []
