@@ -8,40 +8,113 @@ import torch
 from cogradctl.methods.base import GRANULARITY_OPTION, Method, combine, gram
 
 
+# Up to this many tasks the inner problem is solved exactly, face by face (2^K − 1 small systems).
+EXACT_MAX_TASKS = 12
+
+
 def cagrad_weights(m: torch.Tensor, c: float, max_iter: int = 1000, tol: float = 1e-12,
                    start: torch.Tensor | None = None) -> tuple[torch.Tensor, bool, torch.Tensor | None]:
-    """Weights a (float64) with update Σ a_i g_i, from the K×K Gram matrix M; (a, fell_back).
+    """Weights a (float64) with update Σ a_i g_i, from the K×K Gram matrix M; (a, fell_back, w).
 
-    g0 = mean gradient, φ = c²‖g0‖². Solves min_{w ∈ simplex} g_wᵀ g0 + √φ ‖g_w‖ by projected
-    gradient with backtracking, then a = 1/K + (√φ/‖g_w‖) w. If ‖g_w‖ vanishes at the optimum (the
-    worst-case combination is zero) the mean gradient is returned (fell_back = True). ``start``: a
-    point of the simplex to start from (the previous step's w: consecutive steps have similar
-    gradients, so it converges in a few iterations); the final w is returned third.
+    g0 = mean gradient, φ = c²‖g0‖². Solves min_{w ∈ simplex} F(w) = g_wᵀ g0 + √φ ‖g_w‖, then
+    a = 1/K + (√φ/‖g_w‖) w. K ≤ 12: exactly, by ``_faces_solve``. K > 12: projected gradient with
+    backtracking from ``start`` (a point of the simplex, the previous step's w: consecutive steps
+    have similar gradients, so it converges in a few iterations). If g_w vanishes at the optimum
+    (the origin is in the gradients' convex hull and no point beats F = 0), the best worst-task
+    improvement is 0: with c ≥ 1 the ball holds d = 0, which attains it, and the weights are 0;
+    with c < 1 this happens only with the origin on the hull's boundary (degenerate), and the
+    mean gradient is returned (fell_back = True). The final w is returned third (None then).
     """
     k = m.shape[0]
     mean_w = torch.full((k,), 1.0 / k, dtype=torch.float64)
     scale = float(m.diagonal().max())
     if scale <= 0 or c == 0 or k == 1:
         return mean_w, False, None
-    # The iterations run on K-vectors: numpy, whose per-operation overhead is a fraction of torch's.
+    # The algebra runs on K-vectors: numpy, whose per-operation overhead is a fraction of torch's.
     mm = (m / scale).double().cpu().numpy()
     mean = np.full(k, 1.0 / k)
     b = mm @ mean  # (g_i · g0)
     sqrt_phi = c * abs(float(mean @ b)) ** 0.5
     if sqrt_phi == 0.0:
         return mean_w, False, None
+    if k <= EXACT_MAX_TASKS:
+        w = _faces_solve(mm, b, sqrt_phi)
+    else:
+        w = _projected_gradient(mm, b, sqrt_phi, start, max_iter, tol)
+    gw = max(float(w @ mm @ w), 0.0) ** 0.5 if w is not None else 0.0
+    if w is None or gw <= 1e-9:
+        if c >= 1:  # the ball holds d = 0, which attains the optimum 0 of min_i g_iᵀd
+            return torch.zeros(k, dtype=torch.float64), False, None
+        return mean_w, True, None
+    return torch.from_numpy(mean + (sqrt_phi / gw) * w), False, torch.from_numpy(w)
+
+
+def _faces_solve(mm: np.ndarray, b: np.ndarray, sp: float) -> np.ndarray | None:
+    """Exact minimiser of F(w) = wᵀb + sp·√(wᵀMw) on the simplex, or None if it has g_w = 0.
+
+    On a face S (the support of w) with g_w ≠ 0, stationarity is s·M_SS w_S = λ1 − b_S with
+    s = sp/‖g_w‖, and Σw = 1. Both bordered systems K_S [p; α] = [0; 1] and K_S [q; β] = [−b_S; 0]
+    (K_S = [[M_SS, 1], [1ᵀ, 0]]) are solved for every face at once; then w = p + q/s, and
+    ‖g_w‖² = pᵀMp − qᵀb_S/s² (pᵀMq = 0 since Σq = 0) with ‖g_w‖ = sp/s gives
+    s² = (sp² + qᵀb_S) / pᵀMp. Every w ≥ 0 so found is a point of the simplex, so the smallest F
+    among them is an upper bound of the minimum; it is the minimum because an optimal g_w ≠ 0
+    lies in the hull of an affinely independent subset of the gradients (Carathéodory), whose
+    K_S is invertible and whose face holds the stationarity above (so singular faces are
+    skipped). If no candidate has F < 0 and the origin is in the hull (the min-norm point p, the
+    same faces' MGDA solution, is 0), the minimum is F = 0 at g_w = 0: None. Cost: 2^K − 1
+    batched LU solves of size K + 1 (K = 8: about 0.2 ms; K = 12: about 10 ms).
+    """
+    k = mm.shape[0]
+    codes = np.arange(1, 2**k)
+    masks = ((codes[:, None] >> np.arange(k)) & 1).astype(bool)  # S × K supports
+    n = masks.shape[0]
+    kkt = np.zeros((n, k + 1, k + 1))
+    kkt[:, :k, :k] = np.where(masks[:, :, None] & masks[:, None, :], mm[None], 0.0) + (np.eye(k, dtype=bool)[None] & ~masks[:, :, None])
+    kkt[:, :k, k] = masks
+    kkt[:, k, :k] = masks
+    rhs = np.zeros((n, k + 1, 2))
+    rhs[:, k, 0] = 1.0
+    rhs[:, :k, 1] = np.where(masks, -b[None], 0.0)
+    sol, info = torch.linalg.solve_ex(torch.from_numpy(kkt), torch.from_numpy(rhs))  # singular faces: info ≠ 0, skipped
+    sol, solved = sol.numpy(), info.numpy() == 0
+    p, q = sol[:, :k, 0], sol[:, :k, 1]
+    pmp = np.einsum("si,ij,sj->s", p, mm, p)
+    # The MGDA part: is the origin in the hull (min-norm point of a feasible face ~ 0)?
+    p_ok = solved & (p >= -1e-10).all(axis=1) & (np.abs(p.sum(axis=1) - 1) <= 1e-8)
+    origin_inside = bool((p_ok & (pmp <= 1e-14)).any())
+    with np.errstate(divide="ignore", invalid="ignore"):
+        s2 = (sp * sp + q @ b) / pmp
+        w = p + q / np.sqrt(s2)[:, None]
+    ok = solved & (pmp > 1e-14) & (s2 > 0) & np.isfinite(w).all(axis=1)
+    ok &= (w >= -1e-10).all(axis=1) & (np.abs(w.sum(axis=1) - 1) <= 1e-8)
+    if not ok.any():
+        return None
+    w = np.clip(np.where(ok[:, None], w, 0.0), 0.0, None)
+    w = w / np.clip(w.sum(axis=1, keepdims=True), 1e-300, None)
+    f = w @ b + sp * np.sqrt(np.clip(np.einsum("si,ij,sj->s", w, mm, w), 0.0, None))
+    f = np.where(ok, f, np.inf)
+    best = int(np.argmin(f))
+    if origin_inside and f[best] >= 0:
+        return None
+    return w[best].copy()
+
+
+def _projected_gradient(mm: np.ndarray, b: np.ndarray, sp: float, start: torch.Tensor | None,
+                        max_iter: int, tol: float) -> np.ndarray:
+    """F's minimiser on the simplex by projected gradient with backtracking (K > 12)."""
+    k = mm.shape[0]
 
     def f(w: np.ndarray) -> float:
-        return float(w @ b) + sqrt_phi * max(float(w @ mm @ w), 0.0) ** 0.5
+        return float(w @ b) + sp * max(float(w @ mm @ w), 0.0) ** 0.5
 
-    w = mean.copy()
+    w = np.full(k, 1.0 / k)
     if start is not None and start.numel() == k and bool(torch.isfinite(start).all()) and abs(float(start.sum()) - 1.0) < 1e-6:
         w = _project_simplex(start.double().cpu().numpy())
     step = 1.0
     fw = f(w)
     for _ in range(max_iter):
         nw = max(float(w @ mm @ w), 0.0) ** 0.5
-        grad = b + (sqrt_phi / nw) * (mm @ w) if nw > 1e-15 else b
+        grad = b + (sp / nw) * (mm @ w) if nw > 1e-15 else b
         while True:
             cand = _project_simplex(w - step * grad)
             fc = f(cand)
@@ -53,10 +126,7 @@ def cagrad_weights(m: torch.Tensor, c: float, max_iter: int = 1000, tol: float =
         step = min(step * 2.0, 1e6)
         if change <= tol:
             break
-    gw = max(float(w @ mm @ w), 0.0) ** 0.5
-    if gw <= 1e-9:
-        return mean_w, True, None
-    return torch.from_numpy(mean + (sqrt_phi / gw) * w), False, torch.from_numpy(w)
+    return w
 
 
 def _project_simplex(v: np.ndarray) -> np.ndarray:

@@ -137,6 +137,60 @@ def test_cagrad_stays_in_its_ball_and_improves_the_worst_task(g):
     assert float((g @ d).min()) >= float((g @ g0).min()) - 1e-6 * float(g.norm()) ** 2
 
 
+def _best_worst_task_improvement_on_a_grid(g: torch.Tensor, c: float, n: int = 600) -> torch.Tensor:
+    """min_i g_iᵀd at every point d of a polar grid over CAGrad's ball ‖d − g0‖ ≤ c‖g0‖ (P = 2)."""
+    g0 = g.mean(0)
+    radius = c * float(g0.norm())
+    theta = torch.linspace(0, 2 * torch.pi, 4 * n, dtype=torch.float64)
+    rho = torch.linspace(0, radius, n, dtype=torch.float64)
+    d = g0 + (rho[:, None, None] * torch.stack([theta.cos(), theta.sin()], dim=1)[None]).reshape(-1, 2)
+    return (d @ g.T).min(dim=1).values
+
+
+@SETTINGS
+@given(matrices(kmin=2, kmax=5, pmax=2), st.sampled_from([0.2, 0.4, 0.8, 1.5]))
+def test_cagrad_maximises_the_worst_task_improvement_brute_force(g, c):
+    """CAGrad's d = argmax over the ball of min_i g_iᵀd (its primal definition, docs/methods.md):
+    checked in P = 2 against every point of a dense grid over the ball. Ours must be at least as
+    good as each grid point (they are all feasible), up to float64 round-off; and the grid's best
+    is within one grid cell (Lipschitz constant max‖g_i‖) of ours, so a wrong optimum fails."""
+    g = g[:, :2]
+    d = get_method("cagrad", c=c)(g)
+    ours = float((g @ d).min())
+    grid = _best_worst_task_improvement_on_a_grid(g, c)
+    scale = float(g.norm(dim=1).max())
+    radius = c * float(g.mean(0).norm())
+    assert ours >= float(grid.max()) - 1e-9 * scale * (scale + radius)
+    cell = radius * (2 * torch.pi / (4 * 600) + 1 / 600)
+    assert ours <= float(grid.max()) + 2 * cell * scale + 1e-12
+
+
+def test_cagrad_degenerate_hull_around_the_origin():
+    """Regression: K > P, one tiny gradient, the origin inside the hull. The optimum of the inner
+    problem is at a point where ‖g_w‖ is small and the old projected-gradient solver stalled far
+    from it (worst-task improvement off by 20%, and different for a permutation of the tasks)."""
+    g = torch.tensor([[1.4872, -1.7638], [-1.4234, 2.6821], [0.4387, -0.8373], [0.1089, 0.5471], [-0.0189, -0.0331]], dtype=torch.float64)
+    d = get_method("cagrad", c=0.4)(g)
+    grid = _best_worst_task_improvement_on_a_grid(g, 0.4)
+    assert float((g @ d).min()) >= float(grid.max()) - 1e-12
+    perm = torch.tensor([4, 2, 0, 3, 1])
+    assert torch.allclose(get_method("cagrad", c=0.4)(g[perm]), d, rtol=1e-9, atol=1e-12)
+
+
+def test_cagrad_origin_in_the_hull():
+    """Two pairs of opposite gradients: the origin is in the hull (no d improves every task beyond
+    0 along both axes) yet some d still beats the mean; and with exactly opposite pairs of equal
+    norms the mean gradient is 0, the ball is a point, and the update must be 0."""
+    g = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 2.0], [0.0, -1.0]], dtype=torch.float64)
+    m = get_method("cagrad", c=0.4)
+    d = m(g)
+    grid = _best_worst_task_improvement_on_a_grid(g, 0.4)
+    assert float((g @ d).min()) >= float(grid.max()) - 1e-12
+    assert float((g @ d).min()) > float((g @ g.mean(0)).min())  # strictly better than the mean
+    g[2, 1] = 1.0
+    assert torch.equal(m(g), torch.zeros(2, dtype=torch.float64))
+
+
 # ---- GDOD ---------------------------------------------------------------------------------
 
 @SETTINGS
