@@ -21,10 +21,20 @@ def _faces_solve(m: torch.Tensor) -> torch.Tensor:
     k = mm.shape[0]
     # Fast path: when the minimiser over the whole affine hull is inside the simplex (α ≥ 0, the
     # common case for nearly orthogonal gradients) it is the answer: Mα = λ·1 holds on the full support.
-    full = np.block([[mm, np.ones((k, 1))], [np.ones((1, k)), np.zeros((1, 1))]])
-    if np.linalg.cond(full) < 1e12:
-        alpha = np.linalg.solve(full, np.r_[np.zeros(k), 1.0])[:k]
-        if (alpha >= 0).all() and abs(alpha.sum() - 1.0) <= 1e-10:
+    full = np.ones((k + 1, k + 1))
+    full[:k, :k] = mm
+    full[k, k] = 0.0
+    rhs = np.zeros(k + 1)
+    rhs[k] = 1.0
+    try:
+        alpha = np.linalg.solve(full, rhs)[:k]
+    except np.linalg.LinAlgError:  # singular: affinely dependent gradients, the faces decide
+        alpha = None
+    if alpha is not None and (alpha >= 0).all() and abs(alpha.sum() - 1.0) <= 1e-10 and np.isfinite(alpha).all():
+        # A near-singular system can give a feasible but inaccurate α: accept it only if it is
+        # stationary (Mα = λ1 on the full support) to round-off.
+        ma = mm @ alpha
+        if float(ma.max() - ma.min()) <= 1e-9 * float(np.abs(mm).max()):
             return torch.from_numpy(alpha.copy())
     codes = np.arange(1, 2**k)
     masks = ((codes[:, None] >> np.arange(k)) & 1).astype(bool)  # S × K supports
@@ -36,8 +46,11 @@ def _faces_solve(m: torch.Tensor) -> torch.Tensor:
     kkt[:, k, :k] = masks
     rhs = np.zeros((s, k + 1, 1))
     rhs[:, k] = 1.0
-    sol = (np.linalg.pinv(kkt) @ rhs)[:, :k, 0]  # least-squares solution, also for singular faces
-    feasible = (sol >= -1e-10).all(axis=1) & (np.abs(sol.sum(axis=1) - 1) <= 1e-8)
+    # Singular faces (affinely dependent gradients, info ≠ 0) are skipped: the min-norm point also
+    # lies in the hull of an affinely independent subset (Carathéodory), whose system is invertible.
+    sol, info = torch.linalg.solve_ex(torch.from_numpy(kkt), torch.from_numpy(rhs))
+    sol = sol.numpy()[:, :k, 0]
+    feasible = (info.numpy() == 0) & (sol >= -1e-10).all(axis=1) & (np.abs(sol.sum(axis=1) - 1) <= 1e-8)
     sol = np.clip(sol, 0.0, None)
     sol = sol / np.clip(sol.sum(axis=1, keepdims=True), 1e-300, None)
     values = np.einsum("si,ij,sj->s", sol, mm, sol)
