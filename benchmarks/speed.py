@@ -53,10 +53,13 @@ def machine() -> str:
 
 
 def interleaved(candidates: dict, rounds: int, warmup: int = 2) -> dict[str, float]:
-    """Median ms of each candidate, timing one call of each in turn per round."""
+    """Median ms of each candidate, timing one call of each in turn per round; the order rotates
+    every round, so no candidate always runs right after the same other one (caches, clocks)."""
     times = {name: [] for name in candidates}
+    names = list(candidates)
     for r in range(warmup + rounds):
-        for name, fn in candidates.items():
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            fn = candidates[name]
             start = time.perf_counter()
             fn()
             if r >= warmup:
