@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import numpy as np
 import torch
 
 from cogradctl.errors import UsageError
@@ -202,6 +203,32 @@ def gram(grads: torch.Tensor) -> torch.Tensor:
 def combine(weights: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
     """Σ_i weights_i g_i in the gradients' dtype (the one P-wide product of Gram-based methods)."""
     return torch.mv(grads.T, weights.to(device=grads.device, dtype=grads.dtype))
+
+
+def solve_on_faces(m: np.ndarray, b: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """The bordered system of every face of the simplex, solved in one batch (MGDA, CAGrad).
+
+    For each of the 2^K − 1 supports S, K_S = [[M_SS, 1], [1ᵀ, 0]] (with α_i pinned to 0 off S) is
+    solved for [0; 1], giving p (the min-norm point of the face's affine hull, MGDA's candidate),
+    and, if ``b`` is given, for [−b_S; 0], giving q. Batched LU (``torch.linalg.solve_ex``, which
+    does not raise): singular faces (affinely dependent gradients) come back with ``solved``
+    False. Returns (p, q, solved), p and q of shape (2^K − 1) × K.
+    """
+    k = m.shape[0]
+    codes = np.arange(1, 2**k)
+    masks = ((codes[:, None] >> np.arange(k)) & 1).astype(bool)  # S × K supports
+    n = masks.shape[0]
+    kkt = np.zeros((n, k + 1, k + 1))
+    kkt[:, :k, :k] = np.where(masks[:, :, None] & masks[:, None, :], m[None], 0.0) + (np.eye(k, dtype=bool)[None] & ~masks[:, :, None])
+    kkt[:, :k, k] = masks
+    kkt[:, k, :k] = masks
+    rhs = np.zeros((n, k + 1, 1 if b is None else 2))
+    rhs[:, k, 0] = 1.0
+    if b is not None:
+        rhs[:, :k, 1] = np.where(masks, -b[None], 0.0)
+    sol, info = torch.linalg.solve_ex(torch.from_numpy(kkt), torch.from_numpy(rhs))
+    sol = sol.numpy()
+    return sol[:, :k, 0], (sol[:, :k, 1] if b is not None else None), info.numpy() == 0
 
 
 def project_simplex(v: torch.Tensor) -> torch.Tensor:

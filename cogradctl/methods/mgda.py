@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from cogradctl.methods.base import GRANULARITY_OPTION, Method, combine, gram, project_simplex
+from cogradctl.methods.base import GRANULARITY_OPTION, Method, combine, gram, project_simplex, solve_on_faces
 
 
 # Up to this many tasks the min-norm problem is solved exactly by enumerating the simplex's faces.
@@ -36,21 +36,10 @@ def _faces_solve(m: torch.Tensor) -> torch.Tensor:
         ma = mm @ alpha
         if float(ma.max() - ma.min()) <= 1e-9 * float(np.abs(mm).max()):
             return torch.from_numpy(alpha.copy())
-    codes = np.arange(1, 2**k)
-    masks = ((codes[:, None] >> np.arange(k)) & 1).astype(bool)  # S × K supports
-    s = masks.shape[0]
-    kkt = np.zeros((s, k + 1, k + 1))
-    both = masks[:, :, None] & masks[:, None, :]
-    kkt[:, :k, :k] = np.where(both, mm[None], 0.0) + (np.eye(k, dtype=bool)[None] & ~masks[:, :, None])  # pins α_i = 0 off the support
-    kkt[:, :k, k] = masks
-    kkt[:, k, :k] = masks
-    rhs = np.zeros((s, k + 1, 1))
-    rhs[:, k] = 1.0
-    # Singular faces (affinely dependent gradients, info ≠ 0) are skipped: the min-norm point also
-    # lies in the hull of an affinely independent subset (Carathéodory), whose system is invertible.
-    sol, info = torch.linalg.solve_ex(torch.from_numpy(kkt), torch.from_numpy(rhs))
-    sol = sol.numpy()[:, :k, 0]
-    feasible = (info.numpy() == 0) & (sol >= -1e-10).all(axis=1) & (np.abs(sol.sum(axis=1) - 1) <= 1e-8)
+    # Singular faces (affinely dependent gradients) are skipped: the min-norm point also lies in
+    # the hull of an affinely independent subset (Carathéodory), whose system is invertible.
+    sol, _, solved = solve_on_faces(mm)
+    feasible = solved & (sol >= -1e-10).all(axis=1) & (np.abs(sol.sum(axis=1) - 1) <= 1e-8)
     sol = np.clip(sol, 0.0, None)
     sol = sol / np.clip(sol.sum(axis=1, keepdims=True), 1e-300, None)
     values = np.einsum("si,ij,sj->s", sol, mm, sol)
