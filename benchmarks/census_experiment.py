@@ -202,8 +202,7 @@ def experiment(args, cfg: dict, checkpoint=lambda report: None) -> dict:
             return ["--schedule", c["schedule"], "--warmup-steps", c["warmup"]] if c["schedule"] != "constant" else []
 
         candidates = {tag(c): c for c in cfg["base"][model]}
-        for c in cfg["base"][model]:
-            init_for(c)
+
         def train_base(t: str, c: dict, init: Path):
             return pool.submit(run, f"{model}-base-{t}", ["train", "--checkpoint", init, "--data", train, "--valid", valid, "--method", "ew",
                                                          "--epochs", c["epochs"], "--batch-size", c["batch"], "--lr", c["lr"], *schedule(c), "--seed", "0",
