@@ -33,15 +33,15 @@ class IMTLG(Method):
     def aggregate(self, grads: torch.Tensor, losses: torch.Tensor | None) -> torch.Tensor:
         m = gram(grads).numpy()  # the K×K algebra in numpy: a torch op on a K×K matrix costs µs each
         k = m.shape[0]
-        lam, vec = np.linalg.eigh(m)
-        lmax = float(lam.max()) if k else 0.0
+        lam, vec = np.linalg.eigh(m)  # ascending
+        lmax = float(lam[-1]) if k else 0.0
         fallback = False
         if lmax <= 0:
             alpha = np.zeros(k)
         else:
             keep = lam > lmax * k * np.finfo(np.float64).eps * 10
-            inv = np.where(keep, 1.0 / np.where(keep, lam, 1.0), 0.0)
-            v = vec @ (inv * (vec.T @ np.sqrt(np.clip(np.diagonal(m), 0.0, None))))
+            kept = vec[:, keep]
+            v = kept @ ((kept.T @ np.sqrt(np.maximum(m.diagonal(), 0.0))) / lam[keep])
             total = float(v.sum())
             l1 = float(np.abs(v).sum())
             if total > 1e-12 * l1:
