@@ -287,7 +287,7 @@ def main() -> None:
              f"--threads {args.threads} --steps {args.steps}` — do not edit by hand.", "",
              f"Machine: {machine()}. CPU only: no GPU was available to this run, so there are no GPU rows.", ""]
     lines += section_bench(args.steps, args.threads)
-    lines += section_aggregators(max(5, args.steps // 2))
+    lines += section_aggregators(max(5, 2 * args.steps))  # sub-ms calls: more rounds for a steadier median
     lines += section_full_step(args.steps)
     lines += section_backward(args.steps)
     lines += section_representation(args.steps)
