@@ -12,30 +12,28 @@ from cogradctl.methods.base import GRANULARITY_OPTION, Method, combine, gram, pr
 EXACT_MAX_TASKS = 12
 
 
-def _faces_solve(m: torch.Tensor) -> torch.Tensor:
-    """Exact min of αᵀMα on the simplex: the KKT point of every face, batched; the best feasible.
-
-    In numpy: for these tiny (K+1)×(K+1) systems its per-call overhead is a third of torch's.
+def _faces_solve(mm: np.ndarray) -> np.ndarray:
+    """Exact min of αᵀMα on the simplex (M float64, scaled to max diagonal 1): the KKT point of
+    every face, batched; the best feasible. Few numpy calls: this runs right after the Gram matrix
+    has streamed the gradients through the caches, where every Python-level call costs several µs.
     """
-    mm = m.detach().cpu().double().numpy()
     k = mm.shape[0]
     # Fast path: when the minimiser over the whole affine hull is inside the simplex (α ≥ 0, the
-    # common case for nearly orthogonal gradients) it is the answer: Mα = λ·1 holds on the full support.
-    full = np.ones((k + 1, k + 1))
-    full[:k, :k] = mm
-    full[k, k] = 0.0
-    rhs = np.zeros(k + 1)
-    rhs[k] = 1.0
+    # common case for nearly orthogonal gradients) it is the answer: Mα = λ·1 on the full support,
+    # so α ∝ M⁻¹1 when M is invertible.
     try:
-        alpha = np.linalg.solve(full, rhs)[:k]
-    except np.linalg.LinAlgError:  # singular: affinely dependent gradients, the faces decide
-        alpha = None
-    if alpha is not None and (alpha >= 0).all() and abs(alpha.sum() - 1.0) <= 1e-10 and np.isfinite(alpha).all():
-        # A near-singular system can give a feasible but inaccurate α: accept it only if it is
-        # stationary (Mα = λ1 on the full support) to round-off.
-        ma = mm @ alpha
-        if float(ma.max() - ma.min()) <= 1e-9 * float(np.abs(mm).max()):
-            return torch.from_numpy(alpha.copy())
+        x = np.linalg.solve(mm, np.ones(k))
+    except np.linalg.LinAlgError:  # singular: linearly dependent gradients, the faces decide
+        x = None
+    if x is not None:
+        total = x.sum()
+        if total > 0 and x.min() >= 0:  # False for NaN
+            alpha = x / total
+            # A near-singular M can give a feasible but inaccurate α: accept it only if it is
+            # stationary (Mα = λ1 on the full support) to round-off.
+            ma = mm @ alpha
+            if ma.max() - ma.min() <= 1e-9 * np.abs(mm).max():
+                return alpha
     # Singular faces (affinely dependent gradients) are skipped: the min-norm point also lies in
     # the hull of an affinely independent subset (Carathéodory), whose system is invertible.
     sol, _, solved = solve_on_faces(mm)
@@ -44,33 +42,27 @@ def _faces_solve(m: torch.Tensor) -> torch.Tensor:
     sol = sol / np.clip(sol.sum(axis=1, keepdims=True), 1e-300, None)
     values = np.einsum("si,ij,sj->s", sol, mm, sol)
     values = np.where(feasible & np.isfinite(values), values, np.inf)
-    return torch.from_numpy(sol[int(np.argmin(values))].copy())
+    return sol[int(np.argmin(values))].copy()
 
 
-def min_norm_weights(m: torch.Tensor, max_iter: int = 2000, tol: float = 1e-12) -> tuple[torch.Tensor, int]:
-    """Simplex weights α minimising αᵀ M α for a PSD K×K matrix M (float64); returns (α, iterations).
-
-    K ≤ 2: closed form. K ≤ 12: exact, by solving the KKT system of every face of the simplex
-    (2^K − 1 small systems, batched) and keeping the best feasible one. K > 12: accelerated
-    projected gradient (FISTA with restart), stopped when the Frank-Wolfe duality gap
-    αᵀMα − min_i (Mα)_i falls below ``tol`` × max_i M_ii or after ``max_iter`` iterations.
-    """
-    k = m.shape[0]
-    a = m.numpy()  # scalars from numpy: a torch op on a K×K matrix costs µs each
+def _min_norm(a: np.ndarray, max_iter: int, tol: float) -> tuple[np.ndarray, int]:
+    """``min_norm_weights`` on a float64 numpy matrix (the scalars and K×K algebra in numpy: a
+    torch op on a K×K matrix costs µs each)."""
+    k = a.shape[0]
     scale = float(a.diagonal().max()) if k else 0.0
     if k == 1 or scale <= 0:
-        return torch.full((k,), 1.0 / k, dtype=torch.float64), 0
+        return np.full(k, 1.0 / k), 0
+    a = a / scale
     if k == 2:
-        a = a / scale
         denom = float(a[0, 0] + a[1, 1] - 2 * a[0, 1])
         if denom <= 1e-15:  # identical gradients: every point of the segment is the same vector
             g = 0.5
         else:
             g = min(max(float(a[1, 1] - a[0, 1]) / denom, 0.0), 1.0)
-        return torch.tensor([g, 1.0 - g], dtype=torch.float64), 0
-    m = m / scale
+        return np.array([g, 1.0 - g]), 0
     if k <= EXACT_MAX_TASKS:
-        return _faces_solve(m), 0
+        return _faces_solve(a), 0
+    m = torch.from_numpy(a)
     lipschitz = float(torch.linalg.eigvalsh(m)[-1])
     step = 1.0 / max(lipschitz, 1e-15)
     alpha = torch.full((k,), 1.0 / k, dtype=torch.float64)
@@ -87,7 +79,19 @@ def min_norm_weights(m: torch.Tensor, max_iter: int = 2000, tol: float = 1e-12) 
         ma = m @ alpha
         if float(alpha @ ma - ma.min()) <= tol:
             break
-    return alpha, it
+    return alpha.numpy(), it
+
+
+def min_norm_weights(m: torch.Tensor, max_iter: int = 2000, tol: float = 1e-12) -> tuple[torch.Tensor, int]:
+    """Simplex weights α minimising αᵀ M α for a PSD K×K matrix M (float64); returns (α, iterations).
+
+    K ≤ 2: closed form. K ≤ 12: exact, by solving the KKT system of every face of the simplex
+    (2^K − 1 small systems, batched) and keeping the best feasible one. K > 12: accelerated
+    projected gradient (FISTA with restart), stopped when the Frank-Wolfe duality gap
+    αᵀMα − min_i (Mα)_i falls below ``tol`` × max_i M_ii or after ``max_iter`` iterations.
+    """
+    alpha, it = _min_norm(m.detach().cpu().to(torch.float64).numpy(), max_iter, tol)
+    return torch.from_numpy(alpha), it
 
 
 class MGDA(Method):
@@ -121,12 +125,14 @@ class MGDA(Method):
         self.tol = float(tol)
 
     def aggregate(self, grads: torch.Tensor, losses: torch.Tensor | None) -> torch.Tensor:
-        m = gram(grads)
-        scale = torch.ones(grads.shape[0], dtype=torch.float64)
+        m = gram(grads).numpy()
         if self.normalize == "l2":
-            norms = m.diagonal().clamp_min(0).sqrt()
-            scale = torch.where(norms > 0, 1.0 / torch.where(norms > 0, norms, 1.0), torch.zeros_like(norms))
-            m = m * scale[:, None] * scale[None, :]
-        alpha, iters = min_norm_weights(m, self.max_iter, self.tol)
+            norms = np.sqrt(np.maximum(m.diagonal(), 0.0))
+            scale = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
+            alpha, iters = _min_norm(m * scale[:, None] * scale[None, :], self.max_iter, self.tol)
+            weights = alpha * scale
+        else:
+            alpha, iters = _min_norm(m, self.max_iter, self.tol)
+            weights = alpha
         self.stats = {"weights": alpha.tolist(), "iterations": float(iters)}
-        return combine(alpha * scale, grads)
+        return combine(torch.from_numpy(weights), grads)
