@@ -97,6 +97,16 @@ def test_mgda_is_the_min_norm_point_of_the_convex_hull(g):
     assert torch.allclose(d, ref, atol=1e-5 * scale)
 
 
+def test_mgda_singular_gram_is_solved_on_the_faces():
+    """g3 = g1 + g2 makes M singular (the interior solve M⁻¹1 fails or is rejected), while the
+    bordered systems of the faces are not: the answer is the midpoint of the segment [g1, g2]."""
+    g = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 1.0, 0.0]], dtype=torch.float64)
+    assert torch.allclose(get_method("mgda")(g), torch.tensor([0.5, 0.5, 0.0], dtype=torch.float64), atol=1e-12)
+    # and a rank-2 M with four tasks, against the brute-force oracle
+    g4 = torch.cat([g, (0.3 * g[0] + 0.7 * g[1])[None]])
+    assert torch.allclose(get_method("mgda")(g4), brute_min_norm(gram(g4)) @ g4, atol=1e-6)
+
+
 def test_mgda_k2_closed_form_and_permutation_equivariance():
     g = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 2.0]], dtype=torch.float64)
     d = get_method("mgda")(g)
