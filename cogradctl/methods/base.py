@@ -234,6 +234,17 @@ def solve_on_faces(m: np.ndarray, b: np.ndarray | None = None) -> tuple[np.ndarr
     return sol[:, :k, 0], (sol[:, :k, 1] if b is not None else None), info.numpy() == 0
 
 
+def on_simplex(rows: np.ndarray) -> np.ndarray:
+    """Which rows of an S × K array are points of the simplex up to round-off (≥ −1e-10, sum 1 ± 1e-8)."""
+    return (rows >= -1e-10).all(axis=1) & (np.abs(rows.sum(axis=1) - 1) <= 1e-8)
+
+
+def snap_to_simplex(rows: np.ndarray) -> np.ndarray:
+    """Rows that ``on_simplex`` accepts, put exactly on it: negatives clipped to 0, sums rescaled to 1."""
+    rows = np.clip(rows, 0.0, None)
+    return rows / np.clip(rows.sum(axis=1, keepdims=True), 1e-300, None)
+
+
 def project_simplex(v: torch.Tensor) -> torch.Tensor:
     """Euclidean projection of a vector onto the probability simplex (sort-based, exact)."""
     k = v.numel()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from cogradctl.methods.base import GRANULARITY_OPTION, Method, combine, gram, project_simplex, solve_on_faces
+from cogradctl.methods.base import GRANULARITY_OPTION, Method, combine, gram, on_simplex, project_simplex, snap_to_simplex, solve_on_faces
 
 
 # Up to this many tasks the inner problem is solved exactly, face by face (2^K − 1 small systems).
@@ -67,17 +67,16 @@ def _faces_solve(mm: np.ndarray, b: np.ndarray, sp: float) -> np.ndarray | None:
     p, q, solved = solve_on_faces(mm, b)  # singular faces: solved False, skipped
     pmp = np.einsum("si,ij,sj->s", p, mm, p)
     # The MGDA part: is the origin in the hull (min-norm point of a feasible face ~ 0)?
-    p_ok = solved & (p >= -1e-10).all(axis=1) & (np.abs(p.sum(axis=1) - 1) <= 1e-8)
+    p_ok = solved & on_simplex(p)
     origin_inside = bool((p_ok & (pmp <= 1e-14)).any())
     with np.errstate(divide="ignore", invalid="ignore"):
         s2 = (sp * sp + q @ b) / pmp
         w = p + q / np.sqrt(s2)[:, None]
     ok = solved & (pmp > 1e-14) & (s2 > 0) & np.isfinite(w).all(axis=1)
-    ok &= (w >= -1e-10).all(axis=1) & (np.abs(w.sum(axis=1) - 1) <= 1e-8)
+    ok &= on_simplex(w)
     if not ok.any():
         return None
-    w = np.clip(np.where(ok[:, None], w, 0.0), 0.0, None)
-    w = w / np.clip(w.sum(axis=1, keepdims=True), 1e-300, None)
+    w = snap_to_simplex(np.where(ok[:, None], w, 0.0))
     f = w @ b + sp * np.sqrt(np.clip(np.einsum("si,ij,sj->s", w, mm, w), 0.0, None))
     f = np.where(ok, f, np.inf)
     best = int(np.argmin(f))

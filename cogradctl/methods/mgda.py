@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from cogradctl.methods.base import GRANULARITY_OPTION, Method, combine, gram, project_simplex, solve_on_faces
+from cogradctl.methods.base import GRANULARITY_OPTION, Method, combine, gram, on_simplex, project_simplex, snap_to_simplex, solve_on_faces
 
 
 # Up to this many tasks the min-norm problem is solved exactly by enumerating the simplex's faces.
@@ -37,9 +37,8 @@ def _faces_solve(mm: np.ndarray) -> np.ndarray:
     # Singular faces (affinely dependent gradients) are skipped: the min-norm point also lies in
     # the hull of an affinely independent subset (Carathéodory), whose system is invertible.
     sol, _, solved = solve_on_faces(mm)
-    feasible = solved & (sol >= -1e-10).all(axis=1) & (np.abs(sol.sum(axis=1) - 1) <= 1e-8)
-    sol = np.clip(sol, 0.0, None)
-    sol = sol / np.clip(sol.sum(axis=1, keepdims=True), 1e-300, None)
+    feasible = solved & on_simplex(sol)
+    sol = snap_to_simplex(sol)
     values = np.einsum("si,ij,sj->s", sol, mm, sol)
     values = np.where(feasible & np.isfinite(values), values, np.inf)
     return sol[int(np.argmin(values))].copy()
