@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from cogradctl.methods.base import GRANULARITY_OPTION, Method, combine, gram, per_task
@@ -49,30 +50,28 @@ class GDOD(Method):
         self.weights = per_task(self.weights_option, num_tasks, "weights")
 
     def aggregate(self, grads: torch.Tensor, losses: torch.Tensor | None) -> torch.Tensor:
-        m = gram(grads)
-        k = m.shape[0]
-        lam, vec = torch.linalg.eigh(m)
+        # The K×K part in numpy: each torch call on a tiny tensor costs µs, which is a visible part
+        # of a small model's step; only the Gram matrix and the final product touch the K×P matrix.
+        m = gram(grads).numpy()
+        lam, vec = np.linalg.eigh(m)
         lmax = float(lam.max())
-        keep = lam > self.eps * lmax if lmax > 0 else torch.zeros(k, dtype=torch.bool)
+        keep = lam > self.eps * lmax if lmax > 0 else np.zeros(m.shape[0], dtype=bool)
         lam, vec = lam[keep], vec[:, keep]
-        sigma = lam.sqrt()
+        sigma = np.sqrt(lam)
         coords = vec * sigma  # c_ik, K × rank
-        tiny = 1e-12 * float(sigma.max()) if sigma.numel() else 0.0
-        pos = (coords > tiny).any(dim=0)
-        neg = (coords < -tiny).any(dim=0)
-        shared = ~(pos & neg)
-        w = self.weights.to(torch.float64)
-        along = w @ coords  # Σ_i w_i c_ik
-        gain = torch.where(shared, torch.ones_like(along), torch.full_like(along, self.beta))
+        tiny = 1e-12 * float(sigma.max()) if sigma.size else 0.0
+        shared = ~((coords > tiny).any(axis=0) & (coords < -tiny).any(axis=0))
+        along = self.weights.numpy().astype(np.float64) @ coords  # Σ_i w_i c_ik
+        gain = np.where(shared, 1.0, self.beta)
         alpha = vec @ (gain * along / sigma)  # d = Σ_k gain_k along_k u_k = (V (gain·along/σ))ᵀ G
         n_shared = int(shared.sum())
         self.stats = {
-            "rank": float(sigma.numel()),
+            "rank": float(sigma.size),
             "shared_directions": float(n_shared),
-            "conflict_directions": float(sigma.numel() - n_shared),
+            "conflict_directions": float(sigma.size - n_shared),
             "no_shared_direction": n_shared == 0,
         }
-        return combine(alpha, grads)
+        return combine(torch.from_numpy(alpha), grads)
 
     def task_weights(self) -> torch.Tensor | None:
         return self.weights
