@@ -182,3 +182,53 @@ def test_training_is_deterministic(world, tmp_path):
     a = ckpt_io.load(tmp_path / "a" / "last.safetensors").state
     b = ckpt_io.load(tmp_path / "b" / "last.safetensors").state
     assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+class FixedGradients:
+    """Stands in for TaskGradients: returns the given losses and K×P matrix (own gradients zero)."""
+
+    def __init__(self, split, tasks, losses, grads):
+        self.split, self.tasks, self.losses, self.grads = split, tasks, losses, grads
+
+    def __call__(self, inputs, labels, create_graph=False, loss_scale=None):
+        own = {t: [torch.zeros_like(p) for p in self.split.tasks[t]] for t in self.tasks}
+        return self.losses, self.grads, own
+
+
+def test_train_step_names_exactly_the_non_finite_tasks(world):
+    from cogradctl.errors import Diverged
+    from cogradctl.methods import get_method
+    from cogradctl.train import LossScaler, train_step
+
+    model, split = fresh_model(world)
+    tasks = world["schema"].task_names
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    g = torch.ones(3, split.num_shared)
+    g[1, 7] = float("inf")  # one element of one row
+    with pytest.raises(Diverged, match=r"task\(s\) like$"):
+        train_step(FixedGradients(split, tasks, torch.ones(3), g), get_method("ew"), opt, {}, None)
+    losses = torch.tensor([1.0, 1.0, float("nan")])
+    with pytest.raises(Diverged, match=r"task\(s\) share$"):
+        train_step(FixedGradients(split, tasks, losses, torch.ones(3, split.num_shared)), get_method("ew"), opt, {}, None)
+    # fp16: the overflow skips the step and halves the scale
+    scaler = LossScaler(scale=8.0)
+    train_step(FixedGradients(split, tasks, torch.ones(3), g), get_method("ew"), opt, {}, None, scaler=scaler)
+    assert scaler.scale == 4.0
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_train_step_takes_finite_gradients_whose_sum_overflows(world):
+    """Every value finite, the total beyond float32's range: a step, not a false divergence."""
+    from cogradctl.methods import get_method
+    from cogradctl.train import train_step
+
+    model, split = fresh_model(world)
+    tasks = world["schema"].task_names
+    opt = torch.optim.SGD(model.parameters(), lr=1e-38)
+    g = torch.zeros(3, split.num_shared)
+    g[0, :2] = 3e38  # the row sums past float32's largest value (3.4e38); ew's update stays finite
+    assert not torch.isfinite(g.sum())
+    first = split.shared[0].detach().clone()
+    train_step(FixedGradients(split, tasks, torch.ones(3), g), get_method("ew"), opt, {}, None)
+    assert torch.isfinite(split.shared[0]).all() and not torch.equal(split.shared[0].detach(), first)
