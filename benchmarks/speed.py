@@ -52,9 +52,9 @@ def machine() -> str:
     return f"{cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__} with {torch.get_num_threads()} thread(s), Python {platform.python_version()}"
 
 
-def interleaved(candidates: dict, rounds: int, warmup: int = 2) -> dict[str, float]:
-    """Median ms of each candidate, timing one call of each in turn per round; the order rotates
-    every round, so no candidate always runs right after the same other one (caches, clocks)."""
+def interleaved(candidates: dict, rounds: int, warmup: int = 2) -> dict[str, list[float]]:
+    """Times (ms) of each candidate, one call of each in turn per round; the order rotates every
+    round, so no candidate always runs right after the same other one (caches, clocks)."""
     times = {name: [] for name in candidates}
     names = list(candidates)
     for r in range(warmup + rounds):
@@ -64,7 +64,23 @@ def interleaved(candidates: dict, rounds: int, warmup: int = 2) -> dict[str, flo
             fn()
             if r >= warmup:
                 times[name].append((time.perf_counter() - start) * 1000.0)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
+
+
+def med(times: dict[str, list[float]], name: str) -> float:
+    return statistics.median(times[name])
+
+
+def ratio(times: dict[str, list[float]], num: str, den: str) -> str:
+    """median(num) / median(den) with its 95% bootstrap interval over the rounds, as table text."""
+    from cogradctl.bench import ratio_interval
+
+    lo, hi = ratio_interval(times[num], times[den])
+    return f"{med(times, num) / med(times, den):.2f} ({lo:.2f}–{hi:.2f})"
+
+
+INTERVAL_NOTE = ("Ratios are medians over the rounds with a 95% bootstrap interval in brackets (rounds resampled, "
+                 "both sides of a round together): what a ratio can tell apart on this machine at the time of the run.")
 
 
 def section_bench(steps: int, threads: int) -> list[str]:
@@ -76,15 +92,17 @@ def section_bench(steps: int, threads: int) -> list[str]:
         doc = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout)
         lines += [f"K = {k}, {doc['shared_parameters']} shared parameters; floor {doc['floor_ms']:.2f} ms, "
                   f"plain single-backward step {doc['plain_ms']:.2f} ms. Command: `OMP_NUM_THREADS={threads} {' '.join(cmd[:-2])}`", "",
-                  "| method | step ms | ÷ ew | ÷ floor | target |", "|---|---:|---:|---:|---|"]
+                  "| method | step ms | ÷ ew | ÷ floor (95% interval) | target |", "|---|---:|---:|---:|---|"]
         for name, r in doc["methods"].items():
             target = "≤ 1.10" if name in ("cograd", "gdod") else ("≤ 1.25" if name != "ew" else "")
+            lo, hi = r["ratio_to_floor_ci95"]
             mark = "" if not target else (" ✓" if r["ratio_to_floor"] <= float(target[2:]) else " ✗")
-            lines.append(f"| {name} | {r['step_ms']:.2f} | {r['ratio_to_ew']:.2f} | {r['ratio_to_floor']:.2f} | {target}{mark} |")
+            lines.append(f"| {name} | {r['step_ms']:.2f} | {r['ratio_to_ew']:.2f} | {r['ratio_to_floor']:.2f} ({lo:.2f}–{hi:.2f}) | {target}{mark} |")
         m = doc["measure_transference"]
-        lines += ["", f"measure-transference, one batch: {m['batch_ms']:.2f} ms = {m['ratio_to_floor']:.2f} × its floor "
+        lo, hi = m["ratio_to_floor_ci95"]
+        lines += ["", f"measure-transference, one batch: {m['batch_ms']:.2f} ms = {m['ratio_to_floor']:.2f} ({lo:.2f}–{hi:.2f}) × its floor "
                       f"(one forward, K backward, K forwards: {m['floor_ms']:.2f} ms).", ""]
-    return lines
+    return lines + [INTERVAL_NOTE + " ✓/✗ compare the median ratio with the target.", ""]
 
 
 def section_aggregators(rounds: int) -> list[str]:
@@ -94,7 +112,7 @@ def section_aggregators(rounds: int) -> list[str]:
 
     lines = ["## 2. Aggregation alone against torchjd (P = 1,000,000)", "",
              "Median ms of one call on the same random K×P float32 matrix (losses all 1), interleaved.", "",
-             "| method | K | cogradctl ms | torchjd ms | cogradctl ÷ torchjd |", "|---|---:|---:|---:|---:|"]
+             "| method | K | cogradctl ms | torchjd ms | cogradctl ÷ torchjd (95% interval) |", "|---|---:|---:|---:|---:|"]
     gen = torch.Generator().manual_seed(0)
     for k in (2, 4, 8):
         g = torch.randn(k, 1_000_000, generator=gen)
@@ -104,8 +122,8 @@ def section_aggregators(rounds: int) -> list[str]:
             theirs = make(agg) if name != "nash-mtl" else agg.NashMTL(n_tasks=k)
             ours(g, losses)
             times = interleaved({"ours": lambda: ours(g, losses), "torchjd": lambda: theirs(g)}, rounds)
-            lines.append(f"| {name} | {k} | {times['ours']:.2f} | {times['torchjd']:.2f} | {times['ours'] / times['torchjd']:.2f} |")
-    return lines + [""]
+            lines.append(f"| {name} | {k} | {med(times, 'ours'):.2f} | {med(times, 'torchjd'):.2f} | {ratio(times, 'ours', 'torchjd')} |")
+    return lines + ["", INTERVAL_NOTE, ""]
 
 
 def _mmoe(k: int, rows: int = 4096):
@@ -135,7 +153,7 @@ def section_full_step(rounds: int) -> list[str]:
              "Same mmoe, same batch of 2048 rows, Adam with learning rate 0 (identical weights every round). torchjd's "
              "features are the outputs of the shared modules the task heads read (the input layer and each expert), "
              "captured with forward hooks; its step then backpropagates the aggregated gradient into the shared parameters.", "",
-             "| K | cogradctl cograd step ms | torchjd UPGrad step ms | cogradctl ÷ torchjd |", "|---:|---:|---:|---:|"]
+             "| K | cogradctl cograd step ms | torchjd UPGrad step ms | cogradctl ÷ torchjd (95% interval) |", "|---:|---:|---:|---:|"]
     for k in (2, 4):
         net, split, schema, data = _mmoe(k)
         inputs, labels = data.batch(slice(0, 2048))
@@ -166,7 +184,7 @@ def section_full_step(rounds: int) -> list[str]:
         times = interleaved({"ours": ours, "torchjd": theirs}, rounds)
         for h in hooks:
             h.remove()
-        lines.append(f"| {k} | {times['ours']:.2f} | {times['torchjd']:.2f} | {times['ours'] / times['torchjd']:.2f} |")
+        lines.append(f"| {k} | {med(times, 'ours'):.2f} | {med(times, 'torchjd'):.2f} | {ratio(times, 'ours', 'torchjd')} |")
     return lines + [""]
 
 
@@ -176,7 +194,7 @@ def section_backward(rounds: int) -> list[str]:
     lines = ["## 4. Per-task gradients: K backward passes against one batched backward", "",
              "`torch.autograd.grad(losses, shared, grad_outputs=I_K, is_grads_batched=True)` (vmap over the backward) "
              "against the K passes `TaskGradients` makes, mmoe, batch 2048. The faster one is what the engine uses.", "",
-             "| K | K passes ms | batched ms | batched ÷ passes |", "|---:|---:|---:|---:|"]
+             "| K | K passes ms | batched ms | batched ÷ passes (95% interval) |", "|---:|---:|---:|---:|"]
     for k in (2, 4):
         net, split, schema, data = _mmoe(k)
         inputs, labels = data.batch(slice(0, 2048))
@@ -187,7 +205,7 @@ def section_backward(rounds: int) -> list[str]:
             torch.autograd.grad(losses, split.shared, grad_outputs=torch.eye(k), is_grads_batched=True)
 
         times = interleaved({"loop": lambda: tg(inputs, labels), "batched": batched}, rounds)
-        lines.append(f"| {k} | {times['loop']:.2f} | {times['batched']:.2f} | {times['batched'] / times['loop']:.2f} |")
+        lines.append(f"| {k} | {med(times, 'loop'):.2f} | {med(times, 'batched'):.2f} | {ratio(times, 'batched', 'loop')} |")
     return lines + [""]
 
 
@@ -207,7 +225,7 @@ def section_representation(rounds: int) -> list[str]:
              "Per-task gradients with respect to the shared representation (the input layer's and each expert's "
              "outputs), the min-norm weights from their Gram matrix, then one backward through the shared modules; "
              "against the floor (one forward, K backward passes onto the shared parameters), mmoe, batch 2048.", "",
-             "| K | floor ms | representation trick ms | trick ÷ floor |", "|---:|---:|---:|---:|"]
+             "| K | floor ms | representation trick ms | trick ÷ floor (95% interval) |", "|---:|---:|---:|---:|"]
     ratios = []
     for k in (2, 4):
         net, split, schema, data = _mmoe(k)
@@ -262,8 +280,8 @@ def section_representation(rounds: int) -> list[str]:
         for h in hooks:
             h.remove()
         rep_size = 2048 * (net.input.out_dim + sum(_out_width(e) for e in net.experts))
-        ratios.append(times["trick"] / times["floor"])
-        lines.append(f"| {k} | {times['floor']:.2f} | {times['trick']:.2f} | {times['trick'] / times['floor']:.2f} |")
+        ratios.append(med(times, "trick") / med(times, "floor"))
+        lines.append(f"| {k} | {med(times, 'floor'):.2f} | {med(times, 'trick'):.2f} | {ratio(times, 'trick', 'floor')} |")
     verdict = (f"The trick saved {100 * (1 - max(ratios)):.0f}–{100 * (1 - min(ratios)):.0f} % here" if max(ratios) < 1
                else f"The trick did not pay here (up to {max(ratios):.2f} × the floor)")
     lines += ["", f"{verdict}: it skips K − 1 backward passes through the experts and embeddings but carries per-task "

@@ -7,7 +7,9 @@ gradients into the K×P matrix, the method's maths and the optimizer step); ever
 floor is the tool's overhead. ``ew`` is timed the same way, and a plain single-backward step on the
 summed loss is reported as ``plain`` for reference. Timings: median and interquartile spread of
 ``steps`` steps after ``warmup`` steps, all candidates interleaved on the same batches and weights;
-on CUDA timed with CUDA events, with per-candidate peak allocated memory.
+on CUDA timed with CUDA events, with per-candidate peak allocated memory. Each ratio to the floor
+comes with a 95% bootstrap interval over the rounds (``ratio_interval``), so a reader can tell a
+real difference from the machine's noise.
 """
 
 from __future__ import annotations
@@ -31,6 +33,25 @@ from cogradctl.transference import DEFAULT_LOOKAHEAD_LR, measure_batch
 def _stats(times: list[float]) -> dict:
     q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
     return {"median_ms": statistics.median(times), "p25_ms": q[0], "p75_ms": q[2], "min_ms": min(times)}
+
+
+def ratio_interval(num: list[float], den: list[float], level: float = 0.95, resamples: int = 2000, seed: int = 0) -> list[float]:
+    """Bootstrap interval of median(num) / median(den) for times taken in the same rounds.
+
+    Rounds are resampled with replacement, the same rounds for both (a slow spell of the machine
+    slows both sides of a round), and the ratio of medians is recomputed; the interval is the
+    central ``level`` of those ratios. It says which differences a run can resolve: on a quiet
+    machine it is a few per cent wide, on a busy one much wider.
+    """
+    import numpy as np
+
+    a, b = np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64)
+    if a.shape != b.shape or a.size < 2:
+        raise ValueError("ratio_interval needs two equally long series of at least 2 times")
+    idx = np.random.default_rng(seed).integers(0, a.size, size=(resamples, a.size))
+    ratios = np.median(a[idx], axis=1) / np.median(b[idx], axis=1)
+    tail = (1.0 - level) / 2.0
+    return [float(np.quantile(ratios, tail)), float(np.quantile(ratios, 1.0 - tail))]
 
 
 def cpu_model() -> str:
@@ -161,6 +182,7 @@ def bench(
                 "spread_ms": [stats[f"method:{name}"]["p25_ms"], stats[f"method:{name}"]["p75_ms"]],
                 "ratio_to_ew": stats[f"method:{name}"]["median_ms"] / ew_ms if ew_ms else None,
                 "ratio_to_floor": stats[f"method:{name}"]["median_ms"] / floor_ms,
+                "ratio_to_floor_ci95": ratio_interval(times[f"method:{name}"], times["floor"]),
                 "peak_mem_mb": peaks[f"method:{name}"] if device.type == "cuda" else None,
             }
             for name in methods
@@ -169,5 +191,6 @@ def bench(
             "batch_ms": stats["measure"]["median_ms"],
             "floor_ms": stats["measure_floor"]["median_ms"],
             "ratio_to_floor": stats["measure"]["median_ms"] / stats["measure_floor"]["median_ms"],
+            "ratio_to_floor_ci95": ratio_interval(times["measure"], times["measure_floor"]),
         },
     }

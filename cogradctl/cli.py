@@ -852,17 +852,18 @@ def bench_cmd(
         emit_json(result)
         return
     table = Table(title=f"{plugin}, K={result['tasks']}, batch {batch_size}, {result['shared_parameters']} shared parameters — {result['device']}")
-    for col in ("step", "ms", "p25–p75", "÷ ew", "÷ floor", "peak MB"):
+    for col in ("step", "ms", "p25–p75", "÷ ew", "÷ floor", "95% interval", "peak MB"):
         table.add_column(col, justify="left" if col == "step" else "right")
     lo, hi = result["floor_spread_ms"]
-    table.add_row("floor: 1 fwd + K bwd", f"{result['floor_ms']:.2f}", f"{lo:.2f}–{hi:.2f}", "", "1.00", "")
-    table.add_row("plain: 1 fwd + 1 bwd", f"{result['plain_ms']:.2f}", "", "", f"{result['plain_ms'] / result['floor_ms']:.2f}", "")
+    table.add_row("floor: 1 fwd + K bwd", f"{result['floor_ms']:.2f}", f"{lo:.2f}–{hi:.2f}", "", "1.00", "", "")
+    table.add_row("plain: 1 fwd + 1 bwd", f"{result['plain_ms']:.2f}", "", "", f"{result['plain_ms'] / result['floor_ms']:.2f}", "", "")
     for name, r in result["methods"].items():
         peak = "" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.0f}"
         table.add_row(name, f"{r['step_ms']:.2f}", f"{r['spread_ms'][0]:.2f}–{r['spread_ms'][1]:.2f}",
-                      _fmt(r["ratio_to_ew"], 2), f"{r['ratio_to_floor']:.2f}", peak)
+                      _fmt(r["ratio_to_ew"], 2), f"{r['ratio_to_floor']:.2f}", "{:.2f}–{:.2f}".format(*r["ratio_to_floor_ci95"]), peak)
     m = result["measure_transference"]
-    table.add_row("measure-transference batch", f"{m['batch_ms']:.2f}", "", "", f"{m['ratio_to_floor']:.2f} of its floor ({m['floor_ms']:.2f} ms)", "")
+    table.add_row("measure-transference batch", f"{m['batch_ms']:.2f}", "", "", f"{m['ratio_to_floor']:.2f} of its floor ({m['floor_ms']:.2f} ms)",
+                  "{:.2f}–{:.2f}".format(*m["ratio_to_floor_ci95"]), "")
     stdout.print(table)
     if result["methods"] and next(iter(result["methods"].values()))["peak_mem_mb"] is None:
         stdout.print(f"process peak RSS: {result['process_peak_rss_mb']:.0f} MB (no per-method memory statistics on CPU)")
