@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cogradctl import __version__
+from cogradctl.allocator import keep_freed_memory
 from cogradctl.console import Log, stderr
 from cogradctl.errors import EXIT_UNEXPECTED, CogradError, UsageError
 
@@ -950,6 +951,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 def main() -> None:
     warnings.showwarning = _show_warning
+    keep_freed_memory()  # glibc: steps reuse their pages instead of faulting them in again
     if os.environ.get("WORLD_SIZE", "1") in ("", "0", "1"):
         app()
         return
