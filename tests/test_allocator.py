@@ -45,8 +45,8 @@ def test_steps_reuse_their_pages():
     applied, faults = probe()
     assert applied
     # One 4 MiB activation faulted in afresh is 1024 faults (4 KiB pages); without the settings
-    # this probe measured 1,200–6,000 per step, with them 0.05 (an occasional heap growth aside).
-    assert faults < 200, f"{faults} page faults per step"
+    # this probe measured 1,200–6,000 per step, with them 0–102 (an occasional heap growth).
+    assert faults < 300, f"{faults} page faults per step"
 
 
 @pytest.mark.parametrize("name, value", [("COGRADCTL_MALLOPT", "0"), ("MALLOC_TRIM_THRESHOLD_", "131072"),
