@@ -3,7 +3,8 @@
     python benchmarks/speed.py [--threads N] [--steps 20] [--out docs/benchmarks.md]
 
 1. `cogradctl bench` (the user-facing command) on the built-in mmoe, batch 2048, K = 2 and 4:
-   each method's training step against the floor (one forward + K backward passes).
+   each method's training step against the floor (one forward + K backward passes); then the K = 2
+   floor with and without cogradctl's glibc allocator settings (`cogradctl/allocator.py`).
 2. The aggregation alone (K×P matrix → update) against torchjd's aggregator of the same name,
    P = 1M, K = 2, 4, 8, both timed interleaved on the same matrix.
 3. A full CoGrad training step against a torchjd `mtl_backward` + `jac_to_grad(UPGrad)` step on
@@ -12,7 +13,8 @@
 5. The representation trick (MGDA-UB) against the floor.
 
 Every comparison is measured side by side in one run (candidates interleaved round by round), so
-the ratios hold on a noisy shared machine even when absolute times drift. Needs torchjd
+the ratios hold on a noisy shared machine even when absolute times drift; each ratio comes with a
+95% bootstrap interval over the rounds (`cogradctl.bench.ratio_interval`). Needs torchjd
 (`pip install -e ".[dev]"`).
 """
 
