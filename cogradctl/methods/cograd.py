@@ -129,11 +129,29 @@ class CoGrad(Method):
         """The K×P matrix of auxiliary terms γ_i Σ_{j≠i} H_i g_j."""
         if self.normalize != "relative":
             return self._terms(grads, hvp, self.gamma.to(grads), self.normalize == "curvature")
-        # Direction from the (curvature-scaled, better conditioned) term; size γ_i ‖g_i‖.
-        terms = self._terms(grads, hvp, torch.ones_like(self.gamma).to(grads), self.hessian != "exact")
-        size = terms.norm(dim=1)
-        scale = torch.where(size > 0, self.gamma.to(grads) * grads.norm(dim=1) / size.clamp_min(torch.finfo(grads.dtype).tiny), torch.zeros_like(size))
-        return scale[:, None] * terms
+        terms, coef, _ = self._relative(grads, hvp)
+        return torch.from_numpy(coef).to(grads)[:, None] * terms
+
+    def _relative(self, grads: torch.Tensor, hvp) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+        """``normalize="relative"``: (terms, coef, active), correction_i = coef_i · terms_i.
+
+        The direction comes from the curvature-scaled (better conditioned) term; coef_i rescales it
+        to γ_i ‖g_i‖, so the relative correction is γ_i wherever the term and g_i are non-zero
+        (``active``). The K-vectors are float64 numpy: a torch op on them costs µs each.
+        """
+        g_norm = torch.linalg.vector_norm(grads, dim=1).cpu().numpy().astype(np.float64)
+        if self.hessian == "diag":
+            # g_i ⊙ g_i / mean(g_i ⊙ g_i) = u_i ⊙ u_i with u_i = g_i / rms(g_i), rms = ‖g_i‖/√P:
+            # the mean comes from the norm above instead of another P-wide reduction.
+            inv_rms = np.divide(np.sqrt(grads.shape[1]), g_norm, out=np.zeros_like(g_norm), where=g_norm > 0)
+            u = grads * torch.from_numpy(inv_rms).to(grads)[:, None]
+            terms = u * u * (grads.sum(dim=0, keepdim=True) - grads)
+        else:
+            terms = self._terms(grads, hvp, torch.ones_like(self.gamma).to(grads), self.hessian != "exact")
+        size = torch.linalg.vector_norm(terms, dim=1).cpu().numpy().astype(np.float64)
+        active = (size > 0) & (g_norm > 0)
+        coef = np.divide(self.gamma.numpy() * g_norm, size, out=np.zeros_like(size), where=active)
+        return terms, coef, active
 
     def _terms(self, grads: torch.Tensor, hvp, gamma: torch.Tensor, normalize: bool) -> torch.Tensor:
         others = grads.sum(dim=0, keepdim=True) - grads  # Σ_{j≠i} g_j
@@ -177,44 +195,19 @@ class CoGrad(Method):
         return fisher
 
     def aggregate(self, grads: torch.Tensor, losses: torch.Tensor | None, hvp=None) -> torch.Tensor:
-        if self.normalize == "relative" and self.hessian in ("diag", "fisher-ema"):
-            return self._relative_diagonal(grads)
-        corr = self.corrections(grads, hvp)
-        w = self.weights.to(grads)
-        update = w @ (grads - corr)
-        g_norm = grads.norm(dim=1)
-        rel = torch.where(g_norm > 0, corr.norm(dim=1) / g_norm.clamp_min(1e-30), torch.zeros_like(g_norm))
-        self.stats = {"relative_correction": rel.tolist()}
-        self._warn_if_invisible(float(rel.max()))
-        return update
-
-    def _relative_diagonal(self, grads: torch.Tensor) -> torch.Tensor:
-        """The default path (diagonal approximation, ``normalize="relative"``) in ten P-wide ops.
-
-        The same update as ``w @ (grads - corrections(grads))``: each term h_i ⊙ Σ_{j≠i} g_j (h_i
-        scaled to mean 1 so that the cubic product neither overflows nor underflows) is rescaled to
-        γ_i ‖g_i‖, so the relative correction is γ_i wherever the term is non-zero. On a small
-        model the method's cost is these ops' fixed cost, paid once per step on top of the floor.
-        """
-        others = grads.sum(dim=0, keepdim=True) - grads  # Σ_{j≠i} g_j
-        g_norm = torch.linalg.vector_norm(grads, dim=1).cpu().numpy().astype(np.float64)
-        if self.hessian == "diag":
-            # g_i ⊙ g_i / mean(g_i ⊙ g_i) = u_i ⊙ u_i with u_i = g_i / rms(g_i), rms = ‖g_i‖/√P.
-            inv_rms = np.divide(np.sqrt(grads.shape[1]), g_norm, out=np.zeros_like(g_norm), where=g_norm > 0)
-            u = grads * torch.from_numpy(inv_rms).to(grads)[:, None]
-            terms = u * u * others
+        if self.normalize == "relative":
+            terms, coef, active = self._relative(grads, hvp)
+            w = self.weights.numpy().astype(np.float64)
+            # w @ (grads − coef·terms) without the K×P difference
+            update = (torch.from_numpy(w).to(grads) @ grads).sub_(torch.from_numpy(w * coef).to(grads) @ terms)
+            rel = np.where(active, self.gamma.numpy(), 0.0).tolist()  # ‖correction_i‖ / ‖g_i‖, by construction
         else:
-            h = self._update_fisher(grads * grads)
-            terms = self._scaled(h) * others
-        size = torch.linalg.vector_norm(terms, dim=1).cpu().numpy().astype(np.float64)
-        gamma = self.gamma.numpy()
-        active = (size > 0) & (g_norm > 0)
-        coef = np.divide(gamma * g_norm, size, out=np.zeros_like(size), where=active)
-        w = self.weights.numpy().astype(np.float64)
-        update = (torch.from_numpy(w).to(grads) @ grads).sub_(torch.from_numpy(w * coef).to(grads) @ terms)
-        rel = np.where(active, gamma, 0.0)  # ‖correction_i‖ / ‖g_i‖, exactly, by construction
-        self.stats = {"relative_correction": rel.tolist()}
-        self._warn_if_invisible(float(rel.max()))
+            corr = self.corrections(grads, hvp)
+            update = self.weights.to(grads) @ (grads - corr)
+            g_norm = grads.norm(dim=1)
+            rel = torch.where(g_norm > 0, corr.norm(dim=1) / g_norm.clamp_min(1e-30), torch.zeros_like(g_norm)).tolist()
+        self.stats = {"relative_correction": rel}
+        self._warn_if_invisible(max(rel))
         return update
 
     def task_weights(self) -> torch.Tensor | None:
