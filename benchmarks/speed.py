@@ -85,15 +85,22 @@ INTERVAL_NOTE = ("Ratios are medians over the rounds with a 95% bootstrap interv
                  "both sides of a round together): what a ratio can tell apart on this machine at the time of the run.")
 
 
+def run_bench(k: int, steps: int, methods: list[str], threads: int, **env: str) -> tuple[list[str], dict]:
+    """``cogradctl bench`` on the built-in mmoe, batch 2048, as a subprocess: (its command without
+    ``--json --quiet``, for the document; its JSON)."""
+    cmd = ["cogradctl", "bench", "--model", "mmoe", "--synthetic", "--num-tasks", str(k), "--batch-size", "2048",
+           "--steps", str(steps), "--methods", ",".join(methods), "--device", "cpu"]
+    full_env = {**os.environ, "OMP_NUM_THREADS": str(threads), **env}
+    out = subprocess.run([*cmd, "--json", "--quiet"], check=True, capture_output=True, text=True, env=full_env).stdout
+    return cmd, json.loads(out)
+
+
 def section_bench(steps: int, threads: int) -> list[str]:
     lines = ["## 1. `cogradctl bench`: training step ÷ floor (mmoe, batch 2048)", ""]
     for k in (2, 4):
-        cmd = ["cogradctl", "bench", "--model", "mmoe", "--synthetic", "--num-tasks", str(k), "--batch-size", "2048",
-               "--steps", str(steps), "--methods", ",".join(["ew", *MANIPULATION]), "--device", "cpu", "--json", "--quiet"]
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-        doc = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout)
+        cmd, doc = run_bench(k, steps, ["ew", *MANIPULATION], threads)
         lines += [f"K = {k}, {doc['shared_parameters']} shared parameters; floor {doc['floor_ms']:.2f} ms, "
-                  f"plain single-backward step {doc['plain_ms']:.2f} ms. Command: `OMP_NUM_THREADS={threads} {' '.join(cmd[:-2])}`", "",
+                  f"plain single-backward step {doc['plain_ms']:.2f} ms. Command: `OMP_NUM_THREADS={threads} {' '.join(cmd)}`", "",
                   "| method | step ms | ÷ ew | ÷ floor (95% interval) | target |", "|---|---:|---:|---:|---|"]
         for name, r in doc["methods"].items():
             target = "≤ 1.10" if name in ("cograd", "gdod") else ("≤ 1.25" if name != "ew" else "")
@@ -111,15 +118,13 @@ def allocator_lines(steps: int, threads: int) -> list[str]:
     """The K = 2 floor with cogradctl's glibc settings and with glibc's defaults (``COGRADCTL_MALLOPT=0``):
     the same `bench --methods ew` run alternately with and without, twice each (a process-wide
     setting cannot be interleaved within one run)."""
-    cmd = ["cogradctl", "bench", "--model", "mmoe", "--synthetic", "--num-tasks", "2", "--batch-size", "2048",
-           "--steps", str(steps), "--methods", "ew", "--device", "cpu", "--json", "--quiet"]
     runs: dict[str, list[dict]] = {"1": [], "0": []}
     for setting in ("1", "0", "1", "0"):
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "COGRADCTL_MALLOPT": setting}
-        runs[setting].append(json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout))
+        cmd, doc = run_bench(2, steps, ["ew"], threads, COGRADCTL_MALLOPT=setting)
+        runs[setting].append(doc)
     lines = ["### glibc allocator settings", "",
              f"Floor of K = 2 with and without `cogradctl/allocator.py` (freed memory kept in the process, so a step does not "
-             f"fault its pages in again); `OMP_NUM_THREADS={threads} [COGRADCTL_MALLOPT=0] {' '.join(cmd[:-2])}`, run alternately, twice each.", "",
+             f"fault its pages in again); `OMP_NUM_THREADS={threads} [COGRADCTL_MALLOPT=0] {' '.join(cmd)}`, run alternately, twice each.", "",
              "| allocator | floor ms | floor p25–p75 ms | plain step ms |", "|---|---:|---:|---:|"]
     for setting, label in (("1", "cogradctl's settings"), ("0", "glibc defaults (`COGRADCTL_MALLOPT=0`)")):
         for doc in runs[setting]:
