@@ -849,7 +849,7 @@ def bench_cmd(
     split = models.split_parameters(net, schema.task_names, plugin)
     result = bench(net, split, schema, dataset, names, per_method, batch_size, steps, warmup, dev)
     result["model"] = plugin
-    widest = max((hi - lo for r in result["methods"].values() for lo, hi in [r["ratio_to_floor_ci95"]]), default=0.0)
+    widest = max((r["ratio_to_floor_ci95"][1] - r["ratio_to_floor_ci95"][0] for r in result["methods"].values()), default=0.0)
     if widest > 0.1:
         log.warn(f"the timings are noisy (a 95% interval of a ratio to the floor is {widest:.2f} wide): "
                  "raise --steps, or rerun when the machine is quieter")
