@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import itertools
+import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -243,6 +245,55 @@ def test_gdod_drops_exactly_the_conflicting_direction():
     assert m.stats["shared_directions"] == 1 and m.stats["conflict_directions"] == 1
     # beta = 1 keeps every direction: the plain weighted sum
     assert torch.allclose(get_method("gdod", beta=1.0)(g), g.sum(0))
+
+
+def svd_gdod(g: torch.Tensor, w: list[float], beta: float = 0.0, eps: float = 1e-8) -> torch.Tensor:
+    """GDOD from the SVD of G itself (no Gram matrix, no eigh): G = U S Vᵀ, the rows of Vᵀ are the
+    orthonormal directions u_k and c_ik = U_ik S_k task i's coordinates on them."""
+    u, s, vt = np.linalg.svd(g.numpy(), full_matrices=False)
+    d = np.zeros(g.shape[1])
+    for k in range(s.size):
+        if s[k] ** 2 <= eps * s[0] ** 2:
+            continue
+        c = u[:, k] * s[k]
+        tiny = 1e-12 * s[0]
+        shared = not ((c > tiny).any() and (c < -tiny).any())
+        d += (1.0 if shared else beta) * float(np.dot(w, c)) * vt[k]
+    return torch.from_numpy(d)
+
+
+@SETTINGS
+@given(matrices(kmin=2, kmax=5, pmax=9), st.lists(st.floats(0.0, 3.0), min_size=5, max_size=5), st.sampled_from([0.0, 0.5]),
+       st.sampled_from([None, 1e-3, -1e-3, 1.0, -1.0]))
+def test_gdod_matches_an_svd_of_the_gradients(g, w, beta, parallel):
+    """K = 2 takes a closed-form 2×2 eigendecomposition, K > 2 LAPACK's: both against an SVD of G.
+    ``parallel``: the second row made (anti)parallel to the first, up to that much of a random row."""
+    if parallel is not None:
+        g[1] = math.copysign(1.0, parallel) * 3.0 * g[0] + abs(parallel) * torch.randn_like(g[0])
+    k = g.shape[0]
+    w = [float(np.float32(x)) for x in w[:k]]  # the options are stored as float32
+    d = get_method("gdod", weights=w, beta=beta)(g)
+    ref = svd_gdod(g, w, beta)
+    assert torch.allclose(d, ref, rtol=1e-9, atol=1e-9 * float(g.norm()) * max(w + [1.0]))
+
+
+@pytest.mark.parametrize("a,b,c", [(1.0, 1e-9, 1e-3), (1e-3, -1e-9, 1.0), (4.0, 2.0, 1.0), (1.0, -1.0, 1.0),
+                                   (2.0, 0.0, 1.0), (1.0, 0.0, 2.0), (3.0, 1e-300, 3.0), (1e-20, 1e-10, 1.0)])
+def test_gdod_closed_form_2x2_eigendecomposition(a, b, c):
+    """Residual ‖Mv − λv‖ and orthonormality at float64 resolution, eigenvalues as LAPACK's; a
+    diagonal matrix keeps the coordinate axes. The small-b cases are where the eigenvector of the
+    larger eigenvalue loses its small component to cancellation if taken from the wrong row."""
+    from cogradctl.methods.gdod import _eigh2
+
+    lam, vec = _eigh2(a, b, c)
+    m = np.array([[a, b], [b, c]])
+    v = np.array(vec).T  # columns
+    scale = max(abs(a), abs(c), abs(b))
+    assert np.allclose(lam, np.linalg.eigvalsh(m), rtol=0, atol=1e-15 * scale)
+    assert np.abs(m @ v - v * np.array(lam)).max() <= 2e-16 * scale
+    assert np.allclose(v.T @ v, np.eye(2), rtol=0, atol=1e-15)
+    if b == 0.0:
+        assert sorted(map(tuple, np.abs(v))) == [(0.0, 1.0), (1.0, 0.0)]
 
 
 def test_gdod_no_shared_direction_is_a_reported_zero_update():
