@@ -38,9 +38,9 @@ A zero scale (zero gradient, or no curvature along it) means no correction for t
 
 from __future__ import annotations
 
+import math
 import warnings
 
-import numpy as np
 import torch
 
 from cogradctl.methods.base import Method, gram, per_task
@@ -130,27 +130,30 @@ class CoGrad(Method):
         if self.normalize != "relative":
             return self._terms(grads, hvp, self.gamma.to(grads), self.normalize == "curvature")
         terms, coef, _ = self._relative(grads, hvp)
-        return torch.from_numpy(coef).to(grads)[:, None] * terms
+        return torch.tensor(coef, dtype=grads.dtype, device=grads.device)[:, None] * terms
 
-    def _relative(self, grads: torch.Tensor, hvp) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    def _relative(self, grads: torch.Tensor, hvp) -> tuple[torch.Tensor, list[float], list[bool]]:
         """``normalize="relative"``: (terms, coef, active), correction_i = coef_i · terms_i.
 
         The direction comes from the curvature-scaled (better conditioned) term; coef_i rescales it
         to γ_i ‖g_i‖, so the relative correction is γ_i wherever the term and g_i are non-zero
-        (``active``). The K-vectors are float64 numpy: a torch op on them costs µs each.
+        (``active``). The K-vectors are Python floats: right after the backward passes a numpy or
+        torch call on a tiny array costs tens of µs (cold caches), which added up to 1% of a small
+        model's step.
         """
-        g_norm = torch.linalg.vector_norm(grads, dim=1).cpu().numpy().astype(np.float64)
+        g_norm = torch.linalg.vector_norm(grads, dim=1).tolist()
         if self.hessian == "diag":
             # g_i ⊙ g_i / mean(g_i ⊙ g_i) = u_i ⊙ u_i with u_i = g_i / rms(g_i), rms = ‖g_i‖/√P:
             # the mean comes from the norm above instead of another P-wide reduction.
-            inv_rms = np.divide(np.sqrt(grads.shape[1]), g_norm, out=np.zeros_like(g_norm), where=g_norm > 0)
-            u = grads * torch.from_numpy(inv_rms).to(grads)[:, None]
+            root_p = math.sqrt(grads.shape[1])
+            inv_rms = [root_p / n if n > 0 else 0.0 for n in g_norm]
+            u = grads * torch.tensor(inv_rms, dtype=grads.dtype, device=grads.device)[:, None]
             terms = u * u * (grads.sum(dim=0, keepdim=True) - grads)
         else:
             terms = self._terms(grads, hvp, torch.ones_like(self.gamma).to(grads), self.hessian != "exact")
-        size = torch.linalg.vector_norm(terms, dim=1).cpu().numpy().astype(np.float64)
-        active = (size > 0) & (g_norm > 0)
-        coef = np.divide(self.gamma.numpy() * g_norm, size, out=np.zeros_like(size), where=active)
+        size = torch.linalg.vector_norm(terms, dim=1).tolist()
+        active = [t > 0 and n > 0 for t, n in zip(size, g_norm)]
+        coef = [gamma * n / t if on else 0.0 for gamma, n, t, on in zip(self.gamma.tolist(), g_norm, size, active)]
         return terms, coef, active
 
     def _terms(self, grads: torch.Tensor, hvp, gamma: torch.Tensor, normalize: bool) -> torch.Tensor:
@@ -197,10 +200,12 @@ class CoGrad(Method):
     def aggregate(self, grads: torch.Tensor, losses: torch.Tensor | None, hvp=None) -> torch.Tensor:
         if self.normalize == "relative":
             terms, coef, active = self._relative(grads, hvp)
-            w = self.weights.numpy().astype(np.float64)
+            w = self.weights.tolist()
             # w @ (grads − coef·terms) without the K×P difference
-            update = (torch.from_numpy(w).to(grads) @ grads).sub_(torch.from_numpy(w * coef).to(grads) @ terms)
-            rel = np.where(active, self.gamma.numpy(), 0.0).tolist()  # ‖correction_i‖ / ‖g_i‖, by construction
+            wc = [wi * c for wi, c in zip(w, coef)]
+            update = (torch.tensor(w, dtype=grads.dtype, device=grads.device) @ grads).sub_(
+                torch.tensor(wc, dtype=grads.dtype, device=grads.device) @ terms)
+            rel = [gamma if on else 0.0 for gamma, on in zip(self.gamma.tolist(), active)]  # ‖correction_i‖ / ‖g_i‖, by construction
         else:
             corr = self.corrections(grads, hvp)
             update = self.weights.to(grads) @ (grads - corr)
