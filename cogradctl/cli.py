@@ -367,7 +367,7 @@ def evaluate_cmd(
     json_out: Json = False,
     quiet: Quiet = False,
 ) -> None:
-    """Per-task AUC (exact, tie-aware) and logloss for binary tasks; MSE and MAE for regression tasks."""
+    """Per-task AUC (exact, tie-aware) with its standard error (DeLong) and logloss for binary tasks; MSE and MAE for regression tasks."""
     from cogradctl.evaluate import evaluate
     from cogradctl.models import from_checkpoint, resolve_device
 
@@ -377,16 +377,16 @@ def evaluate_cmd(
     ckpt, model, _ = from_checkpoint(checkpoint, _paths(plugin_path), dev)
     log = Log(quiet)
     stream = _open_data(data, ckpt.schema, log, on_invalid_rows)
-    result = evaluate(model, stream, ckpt.schema, batch_size, dev)  # streamed in order, never materialised
+    result = evaluate(model, stream, ckpt.schema, batch_size, dev, standard_errors=True)  # streamed in order, never materialised
     _report_data(stream, log)
     if json_out:
         emit_json(result)
         return
     table = Table(title=f"{checkpoint} on {result['rows']} rows")
-    for col in ("task", "auc", "logloss", "mse", "mae"):
+    for col in ("task", "auc", "± se", "logloss", "mse", "mae"):
         table.add_column(col, justify="left" if col == "task" else "right")
     for task, m in result["tasks"].items():
-        table.add_row(task, *(_fmt(m[k]) if k in m else "" for k in ("auc", "logloss", "mse", "mae")))
+        table.add_row(task, *(_fmt(m[k], 5 if k == "auc_se" else 4) if k in m else "" for k in ("auc", "auc_se", "logloss", "mse", "mae")))
     stdout.print(table)
 
 

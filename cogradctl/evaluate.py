@@ -48,14 +48,23 @@ def predict_with_labels(model: torch.nn.Module, data, schema: Schema, batch_size
     return np.concatenate(preds), np.concatenate(labels)
 
 
-def evaluate(model: torch.nn.Module, data, schema: Schema, batch_size: int = 8192, device: torch.device | str = "cpu") -> dict:
-    """``{"rows": N, "tasks": {task: {"auc": …, "logloss": …} | {"mse": …, "mae": …}}}`` (AUC None if one class)."""
+def evaluate(model: torch.nn.Module, data, schema: Schema, batch_size: int = 8192, device: torch.device | str = "cpu",
+             standard_errors: bool = False) -> dict:
+    """``{"rows": N, "tasks": {task: {"auc": …, "logloss": …} | {"mse": …, "mae": …}}}`` (AUC None if one class).
+
+    ``standard_errors``: also each AUC's DeLong standard error, ``"auc_se"`` (None with fewer than
+    two rows of a class); three more sorts of the rows per task, so training's periodic validation
+    leaves it out and ``cogradctl evaluate`` reports it.
+    """
     preds, labels = predict_with_labels(model, data, schema, batch_size, device)
     tasks = {}
     for k, task in enumerate(schema.tasks):
         if task.type == "binary":
             a = metrics.auc(labels[:, k], preds[:, k])
             tasks[task.name] = {"auc": None if math.isnan(a) else a, "logloss": metrics.logloss(labels[:, k], preds[:, k])}
+            if standard_errors:
+                se = metrics.auc_se(labels[:, k], preds[:, k])
+                tasks[task.name]["auc_se"] = None if math.isnan(se) else se
         else:
             tasks[task.name] = {"mse": metrics.mse(labels[:, k], preds[:, k]), "mae": metrics.mae(labels[:, k], preds[:, k])}
     return {"rows": len(labels), "tasks": tasks}

@@ -159,8 +159,8 @@ def test_train_evaluate_measure_inspect_leave_inputs_untouched(cli, tmp_path, fi
     assert set(doc) == {"rows", "tasks"} and doc["rows"] == 500
     assert set(doc["tasks"]) == set(TASKS)
     for m in doc["tasks"].values():
-        assert set(m) == {"auc", "logloss"}
-        assert 0.0 <= m["auc"] <= 1.0 and m["logloss"] > 0
+        assert set(m) == {"auc", "auc_se", "logloss"}
+        assert 0.0 <= m["auc"] <= 1.0 and m["logloss"] > 0 and 0.0 < m["auc_se"] < 0.1
 
     r = cli("measure-transference", "--checkpoint", files["ckpt"], "--data", files["valid"], "--batches", "2",
             "--batch-size", "128", "--device", "cpu", "--json")
@@ -209,8 +209,8 @@ def test_evaluate_json_single_class_task_is_valid_json(cli, tmp_path, files):
     r = cli("evaluate", "--checkpoint", files["ckpt"], "--data", path, "--json")
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
-    assert doc["tasks"]["share"]["auc"] is None
-    assert doc["tasks"]["click"]["auc"] is not None
+    assert doc["tasks"]["share"]["auc"] is None and doc["tasks"]["share"]["auc_se"] is None
+    assert doc["tasks"]["click"]["auc"] is not None and doc["tasks"]["click"]["auc_se"] is not None
 
 
 # ---------------------------------------------------------------------------- input errors (exit 2)
