@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 
-from cogradctl.methods.base import GRANULARITY_OPTION, Method, combine, gram, per_task
+from cogradctl.methods.base import GRANULARITY_OPTION, Method, combine, eigh_small, gram, per_task
 
 
 class GDOD(Method):
@@ -52,16 +51,10 @@ class GDOD(Method):
         self.weights = per_task(self.weights_option, num_tasks, "weights")
 
     def aggregate(self, grads: torch.Tensor, losses: torch.Tensor | None) -> torch.Tensor:
-        # After the Gram matrix, everything is K×K: plain Python floats. Right after the backward
-        # passes each numpy or torch call on a tiny array costs ~10 µs (cold caches), which added
-        # up to 2% of a small model's step; the 2×2 eigenproblem has a closed form.
+        # After the Gram matrix, everything is K×K: plain Python floats (see eigh_small).
         m = gram(grads).tolist()
         k = len(m)
-        if k == 2:
-            lam, vec = _eigh2(m[0][0], m[0][1], m[1][1])
-        else:
-            lam_np, vec_np = np.linalg.eigh(np.asarray(m))
-            lam, vec = lam_np.tolist(), vec_np.T.tolist()  # vec[r]: the r-th eigenvector
+        lam, vec = eigh_small(m)  # vec[r]: the eigenvector of lam[r]
         lmax = max(lam)
         kept = [(l, v) for l, v in zip(lam, vec) if lmax > 0 and l > self.eps * lmax]
         w = self.weights.tolist()
@@ -90,23 +83,3 @@ class GDOD(Method):
     def task_weights(self) -> torch.Tensor | None:
         return self.weights
 
-
-def _eigh2(a: float, b: float, c: float) -> tuple[list[float], list[list[float]]]:
-    """Eigenvalues (ascending) and unit eigenvectors of the symmetric [[a, b], [b, c]], in closed
-    form. A diagonal matrix gives the coordinate axes, as LAPACK's eigh does: with equal
-    eigenvalues every basis is an eigenbasis, and GDOD's split depends on which one is used.
-
-    >>> _eigh2(2.0, 1.0, 2.0)
-    ([1.0, 3.0], [[-0.7071067811865475, 0.7071067811865475], [0.7071067811865475, 0.7071067811865475]])
-    """
-    if b == 0.0:
-        return ([a, c], [[1.0, 0.0], [0.0, 1.0]]) if a <= c else ([c, a], [[0.0, 1.0], [1.0, 0.0]])
-    half = 0.5 * (a - c)
-    d = math.hypot(half, b)
-    mean = 0.5 * (a + c)
-    # The eigenvector of the larger eigenvalue mean + d, from whichever row of (M − λI) has no
-    # cancellation: (λ − c, b) when a ≥ c, else (b, λ − a).
-    x, y = (d + half, b) if half >= 0 else (b, d - half)
-    norm = math.hypot(x, y)
-    x, y = x / norm, y / norm
-    return [mean - d, mean + d], [[-y, x], [x, y]]

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-import numpy as np
+import math
+import sys
+
 import torch
 
-from cogradctl.methods.base import GRANULARITY_OPTION, Method, combine, gram
+from cogradctl.methods.base import GRANULARITY_OPTION, Method, combine, eigh_small, gram
+
+EPS64 = sys.float_info.epsilon
 
 
 class IMTLG(Method):
@@ -31,22 +35,26 @@ class IMTLG(Method):
         super().__init__(granularity)
 
     def aggregate(self, grads: torch.Tensor, losses: torch.Tensor | None) -> torch.Tensor:
-        m = gram(grads).numpy()  # the K×K algebra in numpy: a torch op on a K×K matrix costs µs each
-        k = m.shape[0]
-        lam, vec = np.linalg.eigh(m)  # ascending
-        lmax = float(lam[-1]) if k else 0.0
+        m = gram(grads).tolist()  # the K×K algebra in Python floats (see eigh_small)
+        k = len(m)
+        lam, vec = eigh_small(m)  # ascending
+        lmax = lam[-1] if k else 0.0
         fallback = False
         if lmax <= 0:
-            alpha = np.zeros(k)
+            alpha = [0.0] * k
         else:
-            keep = lam > lmax * k * np.finfo(np.float64).eps * 10
-            kept = vec[:, keep]
-            v = kept @ ((kept.T @ np.sqrt(np.maximum(m.diagonal(), 0.0))) / lam[keep])
-            total = float(v.sum())
-            l1 = float(np.abs(v).sum())
+            norms = [math.sqrt(max(m[i][i], 0.0)) for i in range(k)]
+            # M⁺ n = Σ_r v_r (v_rᵀ n) / λ_r over the eigenvalues kept
+            alpha = [0.0] * k
+            for l, v in zip(lam, vec):
+                if l > lmax * k * EPS64 * 10:
+                    f = sum(vi * ni for vi, ni in zip(v, norms)) / l
+                    alpha = [a + f * vi for a, vi in zip(alpha, v)]
+            total = sum(alpha)
+            l1 = sum(abs(a) for a in alpha)
             if total > 1e-12 * l1:
-                alpha = v / total
+                alpha = [a / total for a in alpha]
             else:
-                alpha, fallback = v / l1, True
-        self.stats = {"weights": alpha.tolist(), "fallback_l1": fallback}
-        return combine(torch.from_numpy(alpha), grads)
+                alpha, fallback = [a / l1 for a in alpha], True
+        self.stats = {"weights": alpha, "fallback_l1": fallback}
+        return combine(torch.tensor(alpha, dtype=torch.float64), grads)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from cogradctl.methods.base import GRANULARITY_OPTION, Method, combine, gram
@@ -40,21 +39,21 @@ class PCGrad(Method):
         self.register_buffer("rng_state", gen.get_state())
 
     def aggregate(self, grads: torch.Tensor, losses: torch.Tensor | None) -> torch.Tensor:
-        m = gram(grads).numpy()  # the K×K loop in numpy: a torch op on a K-vector costs µs each
-        k = m.shape[0]
+        m = gram(grads).tolist()  # the K×K loop in Python floats (see base.eigh_small on why)
+        k = len(m)
         gen = torch.Generator()
         gen.set_state(self.rng_state.cpu())
-        coef = np.eye(k)
+        coef = [[1.0 if a == b else 0.0 for b in range(k)] for a in range(k)]
         conflicts = 0
         for i in range(k):
             perm = torch.randperm(k, generator=gen).tolist() if self.order == "random" else range(k)
             for j in perm:
-                if j == i or m[j, j] <= 0:
+                if j == i or m[j][j] <= 0:
                     continue
-                dot = coef[i] @ m[j]
+                dot = sum(c * x for c, x in zip(coef[i], m[j]))
                 if dot < 0:
-                    coef[i, j] -= dot / m[j, j]
+                    coef[i][j] -= dot / m[j][j]
                     conflicts += 1
         self.rng_state = gen.get_state()
         self.stats = {"projections": float(conflicts)}
-        return combine(torch.from_numpy(coef.sum(axis=0)), grads)
+        return combine(torch.tensor([sum(col) for col in zip(*coef)], dtype=torch.float64), grads)

@@ -283,9 +283,9 @@ def test_gdod_closed_form_2x2_eigendecomposition(a, b, c):
     """Residual ‖Mv − λv‖ and orthonormality at float64 resolution, eigenvalues as LAPACK's; a
     diagonal matrix keeps the coordinate axes. The small-b cases are where the eigenvector of the
     larger eigenvalue loses its small component to cancellation if taken from the wrong row."""
-    from cogradctl.methods.gdod import _eigh2
+    from cogradctl.methods.base import eigh2
 
-    lam, vec = _eigh2(a, b, c)
+    lam, vec = eigh2(a, b, c)
     m = np.array([[a, b], [b, c]])
     v = np.array(vec).T  # columns
     scale = max(abs(a), abs(c), abs(b))
