@@ -232,3 +232,57 @@ def test_train_step_takes_finite_gradients_whose_sum_overflows(world):
     first = split.shared[0].detach().clone()
     train_step(FixedGradients(split, tasks, torch.ones(3), g), get_method("ew"), opt, {}, None)
     assert torch.isfinite(split.shared[0]).all() and not torch.equal(split.shared[0].detach(), first)
+
+
+@pytest.mark.parametrize("kind,weight_decay", [("adam", 0.0), ("adam", 0.05), ("adamw", 0.05)])
+def test_optimizer_step_fast_path_equals_optimizer_step(kind, weight_decay):
+    """train_step's Adam/AdamW step (the fused kernel through torch.optim.adam.adam) against
+    Optimizer.step on a copy: identical weights and state over steps with a changing lr, a
+    second parameter group, a parameter without a gradient on some steps, and a state reload."""
+    from cogradctl.train import make_optimizer, optimizer_step
+
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(5, 3, generator=gen)), torch.nn.Parameter(torch.randn(7, generator=gen))]
+    extra = torch.nn.Parameter(torch.randn(2, generator=gen))  # a method's own parameter group (uw)
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    extra_twin = torch.nn.Parameter(extra.detach().clone())
+    cfg = TrainConfig(checkpoint="", data="", out="", lr=0.01, optimizer=kind, weight_decay=weight_decay)
+    fast, ref = make_optimizer(cfg, params), make_optimizer(cfg, twins)
+    fast.add_param_group({"params": [extra], "lr": 0.1})
+    ref.add_param_group({"params": [extra_twin], "lr": 0.1})
+    calls = []
+    real_step = type(fast).step
+
+    def counting_step(self, *args, **kwargs):
+        calls.append(self is fast)
+        return real_step(self, *args, **kwargs)
+
+    type(fast).step = counting_step
+    try:
+        for step in range(6):
+            for group_f, group_r in zip(fast.param_groups, ref.param_groups):
+                group_f["lr"] = group_r["lr"] = group_r["lr"] * 0.7
+            for a, b in zip([*params, extra], [*twins, extra_twin]):
+                g = torch.randn(a.shape, generator=gen)
+                a.grad, b.grad = (None, None) if (a is params[1] and step in (1, 2)) else (g.clone(), g.clone())
+            if step == 3:  # resume: the state comes back from a state_dict
+                fast.load_state_dict(copy.deepcopy(fast.state_dict()))
+            optimizer_step(fast)
+            ref.step()
+    finally:
+        type(fast).step = real_step
+    assert calls.count(True) == 1  # only the first step (no state yet) went through Optimizer.step
+    for a, b in zip([*params, extra], [*twins, extra_twin]):
+        assert torch.equal(a, b)
+        sa, sb = fast.state[a], ref.state[b]
+        assert all(torch.equal(sa[key], sb[key]) for key in ("step", "exp_avg", "exp_avg_sq"))
+
+
+def test_optimizer_step_takes_the_ordinary_path_for_sgd():
+    from cogradctl.train import make_optimizer, optimizer_step
+
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = make_optimizer(TrainConfig(checkpoint="", data="", out="", lr=0.5, optimizer="sgd"), [p])
+    p.grad = torch.ones(3)
+    optimizer_step(opt)
+    assert torch.equal(p.detach(), torch.full((3,), 0.5))
