@@ -603,9 +603,9 @@ def optimizer_step(optimizer: torch.optim.Optimizer) -> None:
         for group, params, grads, exp_avgs, exp_avg_sqs, steps in calls:
             beta1, beta2 = group["betas"]
             functional_adam(params, grads, exp_avgs, exp_avg_sqs, [], steps, fused=True,
-                                  decoupled_weight_decay=group["decoupled_weight_decay"], amsgrad=False,
-                                  beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
-                                  eps=group["eps"], maximize=group["maximize"])
+                            decoupled_weight_decay=group["decoupled_weight_decay"], amsgrad=False,
+                            beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
+                            eps=group["eps"], maximize=group["maximize"])
 
 
 def lr_at(cfg: TrainConfig, step: int, total: int) -> float:

@@ -82,4 +82,3 @@ class GDOD(Method):
 
     def task_weights(self) -> torch.Tensor | None:
         return self.weights
-
