@@ -49,7 +49,7 @@ def worker(args) -> None:
     from cogradctl.models import build, split_parameters
     from cogradctl.stream import ParquetStream
     from cogradctl.taskgrad import TaskGradients
-    from cogradctl.train import TrainConfig, make_optimizer, train_step
+    from cogradctl.train import TrainConfig, make_optimizer, train_step, trainable
 
     torch.set_num_threads(args.threads)
     comm = [0.0]
@@ -75,7 +75,7 @@ def worker(args) -> None:
         method.setup(len(source.schema.task_names))
         method.segments = [p.numel() for p in split.shared]
         cfg = TrainConfig(checkpoint=args.checkpoint, data=args.data, out="-", batch_size=args.global_batch // dist.world)
-        optimizer = make_optimizer(cfg, [*model.parameters(), *method.parameters()])
+        optimizer = make_optimizer(cfg, trainable(model, split, method)[0])  # as train's
         grads = TaskGradients(model, split, source.schema, device)
         reduce = StepReducer(dist) if dist.world > 1 else None
         stream = ParquetStream(args.data, source.schema)

@@ -26,7 +26,7 @@ from cogradctl.methods import get_method
 from cogradctl.models import ParamSplit
 from cogradctl.schema import Schema
 from cogradctl.taskgrad import TaskGradients, task_losses
-from cogradctl.train import TrainConfig, make_optimizer, train_step
+from cogradctl.train import TrainConfig, make_optimizer, train_step, trainable
 from cogradctl.transference import DEFAULT_LOOKAHEAD_LR, measure_batch
 
 
@@ -97,8 +97,9 @@ def bench(
     k = len(schema.tasks)
     names = schema.task_names
     model.train()
-    optimizer = make_optimizer(TrainConfig(checkpoint="", data="", out="", lr=0.0), list(model.parameters()))  # as train's
     grads = TaskGradients(model, split, schema, device)
+    params, _ = trainable(model, split, torch.nn.Module())  # as train's: the shared parameters flat
+    optimizer = make_optimizer(TrainConfig(checkpoint="", data="", out="", lr=0.0), params)
 
     def floor(inputs, labels) -> None:  # one forward, K backward passes onto shared + own parameters
         losses = task_losses(model(inputs), labels, schema)

@@ -69,6 +69,8 @@ class ParamSplit:
     shared: list[nn.Parameter]
     tasks: dict[str, list[nn.Parameter]]
     task_names: dict[str, list[str]]
+    # Set by ``taskgrad.flatten_shared``: one P-vector whose slices the shared parameters are.
+    flat: nn.Parameter | None = None
 
     @property
     def num_shared(self) -> int:

@@ -118,9 +118,39 @@ def _chunks(v: torch.Tensor, params: list[torch.nn.Parameter]) -> list[torch.Ten
     return list(torch.split(v, [p.numel() for p in params]))
 
 
+def flatten_shared(split: ParamSplit) -> torch.nn.Parameter | None:
+    """Make the shared parameters slices of one flat P-vector parameter (``split.flat``, returned).
+
+    The optimizer then steps the shared part as one tensor, whose gradient is the method's update
+    itself: no per-tensor views to set, one fused Adam call instead of one per tensor (on the
+    sample MMoE, 29 parameter tensors → 13: about 1.3% of a K = 2 step, measured in-flow ad hoc).
+    The model is unchanged otherwise: its parameters keep their names, shapes and values (their
+    ``.data`` now lies in the flat vector), so forward, backward, ``state_dict`` and in-place
+    loads work as before; anything that replaces a shared parameter's storage afterwards
+    (``model.to(...)``, assigning ``.data``) would cut the link, so call it last. Returns None,
+    changing nothing, unless the shared parameters are dense and share one dtype and device.
+    """
+    first = split.shared[0]
+    if split.flat is not None:
+        return split.flat
+    if any(p.dtype != first.dtype or p.device != first.device or p.layout != torch.strided for p in split.shared):
+        return None
+    flat = torch.nn.Parameter(torch.cat([p.detach().reshape(-1) for p in split.shared]))
+    offset = 0
+    for param in split.shared:
+        param.data = flat.data[offset : offset + param.numel()].view_as(param)
+        offset += param.numel()
+    split.flat = flat
+    return flat
+
+
 def set_shared_grad(split: ParamSplit, update: torch.Tensor) -> None:
-    """Point the shared parameters' ``.grad`` at their slices of the P-vector ``update`` (views, no
-    copy: the method returns a fresh tensor each step, so nothing else writes to it)."""
+    """The P-vector ``update`` as the shared parameters' gradient: the flat parameter's ``.grad``
+    after ``flatten_shared``, else each parameter's ``.grad`` a view of its slice (no copy: the
+    method returns a fresh tensor each step, so nothing else writes to it)."""
+    if split.flat is not None:
+        split.flat.grad = update
+        return
     for param, chunk in zip(split.shared, _chunks(update, split.shared)):
         param.grad = chunk.view_as(param)
 

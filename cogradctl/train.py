@@ -39,9 +39,9 @@ from cogradctl.distributed import Dist, StepReducer, process_group
 from cogradctl.errors import DataError, Diverged, Stopped, UsageError
 from cogradctl.evaluate import evaluate, mean_auc
 from cogradctl.methods import get_method
-from cogradctl.models import build, split_parameters
+from cogradctl.models import ParamSplit, build, split_parameters
 from cogradctl.stream import ParquetStream
-from cogradctl.taskgrad import TaskGradients, set_shared_grad
+from cogradctl.taskgrad import TaskGradients, flatten_shared, set_shared_grad
 
 OUTPUTS = ("last.safetensors", "best.safetensors", "metrics.jsonl")
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -220,11 +220,11 @@ def _train(cfg: TrainConfig, out: Path, log: Log, state: dict | None, source: ck
     torch.manual_seed(cfg.seed)
     method.setup(len(tasks))
     method.segments = [p.numel() for p in split.shared]
-    optimizer = make_optimizer(cfg, [*model.parameters(), *method.parameters()])
-    names = [n for n, _ in model.named_parameters()] + [f"method.{n}" for n, _ in method.named_parameters()]
+    params, names = trainable(model, split, method)
+    optimizer = make_optimizer(cfg, params)
     scaler = LossScaler() if cfg.precision == "fp16" else None
     if state:
-        restore(start.extra, optimizer, names, method, scaler, device)
+        restore(start.extra, optimizer, names, method, scaler, device, split)
         log.info(f"resuming {out} at step {state['step']} (epoch {state['epoch']}, batch {state['batch']})")
     if dist.world > 1:
         # Dropout draws differ between processes; the methods' own generators are buffers, the
@@ -262,7 +262,7 @@ def _train(cfg: TrainConfig, out: Path, log: Log, state: dict | None, source: ck
     def snapshot(finished: bool) -> ckpt_io.Checkpoint:
         entry = {**history_entry, "steps": pos["step"], "epochs": pos["epoch"], "seconds": round(time.time() - started, 3), "time": _now()}
         training_state = {**pos, "finished": finished, "seconds": time.time() - started, "config": cfg.identity(dist.world, batches.shards)}
-        extra = {**optimizer_tensors(optimizer, names), **{f"method.{k}": v for k, v in method.state_dict().items()},
+        extra = {**optimizer_tensors(optimizer, names, split), **{f"method.{k}": v for k, v in method.state_dict().items()},
                  "rng.torch": torch.get_rng_state()}
         if device.type == "cuda":
             extra["rng.cuda"] = torch.cuda.get_rng_state(device)
@@ -622,23 +622,65 @@ def lr_at(cfg: TrainConfig, step: int, total: int) -> float:
 # ---------------------------------------------------------------------------- state and data
 
 
-def optimizer_tensors(optimizer: torch.optim.Optimizer, names: list[str]) -> dict[str, torch.Tensor]:
-    """The optimizer's per-parameter state as ``optim.<key>.<parameter name>`` tensors."""
+def trainable(model: torch.nn.Module, split: ParamSplit, method) -> tuple[list[torch.nn.Parameter], list[str | None]]:
+    """The optimizer's parameters and their checkpoint names: the shared parameters as one flat
+    parameter (``flatten_shared``; name None: its state is saved under the shared parameters'
+    own names), then every other model parameter, then the method's (``method.<name>``)."""
+    flat = flatten_shared(split)
+    shared = {id(p) for p in split.shared} if flat is not None else set()
+    params: list[torch.nn.Parameter] = [flat] if flat is not None else []
+    names: list[str | None] = [None] if flat is not None else []
+    for name, param in model.named_parameters():
+        if id(param) not in shared:
+            params.append(param)
+            names.append(name)
+    params += list(method.parameters())
+    names += [f"method.{n}" for n, _ in method.named_parameters()]
+    return params, names
+
+
+def _flat_pieces(value: torch.Tensor, split: ParamSplit) -> list[torch.Tensor]:
+    """A flat parameter's state tensor cut into the shared parameters' shapes (a scalar, such as
+    Adam's step count, repeated for each)."""
+    if value.numel() != split.flat.numel():
+        return [value] * len(split.shared)
+    return [piece.view_as(p) for piece, p in zip(torch.split(value, [p.numel() for p in split.shared]), split.shared)]
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer, names: list[str | None], split: ParamSplit | None = None) -> dict[str, torch.Tensor]:
+    """The optimizer's per-parameter state as ``optim.<key>.<parameter name>`` tensors; the flat
+    shared parameter's (name None) cut into one entry per shared parameter, so a checkpoint reads
+    the same with or without ``flatten_shared``."""
     out = {}
     params = [p for group in optimizer.param_groups for p in group["params"]]
     for name, param in zip(names, params):
         for key, value in optimizer.state.get(param, {}).items():
-            out[f"optim.{key}.{name}"] = torch.as_tensor(value).detach().clone()
+            value = torch.as_tensor(value).detach()
+            if name is None:
+                for shared_name, piece in zip(split.shared_names, _flat_pieces(value, split)):
+                    out[f"optim.{key}.{shared_name}"] = piece.clone()
+            else:
+                out[f"optim.{key}.{name}"] = value.clone()
     return out
 
 
-def restore(extra: dict[str, torch.Tensor], optimizer, names: list[str], method, scaler, device) -> None:
+def _saved_state(extra: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+    prefix, suffix = "optim.", f".{name}"
+    return {k[len(prefix) : -len(suffix)]: v for k, v in extra.items() if k.startswith(prefix) and k.endswith(suffix)
+            and k[len(prefix) : -len(suffix)] and "." not in k[len(prefix) : -len(suffix)]}
+
+
+def restore(extra: dict[str, torch.Tensor], optimizer, names: list[str | None], method, scaler, device,
+            split: ParamSplit | None = None) -> None:
     """Put back the optimizer, method, RNG and loss-scale state saved by a previous run."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
     for name, param in zip(names, params):
-        prefix, suffix = "optim.", f".{name}"
-        entries = {k[len(prefix) : -len(suffix)]: v for k, v in extra.items() if k.startswith(prefix) and k.endswith(suffix)
-                   and k[len(prefix) : -len(suffix)] and "." not in k[len(prefix) : -len(suffix)]}
+        if name is None:  # the flat shared parameter: its state, joined from the shared parameters' entries
+            parts = [_saved_state(extra, n) for n in split.shared_names]
+            keys = set(parts[0]) if all(parts) and all(set(p) == set(parts[0]) for p in parts) else set()
+            entries = {k: parts[0][k] if parts[0][k].numel() == 1 else torch.cat([p[k].reshape(-1) for p in parts]) for k in keys}
+        else:
+            entries = _saved_state(extra, name)
         if entries:
             optimizer.state[param] = {k: (v.to(device) if k != "step" else v) for k, v in entries.items()}
     method_state = {k[len("method.") :]: v for k, v in extra.items() if k.startswith("method.")}
