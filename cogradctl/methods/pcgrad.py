@@ -41,12 +41,16 @@ class PCGrad(Method):
     def aggregate(self, grads: torch.Tensor, losses: torch.Tensor | None) -> torch.Tensor:
         m = gram(grads).tolist()  # the K×K loop in Python floats (see base.eigh_small on why)
         k = len(m)
-        gen = torch.Generator()
-        gen.set_state(self.rng_state.cpu())
+        # With two tasks each has one other to project onto, so the order is moot: no draws (the
+        # generator's state, a buffer the checkpoint keeps, then stays as it is).
+        shuffle = self.order == "random" and k > 2
+        if shuffle:
+            gen = torch.Generator()
+            gen.set_state(self.rng_state.cpu())
         coef = [[1.0 if a == b else 0.0 for b in range(k)] for a in range(k)]
         conflicts = 0
         for i in range(k):
-            perm = torch.randperm(k, generator=gen).tolist() if self.order == "random" else range(k)
+            perm = torch.randperm(k, generator=gen).tolist() if shuffle else range(k)
             for j in perm:
                 if j == i or m[j][j] <= 0:
                     continue
@@ -54,6 +58,7 @@ class PCGrad(Method):
                 if dot < 0:
                     coef[i][j] -= dot / m[j][j]
                     conflicts += 1
-        self.rng_state = gen.get_state()
+        if shuffle:
+            self.rng_state = gen.get_state()
         self.stats = {"projections": float(conflicts)}
         return combine(torch.tensor([sum(col) for col in zip(*coef)], dtype=torch.float64), grads)
