@@ -51,33 +51,40 @@ class GradVac(Method):
         self.register_buffer("targets", torch.zeros(self.num_blocks, num_tasks, num_tasks, dtype=torch.float64))
 
     def aggregate(self, grads: torch.Tensor, losses: torch.Tensor | None) -> torch.Tensor:
-        m = gram(grads)
-        k = m.shape[0]
-        targets = self.targets[self.block]
-        gen = torch.Generator()
-        gen.set_state(self.rng_state.cpu())
-        coef = torch.eye(k, dtype=torch.float64)
+        m = gram(grads).tolist()  # the K×K loop in Python floats (see base.eigh_small on why)
+        k = len(m)
+        targets = self.targets[self.block].tolist()
+        # With two tasks each has one other, so the order is moot: no draws (the generator's
+        # state, a buffer the checkpoint keeps, then stays as it is).
+        shuffle = self.order == "random" and k > 2
+        if shuffle:
+            gen = torch.Generator()
+            gen.set_state(self.rng_state.cpu())
+        coef = [[1.0 if a == b else 0.0 for b in range(k)] for a in range(k)]
         corrections = 0
         for i in range(k):
-            cm = coef[i] @ m  # (g_i^GV · g_j)_j
+            row = coef[i]
+            cm = [sum(row[a] * m[a][j] for a in range(k)) for j in range(k)]  # (g_i^GV · g_j)_j
             others = [j for j in range(k) if j != i]
-            if self.order == "random":
+            if shuffle:
                 others = [others[p] for p in torch.randperm(len(others), generator=gen).tolist()]
             for j in others:
-                norm_j = float(m[j, j].clamp_min(0).sqrt())
-                norm_i = float((cm @ coef[i]).clamp_min(0).sqrt())
+                norm_j = max(m[j][j], 0.0) ** 0.5
+                norm_i = max(sum(c * r for c, r in zip(cm, row)), 0.0) ** 0.5
                 if norm_j == 0.0 or norm_i == 0.0:
                     continue
-                phi = float(cm[j]) / (norm_i * norm_j + self.eps)
-                phi_hat = float(targets[i, j])
+                phi = cm[j] / (norm_i * norm_j + self.eps)
+                phi_hat = targets[i][j]
                 if phi < phi_hat:
                     s_phi = max(1.0 - phi * phi, 0.0) ** 0.5
                     s_hat = max(1.0 - phi_hat * phi_hat, 0.0) ** 0.5
                     w = norm_i * (phi_hat * s_phi - phi * s_hat) / (norm_j * s_hat + self.eps)
-                    coef[i, j] += w
-                    cm = cm + w * m[j]
+                    row[j] += w
+                    cm = [c + w * x for c, x in zip(cm, m[j])]
                     corrections += 1
-                targets[i, j] = (1.0 - self.beta) * phi_hat + self.beta * phi
-        self.rng_state = gen.get_state()
+                targets[i][j] = (1.0 - self.beta) * phi_hat + self.beta * phi
+        self.targets[self.block] = torch.tensor(targets, dtype=torch.float64)
+        if shuffle:
+            self.rng_state = gen.get_state()
         self.stats = {"corrections": float(corrections)}
-        return combine(coef.sum(dim=0), grads)
+        return combine(torch.tensor([sum(col) for col in zip(*coef)], dtype=torch.float64), grads)
