@@ -130,12 +130,12 @@ def flatten_shared(split: ParamSplit) -> torch.nn.Parameter | None:
     (``model.to(...)``, assigning ``.data``) would cut the link, so call it last. Returns None,
     changing nothing, unless the shared parameters are dense and share one dtype and device.
     """
-    first = split.shared[0]
     if split.flat is not None:
         return split.flat
+    first = split.shared[0]
     if any(p.dtype != first.dtype or p.device != first.device or p.layout != torch.strided for p in split.shared):
         return None
-    flat = torch.nn.Parameter(torch.cat([p.detach().reshape(-1) for p in split.shared]))
+    flat = torch.nn.Parameter(flat_shared(split))
     offset = 0
     for param in split.shared:
         param.data = flat.data[offset : offset + param.numel()].view_as(param)

@@ -41,7 +41,7 @@ from cogradctl.evaluate import evaluate, mean_auc
 from cogradctl.methods import get_method
 from cogradctl.models import ParamSplit, build, split_parameters
 from cogradctl.stream import ParquetStream
-from cogradctl.taskgrad import TaskGradients, flatten_shared, set_shared_grad
+from cogradctl.taskgrad import TaskGradients, flatten_shared, set_shared_grad, unflatten_shared
 
 OUTPUTS = ("last.safetensors", "best.safetensors", "metrics.jsonl")
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -639,14 +639,6 @@ def trainable(model: torch.nn.Module, split: ParamSplit, method) -> tuple[list[t
     return params, names
 
 
-def _flat_pieces(value: torch.Tensor, split: ParamSplit) -> list[torch.Tensor]:
-    """A flat parameter's state tensor cut into the shared parameters' shapes (a scalar, such as
-    Adam's step count, repeated for each)."""
-    if value.numel() != split.flat.numel():
-        return [value] * len(split.shared)
-    return [piece.view_as(p) for piece, p in zip(torch.split(value, [p.numel() for p in split.shared]), split.shared)]
-
-
 def optimizer_tensors(optimizer: torch.optim.Optimizer, names: list[str | None], split: ParamSplit | None = None) -> dict[str, torch.Tensor]:
     """The optimizer's per-parameter state as ``optim.<key>.<parameter name>`` tensors; the flat
     shared parameter's (name None) cut into one entry per shared parameter, so a checkpoint reads
@@ -656,8 +648,9 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer, names: list[str | None],
     for name, param in zip(names, params):
         for key, value in optimizer.state.get(param, {}).items():
             value = torch.as_tensor(value).detach()
-            if name is None:
-                for shared_name, piece in zip(split.shared_names, _flat_pieces(value, split)):
+            if name is None:  # a P-vector cut by parameter; a scalar (Adam's step count) repeated
+                pieces = unflatten_shared(split, value) if value.numel() == split.flat.numel() else dict.fromkeys(split.shared_names, value)
+                for shared_name, piece in pieces.items():
                     out[f"optim.{key}.{shared_name}"] = piece.clone()
             else:
                 out[f"optim.{key}.{name}"] = value.clone()
