@@ -48,6 +48,8 @@ GRANULARITY_OPTION = (
 
 # Column block of the Gram matrix's partial products (see ``gram``).
 _GRAM_CHUNK = 1 << 14
+# Up to this many tasks ``gram`` builds the CPU Gram matrix column by column (see there).
+_ROW_GRAM_MAX_TASKS = 4
 
 
 class Method(torch.nn.Module):
@@ -176,14 +178,18 @@ def per_task(
 def gram(grads: torch.Tensor) -> torch.Tensor:
     """The K×K Gram matrix G Gᵀ of the gradient rows, float64 (O(K²P) once).
 
-    The columns are cut into blocks of ``_GRAM_CHUNK``; one batched matmul in the gradients' own
-    dtype gives every block's Gram matrix, and the blocks are summed in float64. That is as fast as
-    a single float32 matmul (no float64 copy of the K×P matrix) and, the dot products being short,
-    accurate to float32 resolution of the inputs (measured: 2e-7 relative to the largest entry for
-    K = 8, P = 1M against a float64 product; one float32 matmul: 6e-5). Returned on the CPU: the
-    K×K solves that follow are tiny, and ``combine`` moves the resulting weights back to the
-    gradients' device for the one P-wide product. Few torch ops: on a small model their fixed
-    cost (µs each) is a visible part of the step.
+    The columns are cut into blocks of ``_GRAM_CHUNK``; batched matmuls in the gradients' own
+    dtype give every block's partial products, and the blocks are summed in float64. The dot
+    products being short, that is accurate to float32 resolution of the inputs (measured: 2e-7
+    relative to the largest entry for K = 2–8, P = 1M, against a float64 product; one float32
+    matmul: 2e-5–7e-5) at no extra cost. Up to ``_ROW_GRAM_MAX_TASKS`` tasks on the CPU, column j
+    is one batched row-times-matrix product (g_j's blocks against the blocks of rows 0..j): BLAS
+    runs those as dot products along the columns, 20% faster at K = 2 and 6% at K = 4 than the
+    K×K-tile product, which wastes most of its vector lanes on so small a tile (and than torchjd's
+    single ``G @ Gᵀ``); from K = 8 the tile product is the faster (``benchmarks/speed.py`` section 2
+    times both against torchjd). Returned on the CPU: the K×K solves that follow are tiny, and
+    ``combine`` moves the resulting weights back to the gradients' device for the one P-wide
+    product. Few torch ops: on a small model their fixed cost (µs each) is a visible part of the step.
     """
     k, p = grads.shape
     g = grads.detach()
@@ -192,13 +198,20 @@ def gram(grads: torch.Tensor) -> torch.Tensor:
     blocks = p // _GRAM_CHUNK
     if blocks <= 1:
         m = (g @ g.T).cpu().numpy().astype(np.float64)
+        return torch.from_numpy((m + m.T) / 2)  # the K×K tail in numpy: a torch op costs µs, numpy's a third
+    head = g[:, : blocks * _GRAM_CHUNK].reshape(k, blocks, _GRAM_CHUNK).transpose(0, 1)  # blocks×K×chunk
+    if k <= _ROW_GRAM_MAX_TASKS and g.device.type == "cpu":
+        m = np.empty((k, k))
+        for j in range(k):  # column j down to the diagonal: blocks × (1×chunk @ chunk×(j+1)), mirrored
+            m[: j + 1, j] = m[j, : j + 1] = torch.bmm(head[:, j : j + 1], head[:, : j + 1].transpose(1, 2)).numpy().sum(axis=0, dtype=np.float64)[0]
     else:
-        head = g[:, : blocks * _GRAM_CHUNK].reshape(k, blocks, _GRAM_CHUNK).transpose(0, 1)  # blocks×K×chunk
         m = torch.bmm(head, head.transpose(1, 2)).cpu().numpy().sum(axis=0, dtype=np.float64)
-        if p % _GRAM_CHUNK:
-            tail = g[:, blocks * _GRAM_CHUNK :]
-            m += (tail @ tail.T).cpu().numpy()
-    return torch.from_numpy((m + m.T) / 2)  # the K×K tail in numpy: a torch op costs µs, numpy's a third
+        m = (m + m.T) / 2
+    if p % _GRAM_CHUNK:
+        tail = g[:, blocks * _GRAM_CHUNK :]
+        t = (tail @ tail.T).cpu().numpy()
+        m += (t + t.T) / 2
+    return torch.from_numpy(m)
 
 
 def eigh_small(m: list[list[float]]) -> tuple[list[float], list[list[float]]]:
