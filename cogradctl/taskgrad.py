@@ -136,10 +136,8 @@ def flatten_shared(split: ParamSplit) -> torch.nn.Parameter | None:
     if any(p.dtype != first.dtype or p.device != first.device or p.layout != torch.strided for p in split.shared):
         return None
     flat = torch.nn.Parameter(flat_shared(split))
-    offset = 0
-    for param in split.shared:
-        param.data = flat.data[offset : offset + param.numel()].view_as(param)
-        offset += param.numel()
+    for param, piece in zip(split.shared, _chunks(flat.data, split.shared)):
+        param.data = piece.view_as(param)
     split.flat = flat
     return flat
 
