@@ -230,6 +230,42 @@ def eigh_small(m: list[list[float]]) -> tuple[list[float], list[list[float]]]:
     return lam.tolist(), vec.T.tolist()
 
 
+def solve_small(m: list[list[float]], rhs: list[list[float]]) -> list[list[float]] | None:
+    """X with M X = B for a small square M, in Python floats (Gaussian elimination with partial
+    pivoting, as LAPACK's ``gesv``); ``rhs`` and the result are lists of columns. ``None`` when a
+    pivot is exactly 0 (singular M, where ``np.linalg.solve`` raises). A near-singular M gives an
+    inaccurate X, as LAPACK's would: callers check what they need of it. Plain floats for the
+    reason given in ``eigh_small``: a 4×4 ``np.linalg.solve`` with its checks cost 70–100 µs
+    right after a step's backward passes.
+
+    >>> solve_small([[2.0, 1.0], [1.0, 3.0]], [[3.0, 4.0]])
+    [[1.0, 1.0]]
+    """
+    k = len(m)
+    a = [row[:] + [col[i] for col in rhs] for i, row in enumerate(m)]  # augmented rows [M | B]
+    for c in range(k):
+        p, best = c, abs(a[c][c])
+        for r in range(c + 1, k):
+            if abs(a[r][c]) > best:
+                p, best = r, abs(a[r][c])
+        if best == 0.0:
+            return None
+        a[c], a[p] = a[p], a[c]
+        pivot = a[c]
+        for r in range(c + 1, k):
+            f = a[r][c] / pivot[c]
+            if f:
+                a[r] = [x - f * y for x, y in zip(a[r], pivot)]
+    x = []
+    for j in range(k, len(a[0])):
+        col = [0.0] * k
+        for i in range(k - 1, -1, -1):
+            row = a[i]
+            col[i] = (row[j] - sum([row[t] * col[t] for t in range(i + 1, k)])) / row[i]
+        x.append(col)
+    return x
+
+
 def eigh2(a: float, b: float, c: float) -> tuple[list[float], list[list[float]]]:
     """Eigenvalues (ascending) and unit eigenvectors of the symmetric [[a, b], [b, c]], in closed
     form. A diagonal matrix gives the coordinate axes, as LAPACK's eigh does: with equal

@@ -2,38 +2,46 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
-from cogradctl.methods.base import GRANULARITY_OPTION, Method, combine, gram, on_simplex, project_simplex, snap_to_simplex, solve_on_faces
+from cogradctl.methods.base import GRANULARITY_OPTION, Method, combine, gram, on_simplex, project_simplex, snap_to_simplex, solve_on_faces, solve_small
 
 
 # Up to this many tasks the min-norm problem is solved exactly by enumerating the simplex's faces.
 EXACT_MAX_TASKS = 12
 
 
+def _interior(mm: list[list[float]]) -> list[float] | None:
+    """The min-norm point when it is interior to the simplex, else ``None`` (M scaled to max diagonal 1).
+
+    When the minimiser over the whole affine hull has α ≥ 0 (the common case for nearly orthogonal
+    gradients) it is the answer: Mα = λ·1 on the full support, so α ∝ M⁻¹1 when M is invertible.
+    In Python floats (``solve_small``): this runs right after the Gram matrix has streamed the
+    gradients through the caches, where every numpy call on a tiny array costs several µs.
+    """
+    k = len(mm)
+    x = solve_small(mm, [[1.0] * k])
+    if x is None:  # singular: linearly dependent gradients, the faces decide
+        return None
+    x = x[0]
+    total = sum(x)
+    if not (0 < total < math.inf) or min(x) < 0:  # also rejects NaN
+        return None
+    alpha = [v / total for v in x]
+    # A near-singular M can give a feasible but inaccurate α: accept it only if it is stationary
+    # (Mα = λ1 on the full support) to round-off.
+    ma = [sum([r * a for r, a in zip(row, alpha)]) for row in mm]
+    if max(ma) - min(ma) <= 1e-9 * max([max(map(abs, row)) for row in mm]):
+        return alpha
+    return None
+
+
 def _faces_solve(mm: np.ndarray) -> np.ndarray:
     """Exact min of αᵀMα on the simplex (M float64, scaled to max diagonal 1): the KKT point of
-    every face, batched; the best feasible. Few numpy calls: this runs right after the Gram matrix
-    has streamed the gradients through the caches, where every Python-level call costs several µs.
-    """
-    k = mm.shape[0]
-    # Fast path: when the minimiser over the whole affine hull is inside the simplex (α ≥ 0, the
-    # common case for nearly orthogonal gradients) it is the answer: Mα = λ·1 on the full support,
-    # so α ∝ M⁻¹1 when M is invertible.
-    try:
-        x = np.linalg.solve(mm, np.ones(k))
-    except np.linalg.LinAlgError:  # singular: linearly dependent gradients, the faces decide
-        x = None
-    if x is not None:
-        total = x.sum()
-        if total > 0 and x.min() >= 0:  # False for NaN
-            alpha = x / total
-            # A near-singular M can give a feasible but inaccurate α: accept it only if it is
-            # stationary (Mα = λ1 on the full support) to round-off.
-            ma = mm @ alpha
-            if ma.max() - ma.min() <= 1e-9 * np.abs(mm).max():
-                return alpha
+    every face, batched; the best feasible."""
     # Singular faces (affinely dependent gradients) are skipped: the min-norm point also lies in
     # the hull of an affinely independent subset (Carathéodory), whose system is invertible.
     sol, _, solved = solve_on_faces(mm)
@@ -45,22 +53,26 @@ def _faces_solve(mm: np.ndarray) -> np.ndarray:
 
 
 def _min_norm(a: np.ndarray, max_iter: int, tol: float) -> tuple[np.ndarray, int]:
-    """``min_norm_weights`` on a float64 numpy matrix (the scalars and K×K algebra in numpy: a
-    torch op on a K×K matrix costs µs each)."""
+    """``min_norm_weights`` on a float64 numpy matrix. Up to 12 tasks the algebra is in Python
+    floats and numpy (a torch op on a K×K matrix costs µs each)."""
     k = a.shape[0]
-    scale = float(a.diagonal().max()) if k else 0.0
+    rows = a.tolist()  # the K ≤ 12 cases in Python floats (see ``_interior``)
+    scale = max((rows[i][i] for i in range(k)), default=0.0)
     if k == 1 or scale <= 0:
         return np.full(k, 1.0 / k), 0
-    a = a / scale
+    rows = [[v / scale for v in row] for row in rows]
     if k == 2:
-        denom = float(a[0, 0] + a[1, 1] - 2 * a[0, 1])
+        (a00, a01), (_, a11) = rows
+        denom = a00 + a11 - 2 * a01
         if denom <= 1e-15:  # identical gradients: every point of the segment is the same vector
             g = 0.5
         else:
-            g = min(max(float(a[1, 1] - a[0, 1]) / denom, 0.0), 1.0)
+            g = min(max((a11 - a01) / denom, 0.0), 1.0)
         return np.array([g, 1.0 - g]), 0
     if k <= EXACT_MAX_TASKS:
-        return _faces_solve(a), 0
+        alpha = _interior(rows)
+        return (np.array(alpha) if alpha is not None else _faces_solve(np.array(rows))), 0
+    a = np.array(rows)
     m = torch.from_numpy(a)
     lipschitz = float(torch.linalg.eigvalsh(m)[-1])
     step = 1.0 / max(lipschitz, 1e-15)

@@ -103,6 +103,30 @@ def test_gram_is_accurate_for_a_million_columns(k):
     assert float((m - ref).abs().max()) <= 4e-6 * float(ref.abs().max())
 
 
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 6])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_solve_small_matches_lapack(k, seed):
+    """Against ``np.linalg.solve`` (LAPACK gesv) on random, badly scaled systems with several
+    right-hand sides: the same algorithm, so agreement to a few ulps times the condition number."""
+    from cogradctl.methods.base import solve_small
+
+    rng = np.random.default_rng(seed)
+    m = rng.standard_normal((k, k)) * np.exp(2 * rng.standard_normal((k, 1)))
+    b = rng.standard_normal((k, 3))
+    x = np.array(solve_small(m.tolist(), b.T.tolist())).T
+    ref = np.linalg.solve(m, b)
+    assert np.allclose(x, ref, rtol=0, atol=1e-13 * np.linalg.cond(m) * np.abs(ref).max())
+
+
+def test_solve_small_pivots_and_reports_exactly_singular():
+    from cogradctl.methods.base import solve_small
+
+    # a zero leading entry needs the row swap; without it the first pivot is 0
+    assert solve_small([[0.0, 1.0], [1.0, 0.0]], [[2.0, 3.0]]) == [[3.0, 2.0]]
+    assert solve_small([[1.0, 2.0], [2.0, 4.0]], [[1.0, 1.0]]) is None  # rank 1: the second pivot is exactly 0
+    assert solve_small([[0.0, 0.0], [0.0, 1.0]], [[1.0, 1.0]]) is None
+
+
 # ---- MGDA ---------------------------------------------------------------------------------
 
 @SETTINGS
@@ -146,6 +170,50 @@ def test_imtlg_equal_projections_on_unit_gradients(g):
     assert torch.allclose(proj, proj.mean().expand_as(proj), rtol=1e-6, atol=1e-9 * float(d.norm()))
     if not m.stats["fallback_l1"]:
         assert abs(sum(m.stats["weights"]) - 1) < 1e-9
+
+
+@pytest.mark.parametrize("k", [3, 4])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_imtlg_direct_solve_is_the_pseudo_inverse_when_well_conditioned(k, seed):
+    """For 3–4 tasks a well-conditioned Gram matrix is solved directly; that must be M⁺n, the
+    eigh-based pseudo-inverse path, and numpy's pinv (float64, independent), to round-off."""
+    from cogradctl.methods.imtl_g import _norms, _pinv_norms, _solve_well_conditioned
+
+    gen = torch.Generator().manual_seed(seed)
+    g = torch.randn(k, 50, generator=gen, dtype=torch.float64) * torch.tensor([1.0, 3.0, 0.2, 10.0][:k], dtype=torch.float64)[:, None]
+    m = (g @ g.T).tolist()
+    direct = _solve_well_conditioned(m)
+    assert direct is not None
+    ref = np.linalg.pinv(np.array(m)) @ np.array(_norms(m))
+    assert np.allclose(direct, ref, rtol=1e-10, atol=0)
+    assert np.allclose(_pinv_norms(m), ref, rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("eps", [0.0, 1e-12, 1e-5])
+def test_imtlg_near_singular_gram_takes_the_pseudo_inverse(eps):
+    """g4 = 0.3 g1 + 0.7 g2 (+ a small independent part): cond(M) far above 1e8, so the direct solve
+    declines and the pseudo-inverse decides. Against numpy's pinv with the documented cut-off and
+    normalisation (float64, independent): with eps = 0 and 1e-12 the small eigenvalue is dropped;
+    with 1e-5 (cond ≈ 2e10) it is kept, the weights sum to about 0 and the L1 fallback applies, so
+    the weights are compared at cond·eps64 ≈ 1e-5. eps = 0 also against torchjd's IMTL-G."""
+    from cogradctl.methods.imtl_g import EPS64, _solve_well_conditioned
+
+    gen = torch.Generator().manual_seed(3)
+    g = torch.randn(3, 40, generator=gen, dtype=torch.float64)
+    g4 = torch.cat([g, (0.3 * g[0] + 0.7 * g[1] + eps * torch.randn(40, generator=gen, dtype=torch.float64))[None]])
+    m = gram(g4)
+    assert _solve_well_conditioned(m.tolist()) is None
+    mm = m.numpy()
+    alpha = np.linalg.pinv(mm, rcond=4 * EPS64 * 10, hermitian=True) @ np.sqrt(mm.diagonal())
+    fallback = not alpha.sum() > 1e-12 * np.abs(alpha).sum()
+    alpha = alpha / (np.abs(alpha).sum() if fallback else alpha.sum())
+    method = get_method("imtl-g")
+    d = method(g4)
+    assert method.stats["fallback_l1"] == fallback == (eps == 1e-5)
+    assert np.allclose(method.stats["weights"], alpha, rtol=0, atol=1e-5 * np.abs(alpha).max())
+    if eps == 0.0:
+        tja = pytest.importorskip("torchjd.aggregation")
+        assert torch.allclose(d, tja.IMTLG()(g4), rtol=1e-8, atol=1e-10)
 
 
 # ---- CAGrad ------------------------------------------------------------------------------
