@@ -38,7 +38,6 @@ class IMTLG(Method):
 
     def aggregate(self, grads: torch.Tensor, losses: torch.Tensor | None) -> torch.Tensor:
         m = gram(grads).tolist()  # the K×K algebra in Python floats (see eigh_small)
-        k = len(m)
         alpha = _solve_well_conditioned(m)
         if alpha is None:
             alpha = _pinv_norms(m)
