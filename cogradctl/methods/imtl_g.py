@@ -38,9 +38,10 @@ class IMTLG(Method):
 
     def aggregate(self, grads: torch.Tensor, losses: torch.Tensor | None) -> torch.Tensor:
         m = gram(grads).tolist()  # the K×K algebra in Python floats (see eigh_small)
-        alpha = _solve_well_conditioned(m)
+        norms = [math.sqrt(max(m[i][i], 0.0)) for i in range(len(m))]  # n_i = ‖g_i‖
+        alpha = _solve_well_conditioned(m, norms)
         if alpha is None:
-            alpha = _pinv_norms(m)
+            alpha = _pinv_norms(m, norms)
         fallback = False
         if any(alpha):
             total = sum(alpha)
@@ -53,11 +54,7 @@ class IMTLG(Method):
         return combine(torch.tensor(alpha, dtype=torch.float64), grads)
 
 
-def _norms(m: list[list[float]]) -> list[float]:
-    return [math.sqrt(max(m[i][i], 0.0)) for i in range(len(m))]
-
-
-def _solve_well_conditioned(m: list[list[float]]) -> list[float] | None:
+def _solve_well_conditioned(m: list[list[float]], norms: list[float]) -> list[float] | None:
     """M⁻¹ n when M is so well conditioned that the pseudo-inverse keeps every eigenvalue, else
     ``None``. For 3 and 4 tasks, by one small elimination with n and the identity as right-hand
     sides (``solve_small``: right after a 4×1M Gram product, 39–40 µs against 64–74 µs
@@ -68,7 +65,7 @@ def _solve_well_conditioned(m: list[list[float]]) -> list[float] | None:
     k = len(m)
     if not 3 <= k <= SOLVE_MAX_TASKS:  # K = 2: eigh2's closed form is faster still
         return None
-    cols = solve_small(m, [_norms(m)] + [[float(i == j) for i in range(k)] for j in range(k)])
+    cols = solve_small(m, [norms] + [[float(i == j) for i in range(k)] for j in range(k)])
     if cols is None:
         return None
     inv_trace = sum(cols[1 + i][i] for i in range(k))
@@ -78,7 +75,7 @@ def _solve_well_conditioned(m: list[list[float]]) -> list[float] | None:
     return cols[0]
 
 
-def _pinv_norms(m: list[list[float]]) -> list[float]:
+def _pinv_norms(m: list[list[float]], norms: list[float]) -> list[float]:
     """M⁺ n = Σ_r v_r (v_rᵀ n) / λ_r over the eigenvalues above K·eps·10·λ_max (all zero if λ_max ≤ 0)."""
     k = len(m)
     lam, vec = eigh_small(m)  # ascending
@@ -86,7 +83,6 @@ def _pinv_norms(m: list[list[float]]) -> list[float]:
     alpha = [0.0] * k
     if lmax <= 0:
         return alpha
-    norms = _norms(m)
     for l, v in zip(lam, vec):
         if l > lmax * k * EPS64 * 10:
             f = sum(vi * ni for vi, ni in zip(v, norms)) / l

@@ -177,16 +177,17 @@ def test_imtlg_equal_projections_on_unit_gradients(g):
 def test_imtlg_direct_solve_is_the_pseudo_inverse_when_well_conditioned(k, seed):
     """For 3–4 tasks a well-conditioned Gram matrix is solved directly; that must be M⁺n, the
     eigh-based pseudo-inverse path, and numpy's pinv (float64, independent), to round-off."""
-    from cogradctl.methods.imtl_g import _norms, _pinv_norms, _solve_well_conditioned
+    from cogradctl.methods.imtl_g import _pinv_norms, _solve_well_conditioned
 
     gen = torch.Generator().manual_seed(seed)
     g = torch.randn(k, 50, generator=gen, dtype=torch.float64) * torch.tensor([1.0, 3.0, 0.2, 10.0][:k], dtype=torch.float64)[:, None]
     m = (g @ g.T).tolist()
-    direct = _solve_well_conditioned(m)
+    norms = np.sqrt(np.diagonal(m)).tolist()
+    direct = _solve_well_conditioned(m, norms)
     assert direct is not None
-    ref = np.linalg.pinv(np.array(m)) @ np.array(_norms(m))
+    ref = np.linalg.pinv(np.array(m)) @ np.array(norms)
     assert np.allclose(direct, ref, rtol=1e-10, atol=0)
-    assert np.allclose(_pinv_norms(m), ref, rtol=1e-10, atol=0)
+    assert np.allclose(_pinv_norms(m, norms), ref, rtol=1e-10, atol=0)
 
 
 @pytest.mark.parametrize("eps", [0.0, 1e-12, 1e-5])
@@ -202,7 +203,7 @@ def test_imtlg_near_singular_gram_takes_the_pseudo_inverse(eps):
     g = torch.randn(3, 40, generator=gen, dtype=torch.float64)
     g4 = torch.cat([g, (0.3 * g[0] + 0.7 * g[1] + eps * torch.randn(40, generator=gen, dtype=torch.float64))[None]])
     m = gram(g4)
-    assert _solve_well_conditioned(m.tolist()) is None
+    assert _solve_well_conditioned(m.tolist(), m.diagonal().sqrt().tolist()) is None
     mm = m.numpy()
     alpha = np.linalg.pinv(mm, rcond=4 * EPS64 * 10, hermitian=True) @ np.sqrt(mm.diagonal())
     fallback = not alpha.sum() > 1e-12 * np.abs(alpha).sum()
