@@ -156,7 +156,7 @@ def init_cmd(
     from cogradctl import checkpoint as ckpt_io
     from cogradctl import data as data_io
     from cogradctl import models, schema as schema_mod
-    from cogradctl.train import _now
+    from cogradctl.train import now
 
     log = Log(quiet)
     task_list = _csv(tasks)
@@ -178,7 +178,7 @@ def init_cmd(
     torch.manual_seed(seed)
     net, effective = models.build(model, schema, model_config, _paths(plugin_path))
     split = models.split_parameters(net, schema.task_names, model)
-    history = [{"run": "init", "data": data, "rows": rows, "seed": seed, "time": _now()}]
+    history = [{"run": "init", "data": data, "rows": rows, "seed": seed, "time": now()}]
     ckpt_io.save(ckpt_io.Checkpoint(model, effective, schema, net.state_dict(), history), out)
     log.info(f"wrote {out}: {model} with {split.num_shared} shared parameters, {len(schema.features)} features, tasks {', '.join(task_list)}")
     summary = {

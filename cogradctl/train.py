@@ -260,7 +260,7 @@ def _train(cfg: TrainConfig, out: Path, log: Log, state: dict | None, source: ck
                                       "before": None, "last_eval": None}
 
     def snapshot(finished: bool) -> ckpt_io.Checkpoint:
-        entry = {**history_entry, "steps": pos["step"], "epochs": pos["epoch"], "seconds": round(time.time() - started, 3), "time": _now()}
+        entry = {**history_entry, "steps": pos["step"], "epochs": pos["epoch"], "seconds": round(time.time() - started, 3), "time": now()}
         training_state = {**pos, "finished": finished, "seconds": time.time() - started, "config": cfg.identity(dist.world, batches.shards)}
         extra = {**optimizer_tensors(optimizer, names, split), **{f"method.{k}": v for k, v in method.state_dict().items()},
                  "rng.torch": torch.get_rng_state()}
@@ -886,5 +886,6 @@ def _summary(result: dict) -> str:
     return ", ".join(parts)
 
 
-def _now() -> str:
+def now() -> str:
+    """The current UTC time as an ISO 8601 string (checkpoint history entries)."""
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
