@@ -1,0 +1,277 @@
+"""Encoding: Arrow tables into model-ready arrays, exactly as :func:`cogradctl.data.encode` does,
+with per-row validity, packed one row per line of bytes for the shuffle buffer (:class:`Encoder`);
+and the rows of whole units as the chunks the shuffle buffer moves (:class:`UnitEncoder`).
+
+Invalid rows (NaN or infinite dense features or labels, null labels) are an error naming the file,
+row group and column (``on_invalid="error"``), or are dropped and counted (``"drop"``). Binary
+labels outside {0, 1} are always an error (the task type is wrong, not the row).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from cogradctl.data import _categorical_values, _short
+from cogradctl.errors import DataError
+from cogradctl.schema import Schema
+from cogradctl.stream.files import File, Unit, read_rows, read_unit, where
+from cogradctl.stream.shuffle import Chunk
+
+LUT_SPAN = 1 << 22  # integer vocabularies spanning at most this many values use a lookup table
+
+
+class Encoder:
+    """Encodes Arrow tables exactly as :func:`cogradctl.data.encode`, with per-row validity."""
+
+    def __init__(self, schema: Schema) -> None:
+        self.schema = schema
+        self.dense = [(f.name, float(f.mean), float(f.std)) for f in schema.dense]
+        self.cats = []
+        for f in schema.categorical:
+            lut = None
+            if f.value_type == "int" and f.vocab:
+                vals = np.asarray(f.vocab, dtype=np.int64)
+                lo, hi = int(vals.min()), int(vals.max())
+                if hi - lo <= LUT_SPAN:
+                    lut = np.zeros(hi - lo + 1, dtype=np.int64)
+                    # data.encode's index_in returns the first match: keep the first index of a duplicate
+                    lut[vals[::-1] - lo] = np.arange(len(vals), 0, -1, dtype=np.int64)
+                    lut = (lo, lut)
+            vocab = pa.array(f.vocab, type=pa.int64() if f.value_type == "int" else pa.string())
+            self.cats.append((f.name, f.value_type, vocab, lut))
+        self.tasks = [(t.name, t.type) for t in schema.tasks]
+
+        c, d, k = len(self.cats), len(self.dense), len(self.tasks)
+        self.offsets = (0, 8 * c, 8 * c + 4 * d, 8 * c + 4 * d + 4 * k)
+        self.width = max(8, -(-self.offsets[3] // 8) * 8)  # bytes per packed row, a multiple of 8
+
+    def pack(self, dense: np.ndarray, cat: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """N×width bytes: categorical int64, dense float32, labels float32 side by side."""
+        out = np.zeros((len(labels), self.width), dtype=np.uint8)
+        o = self.offsets
+        for part, (a, b), dtype in ((cat, o[0:2], np.int64), (dense, o[1:3], np.float32), (labels, o[2:4], np.float32)):
+            if b > a:
+                out[:, a:b].view(dtype)[:] = part
+        return out
+
+    def unpack(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        o = self.offsets
+        return tuple(
+            np.ascontiguousarray(rows[:, a:b]).view(dtype).reshape(len(rows), n)
+            for (a, b), dtype, n in (
+                (o[1:3], np.float32, len(self.dense)),
+                (o[0:2], np.int64, len(self.cats)),
+                (o[2:4], np.float32, len(self.tasks)),
+            )
+        )
+
+    def empty(self):
+        return (
+            np.zeros((0, len(self.dense)), np.float32),
+            np.zeros((0, len(self.cats)), np.int64),
+            np.zeros((0, len(self.tasks)), np.float32),
+        )
+
+    # -- validity
+
+    def _dense_raw(self, arr, where: str, name: str) -> tuple[np.ndarray, np.ndarray | None]:
+        """float64 values (nulls NaN) and the mask of stored NaN/inf (None when there is none)."""
+        try:
+            if isinstance(arr, pa.ChunkedArray):
+                arr = arr.combine_chunks()
+            values = arr.cast(pa.float64())
+        except (pa.ArrowException, ValueError) as exc:
+            raise DataError(f"{where}: column '{name}' cannot be read as numbers ({_short(exc)})") from exc
+        raw = values.to_numpy(zero_copy_only=False)
+        finite = np.isfinite(raw)
+        if finite.all():
+            return raw, None
+        bad = ~finite
+        if values.null_count:
+            bad &= values.is_valid().to_numpy(zero_copy_only=False)
+        return raw, (bad if bad.any() else None)
+
+    def _labels(self, table: pa.Table, where: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        labels = np.empty((table.num_rows, len(self.tasks)), dtype=np.float32)
+        bad = {}
+        for k, (name, kind) in enumerate(self.tasks):
+            arr = table.column(name)
+            try:
+                y = arr.cast(pa.float64()).to_numpy(zero_copy_only=False)
+            except (pa.ArrowException, ValueError) as exc:
+                raise DataError(f"{where}: task column '{name}' cannot be read as numbers ({_short(exc)})") from exc
+            finite = np.isfinite(y)
+            if not finite.all():
+                bad[name] = ~finite
+            if kind == "binary":
+                out = finite & (y != 0) & (y != 1)
+                if out.any():
+                    raise DataError(
+                        f"{where}: binary task column '{name}' has {int(out.sum())} value(s) outside {{0, 1}} "
+                        f"(e.g. {y[out][0]:g}); declare it with --task-type {name}=regression at init "
+                        "if it is real-valued"
+                    )
+            labels[:, k] = y
+        return labels, bad
+
+    def _invalid(
+        self, bad: dict[str, np.ndarray], n: int, where: str, on_invalid: str, label_cols: set
+    ) -> np.ndarray | None:
+        if not bad:
+            return None
+        mask = np.zeros(n, dtype=bool)
+        for m in bad.values():
+            mask |= m
+        if on_invalid == "error":
+            what = ", ".join(
+                f"{'task column' if c in label_cols else 'column'} '{c}' {int(m.sum())}" for c, m in bad.items()
+            )
+            raise DataError(
+                f"{where}: {int(mask.sum())} invalid row(s) (NaN or infinite values, or null labels: {what}); "
+                "use null for a missing feature value, or --on-invalid-rows drop to skip such rows"
+            )
+        return ~mask
+
+    def valid(self, table: pa.Table, where: str) -> np.ndarray | None:
+        """The keep-mask of ``table`` (None: every row valid), without encoding."""
+        bad = {}
+        for name, _, _ in self.dense:
+            _, m = self._dense_raw(table.column(name), where, name)
+            if m is not None:
+                bad[name] = m
+        _, lbad = self._labels(table, where)
+        bad.update(lbad)
+        return self._invalid(bad, table.num_rows, where, "drop", set(lbad))
+
+    # -- encoding
+
+    def encode(self, table: pa.Table, where: str, on_invalid: str):
+        """→ (dense N×D f32, categorical N×C i64, labels N×K f32, keep mask or None, unseen per column)."""
+        n = table.num_rows
+        bad = {}
+        dense = np.empty((n, len(self.dense)), dtype=np.float32)
+        for k, (name, mean, std) in enumerate(self.dense):
+            raw, m = self._dense_raw(table.column(name), where, name)
+            if m is not None:
+                bad[name] = m
+            x = (raw - mean) / std
+            np.nan_to_num(x, copy=False, nan=0.0, posinf=0.0, neginf=0.0)  # inf only in rows that get dropped
+            dense[:, k] = x
+        labels, lbad = self._labels(table, where)
+        bad.update(lbad)
+        keep = self._invalid(bad, n, where, on_invalid, set(lbad))
+        cat = np.empty((n, len(self.cats)), dtype=np.int64)
+        unseen = Counter()
+        for k, (name, vtype, vocab, lut) in enumerate(self.cats):
+            codes, missing = self._codes(table.column(name), vtype, vocab, lut, where, name)
+            cat[:, k] = codes
+            unseen[name] += missing  # counted over every row read, dropped ones included
+        return dense, cat, labels, keep, unseen
+
+    def _codes(self, arr, vtype: str, vocab: pa.Array, lut, where: str, name: str) -> tuple[np.ndarray, int]:
+        """Vocabulary indices + 1 (0: null or unseen) and the number of unseen non-null values."""
+        try:
+            if isinstance(arr, pa.ChunkedArray):
+                arr = arr.combine_chunks()
+            if pa.types.is_dictionary(arr.type):
+                dict_codes, _ = self._codes(arr.dictionary, vtype, vocab, lut, where, name)
+                idx = arr.indices
+                codes = (
+                    dict_codes[idx.fill_null(0).to_numpy(zero_copy_only=False)]
+                    if len(dict_codes)
+                    else np.zeros(len(arr), np.int64)
+                )
+                if idx.null_count:
+                    codes = np.where(idx.is_valid().to_numpy(zero_copy_only=False), codes, 0)
+                unseen = int((codes == 0).sum()) - arr.null_count
+                return codes.astype(np.int64, copy=False), unseen
+            if lut is not None and (pa.types.is_integer(arr.type) or pa.types.is_boolean(arr.type)):
+                lo, table = lut
+                values = (
+                    arr.cast(pa.int64()) if not pa.types.is_boolean(arr.type) else arr.cast(pa.int8()).cast(pa.int64())
+                )
+                v = values.fill_null(lo - 1).to_numpy(zero_copy_only=False) - lo
+                inside = (v >= 0) & (v < len(table))
+                codes = np.where(inside, table[np.clip(v, 0, len(table) - 1)], 0)
+                if values.null_count:
+                    codes = np.where(values.is_valid().to_numpy(zero_copy_only=False), codes, 0)
+                return codes, int((codes == 0).sum()) - values.null_count
+            values, _ = _categorical_values(pa.chunked_array([arr]), vtype)
+            idx = pc.index_in(values, value_set=vocab)
+            codes = pc.fill_null(idx, -1).to_numpy(zero_copy_only=False).astype(np.int64) + 1
+            return codes, idx.null_count - values.null_count
+        except (pa.ArrowException, ValueError, TypeError, IndexError) as exc:
+            raise DataError(f"{where}: categorical column '{name}' cannot be encoded ({_short(exc)})") from exc
+
+
+class UnitEncoder:
+    """The rows of units as chunks for the shuffle buffer: encoded, ids only (while skipping), or
+    gathered by global ids. Invalid rows are raised or dropped per ``on_invalid`` and counted in
+    ``stats`` (the stream's dict: ``rows_read``, ``rows_dropped``, ``oov`` per column)."""
+
+    def __init__(self, encoder: Encoder, files: list[File], units: list[Unit], on_invalid: str, stats: dict) -> None:
+        self.encoder, self.files, self.units, self.on_invalid, self.stats = encoder, files, units, on_invalid, stats
+        self.starts = np.array([u.start for u in units], dtype=np.int64)  # global row of each unit's first row
+
+    def where(self, u: Unit) -> str:
+        return where(self.files[u.file], u)
+
+    def encode(self, table: pa.Table, at: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(dense, categorical, labels) of ``table``, invalid rows raised or dropped, and counted."""
+        dense, cat, labels, keep, oov = self.encoder.encode(table, at, self.on_invalid)
+        self.count(table.num_rows, keep, oov)
+        if keep is not None:
+            dense, cat, labels = dense[keep], cat[keep], labels[keep]
+        return dense, cat, labels
+
+    def count(self, rows: int, keep, oov: Counter) -> None:
+        self.stats["rows_read"] += rows
+        if keep is not None:
+            self.stats["rows_dropped"] += int((~keep).sum())
+        for col, n in oov.items():
+            if n:
+                self.stats["oov"][col] = self.stats["oov"].get(col, 0) + n
+
+    def encoded(self, u: Unit) -> Iterator[Chunk]:
+        """Encoded chunks of one unit (invalid rows raised or dropped)."""
+        for _, table in read_unit(self.files[u.file], u):
+            dense, cat, labels = self.encode(table, self.where(u))
+            if len(labels):
+                yield Chunk(self.encoder.pack(dense, cat, labels), True)
+
+    def ids(self, u: Unit) -> Chunk:
+        """The ids of one unit's valid rows, as one chunk, without encoding (the data is read only
+        when rows may be dropped)."""
+        if self.on_invalid == "error":
+            return Chunk(np.arange(u.start, u.start + u.rows, dtype=np.int64))
+        parts = []
+        for offset, table in read_unit(self.files[u.file], u):
+            keep = self.encoder.valid(table, self.where(u))
+            ids = np.arange(u.start + offset, u.start + offset + table.num_rows, dtype=np.int64)
+            self.stats["rows_dropped"] += 0 if keep is None else int((~keep).sum())
+            parts.append(ids if keep is None else ids[keep])
+        return Chunk(np.concatenate(parts) if parts else np.zeros(0, np.int64))
+
+    def gather(self, ids: np.ndarray) -> Chunk:
+        """Encoded rows for global ids (any order), reading only the row groups that hold them."""
+        if not len(ids):
+            return Chunk(self.encoder.pack(*self.encoder.empty()), True)
+        order = np.argsort(ids, kind="stable")
+        sorted_ids = ids[order]
+        which = np.searchsorted(self.starts, sorted_ids, side="right") - 1
+        parts = []
+        for k in np.unique(which):
+            u = self.units[int(k)]
+            local = sorted_ids[which == k] - u.start
+            table = read_rows(self.files[u.file], u)
+            dense, cat, labels, _, _ = self.encoder.encode(table.take(pa.array(local)), self.where(u), "drop")
+            parts.append(Chunk(self.encoder.pack(dense, cat, labels), True))
+        merged = Chunk.concat(parts)
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(len(order))
+        return merged.take(inverse)

@@ -1,0 +1,198 @@
+"""Files and row groups: resolving ``--data``, validating each file from its footer, hive partition
+keys, reading one row group (or a piece of it) in record batches, and cutting the units into data
+shards.
+
+Rows are numbered globally: files in sorted order, rows in file order. A :class:`Unit` is one
+non-empty row group of one file, or (data shards) a contiguous piece of one.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cogradctl.data import _short, resolve
+from cogradctl.errors import DataError
+from cogradctl.schema import Schema, is_categorical_type, is_label_type
+
+READ_ROWS = 65_536  # rows per record batch read from a row group
+
+_PARTITION = re.compile(r"^([^=/\\]+)=([^=/\\]*)$")
+
+
+def partitions(path: Path) -> dict[str, str]:
+    """Hive partition keys of a path: every ``key=value`` directory component."""
+    out = {}
+    for part in path.parent.parts:
+        m = _PARTITION.match(part)
+        if m:
+            out[m.group(1)] = m.group(2)
+    return out
+
+
+def partition_array(value: str, n: int) -> pa.Array:
+    """A hive partition value as a column of ``n`` rows: int64 if it parses, else float64, else string."""
+    for typ, conv in ((pa.int64(), int), (pa.float64(), float)):
+        try:
+            return pa.array(np.full(n, conv(value)), type=typ)
+        except ValueError:
+            continue
+    return pa.array([value] * n, type=pa.string())
+
+
+@dataclass
+class File:
+    path: Path
+    meta: pq.FileMetaData
+    columns: list[str]  # schema columns stored in the file
+    constants: dict[str, str]  # schema columns that come from hive partition keys
+    dictionary: list[str]  # string columns read dictionary-encoded
+    start: int  # global row number of the file's first row
+
+
+@dataclass
+class Unit:
+    file: int
+    group: int
+    start: int  # global row number of the first row
+    rows: int
+    skip: int = 0  # a piece of a row group (data shards): rows of the group before this piece
+    group_rows: int | None = None  # the whole row group's rows, when this is a piece of it
+
+    def piece(self, lo: int, hi: int) -> Unit:
+        """Rows [lo, hi) of this unit."""
+        return Unit(self.file, self.group, self.start + lo, hi - lo, self.skip + lo, self.group_rows or self.rows)
+
+
+def scan(spec: str, schema: Schema) -> tuple[list[File], list[Unit], int]:
+    """(files, units of their non-empty row groups, total rows) of ``spec``, from the footers only."""
+    files: list[File] = []
+    units: list[Unit] = []
+    start = 0
+    for path in resolve(spec):
+        f = open_file(path, start, schema)
+        for g in range(f.meta.num_row_groups):
+            n = f.meta.row_group(g).num_rows
+            if n:
+                units.append(Unit(len(files), g, start, n))
+            start += n
+        files.append(f)
+    return files, units, start
+
+
+# ---------------------------------------------------------------------------- validation (footers only)
+
+
+def open_file(path: Path, start: int, schema: Schema) -> File:
+    """``path`` checked against ``schema`` from its footer: every column present (stored or a hive
+    partition key) and of a type the schema can encode."""
+    try:
+        pf = pq.ParquetFile(path)
+        arrow = pf.schema_arrow
+        meta = pf.metadata
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise DataError(f"{path}: not a readable Parquet file ({_short(exc)})") from exc
+    names = set(arrow.names)
+    keys = partitions(path)
+    missing = [c for c in schema.columns if c not in names and c not in keys]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {', '.join(missing)} (the checkpoint's schema needs them)")
+    _check_types(path, arrow, names, schema)
+    columns = [c for c in schema.columns if c in names]
+    dictionary = [
+        c.name
+        for c in schema.categorical
+        if c.name in names
+        and (pa.types.is_string(arrow.field(c.name).type) or pa.types.is_large_string(arrow.field(c.name).type))
+    ]
+    constants = {c: keys[c] for c in schema.columns if c not in names}
+    return File(path, meta, columns, constants, dictionary, start)
+
+
+def _check_types(path: Path, arrow: pa.Schema, names: set[str], schema: Schema) -> None:
+    for feat in schema.features:
+        if feat.name not in names:
+            continue
+        t = arrow.field(feat.name).type
+        if feat.kind == "dense":
+            ok = pa.types.is_floating(t) or pa.types.is_integer(t) or pa.types.is_boolean(t)
+        else:
+            ok = is_categorical_type(t) or pa.types.is_floating(t)
+        if not ok:
+            expected = "numeric" if feat.kind == "dense" else "integer, string or dictionary"
+            raise DataError(
+                f"{path}: column '{feat.name}' is {t}; the checkpoint expects a {expected} {feat.kind} feature"
+            )
+    for task in schema.tasks:
+        if task.name in names and not is_label_type(arrow.field(task.name).type):
+            raise DataError(
+                f"{path}: task column '{task.name}' is {arrow.field(task.name).type}; labels must be numeric or boolean"
+            )
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+def where(f: File, u: Unit) -> str:
+    """How errors name a unit: its file and row group."""
+    return f"{f.path} (row group {u.group})"
+
+
+def read_unit(f: File, u: Unit) -> Iterator[tuple[int, pa.Table]]:
+    """(offset in the unit, table of up to READ_ROWS rows) for one row group of ``f``, or the piece
+    of it that ``u`` names."""
+    expected = u.group_rows or u.rows
+    lo, hi = u.skip, u.skip + u.rows
+    offset = 0  # in the row group
+    try:
+        pf = pq.ParquetFile(f.path, metadata=f.meta, read_dictionary=f.dictionary or None)
+        for rb in pf.iter_batches(batch_size=READ_ROWS, row_groups=[u.group], columns=f.columns, use_threads=False):
+            n = rb.num_rows
+            if offset + n > expected:
+                offset += n
+                break
+            if offset + n > lo and offset < hi:
+                a, b = max(lo - offset, 0), min(hi - offset, n)
+                table = pa.Table.from_batches([rb.slice(a, b - a) if (a, b) != (0, n) else rb])
+                for name, value in f.constants.items():
+                    table = table.append_column(name, partition_array(value, table.num_rows))
+                yield offset + a - lo, table
+            offset += n
+            if offset >= hi and u.group_rows:
+                return  # a piece: the rest of the group is another shard's
+    except (pa.ArrowException, OSError, ValueError, IndexError) as exc:
+        raise DataError(f"{f.path} (row group {u.group}): not a readable Parquet file ({_short(exc)})") from exc
+    if offset != expected:  # a damaged footer or column chunk
+        raise DataError(
+            f"{f.path} (row group {u.group}): not a readable Parquet file (the footer says {expected} rows, "
+            f"the data has {'at least ' if offset > expected else ''}{offset})"
+        )
+
+
+def read_rows(f: File, u: Unit) -> pa.Table:
+    """The whole unit as one table."""
+    return pa.concat_tables([t for _, t in read_unit(f, u)])
+
+
+# ---------------------------------------------------------------------------- data shards
+
+
+def cut(units: list[Unit], shards: int) -> list[list[Unit]]:
+    """``units`` (in order) cut into ``shards`` contiguous parts of equal row counts (±1)."""
+    total = sum(u.rows for u in units)
+    bounds = [total * s // shards for s in range(shards + 1)]
+    parts: list[list[Unit]] = [[] for _ in range(shards)]
+    at = 0
+    for u in units:
+        for s in range(shards):
+            lo, hi = max(bounds[s], at), min(bounds[s + 1], at + u.rows)
+            if lo < hi:
+                parts[s].append(u if (lo, hi) == (at, at + u.rows) else u.piece(lo - at, hi - at))
+        at += u.rows
+    return parts
