@@ -72,6 +72,27 @@ def describe_device(device: torch.device) -> str:
     return f"{cpu_model()} CPU, {torch.get_num_threads()} threads (torch {torch.__version__})"
 
 
+def synthetic_workload(model: str, num_tasks: int, rows: int, config: dict, plugin_paths: list[str], device, seed=0):
+    """A fresh ``model`` plugin on ``rows`` rows of generated sample data with ``num_tasks`` binary
+    tasks (task0 the anchor, the others of relatedness 0.5; positive rate 0.2): → (schema, dataset,
+    model on ``device``)."""
+    import tempfile
+    from pathlib import Path
+
+    from cogradctl import data as data_io
+    from cogradctl import models, sample
+
+    tasks = {f"task{k}": (1.0 if k == 0 else 0.5, 0.2) for k in range(num_tasks)}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "synthetic.parquet"
+        sample.write(sample.generate(rows, tasks, seed=seed), path)
+        schema, _ = data_io.infer_schema(str(path), list(tasks), {t: "binary" for t in tasks})
+        dataset = data_io.load(str(path), schema)
+    net, _ = models.build(model, schema, config, plugin_paths)
+    net.to(device)
+    return schema, dataset, net
+
+
 def bench(
     model: torch.nn.Module,
     split: ParamSplit,

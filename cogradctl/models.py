@@ -101,6 +101,15 @@ def split_parameters(model: nn.Module, tasks: list[str], plugin: str = "model") 
     )
 
 
+def parameter_counts(model: nn.Module, split: ParamSplit) -> dict:
+    """Parameter counts: shared, each task's own, and the model's total."""
+    return {
+        "shared": split.num_shared,
+        "tasks": {t: sum(p.numel() for p in ps) for t, ps in split.tasks.items()},
+        "total": sum(p.numel() for p in model.parameters()),
+    }
+
+
 def from_checkpoint(path: str | Path, plugin_paths: list[str] | None = None, device: torch.device | str = "cpu"):
     """Load a checkpoint and its model: → (checkpoint, model on ``device``, parameter split)."""
     ckpt = ckpt_io.load(path)

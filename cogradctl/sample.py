@@ -90,6 +90,17 @@ def write(table: pa.Table, path: Path) -> None:
     atomic_write_bytes(Path(path), sink.getvalue().to_pybytes())
 
 
+def write_splits(out: Path, rows: int, valid_rows: int, tasks: dict[str, tuple[float, float]], seed: int = 0) -> dict:
+    """Write ``out``/train.parquet and ``out``/valid.parquet, drawn with the seeds 2·seed+1 and
+    2·seed+2 (distinct for every seed); → {split: {"path": …, "rows": …}}."""
+    written = {}
+    for name, n, split_seed in (("train", rows, seed * 2 + 1), ("valid", valid_rows, seed * 2 + 2)):
+        path = Path(out) / f"{name}.parquet"
+        write(generate(n, tasks, seed=split_seed), path)
+        written[name] = {"path": str(path), "rows": n}
+    return written
+
+
 def parse_tasks(spec: str) -> dict[str, tuple[float, float]]:
     """``"click=1:0.3,like=0.8:0.2"`` → {name: (relatedness, positive rate)}."""
     tasks = {}
