@@ -1,0 +1,132 @@
+"""The Typer application, the error handling that every command shares, and the entry point.
+
+Errors are one line on stderr and an exit code from the table in ``cogradctl.errors`` (a
+traceback only with ``--debug`` or ``COGRADCTL_DEBUG=1``). The commands register themselves on
+``app`` with the ``command`` decorator when their modules are imported (``cogradctl.cli``).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import warnings
+from typing import Annotated
+
+import typer
+
+from cogradctl import __version__
+from cogradctl.allocator import keep_freed_memory
+from cogradctl.console import stderr
+from cogradctl.errors import EXIT_UNEXPECTED, CogradError
+
+EXIT_CODES = (
+    "Exit codes: 0 success; 1 unexpected failure (a bug; rerun with COGRADCTL_DEBUG=1 for a traceback); "
+    "2 usage or input error (bad option, missing or invalid file, schema mismatch); 3 a quality gate failed; "
+    "4 training diverged (non-finite loss or gradient); "
+    "130/143 stopped by SIGINT/SIGTERM after saving (rerun to resume)."
+)
+HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}
+
+app = typer.Typer(
+    name="cogradctl",
+    help="Fine-tune multi-task models with CoGrad, GDOD or a baseline, "
+    "and measure task transference and gradient conflict.",
+    epilog=EXIT_CODES,
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings=HELP_OPTIONS,
+)
+DEBUG = {"on": os.environ.get("COGRADCTL_DEBUG", "") not in ("", "0")}
+
+
+def command_group(help: str) -> typer.Typer:
+    """A command group (``cogradctl data …``) with the root's help options and exit-code epilog."""
+    return typer.Typer(help=help, no_args_is_help=True, context_settings=dict(HELP_OPTIONS), epilog=EXIT_CODES)
+
+
+def command(name: str, **kwargs):
+    """Register a command whose CogradErrors become one line on stderr and their exit code."""
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kw):
+            try:
+                return fn(*args, **kw)
+            except typer.Exit:
+                raise
+            except CogradError as exc:
+                if DEBUG["on"]:
+                    raise
+                raise error_exit(exc, _rank_prefix()) from None
+            except KeyboardInterrupt:
+                stderr.print("interrupted", markup=False)
+                raise typer.Exit(130) from None
+            except Exception as exc:
+                if DEBUG["on"]:
+                    raise
+                stderr.print(
+                    f"unexpected error: {type(exc).__name__}: {exc} (rerun with COGRADCTL_DEBUG=1 for a traceback)",
+                    markup=False,
+                    style="red",
+                )
+                raise typer.Exit(EXIT_UNEXPECTED) from None
+
+        return app.command(name, epilog=EXIT_CODES, **kwargs)(wrapper)
+
+    return decorate
+
+
+def error_exit(exc: CogradError, prefix: str = "") -> typer.Exit:
+    """Print ``exc`` as the one error line on stderr; → the ``typer.Exit`` with its code, to raise."""
+    stderr.print(f"{prefix}error: {exc}", markup=False, style="red")
+    return typer.Exit(exc.exit_code)
+
+
+def _rank_prefix() -> str:
+    """Under torchrun, errors from processes other than rank 0 name their rank."""
+    from cogradctl.distributed import env_rank
+
+    return f"[rank {env_rank()}] " if env_rank() else ""
+
+
+def _version(value: bool) -> None:
+    if value:
+        sys.stdout.write(f"cogradctl {__version__}\n")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks (also COGRADCTL_DEBUG=1).")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    if debug:
+        DEBUG["on"] = True
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    stderr.print(f"warning: {message}", markup=False, style="yellow")
+
+
+def main() -> None:
+    warnings.showwarning = _show_warning
+    keep_freed_memory()  # glibc: steps reuse their pages instead of faulting them in again
+    if os.environ.get("WORLD_SIZE", "1") in ("", "0", "1"):
+        app()
+        return
+    # Under torchrun, leave without the interpreter's finalisation: gloo's worker threads can still
+    # be releasing the tensors of the last collectives then, and taking the GIL from them during
+    # finalisation aborts the process (SIGABRT after a finished run, seen in about 1 run in 5 on a
+    # loaded machine with torch 2.13). Every output is written and closed by now.
+    code = 0
+    try:
+        app()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

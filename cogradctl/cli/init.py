@@ -1,0 +1,103 @@
+"""``cogradctl init``: a checkpoint with fresh weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cogradctl.cli.core import command
+from cogradctl.cli.options import Json, PluginPath, Quiet, Seed, csv_list, paths
+from cogradctl.cli.output import emit_json, stdout
+from cogradctl.console import Log
+from cogradctl.errors import UsageError
+
+
+@command("init")
+def init_cmd(
+    model: Annotated[str, typer.Option(help="Model plugin name (see 'cogradctl models').")],
+    data: Annotated[str, typer.Option(help="Parquet file, directory or glob to infer the schema from.")],
+    tasks: Annotated[str, typer.Option(help="Comma-separated label columns, e.g. click,like,share.")],
+    out: Annotated[Path, typer.Option(help="Checkpoint file to write (.safetensors).")],
+    config: Annotated[
+        list[str] | None, typer.Option("--config", help="Model option KEY=VALUE (JSON values), repeatable.")
+    ] = None,
+    features: Annotated[
+        str | None, typer.Option(help="Comma-separated feature columns (default: every non-task column).")
+    ] = None,
+    dense: Annotated[str, typer.Option(help="Columns to treat as dense, overriding the inference.")] = "",
+    categorical: Annotated[str, typer.Option(help="Columns to treat as categorical, overriding the inference.")] = "",
+    task_type: Annotated[
+        list[str] | None, typer.Option("--task-type", help="TASK=binary|regression (default binary), repeatable.")
+    ] = None,
+    max_vocab: Annotated[
+        int, typer.Option(help="Keep at most this many most frequent values per categorical feature.")
+    ] = 100_000,
+    min_count: Annotated[
+        int, typer.Option(help="Drop categorical values seen fewer times (they map to the OOV bucket).")
+    ] = 1,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out file.")] = False,
+    seed: Seed = 0,
+    plugin_path: PluginPath = None,
+    json_out: Json = False,
+    quiet: Quiet = False,
+) -> None:
+    """Create a checkpoint with fresh weights: infer the schema from Parquet and build the model."""
+    import torch
+
+    from cogradctl import checkpoint as ckpt_io
+    from cogradctl import data as data_io
+    from cogradctl import models
+    from cogradctl import schema as schema_mod
+    from cogradctl.train import now
+
+    log = Log(quiet)
+    task_list = csv_list(tasks)
+    _check(task_list, tasks, out, overwrite, max_vocab, min_count)
+    types = schema_mod.parse_task_types(task_type or [], task_list)
+    model_config = models.parse_config(config or [])
+    schema, rows = data_io.infer_schema(
+        data, task_list, types, csv_list(features) if features else None, csv_list(dense), csv_list(categorical),
+        max_vocab, min_count,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    net, effective = models.build(model, schema, model_config, paths(plugin_path))
+    split = models.split_parameters(net, schema.task_names, model)
+    history = [{"run": "init", "data": data, "rows": rows, "seed": seed, "time": now()}]
+    ckpt_io.save(ckpt_io.Checkpoint(model, effective, schema, net.state_dict(), history), out)
+    log.info(
+        f"wrote {out}: {model} with {split.num_shared} shared parameters, {len(schema.features)} features, "
+        f"tasks {', '.join(task_list)}"
+    )
+    summary = {
+        "checkpoint": str(out),
+        "model": model,
+        "config": effective,
+        "rows": rows,
+        "tasks": {t.name: t.type for t in schema.tasks},
+        "features": {f.name: f.kind for f in schema.features},
+        "parameters": models.parameter_counts(net, split),
+    }
+    if json_out:
+        emit_json(summary)
+    else:
+        stdout.print(
+            f"{out}  model={model}  rows={rows}  features={len(schema.features)}  tasks={','.join(task_list)}  "
+            f"shared_params={split.num_shared}"
+        )
+
+
+def _check(task_list: list[str], tasks: str, out: Path, overwrite: bool, max_vocab: int, min_count: int) -> None:
+    if not task_list:
+        raise UsageError("--tasks: give at least one label column")
+    if len(set(task_list)) != len(task_list):
+        raise UsageError(f"--tasks {tasks}: a task is named twice")
+    if out.is_dir():
+        raise UsageError(
+            f"--out {out}: is a directory; give the checkpoint file to write, e.g. {out / 'init.safetensors'}"
+        )
+    if out.exists() and not overwrite:
+        raise UsageError(f"--out {out}: file exists; pass --overwrite to replace it")
+    if max_vocab < 1 or min_count < 1:
+        raise UsageError("--max-vocab and --min-count must be at least 1")

@@ -1,0 +1,173 @@
+"""``cogradctl measure-transference``: pairwise lookahead transference and gradient conflict."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cogradctl.cli.core import command
+from cogradctl.cli.measure_view import plot_heatmaps, print_measurement, require_matplotlib
+from cogradctl.cli.options import Device, Json, OnInvalid, PluginPath, Quiet, Seed, open_data, paths, report_data
+from cogradctl.cli.output import emit_json
+from cogradctl.console import Log
+from cogradctl.errors import UsageError
+
+
+@command("measure-transference")
+def measure_cmd(
+    checkpoint: Annotated[Path, typer.Option(help="Checkpoint to measure.")],
+    data: Annotated[str, typer.Option(help="Parquet file, directory or glob with the label columns.")],
+    batches: Annotated[int, typer.Option(help="Number of batches to average over.")] = 10,
+    batch_size: Annotated[int, typer.Option(help="Rows per measured batch.")] = 1024,
+    lookahead: Annotated[
+        str,
+        typer.Option(
+            help="sgd: step −α·g_i; optimizer: Adam-preconditioned step −α·g_i/(sqrt(v̂)+ε) "
+            "from the checkpoint's saved Adam state."
+        ),
+    ] = "sgd",
+    lookahead_lr: Annotated[
+        float | None,
+        typer.Option(
+            "--lookahead-lr",
+            help="Lookahead step α (default 0.1 for sgd; the training lr saved in the checkpoint for optimizer).",
+        ),
+    ] = None,
+    holdout: Annotated[
+        bool,
+        typer.Option(
+            "--holdout", help="Step on each batch, measure the losses on the next one (generalising transfer)."
+        ),
+    ] = False,
+    by_module: Annotated[
+        bool, typer.Option("--by-module", help="Also break every matrix down by group of shared parameters.")
+    ] = False,
+    normalize_rows: Annotated[
+        bool,
+        typer.Option(
+            "--normalize-rows",
+            help="Also report Z and Z_rel divided by the row's diagonal (the source's own progress).",
+        ),
+    ] = False,
+    baseline: Annotated[
+        Path | None,
+        typer.Option(
+            help="Checkpoint from before (e.g. before fine-tuning): "
+            "measure it on the same batches and report the change."
+        ),
+    ] = None,
+    min_transference: Annotated[
+        float | None, typer.Option(help="Gate: exit 3 if any off-diagonal Z_rel is below this.")
+    ] = None,
+    max_conflict_rate: Annotated[
+        float | None, typer.Option(help="Gate: exit 3 if any pair's conflict rate is above this.")
+    ] = None,
+    max_regression: Annotated[
+        float | None, typer.Option(help="Gate (needs --baseline): exit 3 if any pair's Z_rel fell by more than this.")
+    ] = None,
+    plot: Annotated[
+        Path | None, typer.Option(help='Write heatmaps to this PNG (needs: pip install "cogradctl[plot]").')
+    ] = None,
+    raw: Annotated[
+        Path | None,
+        typer.Option(help="Write every per-batch quantity to this Parquet file (one row per batch × ordered pair)."),
+    ] = None,
+    on_invalid_rows: OnInvalid = "error",
+    device: Device = "auto",
+    seed: Seed = 0,
+    plugin_path: PluginPath = None,
+    json_out: Json = False,
+    quiet: Quiet = False,
+) -> None:
+    """Pairwise lookahead transference (rows: source task, columns: target) and gradient conflict.
+
+    Gates (--min-transference, --max-conflict-rate, --max-regression) print the results first, then
+    exit 3 with a one-line reason naming the pair when one fails.
+    """
+    from cogradctl import checkpoint as ckpt_io
+    from cogradctl import measurement
+    from cogradctl import transference as tr
+    from cogradctl.models import from_checkpoint, resolve_device
+
+    _check(batches, batch_size, lookahead, lookahead_lr, baseline, max_regression, max_conflict_rate)
+    if plot is not None:
+        require_matplotlib()
+    import torch
+
+    from cogradctl.distributed import env_rank, process_group
+
+    log = Log(quiet or env_rank() != 0)
+    options = measurement.Options(
+        batches=batches, batch_size=batch_size, lookahead=lookahead, lookahead_lr=lookahead_lr, seed=seed,
+        holdout=holdout, by_module=by_module, normalize_rows=normalize_rows,
+    )  # fmt: skip
+    # Under torchrun, each process measures its share of the batches (docs/distributed.md).
+    with process_group(str(resolve_device(device))) as (dist, device_name):
+        dev = torch.device(device_name)
+        ckpt, model, split = from_checkpoint(checkpoint, paths(plugin_path), dev)
+        base_ckpt = None
+        if baseline is not None:
+            base_ckpt = ckpt_io.load(baseline)
+            mine, theirs = ckpt.schema.task_names, base_ckpt.schema.task_names
+            if set(mine) != set(theirs):
+                raise UsageError(
+                    f"--baseline {baseline} has tasks {', '.join(theirs)} but --checkpoint {checkpoint} has "
+                    f"{', '.join(mine)}; both must have the same tasks"
+                )
+
+        def run(ck, net, sp, path):
+            precond, alpha = measurement.lookahead_step(ck, sp, options, path)
+            stream = open_data(data, ck.schema, log, on_invalid_rows)  # only the picked row ranges are read
+            out = measurement.measure(ck, net, sp, stream, precond, alpha, options, dev, dist)
+            report_data(stream, log)
+            return out
+
+        log.info(f"measuring {checkpoint}")
+        result, per_batch = run(ckpt, model, split, checkpoint)
+        runs = [("checkpoint", per_batch, result["measured"])]
+        if base_ckpt is not None:
+            log.info(f"measuring the baseline {baseline} on the same batches")
+            _, base_model, base_split = from_checkpoint(baseline, paths(plugin_path), dev)
+            before, before_pb = run(base_ckpt, base_model, base_split, baseline)
+            before_pb = measurement.add_baseline(result, per_batch, before, before_pb, baseline, normalize_rows)
+            runs.append(("baseline", before_pb, result["baseline"]["measured"]))
+        result["checkpoint"] = str(checkpoint)
+        if not dist.main:
+            return  # under torchrun, rank 0 alone writes and prints
+        _write_and_print(result, runs, raw, plot, json_out, log)
+        tr.gate(
+            result,
+            min_transference=min_transference,
+            max_conflict_rate=max_conflict_rate,
+            max_regression=max_regression,
+        )
+
+
+def _write_and_print(result: dict, runs: list, raw: Path | None, plot: Path | None, json_out: bool, log: Log) -> None:
+    from cogradctl import transference as tr
+
+    if raw is not None:
+        tr.write_raw(tr.raw_table(result["tasks"], runs), raw)
+        log.info(f"wrote {raw}")
+    if plot is not None:
+        plot_heatmaps(result, plot)
+        log.info(f"wrote {plot}")
+    if json_out:
+        emit_json(result)
+    else:
+        print_measurement(result)
+
+
+def _check(batches, batch_size, lookahead, lookahead_lr, baseline, max_regression, max_conflict_rate) -> None:
+    if batches < 1 or batch_size < 1:
+        raise UsageError("--batches and --batch-size must be positive")
+    if lookahead not in ("sgd", "optimizer"):
+        raise UsageError(f"--lookahead {lookahead!r}: expected sgd or optimizer")
+    if lookahead_lr is not None and not lookahead_lr > 0:
+        raise UsageError(f"--lookahead-lr must be positive, got {lookahead_lr}")
+    if max_regression is not None and baseline is None:
+        raise UsageError("--max-regression needs --baseline BEFORE.safetensors")
+    if max_conflict_rate is not None and not 0 <= max_conflict_rate <= 1:
+        raise UsageError(f"--max-conflict-rate must be in [0, 1], got {max_conflict_rate}")

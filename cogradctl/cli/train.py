@@ -1,0 +1,235 @@
+"""``cogradctl train``: fine-tune a checkpoint with a gradient method."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from cogradctl.cli.core import command
+from cogradctl.cli.options import Device, Json, OnInvalid, PluginPath, Quiet, Seed, csv_list, paths
+from cogradctl.cli.output import emit_json, fmt, stdout
+from cogradctl.console import Log
+from cogradctl.errors import UsageError
+
+
+@command("train")
+def train_cmd(
+    ctx: typer.Context,
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option(help="Checkpoint to fine-tune (from 'init' or an earlier 'train').", show_default=False),
+    ] = None,
+    data: Annotated[
+        str | None, typer.Option(help="Training Parquet: a file, directory or glob.", show_default=False)
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="Output directory: last.safetensors, best.safetensors, metrics.jsonl, config.toml.", show_default=False
+        ),
+    ] = None,
+    method: Annotated[str, typer.Option(help="Gradient method (see 'cogradctl methods').")] = "ew",
+    valid: Annotated[
+        str | None,
+        typer.Option(help="Validation Parquet, evaluated before, at each epoch (and --eval-every) and after."),
+    ] = None,
+    gamma: Annotated[str | None, typer.Option(help="CoGrad strength: one number or TASK=V,… per task.")] = None,
+    weights: Annotated[str | None, typer.Option(help="Task weights TASK=W,… (methods that take them).")] = None,
+    option: Annotated[
+        list[str] | None, typer.Option("--option", "-o", help="Other method option KEY=VALUE, repeatable.")
+    ] = None,
+    optimizer: Annotated[str, typer.Option(help="adam, adamw or sgd.")] = "adam",
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 1e-3,
+    weight_decay: Annotated[float, typer.Option(help="Weight decay (decoupled for adamw).")] = 0.0,
+    momentum: Annotated[float, typer.Option(help="SGD momentum.")] = 0.9,
+    grad_clip: Annotated[
+        float | None, typer.Option(help="Clip the global norm of the final gradients to this.")
+    ] = None,
+    warmup_steps: Annotated[int, typer.Option(help="Linear learning-rate warmup over this many steps.")] = 0,
+    schedule: Annotated[
+        str, typer.Option(help="After warmup: constant, cosine or linear decay to 0 at the last step.")
+    ] = "constant",
+    batch_size: Annotated[
+        int,
+        typer.Option(
+            help="Rows per step and process (under torchrun the global batch is this × the number of processes)."
+        ),
+    ] = 1024,
+    data_shards: Annotated[
+        int | None,
+        typer.Option(
+            help="Cut each epoch's data into this many shards (default: one per process); "
+            "a run resumes with any number of processes that divides it.",
+            show_default=False,
+        ),
+    ] = None,
+    epochs: Annotated[int, typer.Option(help="Passes over the data.")] = 1,
+    max_steps: Annotated[
+        int | None, typer.Option(help="Stop after this many steps (overrides --epochs when smaller).")
+    ] = None,
+    eval_every: Annotated[int | None, typer.Option(help="Also evaluate on --valid every N steps.")] = None,
+    early_stopping: Annotated[
+        int | None, typer.Option(help="Stop after N evaluations without a better validation score.")
+    ] = None,
+    save_every: Annotated[
+        int | None, typer.Option(help="Save the resumable state every N steps (it is also saved at each epoch end).")
+    ] = None,
+    precision: Annotated[
+        str, typer.Option(help="fp32, bf16 (autocast, CPU or CUDA) or fp16 (CUDA, dynamic loss scaling).")
+    ] = "fp32",
+    on_nonfinite: Annotated[
+        str, typer.Option(help="abort (exit 4, keep the last saved state) or skip the batch.")
+    ] = "abort",
+    on_invalid_rows: OnInvalid = "error",
+    shuffle_buffer: Annotated[
+        int, typer.Option(help="Rows held in the shuffle buffer (files and row groups are also shuffled each epoch).")
+    ] = 65536,
+    log_every: Annotated[int, typer.Option(help="Write a metrics.jsonl record every N steps.")] = 10,
+    measure_every: Annotated[
+        int | None,
+        typer.Option(help="Every N steps, write a transference record (4 fixed training batches) to metrics.jsonl."),
+    ] = None,
+    tensorboard: Annotated[
+        bool, typer.Option(help="Also log to OUT/tensorboard (needs the tensorboard package).")
+    ] = False,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            help="Require an unfinished run in --out and continue it (rerunning the same command does so too)."
+        ),
+    ] = False,
+    overwrite: Annotated[bool, typer.Option(help="Discard the outputs of an earlier run in --out.")] = False,
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", help="A TOML file of these options (keys with underscores); flags override it."),
+    ] = None,
+    device: Device = "auto",
+    seed: Seed = 0,
+    plugin_path: PluginPath = None,
+    json_out: Json = False,
+    quiet: Quiet = False,
+) -> None:
+    """Fine-tune a checkpoint with a gradient method; print per-task AUC/logloss before → after.
+
+    Killed or stopped (SIGTERM/SIGINT: the step finishes, the state is saved, exit 143/130), the
+    same command resumes exactly where the run stopped.
+    """
+    from cogradctl import checkpoint as ckpt_io
+    from cogradctl import runconfig
+    from cogradctl.distributed import env_rank
+    from cogradctl.models import resolve_device
+    from cogradctl.schema import Schema
+    from cogradctl.train import TrainConfig, train
+
+    from_file = runconfig.read(config) if config is not None else {}
+    values = _merge(ctx, from_file, runconfig.TYPES)
+    dev = resolve_device(str(values["device"]))
+    # Task names from the metadata alone: train reads the tensors once, itself.
+    tasks = Schema.from_json(ckpt_io.read_metadata(values["checkpoint"])["schema"]).task_names
+    method_options = {
+        k: (_per_task_table(k, v, tasks) if isinstance(v, dict) else v)
+        for k, v in from_file.get("method_options", {}).items()
+    }
+    method_options.update(_method_options(values["method"], gamma, weights, option or [], tasks))
+    cfg = TrainConfig(
+        **{**values, "checkpoint": str(values["checkpoint"]), "out": str(values["out"]), "device": str(dev),
+           "method_options": method_options, "overwrite": overwrite, "resume": resume}
+    )  # fmt: skip
+    main = env_rank() == 0  # under torchrun, rank 0 alone logs and prints
+    result = train(cfg, Log(quiet or not main), paths(plugin_path))
+    if not main:
+        return
+    if json_out:
+        emit_json(result)
+        return
+    _print_result(result)
+
+
+def _merge(ctx: typer.Context, from_file: dict, keys) -> dict:
+    """The training options: each flag given on the command line, else the --config file's value,
+    else the flag's default; checkpoint, data and out are required from one or the other."""
+    given = {name: value for name, value in ctx.params.items()}
+    values = {}
+    for key in keys:
+        if key == "method_options":
+            continue
+        source = ctx.get_parameter_source(key)  # by name: typer may bring its own click
+        explicit = key in given and source is not None and source.name != "DEFAULT"
+        values[key] = given[key] if explicit or key not in from_file else from_file[key]
+    for key in ("checkpoint", "data", "out"):
+        if values[key] is None:
+            raise UsageError(f"missing --{key} (give the option, or '{key}' in a --config file)")
+    return values
+
+
+def _method_options(method: str, gamma: str | None, weights: str | None, options: list[str], tasks: list[str]) -> dict:
+    """Method options from the CLI: values as JSON, per-task values as TASK=V,… in task order."""
+    from cogradctl.models import parse_config
+
+    parsed = parse_config(options)
+    for key, value in (("gamma", gamma), ("weights", weights)):
+        if value is not None:
+            parsed[key] = value
+    for key, value in list(parsed.items()):
+        if isinstance(value, str) and "=" in value:
+            parsed[key] = _per_task(key, value, tasks)
+        elif isinstance(value, str):
+            try:
+                parsed[key] = json.loads(value)
+            except json.JSONDecodeError:
+                pass
+    return parsed
+
+
+def _per_task(key: str, value: str, tasks: list[str]) -> list[float]:
+    given = {}
+    for item in csv_list(value):
+        name, _, number = item.partition("=")
+        if name not in tasks:
+            raise UsageError(f"--{key} {value}: unknown task '{name}'; tasks: {', '.join(tasks)}")
+        try:
+            given[name] = float(number)
+        except ValueError:
+            raise UsageError(f"--{key} {value}: '{number}' is not a number") from None
+    missing = [t for t in tasks if t not in given]
+    if missing:
+        raise UsageError(f"--{key} {value}: no value for task(s) {', '.join(missing)}")
+    return [given[t] for t in tasks]
+
+
+def _per_task_table(key: str, table: dict, tasks: list[str]) -> list[float]:
+    return _per_task(key, ",".join(f"{k}={v}" for k, v in table.items()), tasks)
+
+
+def _print_result(result: dict) -> None:
+    extra = f", {result['skipped']} skipped" if result["skipped"] else ""
+    extra += ", stopped early" if result["stopped_early"] else ""
+    stdout.print(
+        f"{result['method']}: {result['steps']} steps, {result['epochs']} epoch(s), {result['seconds']:.1f}s{extra}"
+        f" → {result['out']}"
+    )
+    if result["before"] is not None:
+        stdout.print(_before_after_table(result["before"], result["after"]))
+        label = "mean AUC" if result["best"]["auc"] is not None else "score (-mean MSE)"
+        stdout.print(
+            f"best {label} {fmt(result['best']['score'])} at step {result['best']['step']}"
+            f" → {Path(result['out']) / 'best.safetensors'}"
+        )
+
+
+def _before_after_table(before: dict, after: dict) -> Table:
+    table = Table(title="validation: before → after")
+    for col in ("task", "metric", "before", "after", "change"):
+        table.add_column(col, justify="left" if col in ("task", "metric") else "right")
+    for task, metrics in before["tasks"].items():
+        for name, value in metrics.items():
+            new = after["tasks"][task][name]
+            change = None if value is None or new is None else new - value
+            better = change is not None and ((change > 0) == (name == "auc")) and change != 0
+            style = "" if change is None or change == 0 else ("green" if better else "red")
+            table.add_row(task, name, fmt(value), fmt(new), f"[{style}]{change:+.4f}[/]" if style else fmt(change))
+    return table
