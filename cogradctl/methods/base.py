@@ -164,9 +164,13 @@ def per_task(
     value: float | list[float] | tuple[float, ...] | torch.Tensor,
     num_tasks: int,
     name: str,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype = torch.float64,
 ) -> torch.Tensor:
-    """A scalar or a K-sequence option as a K-vector; a wrong length names the option."""
+    """A scalar or a K-sequence option as a K-vector; a wrong length names the option.
+
+    Float64 by default: a method casts it to the gradients' dtype where it uses it, so float64
+    gradients are weighted by the option's exact value (float32 storage rounded 0.1 by 1.5e-9).
+    """
     t = torch.as_tensor(value, dtype=dtype).flatten()
     if t.numel() == 1:
         return t.expand(num_tasks).clone()

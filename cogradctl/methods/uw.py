@@ -39,10 +39,12 @@ class UW(Method):
         if losses is None:
             raise UsageError("method 'uw' needs the task losses")
         s = self.log_vars.detach()
-        w = torch.exp(-s)
-        self.log_vars.grad = (1.0 - w * losses.detach().to(w)).to(self.log_vars)
+        # exp(−s) in float64, then the gradients' dtype: a float32 exp would round every weight by
+        # up to 6e-8, which float64 gradients would then carry.
+        w = torch.exp(-s.double())
+        self.log_vars.grad = (1.0 - w * losses.detach().double()).to(self.log_vars)
         self.stats = {"weights": w.tolist(), "log_vars": s.tolist()}
         return w.to(grads) @ grads
 
     def task_weights(self) -> torch.Tensor | None:
-        return None if self.log_vars is None else torch.exp(-self.log_vars.detach())
+        return None if self.log_vars is None else torch.exp(-self.log_vars.detach().double())

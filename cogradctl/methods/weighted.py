@@ -30,7 +30,7 @@ class Weighted(Method):
 
     def aggregate(self, grads: torch.Tensor, losses: torch.Tensor | None) -> torch.Tensor:
         self.stats = {"weights": self.weights.tolist()}
-        return self.weights.to(grads) @ grads
+        return self.weights.to(grads) @ grads  # the weights are float64: cast to the gradients' dtype
 
     def task_weights(self) -> torch.Tensor | None:
         return self.weights

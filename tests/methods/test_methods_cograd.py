@@ -202,4 +202,4 @@ def test_weights_and_per_task_gamma():
     m = get_method("cograd", gamma=[0.0, 0.5], weights=[2.0, 1.0], normalize=False)
     expected = 2.0 * g[0] + (g[1] - 0.5 * g[1] ** 2 * g[0])
     assert torch.allclose(m(g), expected)
-    assert torch.equal(m.task_weights(), torch.tensor([2.0, 1.0], dtype=torch.float32))
+    assert torch.equal(m.task_weights(), torch.tensor([2.0, 1.0], dtype=torch.float64))

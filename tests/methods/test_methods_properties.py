@@ -310,7 +310,7 @@ def test_gdod_aligned_gradients_give_the_weighted_sum(sizes, w):
     m = get_method("gdod", weights=w[:k])
     d = m(g)
     assert m.stats["conflict_directions"] == 0 and m.stats["rank"] == 1
-    ref = torch.tensor(w[:k]).double() @ g  # the options are stored as float32
+    ref = torch.tensor(w[:k], dtype=torch.float64) @ g
     assert torch.allclose(d, ref, rtol=1e-9, atol=1e-10 * float(ref.norm()))
 
 
@@ -357,7 +357,7 @@ def test_gdod_matches_an_svd_of_the_gradients(g, w, beta, parallel):
     if parallel is not None:
         g[1] = math.copysign(1.0, parallel) * 3.0 * g[0] + abs(parallel) * torch.randn_like(g[0])
     k = g.shape[0]
-    w = [float(np.float32(x)) for x in w[:k]]  # the options are stored as float32
+    w = w[:k]
     d = get_method("gdod", weights=w, beta=beta)(g)
     ref = svd_gdod(g, w, beta)
     assert torch.allclose(d, ref, rtol=1e-9, atol=1e-9 * float(g.norm()) * max(w + [1.0]))

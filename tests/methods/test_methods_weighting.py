@@ -13,7 +13,7 @@ def test_weighted_sum_and_task_weights():
     g = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
     m = get_method("weighted", weights=[0.5, 2.0])
     assert torch.allclose(m(g), 0.5 * g[0] + 2.0 * g[1])
-    assert torch.equal(m.task_weights(), torch.tensor([0.5, 2.0]))
+    assert torch.equal(m.task_weights(), torch.tensor([0.5, 2.0], dtype=torch.float64))
 
 
 def test_uw_update_gradient_and_training():
@@ -28,7 +28,7 @@ def test_uw_update_gradient_and_training():
         opt.step()
     # optimum of exp(-s) L + s: s = log L
     assert torch.allclose(m.log_vars.detach(), losses.log(), atol=1e-3)
-    assert torch.allclose(m.task_weights(), 1 / losses, rtol=1e-3)
+    assert torch.allclose(m.task_weights(), 1 / losses.double(), rtol=1e-3)  # float64, as the weights applied
     u = m(g, losses)
     assert torch.allclose(u, torch.tensor([0.25, 4.0]), rtol=1e-3)
 
@@ -86,3 +86,22 @@ def test_mgda_l2_normalisation():
     assert torch.allclose(d, torch.tensor([0.5, 0.5], dtype=torch.float64))
     raw = get_method("mgda")(g)
     assert math.isclose(float(raw @ g[0]), float(raw @ g[1]), rel_tol=1e-9)
+
+
+def test_weighted_and_uw_weight_float64_gradients_exactly():
+    """The weights are applied in the gradients' dtype. Oracle: each weight as a Python float
+    (uw: math.exp of the parameter's own value), the sum in float64. Each product and the sum of
+    two terms round once or twice, so 4 ulps of the largest term bound the difference; a weight
+    stored or exponentiated in float32 (0.1 rounds by 1.5e-9 relative, exp(−0.3) by up to 6e-8)
+    misses that by seven orders of magnitude."""
+    g = torch.randn(2, 50, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    weights = [0.1, 0.7]
+    d = get_method("weighted", weights=weights)(g)
+    ref = weights[0] * g[0] + weights[1] * g[1]
+    assert float((d - ref).abs().max()) <= 4 * 2.0**-52 * float(ref.abs().max())
+    m = get_method("uw", init=0.3)
+    d = m(g, torch.tensor([1.0, 2.0], dtype=torch.float64))
+    w = [math.exp(-float(s)) for s in m.log_vars.detach()]
+    ref = w[0] * g[0] + w[1] * g[1]
+    assert float((d - ref).abs().max()) <= 4 * 2.0**-52 * float(ref.abs().max())
+    assert m.task_weights().tolist() == w
