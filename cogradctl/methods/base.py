@@ -30,9 +30,8 @@ What the training loop provides (the contract, read by the loop's author):
 
 from __future__ import annotations
 
-from typing import Callable
-
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch

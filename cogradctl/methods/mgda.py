@@ -7,8 +7,17 @@ import math
 import numpy as np
 import torch
 
-from cogradctl.methods.base import GRANULARITY_OPTION, Method, combine, gram, on_simplex, project_simplex, snap_to_simplex, solve_on_faces, solve_small
-
+from cogradctl.methods.base import (
+    GRANULARITY_OPTION,
+    Method,
+    combine,
+    gram,
+    on_simplex,
+    project_simplex,
+    snap_to_simplex,
+    solve_on_faces,
+    solve_small,
+)
 
 # Up to this many tasks the min-norm problem is solved exactly by enumerating the simplex's faces.
 EXACT_MAX_TASKS = 12
@@ -79,7 +88,8 @@ def _min_norm(a: np.ndarray, max_iter: int, tol: float) -> tuple[np.ndarray, int
     alpha = torch.full((k,), 1.0 / k, dtype=torch.float64)
     y, t = alpha.clone(), 1.0
     it = 0
-    for it in range(1, max_iter + 1):
+    while it < max_iter:
+        it += 1
         new = project_simplex(y - step * (m @ y))
         t_new = (1 + (1 + 4 * t * t) ** 0.5) / 2
         if float(new @ (m @ new)) > float(alpha @ (m @ alpha)):  # objective went up: restart momentum
