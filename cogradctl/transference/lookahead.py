@@ -1,0 +1,127 @@
+"""One measured batch: the task losses and shared gradients, the lookahead step on each source
+task (plain SGD, or Adam-preconditioned with the second moment saved by ``cogradctl train``), every
+target's lookahead loss, and the K×K matrices (see :mod:`cogradctl.transference`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.func import functional_call
+
+from cogradctl.errors import CheckpointError
+from cogradctl.models import ParamSplit
+from cogradctl.schema import Schema
+from cogradctl.taskgrad import TaskGradients, flat_shared, task_losses, unflatten_shared
+from cogradctl.transference.groups import Group
+
+# The default SGD lookahead step α (see docs/transference.md, "Choosing the lookahead step"): large
+# enough that loss changes are far above float32 rounding of the losses, small enough to stay near
+# the first-order regime on standardised inputs (Z ≈ α g_iᵀ g_j).
+DEFAULT_LOOKAHEAD_LR = 0.1
+MATRICES = ("transference", "transference_rel", "cosine", "conflict_rate", "gms")
+# Per-batch quantities kept for --raw besides the matrices.
+PER_BATCH_EXTRA = ("loss_before", "loss_after", "grad_norm")
+OPTIM_PREFIX = "optim."
+
+
+def SharedGradients(
+    model: torch.nn.Module, split: ParamSplit, schema: Schema, device: torch.device | str = "cpu"
+) -> TaskGradients:
+    """For one batch: the K losses and the K×P matrix of task gradients on the shared parameters only
+    (one forward, K backward passes; the graph is freed by the last one)."""
+    return TaskGradients(model, split, schema, device, own=False)
+
+
+def adam_preconditioner(extra: dict[str, torch.Tensor], history: list[dict], split: ParamSplit, source: str):
+    """→ (P-vector 1/(sqrt(v̂)+ε) over the shared parameters, the training lr, info dict) from the
+    Adam state ``cogradctl train`` saves; CheckpointError (exit 2) when the checkpoint has none."""
+    missing = [n for n in split.shared_names if f"{OPTIM_PREFIX}exp_avg_sq.{n}" not in extra]
+    if missing:
+        raise CheckpointError(
+            f"{source}: no optimizer state for --lookahead optimizer (missing optim.exp_avg_sq.{missing[0]}"
+            f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}); it is saved by 'cogradctl train' "
+            "once it has taken a step — use a checkpoint from such a run, or --lookahead sgd"
+        )
+    entry = next((h for h in reversed(history) if isinstance(h.get("optimizer"), dict)), None) or {}
+    opt = entry.get("optimizer", {})
+    beta2 = float(opt.get("betas", [0.9, 0.999])[1])
+    eps = float(opt.get("eps", 1e-8))
+    lr = float(opt.get("lr", entry.get("lr", 1e-3)))
+    parts = []
+    steps = set()
+    for n, p in zip(split.shared_names, split.shared):
+        v = extra[f"{OPTIM_PREFIX}exp_avg_sq.{n}"].to(device=p.device, dtype=torch.float64).reshape(-1)
+        step = float(extra.get(f"{OPTIM_PREFIX}step.{n}", torch.tensor(1.0)).reshape(-1)[0])
+        steps.add(step)
+        v_hat = v / (1.0 - beta2 ** max(step, 1.0))
+        parts.append(1.0 / (v_hat.sqrt() + eps))
+    precond = torch.cat(parts).to(split.shared[0].dtype)
+    return precond, lr, {"beta2": beta2, "eps": eps, "step": max(steps) if steps else 0, "lr": lr}
+
+
+def _matrices(before: torch.Tensor, after: torch.Tensor, g: torch.Tensor) -> dict[str, np.ndarray]:
+    """The K×K matrices of one batch from base losses (K), lookahead losses (K×K) and gradients."""
+    gd = g.double()
+    gram = gd @ gd.T
+    norms = gram.diagonal().clamp_min(0).sqrt()
+    denom = torch.outer(norms, norms)
+    cosine = torch.where(denom > 0, gram / denom.clamp_min(1e-300), torch.zeros_like(gram))
+    sq = norms[:, None] ** 2 + norms[None, :] ** 2
+    gms = torch.where(sq > 0, 2 * denom / sq.clamp_min(1e-300), torch.zeros_like(sq))
+    return {
+        "transference": (before[None, :] - after).cpu().numpy(),
+        "transference_rel": (1.0 - after / before[None, :]).cpu().numpy(),
+        "cosine": cosine.cpu().numpy(),
+        "conflict_rate": (cosine < 0).double().cpu().numpy(),
+        "gms": gms.cpu().numpy(),
+        "loss_before": before.cpu().numpy(),
+        "loss_after": after.cpu().numpy(),
+        "grad_norm": norms.cpu().numpy(),
+    }
+
+
+def measure_batch(
+    model: torch.nn.Module,
+    split: ParamSplit,
+    schema: Schema,
+    grads,
+    inputs,
+    labels,
+    lookahead_lr: float,
+    precond: torch.Tensor | None = None,
+    groups: list[Group] | None = None,
+    eval_batch: tuple | None = None,
+) -> dict:
+    """All K×K matrices for one batch, in float64 (``"modules"``: the same per group).
+
+    ``grads`` computes (losses, K×P gradients, _) for a batch (:class:`SharedGradients` or
+    ``taskgrad.TaskGradients``); ``precond`` scales the SGD step elementwise (Adam lookahead);
+    ``eval_batch`` = (inputs, labels) of the batch the losses are measured on (holdout), default
+    the step batch.
+    """
+    losses, g, _ = grads(inputs, labels)
+    step = lookahead_lr * g if precond is None else lookahead_lr * g * precond
+    k = len(schema.tasks)
+    x, y = eval_batch if eval_batch is not None else (inputs, labels)
+    with torch.no_grad():
+        before = losses.double() if eval_batch is None else task_losses(model(x), y, schema).double()
+        base = flat_shared(split)
+        after = torch.empty(k, k, dtype=torch.float64, device=before.device)
+        for i in range(k):
+            after[i] = task_losses(
+                functional_call(model, unflatten_shared(split, base - step[i]), (x,)), y, schema
+            ).double()
+        out = _matrices(before, after, g)
+        if groups:
+            out["modules"] = {}
+            params = dict(zip(split.shared_names, split.shared))
+            for grp in groups:
+                moved = torch.empty(k, k, dtype=torch.float64, device=before.device)
+                for i in range(k):
+                    local = step[i].index_select(0, grp.index)
+                    chunks = torch.split(local, [params[n].numel() for n in grp.params])
+                    stepped = {n: params[n].detach() - c.view_as(params[n]) for n, c in zip(grp.params, chunks)}
+                    moved[i] = task_losses(functional_call(model, stepped, (x,)), y, schema).double()
+                out["modules"][grp.name] = _matrices(before, moved, g.index_select(1, grp.index))
+    return out
