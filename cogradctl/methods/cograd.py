@@ -3,7 +3,11 @@
 Each task gradient gets an auxiliary term that increases the loss reduction it causes in the
 other tasks (docs/methods.md §2):
 
-    ĝ_i = g_i − γ_i Σ_{j≠i} H_i g_j,        update = Σ_i w_i ĝ_i
+    ĝ_i = g_i − γ_i Σ_{j≠i} H_i g_j,        update = Σ_i (w_i g_i − γ_i Σ_{j≠i} H_i g_j)
+
+(the task weights scale the task gradients, not the corrections: that is the gradient of the
+objective Σ_i w_i L_i − λ Σ_{i≠j} Z_{i→j}, whose transference term carries no w; with w = 1 the
+update is Σ_i ĝ_i)
 
 with one of four approximations of task i's Hessian H_i (option ``hessian``):
 
@@ -55,7 +59,7 @@ NORMALIZE = ("relative", "curvature", "none")
 
 
 class CoGrad(Method):
-    """CoGrad: ĝ_i = g_i − γ_i Σ_{j≠i} H_i g_j, update Σ_i w_i ĝ_i (scale-free H_i by default).
+    """CoGrad: ĝ_i = g_i − γ_i Σ_{j≠i} H_i g_j, update Σ_i (w_i g_i − γ_i Σ_{j≠i} H_i g_j) (scale-free H_i by default).
 
     >>> import torch
     >>> g = torch.tensor([[1.0, 2.0], [1.0, -1.0]])
@@ -73,7 +77,7 @@ class CoGrad(Method):
         "gamma": "strength of the transference term: one value or one per task (default 0.1)",
         "hessian": "Hessian approximation: 'diag' (default), 'fisher-ema', 'outer' or 'exact' (needs HVPs)",
         "normalize": "'relative' (default: gamma = correction size / task-gradient size), 'curvature' (H_i over its own scale) or 'none' (raw γ)",
-        "weights": "task weights w_i: one value or one per task (default 1)",
+        "weights": "task weights w_i on the task gradients, not the corrections: one value or one per task (default 1)",
         "fisher_decay": "EMA decay ρ of the fisher-ema diagonal (default 0.9)",
     }
 
@@ -200,15 +204,12 @@ class CoGrad(Method):
     def aggregate(self, grads: torch.Tensor, losses: torch.Tensor | None, hvp=None) -> torch.Tensor:
         if self.normalize == "relative":
             terms, coef, active = self._relative(grads, hvp)
-            w = self.weights.tolist()
-            # w @ (grads − coef·terms) without the K×P difference
-            wc = [wi * c for wi, c in zip(w, coef)]
-            update = (torch.tensor(w, dtype=grads.dtype, device=grads.device) @ grads).sub_(
-                torch.tensor(wc, dtype=grads.dtype, device=grads.device) @ terms)
+            # w @ grads − coef @ terms: the weights scale the task gradients, not the corrections
+            update = (self.weights.to(grads) @ grads).sub_(torch.tensor(coef, dtype=grads.dtype, device=grads.device) @ terms)
             rel = [gamma if on else 0.0 for gamma, on in zip(self.gamma.tolist(), active)]  # ‖correction_i‖ / ‖g_i‖, by construction
         else:
             corr = self.corrections(grads, hvp)
-            update = self.weights.to(grads) @ (grads - corr)
+            update = self.weights.to(grads) @ grads - corr.sum(dim=0)
             g_norm = grads.norm(dim=1)
             rel = torch.where(g_norm > 0, corr.norm(dim=1) / g_norm.clamp_min(1e-30), torch.zeros_like(g_norm)).tolist()
         self.stats = {"relative_correction": rel}

@@ -105,7 +105,7 @@ def test_relative_strength_is_invariant_to_gradient_scale():
 
 
 def test_outer_is_gram_times_gradient():
-    g = torch.randn(3, 6)
+    g = torch.randn(3, 6, generator=torch.Generator().manual_seed(0), dtype=F64)  # float64: the sums below cancel
     m = get_method("cograd", gamma=0.2, hessian="outer", normalize=False)
     m.setup(3)
     corr = m.corrections(g)
@@ -198,8 +198,29 @@ def test_invisible_correction_warns_once():
 
 
 def test_weights_and_per_task_gamma():
-    g = torch.randn(2, 3)
-    m = get_method("cograd", gamma=[0.0, 0.5], weights=[2.0, 1.0], normalize=False)
-    expected = 2.0 * g[0] + (g[1] - 0.5 * g[1] ** 2 * g[0])
-    assert torch.allclose(m(g), expected)
-    assert torch.equal(m.task_weights(), torch.tensor([2.0, 1.0], dtype=torch.float64))
+    """The task weights scale the task gradients, not the corrections (the objective's gradient, see
+    the next test): d = Σ_i (w_i g_i − γ_i g_i⊙g_i⊙Σ_{j≠i} g_j) with the diagonal Hessian."""
+    g = torch.randn(2, 3, generator=torch.Generator().manual_seed(0), dtype=F64)
+    m = get_method("cograd", gamma=[0.3, 0.5], weights=[2.0, 0.5], normalize=False)
+    expected = (2.0 * g[0] - 0.3 * g[0] ** 2 * g[1]) + (0.5 * g[1] - 0.5 * g[1] ** 2 * g[0])
+    assert torch.allclose(m(g), expected, rtol=1e-12, atol=1e-15)
+    assert torch.equal(m.task_weights(), torch.tensor([2.0, 0.5], dtype=torch.float64))
+
+
+def test_weighted_update_is_the_objective_gradient_to_second_order():
+    """With task weights w ≠ 1, ``hessian=exact, normalize=none, gamma=2α`` must be the gradient of
+    CoGrad's objective Σ_i w_i L_i − Σ_{i≠j} Z_{i→j} (λ = 1) up to O(α²), against the exact
+    gradient through the lookahead (autograd): halving α divides the gap by about 4. Multiplying
+    each correction by w_i (as an earlier version did) leaves a first-order gap
+    2α Σ_i (w_i − 1) Σ_{j≠i} H_i g_j, which halving α only halves."""
+    model = Tiny(seed=3)
+    theta = flat_params(model)
+    grads, losses = task_grads(model, theta)
+    grads, losses = grads.detach(), losses.detach()
+    w = torch.tensor([2.0, 0.5, 1.5], dtype=F64)
+    gaps = []
+    for alpha in [0.01, 0.005]:
+        oracle = w @ grads - transference_grad(model, theta, alpha)
+        m = get_method("cograd", gamma=2 * alpha, hessian="exact", normalize="none", weights=w.tolist())
+        gaps.append(float((m(grads, losses, hvp=make_hvp(model, theta)) - oracle).norm()))
+    assert 3.0 < gaps[0] / gaps[1] < 5.0, gaps
