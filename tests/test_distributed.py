@@ -27,7 +27,7 @@ import torch
 from cogradctl import checkpoint as ckpt_io
 from cogradctl import sample
 from cogradctl.errors import UsageError
-from cogradctl.train import TrainConfig, _previous_state, data_shards
+from cogradctl.train import TrainConfig, data_shards, previous_state
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-5
@@ -204,7 +204,7 @@ def test_data_shards_must_split_evenly_among_processes(tmp_path):
     assert data_shards(TrainConfig(checkpoint="c", data="d", out=str(tmp_path), batch_size=60), state, 2) == 4
     with pytest.raises(UsageError, match="reads its data in 4 shard"):
         data_shards(TrainConfig(checkpoint="c", data="d", out=str(tmp_path), batch_size=60), state, 3)
-    assert _previous_state(TrainConfig(checkpoint="c", data="d", out=str(tmp_path / "none")), tmp_path / "none", 2) is None
+    assert previous_state(TrainConfig(checkpoint="c", data="d", out=str(tmp_path / "none")), tmp_path / "none", 2) is None
 
 
 def test_no_valid_rows_on_any_process_is_an_error(base_checkpoint, tmp_path):

@@ -1,0 +1,94 @@
+"""What a run writes as it goes: ``metrics.jsonl``, TensorBoard scalars, and the per-step record."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from cogradctl import checkpoint as ckpt_io
+from cogradctl.errors import UsageError
+
+
+class MetricsLog:
+    """Appends JSON lines, flushed each time. On resume, records after the saved step (written by
+    the run that died after its last save) are dropped first, so the file reads as one run."""
+
+    def __init__(self, path: Path, keep_until: int | None) -> None:
+        if keep_until is None:
+            path.write_text("")
+        elif path.exists():
+            kept = [line for line in path.read_text().splitlines() if line.strip() and _step_of(line) <= keep_until]
+            ckpt_io.atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
+        self.file = open(path, "a", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _step_of(line: str) -> int:
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError):
+        return 1 << 62  # a torn last line from a killed run: drop it
+
+
+class NoLog:
+    """metrics.jsonl on processes other than rank 0: nothing is written."""
+
+    def write(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class TensorBoard:
+    def __init__(self, logdir: Path) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise UsageError('--tensorboard needs the tensorboard package: pip install "cogradctl[tensorboard]"') from None
+        self.writer = SummaryWriter(str(logdir))
+
+    def scalars(self, step: int, values: dict) -> None:
+        for key, value in values.items():
+            if isinstance(value, (int, float)) and value is not None:
+                self.writer.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def step_record(step: int, epoch: int, tasks: list[str], losses: torch.Tensor, g: torch.Tensor) -> dict:
+    """Per-task loss and shared-gradient norm, and the pairwise cosine of the task gradients."""
+    gram = (g @ g.T).double()
+    norms = gram.diagonal().clamp_min(0).sqrt()
+    cosine = {}
+    for i in range(len(tasks)):
+        for j in range(i + 1, len(tasks)):
+            d = float(norms[i] * norms[j])
+            cosine[f"{tasks[i]}|{tasks[j]}"] = float(gram[i, j]) / d if d > 0 else 0.0
+    return {
+        "step": step,
+        "epoch": epoch,
+        "loss": {t: float(v) for t, v in zip(tasks, losses)},
+        "grad_norm": {t: float(v) for t, v in zip(tasks, norms)},
+        "cosine": cosine,
+    }
+
+
+def summary(result: dict) -> str:
+    """One line of an evaluation: each task's AUC (or MSE)."""
+    parts = []
+    for task, m in result["tasks"].items():
+        if "auc" in m:
+            parts.append(f"{task} auc={m['auc']:.4f}" if m["auc"] is not None else f"{task} auc=n/a")
+        else:
+            parts.append(f"{task} mse={m['mse']:.4f}")
+    return ", ".join(parts)

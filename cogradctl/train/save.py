@@ -1,0 +1,84 @@
+"""Evaluating on --valid and saving: ``best.safetensors`` when the score improves, ``last.safetensors``
+with everything needed to resume."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+
+import torch
+
+from cogradctl import checkpoint as ckpt_io
+from cogradctl.evaluate import evaluate, mean_auc
+from cogradctl.train.logs import summary
+from cogradctl.train.run import Run
+from cogradctl.train.state import optimizer_tensors
+
+
+def evaluate_now(run: Run) -> None:
+    """Evaluate on --valid (once per step), keep the best, and decide early stopping (rank 0's
+    decision, shared with every process)."""
+    cfg, p = run.cfg, run.progress
+    if p.evaluated_step == p.step:
+        return
+    p.evaluated_step = p.step
+    if run.dist.main:
+        record_evaluation(run, evaluate(run.inputs.model, run.inputs.valid, run.inputs.source.schema, device=run.device))
+        run.inputs.model.train()
+    if run.dist.from_main(bool(cfg.early_stopping) and p.bad_evals >= (cfg.early_stopping or 0)):
+        p.stopped_early = True
+        run.log.info(f"early stopping at step {p.step}: no better validation score in {cfg.early_stopping} evaluations")
+
+
+def record_evaluation(run: Run, result: dict) -> dict:
+    """Log an evaluation; save ``best.safetensors`` when its score is the best so far."""
+    p = run.progress
+    score = validation_score(result)
+    run.metrics.write({"step": p.step, "epoch": p.epoch, "valid": result["tasks"], "score": score})
+    if run.tensorboard:
+        run.tensorboard.scalars(p.step, {f"valid/{t}/{k}": v for t, m in result["tasks"].items() for k, v in m.items()})
+    run.log.info(f"step {p.step} (epoch {p.epoch}): valid " + summary(result))
+    if score is not None and (p.best_score is None or score > p.best_score):
+        p.best_score, p.best_step, p.bad_evals = score, p.step, 0
+        ckpt_io.save(snapshot(run, finished=False), run.out / "best.safetensors")
+    else:
+        p.bad_evals += 1
+    p.last_eval = result
+    return result
+
+
+def validation_score(result: dict) -> float | None:
+    """Higher is better: the mean AUC of the binary tasks, or minus the mean MSE if there are none."""
+    auc = mean_auc(result)
+    if auc is not None:
+        return auc
+    mses = [m["mse"] for m in result["tasks"].values() if "mse" in m]
+    return -sum(mses) / len(mses) if mses else None
+
+
+def save_last(run: Run, finished: bool = False) -> None:
+    if run.dist.main:
+        ckpt_io.save(snapshot(run, finished), run.out / "last.safetensors")
+
+
+def snapshot(run: Run, finished: bool) -> ckpt_io.Checkpoint:
+    """The checkpoint of the run as it is now: weights, history, and the state to resume from."""
+    source, p, method = run.inputs.source, run.progress, run.inputs.method
+    seconds = time.time() - run.started
+    entry = {**run.history_entry, "steps": p.step, "epochs": p.epoch, "seconds": round(seconds, 3), "time": now()}
+    identity = run.cfg.identity(run.dist.world, run.inputs.batches.shards)
+    training_state = {**asdict(p), "finished": finished, "seconds": seconds, "config": identity}
+    extra = {**optimizer_tensors(run.optimizer, run.names, run.inputs.split),
+             **{f"method.{k}": v for k, v in method.state_dict().items()},
+             "rng.torch": torch.get_rng_state()}
+    if run.device.type == "cuda":
+        extra["rng.cuda"] = torch.cuda.get_rng_state(run.device)
+    if run.scaler is not None:
+        extra["scaler.scale"] = torch.tensor([run.scaler.scale, float(run.scaler.good_steps)], dtype=torch.float64)
+    return ckpt_io.Checkpoint(source.model, source.model_config, source.schema, run.inputs.model.state_dict(),
+                              [*source.history, entry], extra, training_state)
+
+
+def now() -> str:
+    """The current UTC time as an ISO 8601 string (checkpoint history entries)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

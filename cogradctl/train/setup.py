@@ -1,0 +1,128 @@
+"""Setting a run up: every input read and checked, then the optimizer, the method and the logs
+made ready (from the saved state when the run resumes)."""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from cogradctl import checkpoint as ckpt_io
+from cogradctl import data as data_io
+from cogradctl.console import Log
+from cogradctl.distributed import Dist, StepReducer
+from cogradctl.evaluate import evaluate
+from cogradctl.methods import get_method
+from cogradctl.models import build, split_parameters
+from cogradctl.stream import ParquetStream
+from cogradctl.taskgrad import TaskGradients
+from cogradctl.train.batches import Batches, data_shards
+from cogradctl.train.config import TrainConfig, plain, write_config
+from cogradctl.train.guard import StopFlag
+from cogradctl.train.logs import MetricsLog, NoLog, TensorBoard
+from cogradctl.train.optim import make_optimizer, trainable
+from cogradctl.train.run import Inputs, Progress, Run
+from cogradctl.train.state import previous_state, restore
+from cogradctl.train.step import Autocast, LossScaler
+
+MEASURE_BATCHES, MEASURE_BATCH_SIZE = 4, 256  # --measure-every: cheap, and the same batches every time
+
+
+def read_inputs(cfg: TrainConfig, out: Path, log: Log, plugin_paths, dist: Dist, device: torch.device) -> Inputs:
+    """The checkpoint, the method's options, every file's schema, the first training batch and, for
+    a new run, all of --valid (evaluated as the starting point). Later training rows are checked as
+    they stream by."""
+    source = ckpt_io.load(cfg.checkpoint)
+    model, _ = build(source.model, source.schema, source.model_config, plugin_paths)
+    ckpt_io.load_into(model, source.state, cfg.checkpoint)
+    model.to(device)
+    split = split_parameters(model, source.schema.task_names, source.model)
+    method = get_method(cfg.method, plugin_paths, **cfg.method_options).to(device)
+    state = previous_state(cfg, out, dist.world)
+    shards = data_shards(cfg, state, dist.world)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        stream = ParquetStream(cfg.data, source.schema, on_invalid=cfg.on_invalid_rows, shuffle_buffer=cfg.shuffle_buffer)
+        valid = None
+        if cfg.valid and dist.main:
+            valid = ParquetStream(cfg.valid, source.schema, on_invalid=cfg.on_invalid_rows)
+        position = (state["epoch"], state["batch"]) if state else (1, 0)
+        batches = Batches(stream, cfg, shards, dist, position, device)
+        before = evaluate(model, valid, source.schema, device=device) if valid is not None and not state else None
+    for w in caught:
+        log.warn(str(w.message))
+    return Inputs(source, model, split, method, state, batches, valid, before)
+
+
+def prepare(cfg: TrainConfig, out: Path, log: Log, dist: Dist, device: torch.device, inputs: Inputs,
+             stop: StopFlag) -> Run:
+    """The optimizer and the method set up (from the saved state on resume), the logs opened,
+    config.toml written: a :class:`Run` ready for its first step."""
+    state, split, method, batches = inputs.state, inputs.split, inputs.method, inputs.batches
+    if state:
+        start = ckpt_io.load(out / "last.safetensors")
+        ckpt_io.load_into(inputs.model, start.state, str(out / "last.safetensors"))
+    torch.manual_seed(cfg.seed)
+    method.setup(len(inputs.source.schema.task_names))
+    method.segments = [p.numel() for p in split.shared]
+    params, names = trainable(inputs.model, split, method)
+    optimizer = make_optimizer(cfg, params)
+    scaler = LossScaler() if cfg.precision == "fp16" else None
+    if state:
+        restore(start.extra, optimizer, names, method, scaler, device, split)
+        log.info(f"resuming {out} at step {state['step']} (epoch {state['epoch']}, batch {state['batch']})")
+    if dist.world > 1:
+        # Dropout draws differ between processes; the methods' own generators are buffers, the
+        # same everywhere. (Distributed resume therefore re-seeds: it is exact only without dropout.)
+        torch.manual_seed(cfg.seed * 1_000_003 + dist.rank * 7_919 + (state["step"] if state else 0))
+    total = _total_steps(cfg, batches)
+    _log_start(cfg, log, inputs, dist, device, total)
+    measure_rows = _measure_rows(cfg, batches) if cfg.measure_every and dist.main else None
+    metrics = MetricsLog(out / "metrics.jsonl", keep_until=state["step"] if state else None) if dist.main else NoLog()
+    tensorboard = TensorBoard(out / "tensorboard") if cfg.tensorboard and dist.main else None
+    if dist.main:
+        write_config(out / "config.toml", cfg)
+    return Run(
+        cfg=cfg, out=out, log=log, dist=dist, device=device, inputs=inputs, optimizer=optimizer, names=names,
+        scaler=scaler, grads=TaskGradients(inputs.model, split, inputs.source.schema, device),
+        autocast=Autocast(device, cfg.precision), reduce=StepReducer(dist) if dist.world > 1 else None, stop=stop,
+        metrics=metrics, tensorboard=tensorboard, measure_rows=measure_rows, total=total,
+        history_entry=_history_entry(cfg, optimizer), started=time.time() - (state["seconds"] if state else 0.0),
+        progress=Progress.saved(state) if state else Progress(), method_warnings=[],
+    )
+
+
+def _total_steps(cfg: TrainConfig, batches: Batches) -> int:
+    per_epoch = batches.steps_per_epoch  # fewer if invalid rows are dropped
+    return min(cfg.max_steps or per_epoch * cfg.epochs, per_epoch * cfg.epochs)
+
+
+def _log_start(cfg: TrainConfig, log: Log, inputs: Inputs, dist: Dist, device: torch.device, total: int) -> None:
+    batches = inputs.batches
+    log.info(f"training {inputs.source.model} on {batches.num_rows} rows ({', '.join(inputs.source.schema.task_names)}) "
+             f"with {cfg.method}; {inputs.split.num_shared} shared parameters; {total} steps; device {device}")
+    if dist.world > 1 or batches.shards > 1:
+        log.info(f"{dist.world} process(es) × batch {cfg.batch_size} = global batch {cfg.batch_size * dist.world} "
+                 f"({batches.shards} data shard(s) of {batches.shard_batch} rows per step); learning rate {cfg.lr:g} "
+                 "as given (the gradients are means over the global batch; it is not scaled with the number of processes)")
+
+
+def _history_entry(cfg: TrainConfig, optimizer: torch.optim.Optimizer) -> dict:
+    """This run's entry in the checkpoint's history (steps, epochs, seconds and time are added at each save)."""
+    settings = {k: v for k, v in optimizer.defaults.items() if k in ("betas", "eps", "momentum")}
+    return {
+        "run": "train", "method": cfg.method, "method_options": cfg.method_options, "data": cfg.data, "seed": cfg.seed,
+        "lr": cfg.lr, "batch_size": cfg.batch_size, "from": str(cfg.checkpoint), "config": plain(cfg),
+        "optimizer": json.loads(json.dumps({"name": cfg.optimizer, "lr": cfg.lr, **settings})),  # tuples → lists
+    }
+
+
+def _measure_rows(cfg: TrainConfig, batches: Batches) -> data_io.Dataset:
+    """--measure-every's MEASURE_BATCHES fixed training batches, picked once (seeded by --seed)."""
+    from cogradctl.transference import pick_batches
+
+    size = min(MEASURE_BATCH_SIZE, cfg.batch_size)
+    return batches.stream.rows(pick_batches(batches.num_rows, MEASURE_BATCHES, size, cfg.seed))
