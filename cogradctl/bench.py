@@ -112,12 +112,20 @@ def bench(
     optimizer's learning rate is 0, so the weights (and hence every candidate's work) stay
     identical across rounds.
     """
-    method_options = method_options or {}
     n_batches = max(1, min(len(data) // batch_size, 8))
     batches = [data.batch(slice(b * batch_size, (b + 1) * batch_size), device) for b in range(n_batches)]
+    model.train()
+    candidates = _candidates(model, split, schema, methods, method_options or {}, device)
+    times, peaks = _time_rounds(candidates, batches, warmup, steps, device)
+    return _report(times, peaks, methods, schema, split, batch_size, steps, device)
+
+
+def _candidates(model, split: ParamSplit, schema: Schema, methods: list[str], method_options: dict[str, dict],
+                device: torch.device) -> dict:
+    """What is timed, by name: the floor, a plain step, ``method:<name>`` for each method's
+    training step, and a measure-transference batch with its own floor."""
     k = len(schema.tasks)
     names = schema.task_names
-    model.train()
     grads = TaskGradients(model, split, schema, device)
     params, _ = trainable(model, split, torch.nn.Module())  # as train's: the shared parameters flat
     optimizer = make_optimizer(TrainConfig(checkpoint="", data="", out="", lr=0.0), params)
@@ -125,7 +133,8 @@ def bench(
     def floor(inputs, labels) -> None:  # one forward, K backward passes onto shared + own parameters
         losses = task_losses(model(inputs), labels, schema)
         for i, task in enumerate(names):
-            torch.autograd.grad(losses[i], [*split.shared, *split.tasks[task]], retain_graph=i < k - 1, allow_unused=True)
+            torch.autograd.grad(losses[i], [*split.shared, *split.tasks[task]], retain_graph=i < k - 1,
+                                allow_unused=True)
 
     def plain(inputs, labels) -> None:  # ordinary training on the summed loss
         optimizer.zero_grad(set_to_none=True)
@@ -157,7 +166,12 @@ def bench(
         candidates[f"method:{name}"] = method_step(method)
     candidates["measure"] = measure
     candidates["measure_floor"] = measure_floor
+    return candidates
 
+
+def _time_rounds(candidates: dict, batches: list, warmup: int, steps: int,
+                 device: torch.device) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Each candidate's time (ms) in each of ``steps`` rounds after ``warmup``, and its peak GPU memory (MiB)."""
     times: dict[str, list[float]] = {c: [] for c in candidates}
     peaks: dict[str, float] = {c: 0.0 for c in candidates}
     order = list(candidates.items())
@@ -169,27 +183,36 @@ def bench(
         for cand, fn in order[shift:] + order[:shift]:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                begin.record()
-                fn(inputs, labels)
-                end.record()
-                end.synchronize()
-                elapsed = begin.elapsed_time(end)  # ms, measured by CUDA events on the device
-            else:
-                start = time.perf_counter()
-                fn(inputs, labels)
-                elapsed = (time.perf_counter() - start) * 1000.0
+            elapsed = _time_one(fn, inputs, labels, device)
             if round_ >= warmup:
                 times[cand].append(elapsed)
             if device.type == "cuda":
                 peaks[cand] = max(peaks[cand], torch.cuda.max_memory_allocated(device) / 2**20)
-    stats = {c: _stats(t) for c, t in times.items()}
+    return times, peaks
 
+
+def _time_one(fn, inputs, labels, device: torch.device) -> float:
+    """ms of one call: CUDA events on the device, else the wall clock."""
+    if device.type == "cuda":
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        fn(inputs, labels)
+        end.record()
+        end.synchronize()
+        return begin.elapsed_time(end)
+    start = time.perf_counter()
+    fn(inputs, labels)
+    return (time.perf_counter() - start) * 1000.0
+
+
+def _report(times: dict[str, list[float]], peaks: dict[str, float], methods: list[str], schema: Schema,
+            split: ParamSplit, batch_size: int, steps: int, device: torch.device) -> dict:
+    stats = {c: _stats(t) for c, t in times.items()}
     floor_ms = stats["floor"]["median_ms"]
     ew_ms = stats["method:ew"]["median_ms"] if "ew" in methods else None
     return {
         "device": describe_device(device),
-        "tasks": k,
+        "tasks": len(schema.tasks),
         "batch_size": batch_size,
         "steps": steps,
         "shared_parameters": split.num_shared,
