@@ -411,6 +411,55 @@ def test_nash_mtl_bargaining_condition(g):
     assert torch.allclose((g @ d) * alpha, torch.ones_like(alpha), rtol=1e-5)
 
 
+def nash_condition_error(g: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """Per task, |(Mα)_i α_i − 1| (M = G Gᵀ in float64, independent of the method's Gram) divided by
+    what the method may leave: its tolerance 1e-10, its ridge 1e-10·β_i² (β_i = α_i‖g_i‖: the ridge
+    on the unit-diagonal matrix moves (Mα)_i α_i by exactly that), and the round-off of evaluating
+    (Mα)_i α_i, 8·K·eps·Σ_j |M_ij| α_j α_i. Below 1 means the Nash condition holds as promised."""
+    m = g @ g.T
+    beta = alpha * m.diagonal().sqrt()
+    err = ((m @ alpha) * alpha - 1).abs()
+    allowed = 1e-10 + 1e-10 * beta**2 + 8 * g.shape[0] * 2.0**-52 * (m.abs() @ alpha) * alpha
+    return err / allowed
+
+
+def test_nash_mtl_warm_start_far_from_the_solution():
+    """Regression (issue #20): a step whose solution is far from the previous step's α. The warm
+    start used to run Newton into max_iter (500 iterations, residual 5e5) and return those weights;
+    the update was 711 times the converged one. It must equal a fresh instance's (cold start) to
+    round-off, and so must the clipped (default max_norm) update."""
+    g = torch.randn(3, 100, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for max_norm in (0.0, 1.0):
+        m = get_method("nash-mtl", max_norm=max_norm)
+        m(g)
+        d = m(1000 * g)
+        assert m.stats["converged"] and m.stats["iterations"] <= 20
+        fresh = get_method("nash-mtl", max_norm=max_norm)(1000 * g)
+        assert torch.allclose(d, fresh, rtol=1e-9, atol=0)
+        assert float(nash_condition_error(1000 * g, torch.tensor(m.stats["weights"], dtype=torch.float64)).max()) < 1
+
+
+def test_nash_mtl_sequences_with_changing_scales_satisfy_the_nash_condition():
+    """60 sequences of 4 steps (K = 2–6): the gradients drift and every task's scale jumps by
+    e^(3·N(0,1)) at every step, the whole matrix by 10^-3…10^3: the warm start is often far off.
+    After every step, α must satisfy (Mα)_i = 1/α_i within ``nash_condition_error``'s allowance.
+    Before the fix, 53 of these 60 sequences had a step stopped at max_iter with such an error."""
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(60):
+        k = int(torch.randint(2, 7, (1,), generator=gen))
+        p = int(torch.randint(k + 2, 30, (1,), generator=gen))
+        base = torch.randn(k, p, generator=gen, dtype=torch.float64)
+        m = get_method("nash-mtl", max_norm=0.0)
+        for _step in range(4):
+            scales = torch.exp(3 * torch.randn(k, 1, generator=gen, dtype=torch.float64))
+            drift = torch.rand(1, generator=gen, dtype=torch.float64) * torch.randn(k, p, generator=gen, dtype=torch.float64)
+            g = (base + drift) * scales * 10.0 ** float(torch.randint(-3, 4, (1,), generator=gen))
+            m(g)
+            alpha = torch.tensor(m.stats["weights"], dtype=torch.float64)
+            assert m.stats["converged"], m.stats
+            assert float(nash_condition_error(g, alpha).max()) < 1, (k, p, m.stats)
+
+
 def test_aligned_mtl_makes_components_equal_and_orthogonal():
     g = torch.tensor([[3.0, 0.0, 0.0], [1.0, 1.0, 0.0]], dtype=torch.float64)
     m = get_method("aligned-mtl", weights=[1.0, 0.0])
