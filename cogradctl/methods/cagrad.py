@@ -22,16 +22,16 @@ EXACT_MAX_TASKS = 12
 
 def cagrad_weights(m: torch.Tensor, c: float, max_iter: int = 1000, tol: float = 1e-12,
                    start: torch.Tensor | None = None) -> tuple[torch.Tensor, bool, torch.Tensor | None]:
-    """Weights a (float64) with update Σ a_i g_i, from the K×K Gram matrix M; (a, fell_back, w).
+    """Weights a (float64) with update Σ a_i g_i, from the K×K Gram matrix M; (a, no_common_descent, w).
 
     g0 = mean gradient, φ = c²‖g0‖². Solves min_{w ∈ simplex} F(w) = g_wᵀ g0 + √φ ‖g_w‖, then
     a = 1/K + (√φ/‖g_w‖) w. K ≤ 12: exactly, by ``_faces_solve``. K > 12: projected gradient with
     backtracking from ``start`` (a point of the simplex, the previous step's w: consecutive steps
     have similar gradients, so it converges in a few iterations). If g_w vanishes at the optimum
-    (the origin is in the gradients' convex hull and no point beats F = 0), the best worst-task
-    improvement is 0: with c ≥ 1 the ball holds d = 0, which attains it, and the weights are 0;
-    with c < 1 this happens only with the origin on the hull's boundary (degenerate), and the
-    mean gradient is returned (fell_back = True). The final w is returned third (None then).
+    (the origin is in the gradients' convex hull and no point beats F = 0), no d improves every
+    task and the best worst-task improvement is 0; every d of the ball with g_iᵀd ≥ 0 for all i
+    attains it, and the one nearest g0 is taken (``_nearest_in_cone``; it lies in the ball because
+    the optimal set is not empty), no_common_descent = True. The final w is returned third (None then).
     """
     k = m.shape[0]
     mean_w = torch.full((k,), 1.0 / k, dtype=torch.float64)
@@ -51,10 +51,54 @@ def cagrad_weights(m: torch.Tensor, c: float, max_iter: int = 1000, tol: float =
         w = _projected_gradient(mm, b, sqrt_phi, start, max_iter, tol)
     gw = max(float(w @ mm @ w), 0.0) ** 0.5 if w is not None else 0.0
     if w is None or gw <= 1e-9:
-        if c >= 1:  # the ball holds d = 0, which attains the optimum 0 of min_i g_iᵀd
-            return torch.zeros(k, dtype=torch.float64), False, None
-        return mean_w, True, None
+        return torch.from_numpy(mean + _nearest_in_cone(mm, b)), True, None
     return torch.from_numpy(mean + (sqrt_phi / gw) * w), False, torch.from_numpy(w)
+
+
+def _nearest_in_cone(mm: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """μ ≥ 0 with g0 + Σ μ_i g_i the point of {d : g_iᵀd ≥ 0 ∀i} nearest g0 (b_i = g_iᵀg0).
+
+    Its dual: min_{μ ≥ 0} ½ μᵀMμ + bᵀμ (scale-free: the same μ for M and M/s). K ≤ 12: every
+    support S is tried at once (M_SS μ_S = −b_S, batched LU; singular faces are skipped, since an
+    optimal μ on linearly independent gradients exists, by Carathéodory) and the best KKT point
+    kept: μ_S ≥ 0 and g_iᵀd = (Mμ + b)_i ≥ 0 off S. K > 12: Hildreth's coordinate descent.
+    """
+    k = len(b)
+    if k > EXACT_MAX_TASKS:
+        return _hildreth(mm, b)
+    masks = ((np.arange(2**k)[:, None] >> np.arange(k)) & 1).astype(bool)  # the empty support too
+    both = masks[:, :, None] & masks[:, None, :]
+    lhs = np.where(both, mm[None], 0.0) + (np.eye(k, dtype=bool)[None] & ~masks[:, :, None])
+    rhs = np.where(masks, -b[None], 0.0)[:, :, None]
+    sol, info = torch.linalg.solve_ex(torch.from_numpy(lhs), torch.from_numpy(rhs))
+    mu = sol.numpy()[:, :, 0]
+    slack = mu @ mm + b  # g_iᵀd for each candidate
+    tol = 1e-10 * (np.abs(mu) @ np.abs(mm) + np.abs(b) + 1e-300)
+    ok = (info.numpy() == 0) & (mu >= -1e-10 * np.abs(mu).max(axis=1, keepdims=True)).all(axis=1)
+    ok &= (masks | (slack >= -tol)).all(axis=1)
+    mu = np.clip(mu, 0.0, None)
+    value = np.where(ok, 0.5 * np.einsum("si,ij,sj->s", mu, mm, mu) + mu @ b, np.inf)
+    return mu[int(np.argmin(value))]
+
+
+def _hildreth(mm: np.ndarray, b: np.ndarray, sweeps: int = 10000, tol: float = 1e-13) -> np.ndarray:
+    """min_{μ ≥ 0} ½ μᵀMμ + bᵀμ by exact minimisation along one coordinate at a time (Hildreth's
+    method for the projection on a polyhedral cone; converges for any PSD M, zero rows skipped)."""
+    k = len(b)
+    mu, grad = np.zeros(k), b.astype(np.float64).copy()  # grad = Mμ + b
+    for _ in range(sweeps):
+        largest = 0.0
+        for i in range(k):
+            if mm[i, i] <= 0:
+                continue
+            new = max(mu[i] - grad[i] / mm[i, i], 0.0)
+            if new != mu[i]:
+                grad += (new - mu[i]) * mm[:, i]
+                largest = max(largest, abs(new - mu[i]) * mm[i, i] ** 0.5)
+                mu[i] = new
+        if largest <= tol:
+            break
+    return mu
 
 
 def _faces_solve(mm: np.ndarray, b: np.ndarray, sp: float) -> np.ndarray | None:
@@ -157,10 +201,10 @@ class CAGrad(Method):
         self.register_buffer("warm", torch.full((num_tasks,), 1.0 / num_tasks, dtype=torch.float64))
 
     def aggregate(self, grads: torch.Tensor, losses: torch.Tensor | None) -> torch.Tensor:
-        weights, fell_back, w = cagrad_weights(gram(grads), self.c, start=self.warm)
+        weights, no_common_descent, w = cagrad_weights(gram(grads), self.c, start=self.warm)
         if w is not None:
             self.warm = w
         if self.rescale:
             weights = weights / (1.0 + self.c**2)
-        self.stats = {"weights": weights.tolist(), "fallback_mean": fell_back}
+        self.stats = {"weights": weights.tolist(), "no_common_descent": no_common_descent}
         return combine(weights, grads)

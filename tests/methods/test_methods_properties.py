@@ -263,6 +263,82 @@ def test_cagrad_maximises_the_worst_task_improvement_brute_force(g, c):
     assert ours <= float(grid.max()) + 2 * cell * scale + 1e-12
 
 
+def cagrad_oracle(g: torch.Tensor, c: float) -> tuple[float, np.ndarray]:
+    """CAGrad's optimum by exact small QPs (quadprog, float64), independent of the method's dual:
+    (v*, d*) with v* = max over the ball ‖d − g0‖ ≤ c‖g0‖ of min_i g_iᵀd and d* the optimal d
+    nearest g0. For a level t, the nearest point of {d : g_iᵀd ≥ t ∀i} to g0 is a QP; its distance
+    grows with t, so v* is the largest t at which it is within the ball (bisection, 80 halvings)
+    and d* that QP's solution at v*. (For v* > 0 the ball touches the set {Gd ≥ v*} at one point,
+    CAGrad's unique solution; for v* = 0, where no d improves every task, every d of the ball with
+    Gd ≥ 0 is optimal and CAGrad picks the one nearest the mean gradient.)"""
+    quadprog = pytest.importorskip("quadprog")
+    a, g0 = g.numpy(), g.mean(0).numpy()
+    radius = c * float(np.linalg.norm(g0))
+
+    def nearest(t: float) -> np.ndarray | None:
+        try:
+            return quadprog.solve_qp(np.eye(a.shape[1]), g0, a.T, np.full(a.shape[0], t))[0]
+        except ValueError:  # no d with every g_iᵀd ≥ t
+            return None
+
+    lo = float((a @ g0).min())  # d = g0 attains it
+    hi = float((a @ g0 + radius * np.linalg.norm(a, axis=1)).min())  # each g_iᵀd is at most this in the ball
+    for _ in range(80):
+        mid = 0.5 * (lo + hi)
+        x = nearest(mid)
+        if x is not None and np.linalg.norm(x - g0) <= radius:
+            lo = mid
+        else:
+            hi = mid
+    return lo, nearest(lo)
+
+
+def _cagrad_cases(n: int, seed: int):
+    """Random K×P matrices, K = 2–5, P = 2–5 (so the origin is often in the hull), row norms spread
+    e^(±2·N(0,1)); every third one with a zero row, every fifth with a row a negative multiple of
+    another (anti-parallel)."""
+    gen = torch.Generator().manual_seed(seed)
+    for case in range(n):
+        k, p = (int(torch.randint(2, 6, (1,), generator=gen)) for _ in range(2))
+        g = torch.randn(k, p, generator=gen, dtype=torch.float64) * torch.exp(2 * torch.randn(k, 1, generator=gen, dtype=torch.float64))
+        if case % 3 == 0:
+            g[int(torch.randint(0, k, (1,), generator=gen))] = 0.0
+        if case % 5 == 0:
+            g[1] = -float(torch.rand(1, generator=gen, dtype=torch.float64) + 0.1) * g[0]
+        yield g
+
+
+@pytest.mark.parametrize("c", [0.2, 0.4, 0.8, 1.5])
+def test_cagrad_matches_an_exact_qp_oracle(c):
+    """Against ``cagrad_oracle`` on 50 random cases per c: the update stays in the ball, its
+    worst-task improvement is v* and it is the optimal d nearest g0. Tolerances: the scale of
+    g_iᵀd is S = max‖g_i‖·(‖g0‖ + radius); the method's round-off (face solves of condition up to
+    ~1e6 here, so ~1e-10 relative) and the bisection's end (2^-80 of the bracket) are below 1e-9·S
+    for v*; d* moves with the level t at a rate of up to 1/σ_min of the active gradients, so d is
+    compared at 1e-9 of the ball's scale ‖g0‖ + radius (measured: at most 1.1e-12). Before the fix: with a zero task gradient and c < 1
+    the mean gradient was returned (worst-task improvement below v* = 0 whenever a task conflicts
+    with the mean), and for c ≥ 1 a zero update (optimal, but not the optimum nearest g0)."""
+    for g in _cagrad_cases(50, seed=int(c * 10)):
+        d = get_method("cagrad", c=c)(g).numpy()
+        v_star, d_star = cagrad_oracle(g, c)
+        g0 = g.mean(0).numpy()
+        radius = c * float(np.linalg.norm(g0))
+        size = float(np.linalg.norm(g0)) + radius
+        scale = float(g.norm(dim=1).max()) * size
+        assert np.linalg.norm(d - g0) <= radius * (1 + 1e-9) + 1e-12 * size
+        assert float((g.numpy() @ d).min()) >= v_star - 1e-9 * scale, (g, v_star)
+        assert np.linalg.norm(d - d_star) <= 1e-9 * size, (g, d, d_star)
+
+
+def test_cagrad_zero_task_gradient_keeps_the_others_from_conflicting():
+    """Regression (issue #20): with g_3 = 0 no d improves every task, so the best worst-task
+    improvement is 0; d = (0, 1/3) attains it inside the ball, while the mean gradient
+    (−1/15, 1/3), returned before, makes task 1 worse (g_1ᵀd = −1/15)."""
+    g = torch.tensor([[1.0, 0.0], [-1.2, 1.0], [0.0, 0.0]], dtype=torch.float64)
+    d = get_method("cagrad", c=0.4)(g)
+    assert torch.allclose(d, torch.tensor([0.0, 1.0 / 3.0], dtype=torch.float64), rtol=0, atol=1e-15)
+
+
 def test_cagrad_degenerate_hull_around_the_origin():
     """Regression: K > P, one tiny gradient, the origin inside the hull. The optimum of the inner
     problem is at a point where ‖g_w‖ is small and the old projected-gradient solver stalled far
