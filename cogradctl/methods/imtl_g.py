@@ -10,19 +10,23 @@ import torch
 from cogradctl.methods.base import GRANULARITY_OPTION, Method, combine, eigh_small, gram, solve_small
 
 EPS64 = sys.float_info.epsilon
-# From 3 up to this many tasks a well-conditioned Gram matrix is solved directly (see _solve_well_conditioned).
+# From 3 up to this many tasks a well-conditioned cosine matrix is solved directly (see _solve_direct).
 SOLVE_MAX_TASKS = 4
 
 
 class IMTLG(Method):
     """IMTL-G: the update in the span of the gradients with EQUAL projections on every unit g_i.
 
-    α ∝ M⁺ n with M the Gram matrix and n_i = ‖g_i‖, so (Σ α_j g_j)·g_i/‖g_i‖ is the same for
-    every task; normalised so Σα = 1 (as the paper's closed form, which this generalises to
-    rank-deficient M through the pseudo-inverse, as torchjd does). The pseudo-inverse drops
-    eigenvalues below K·eps·λ_max. If Σ M⁺n is not positive (possible for K ≥ 3 with very
-    unequal norms) α = M⁺n / ‖M⁺n‖₁ keeps the equal-projection direction (stats
-    ``fallback_l1``); all-zero gradients give a zero update.
+    With u_i = g_i/‖g_i‖ and the cosine matrix C_ij = u_iᵀu_j (the Gram matrix M Jacobi-scaled to a
+    unit diagonal), d = Σ_i β_i u_i has projections u_iᵀd = (Cβ)_i, so β = C⁻¹1 makes them all
+    equal; in terms of the gradients α_i = β_i/‖g_i‖ (that is M⁻¹n, n_i = ‖g_i‖: the paper's closed
+    form), normalised so Σα = 1. Working with C rather than M keeps the accuracy and the rank
+    decision independent of the gradients' norms: M's condition number carries the square of their
+    spread, C's only the angles. Dependent gradients: β = C⁺1, the pseudo-inverse dropping
+    eigenvalues of C below 10·K·eps·λ_max(C) (the least-squares fit of equal projections, each task
+    counted equally). If Σα is not positive (possible for K ≥ 3 with very unequal norms)
+    α = β/‖g‖ normalised by its L1 norm keeps the equal-projection direction (stats
+    ``fallback_l1``); zero gradients get α_i = 0, all-zero gradients give a zero update.
 
     >>> import torch
     >>> IMTLG()(torch.tensor([[1.0, 0.0], [0.0, 3.0]]))   # equal projections 0.75 on both
@@ -38,10 +42,15 @@ class IMTLG(Method):
 
     def aggregate(self, grads: torch.Tensor, losses: torch.Tensor | None) -> torch.Tensor:
         m = gram(grads).tolist()  # the K×K algebra in Python floats (see eigh_small)
-        norms = [math.sqrt(max(m[i][i], 0.0)) for i in range(len(m))]  # n_i = ‖g_i‖
-        alpha = _solve_well_conditioned(m, norms)
-        if alpha is None:
-            alpha = _pinv_norms(m, norms)
+        active = [i for i in range(len(m)) if m[i][i] > 0]
+        norms = [math.sqrt(m[i][i]) for i in active]  # n_i = ‖g_i‖
+        cos = [[m[i][j] / norms[a] / norms[b] for b, j in enumerate(active)] for a, i in enumerate(active)]
+        beta = _solve_direct(cos)
+        if beta is None:
+            beta = _pinv_ones(cos)
+        alpha = [0.0] * len(m)
+        for a, i in enumerate(active):
+            alpha[i] = beta[a] / norms[a]
         fallback = False
         if any(alpha):
             total = sum(alpha)
@@ -54,37 +63,48 @@ class IMTLG(Method):
         return combine(torch.tensor(alpha, dtype=torch.float64), grads)
 
 
-def _solve_well_conditioned(m: list[list[float]], norms: list[float]) -> list[float] | None:
-    """M⁻¹ n when M is so well conditioned that the pseudo-inverse keeps every eigenvalue, else
-    ``None``. For 3 and 4 tasks, by one small elimination with n and the identity as right-hand
-    sides (``solve_small``: right after a 4×1M Gram product, 39–40 µs against 64–74 µs
-    for LAPACK's eigh, ad hoc).
-    cond(M) ≤ tr(M)·tr(M⁻¹), and below 1e8 the smallest eigenvalue is far above the cut-off
-    (K·eps·10·λ_max ≈ 1e-14·λ_max), while M⁻¹'s round-off (about cond·eps ≤ 2e-8 relative)
-    cannot turn the bound's verdict."""
-    k = len(m)
-    if not 3 <= k <= SOLVE_MAX_TASKS:  # K = 2: eigh2's closed form is faster still
+def _solve_direct(c: list[list[float]]) -> list[float] | None:
+    """C⁻¹1 for the unit-diagonal cosine matrix C when the pseudo-inverse would keep every
+    eigenvalue, else ``None``.
+
+    K = 1: 1. K = 2: C = [[1, c], [c, 1]] gives β = 1/(1 + c) for both (its other eigenvector,
+    (1, −1), is orthogonal to 1), or ``None`` when 1 + c is below the cut (anti-parallel). K = 3, 4:
+    one small elimination with 1 and the identity as right-hand sides (``solve_small``: right after
+    a 4×1M Gram product, 39–40 µs against 64–74 µs for LAPACK's eigh, ad hoc); accepted when
+    K·tr(C⁻¹) < 1e8, a bound on cond(C) (tr(C) = K) under which the smallest eigenvalue is far above
+    the cut-off (10·K·eps·λ_max ≈ 1e-14·λ_max) and C⁻¹'s round-off (about cond·eps ≤ 2e-8
+    relative) cannot turn the bound's verdict. Both tests are on C, so neither depends on the
+    gradients' norms. K ≥ 5: ``None`` (LAPACK's eigh is faster than elimination in floats there).
+    """
+    k = len(c)
+    if k <= 1:
+        return [1.0] * k
+    if k == 2:
+        denom = 1.0 + c[0][1]
+        return [1.0 / denom] * 2 if denom > 10 * k * EPS64 * (1.0 + abs(c[0][1])) else None
+    if k > SOLVE_MAX_TASKS:
         return None
-    cols = solve_small(m, [norms] + [[float(i == j) for i in range(k)] for j in range(k)])
+    cols = solve_small(c, [[1.0] * k] + [[float(i == j) for i in range(k)] for j in range(k)])
     if cols is None:
         return None
     inv_trace = sum(cols[1 + i][i] for i in range(k))
-    trace = sum(m[i][i] for i in range(k))
-    if not (0 < inv_trace and 0 < trace and trace * inv_trace < 1e8):  # also rejects NaN
+    if not 0 < k * inv_trace < 1e8:  # also rejects NaN
         return None
     return cols[0]
 
 
-def _pinv_norms(m: list[list[float]], norms: list[float]) -> list[float]:
-    """M⁺ n = Σ_r v_r (v_rᵀ n) / λ_r over the eigenvalues above K·eps·10·λ_max (all zero if λ_max ≤ 0)."""
-    k = len(m)
-    lam, vec = eigh_small(m)  # ascending
-    lmax = lam[-1] if k else 0.0
-    alpha = [0.0] * k
+def _pinv_ones(c: list[list[float]]) -> list[float]:
+    """C⁺1 = Σ_r v_r (v_rᵀ1) / λ_r over the eigenvalues above 10·K·eps·λ_max (all zero if λ_max ≤ 0)."""
+    k = len(c)
+    if k == 0:
+        return []
+    lam, vec = eigh_small(c)  # ascending
+    lmax = lam[-1]
+    beta = [0.0] * k
     if lmax <= 0:
-        return alpha
+        return beta
     for l, v in zip(lam, vec):
         if l > lmax * k * EPS64 * 10:
-            f = sum(vi * ni for vi, ni in zip(v, norms)) / l
-            alpha = [a + f * vi for a, vi in zip(alpha, v)]
-    return alpha
+            f = sum(v) / l
+            beta = [b + f * vi for b, vi in zip(beta, v)]
+    return beta

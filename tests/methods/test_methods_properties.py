@@ -172,49 +172,106 @@ def test_imtlg_equal_projections_on_unit_gradients(g):
         assert abs(sum(m.stats["weights"]) - 1) < 1e-9
 
 
-@pytest.mark.parametrize("k", [3, 4])
+def cosines(g: torch.Tensor) -> np.ndarray:
+    """The cosine matrix C_ij = g_iᵀg_j / (‖g_i‖‖g_j‖) in float64 numpy (independent of ``gram``)."""
+    u = (g / g.norm(dim=1, keepdim=True)).numpy()
+    return u @ u.T
+
+
+def imtlg_reference(g: torch.Tensor) -> np.ndarray:
+    """IMTL-G's weights from numpy's pseudo-inverse of the cosine matrix (cut 10·K·eps·λ_max, as
+    documented): α_i = (C⁺1)_i / ‖g_i‖, normalised to Σα = 1, or by its L1 norm if Σα ≤ 1e-12·‖α‖₁."""
+    k = g.shape[0]
+    beta = np.linalg.pinv(cosines(g), rcond=10 * k * 2.0**-52, hermitian=True) @ np.ones(k)
+    alpha = beta / g.norm(dim=1).numpy()
+    return alpha / (alpha.sum() if alpha.sum() > 1e-12 * np.abs(alpha).sum() else np.abs(alpha).sum())
+
+
+@pytest.mark.parametrize("k", [2, 3, 4])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_imtlg_direct_solve_is_the_pseudo_inverse_when_well_conditioned(k, seed):
-    """For 3–4 tasks a well-conditioned Gram matrix is solved directly; that must be M⁺n, the
-    eigh-based pseudo-inverse path, and numpy's pinv (float64, independent), to round-off."""
-    from cogradctl.methods.imtl_g import _pinv_norms, _solve_well_conditioned
+    """K ≤ 4: a well-conditioned cosine matrix is solved directly (closed form for K = 2); that must
+    be C⁺1, the eigh-based pseudo-inverse path, and numpy's pinv (float64, independent), to
+    round-off."""
+    from cogradctl.methods.imtl_g import _pinv_ones, _solve_direct
 
     gen = torch.Generator().manual_seed(seed)
     g = torch.randn(k, 50, generator=gen, dtype=torch.float64) * torch.tensor([1.0, 3.0, 0.2, 10.0][:k], dtype=torch.float64)[:, None]
-    m = (g @ g.T).tolist()
-    norms = np.sqrt(np.diagonal(m)).tolist()
-    direct = _solve_well_conditioned(m, norms)
+    c = cosines(g)
+    direct = _solve_direct(c.tolist())
     assert direct is not None
-    ref = np.linalg.pinv(np.array(m)) @ np.array(norms)
-    assert np.allclose(direct, ref, rtol=1e-10, atol=0)
-    assert np.allclose(_pinv_norms(m, norms), ref, rtol=1e-10, atol=0)
+    ref = np.linalg.pinv(c) @ np.ones(k)
+    assert np.allclose(direct, ref, rtol=1e-12, atol=0)
+    assert np.allclose(_pinv_ones(c.tolist()), ref, rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("eps", [0.0, 1e-12, 1e-5])
 def test_imtlg_near_singular_gram_takes_the_pseudo_inverse(eps):
-    """g4 = 0.3 g1 + 0.7 g2 (+ a small independent part): cond(M) far above 1e8, so the direct solve
-    declines and the pseudo-inverse decides. Against numpy's pinv with the documented cut-off and
-    normalisation (float64, independent): with eps = 0 and 1e-12 the small eigenvalue is dropped;
-    with 1e-5 (cond ≈ 2e10) it is kept, the weights sum to about 0 and the L1 fallback applies, so
-    the weights are compared at cond·eps64 ≈ 1e-5. eps = 0 also against torchjd's IMTL-G."""
-    from cogradctl.methods.imtl_g import EPS64, _solve_well_conditioned
+    """g4 = 0.3 g1 + 0.7 g2 (+ a small independent part): cond(C) far above 1e8, so the direct solve
+    declines and the pseudo-inverse of C decides. Against numpy's pinv with the documented cut-off
+    and normalisation (``imtlg_reference``): with eps = 0 and 1e-12 the small eigenvalue is dropped;
+    with 1e-5 (cond ≈ 1e10) it is kept, the weights sum to about 0 and the L1 fallback applies, so
+    the weights are compared at cond·eps64 ≈ 1e-5."""
+    from cogradctl.methods.imtl_g import _solve_direct
 
     gen = torch.Generator().manual_seed(3)
     g = torch.randn(3, 40, generator=gen, dtype=torch.float64)
     g4 = torch.cat([g, (0.3 * g[0] + 0.7 * g[1] + eps * torch.randn(40, generator=gen, dtype=torch.float64))[None]])
-    m = gram(g4)
-    assert _solve_well_conditioned(m.tolist(), m.diagonal().sqrt().tolist()) is None
-    mm = m.numpy()
-    alpha = np.linalg.pinv(mm, rcond=4 * EPS64 * 10, hermitian=True) @ np.sqrt(mm.diagonal())
-    fallback = not alpha.sum() > 1e-12 * np.abs(alpha).sum()
-    alpha = alpha / (np.abs(alpha).sum() if fallback else alpha.sum())
+    assert _solve_direct(cosines(g4).tolist()) is None
+    alpha = imtlg_reference(g4)
     method = get_method("imtl-g")
-    d = method(g4)
-    assert method.stats["fallback_l1"] == fallback == (eps == 1e-5)
+    method(g4)
+    assert method.stats["fallback_l1"] == (eps == 1e-5)
     assert np.allclose(method.stats["weights"], alpha, rtol=0, atol=1e-5 * np.abs(alpha).max())
-    if eps == 0.0:
-        tja = pytest.importorskip("torchjd.aggregation")
-        assert torch.allclose(d, tja.IMTLG()(g4), rtol=1e-8, atol=1e-10)
+
+
+def _spread_norms_case(gen: torch.Generator, k: int, p: int, low: float = -6.0, high: float = 6.0) -> torch.Tensor:
+    """Random unit directions times norms 10^U(low, high)."""
+    u = torch.randn(k, p, generator=gen, dtype=torch.float64)
+    norms = 10.0 ** (low + (high - low) * torch.rand(k, 1, generator=gen, dtype=torch.float64))
+    return u / u.norm(dim=1, keepdim=True) * norms
+
+
+def test_imtlg_equal_projections_whatever_the_norms():
+    """150 random cases, K = 2–6, P = K+3…K+20, norms spread over 1e-6…1e6 (so M's condition number
+    reaches 1e24 while the cosine matrix's stays that of random directions, ≲ 1e3 here): the
+    projections g_iᵀd/‖g_i‖ must be equal to 1e-10 relative. The solve on C errs by about
+    cond(C)·eps ≈ 1e-13 and evaluating the projections in float64 by about P·eps·‖d‖/proj
+    (measured: at most 6.5e-15). Before, the pseudo-inverse of M dropped the small tasks (its cut is
+    relative to λ_max(M)): 115 of these 150 cases failed, the projections up to 2.6 times apart."""
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(150):
+        k = int(torch.randint(2, 7, (1,), generator=gen))
+        g = _spread_norms_case(gen, k, k + int(torch.randint(3, 21, (1,), generator=gen)))
+        method = get_method("imtl-g")
+        d = method(g)
+        proj = (g @ d) / g.norm(dim=1)
+        assert float((proj - proj.mean()).abs().max()) <= 1e-10 * float(proj.abs().mean()), (proj, method.stats)
+
+
+def test_imtlg_norms_orders_of_magnitude_apart_against_60_digits():
+    """Regression (issue #20): norms 1e3, 1e-1, 1e5 at P = 1000, the second row nudged towards the
+    first by 1e-4 of its norm. The weights against M⁻¹n solved in 60-digit arithmetic (mpmath, from
+    the exact float64 inputs), to 1e-12 relative: the solve on the cosine matrix (cond ≈ 1) errs by a
+    few ulps, the float64 Gram matrix by about √P·eps (measured: 2e-16). Before: the small task's
+    weight 1.7e-4 off and the projections unequal by 1.0e-4 relative (the direct solve declined on
+    M's condition bound, cond(M) ≈ 1e12, and the eigh pseudo-inverse of M lost the small task)."""
+    mpmath = pytest.importorskip("mpmath")
+    gen = torch.Generator().manual_seed(0)
+    u = torch.randn(3, 1000, generator=gen, dtype=torch.float64)
+    u = u / u.norm(dim=1, keepdim=True)
+    u[1] = u[1] + 1e-4 * u[0]
+    g = u / u.norm(dim=1, keepdim=True) * torch.tensor([1e3, 1e-1, 1e5], dtype=torch.float64)[:, None]
+    method = get_method("imtl-g")
+    d = method(g)
+    proj = (g @ d) / g.norm(dim=1)
+    assert float((proj - proj.mean()).abs().max()) <= 1e-12 * float(proj.abs().mean())
+    with mpmath.workdps(60):
+        rows = [[mpmath.mpf(x) for x in row] for row in g.tolist()]
+        m = mpmath.matrix([[mpmath.fsum(a * b for a, b in zip(r, s)) for s in rows] for r in rows])
+        sol = mpmath.lu_solve(m, mpmath.matrix([mpmath.sqrt(m[i, i]) for i in range(3)]))
+        ref = np.array([float(sol[i] / mpmath.fsum(sol)) for i in range(3)])
+    assert np.allclose(method.stats["weights"], ref, rtol=1e-12, atol=0)
 
 
 # ---- CAGrad ------------------------------------------------------------------------------

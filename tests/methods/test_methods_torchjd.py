@@ -5,7 +5,9 @@ Relations tested (docs/methods.md, "Differences from torchjd"):
   the same pattern; here both read one scripted sequence of permutations).
 - MGDA: ours is the exact min-norm point; torchjd's Frank-Wolfe stops early, so ours has a norm
   no larger than torchjd's and matches it to 1e-3 (to 1e-9 for K = 2).
-- IMTL-G: identical (same pseudo-inverse generalisation, Σα = 1).
+- IMTL-G: identical for linearly independent gradients (M⁻¹n, Σα = 1). For dependent ones we take
+  the pseudo-inverse of the cosine matrix (norm-free), torchjd of the Gram matrix: ours then has
+  the direction of torchjd's IMTL-G applied to the unit gradients g_i/‖g_i‖.
 - CAGrad: identical definition (mean scale, no 1/(1+c²) rescale) up to both solvers' tolerance.
 - Aligned-MTL: torchjd's default preference is the mean (1/K), ours the sum: ours = K · torchjd,
   and equal for the same explicit weights.
@@ -79,15 +81,27 @@ def test_mgda_is_at_least_as_close_to_the_min_norm_point(k, p, seed):
     assert torch.allclose(ours, theirs, atol=tol * float(g.norm()))
 
 
-@pytest.mark.parametrize("k,p", SHAPES + [(4, 3)])
+@pytest.mark.parametrize("k,p", SHAPES)
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_imtlg_matches(k, p, seed):
     g = matrix(k, p, seed)
     m = get_method("imtl-g")
     ours = m(g)
     if m.stats["fallback_l1"]:
-        pytest.skip("Σ M⁺n ≤ 0: our documented fallback differs (torchjd flips the direction)")
+        pytest.skip("Σα ≤ 0: our documented fallback differs (torchjd flips the direction)")
     assert torch.allclose(ours, tja.IMTLG()(g), rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_imtlg_dependent_gradients_follow_torchjd_on_the_unit_gradients(seed):
+    """K = 4 > P = 3: the gradients are dependent and the pseudo-inverse decides. Ours is
+    D⁻¹C⁺1 (C the cosine matrix), torchjd's IMTL-G on the unit gradients U gives Uᵀ C⁺1 / Σ C⁺1:
+    the same direction, with a positive factor when both sums are positive."""
+    g = matrix(4, 3, seed)
+    ours = get_method("imtl-g")(g)
+    theirs = tja.IMTLG()(g / g.norm(dim=1, keepdim=True))
+    cos = float(ours @ theirs) / float(ours.norm() * theirs.norm())
+    assert cos > 1 - 1e-12
 
 
 @pytest.mark.parametrize("k,p", SHAPES)
