@@ -40,9 +40,22 @@ def measure(ckpt, model, split, stream, precond, alpha: float, options: Options,
     """→ (summarised result, per-batch results) of ``model`` on the batches picked from ``stream``."""
     groups = tr.shared_groups(model, split, ckpt.model) if options.by_module else None
     return tr.measure_full(
-        model, split, ckpt.schema, stream, options.batches, options.batch_size, alpha, options.seed, device,
-        precond, groups, options.holdout, options.normalize_rows, options.lookahead, dist,
-    )  # fmt: skip
+        model,
+        split,
+        ckpt.schema,
+        stream,
+        options.batches,
+        options.batch_size,
+        alpha,
+        options.seed,
+        device,
+        precond,
+        groups,
+        options.holdout,
+        options.normalize_rows,
+        options.lookahead,
+        dist,
+    )
 
 
 def add_baseline(result: dict, per_batch: list[dict], before: dict, before_pb: list[dict], source, normalize_rows):

@@ -20,7 +20,7 @@ from cogradctl.cli.options import (
     open_data,
     paths,
     report_data,
-)  # fmt: skip
+)
 from cogradctl.cli.output import emit_json, fmt, stdout
 from cogradctl.console import Log
 from cogradctl.errors import UsageError
@@ -92,8 +92,10 @@ def bench_cmd(
     ci = [r["ratio_to_floor_ci95"] for r in result["methods"].values()]
     widest = max((hi - lo for lo, hi in ci), default=0.0)
     if widest > 0.1:
-        log.warn(f"the timings are noisy (a 95% interval of a ratio to the floor is {widest:.2f} wide): "
-                 "raise --steps, or rerun when the machine is quieter")  # fmt: skip
+        log.warn(
+            f"the timings are noisy (a 95% interval of a ratio to the floor is {widest:.2f} wide): "
+            "raise --steps, or rerun when the machine is quieter"
+        )
     if json_out:
         emit_json(result)
         return
@@ -128,15 +130,24 @@ def _print(result: dict, plugin: str, batch_size: int) -> None:
     for name, r in result["methods"].items():
         peak = "" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.0f}"
         table.add_row(
-            name, f"{r['step_ms']:.2f}", f"{r['spread_ms'][0]:.2f}–{r['spread_ms'][1]:.2f}", fmt(r["ratio_to_ew"], 2),
-            f"{r['ratio_to_floor']:.2f}", "{:.2f}–{:.2f}".format(*r["ratio_to_floor_ci95"]), peak,
-        )  # fmt: skip
+            name,
+            f"{r['step_ms']:.2f}",
+            f"{r['spread_ms'][0]:.2f}–{r['spread_ms'][1]:.2f}",
+            fmt(r["ratio_to_ew"], 2),
+            f"{r['ratio_to_floor']:.2f}",
+            "{:.2f}–{:.2f}".format(*r["ratio_to_floor_ci95"]),
+            peak,
+        )
     m = result["measure_transference"]
     table.add_row(
-        "measure-transference batch", f"{m['batch_ms']:.2f}", "", "",
+        "measure-transference batch",
+        f"{m['batch_ms']:.2f}",
+        "",
+        "",
         f"{m['ratio_to_floor']:.2f} of its floor ({m['floor_ms']:.2f} ms)",
-        "{:.2f}–{:.2f}".format(*m["ratio_to_floor_ci95"]), "",
-    )  # fmt: skip
+        "{:.2f}–{:.2f}".format(*m["ratio_to_floor_ci95"]),
+        "",
+    )
     stdout.print(table)
     if result["methods"] and next(iter(result["methods"].values()))["peak_mem_mb"] is None:
         stdout.print(

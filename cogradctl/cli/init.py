@@ -58,9 +58,15 @@ def init_cmd(
     types = schema_mod.parse_task_types(task_type or [], task_list)
     model_config = models.parse_config(config or [])
     schema, rows = data_io.infer_schema(
-        data, task_list, types, csv_list(features) if features else None, csv_list(dense), csv_list(categorical),
-        max_vocab, min_count,
-    )  # fmt: skip
+        data,
+        task_list,
+        types,
+        csv_list(features) if features else None,
+        csv_list(dense),
+        csv_list(categorical),
+        max_vocab,
+        min_count,
+    )
     torch.manual_seed(seed)
     net, effective = models.build(model, schema, model_config, paths(plugin_path))
     split = models.split_parameters(net, schema.task_names, model)

@@ -69,7 +69,11 @@ def _print(checkpoint: Path, ckpt, doc: dict) -> None:
         table.add_column(col)
     for h in ckpt.history:
         table.add_row(
-            h.get("run", ""), h.get("method", ""), str(h.get("steps", "")), str(h.get("data", "")),
-            str(h.get("seed", "")), h.get("time", ""),
-        )  # fmt: skip
+            h.get("run", ""),
+            h.get("method", ""),
+            str(h.get("steps", "")),
+            str(h.get("data", "")),
+            str(h.get("seed", "")),
+            h.get("time", ""),
+        )
     stdout.print(table)

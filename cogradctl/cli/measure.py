@@ -100,9 +100,15 @@ def measure_cmd(
 
     log = Log(quiet or env_rank() != 0)
     options = measurement.Options(
-        batches=batches, batch_size=batch_size, lookahead=lookahead, lookahead_lr=lookahead_lr, seed=seed,
-        holdout=holdout, by_module=by_module, normalize_rows=normalize_rows,
-    )  # fmt: skip
+        batches=batches,
+        batch_size=batch_size,
+        lookahead=lookahead,
+        lookahead_lr=lookahead_lr,
+        seed=seed,
+        holdout=holdout,
+        by_module=by_module,
+        normalize_rows=normalize_rows,
+    )
     # Under torchrun, each process measures its share of the batches (docs/distributed.md).
     with process_group(str(resolve_device(device))) as (dist, device_name):
         dev = torch.device(device_name)

@@ -29,16 +29,19 @@ def print_measurement(result: dict) -> None:
         d = result["delta"]
         show(
             "change of Z_rel (after − before; ▲ improved / ▼ worsened beyond its standard error)",
-            d["transference_rel"], d["stderr"]["transference_rel"], marks=d["verdict"],
-        )  # fmt: skip
+            d["transference_rel"],
+            d["stderr"]["transference_rel"],
+            marks=d["verdict"],
+        )
     show("gradient cosine", result["cosine"], result["stderr"]["cosine"])
     show("conflict rate (share of batches with cosine < 0)", result["conflict_rate"], None, diverging=False)
     show("gradient magnitude similarity", result["gms"], None, diverging=False)
     for name, m in result.get("modules", {}).items():
         show(
             f"module {name} ({m['size']} parameters): Z_rel of a lookahead that moves only this module",
-            m["transference_rel"], m["stderr"]["transference_rel"],
-        )  # fmt: skip
+            m["transference_rel"],
+            m["stderr"]["transference_rel"],
+        )
         show(f"module {name}: gradient cosine (conflict rate in brackets)", m["cosine"], None, extra=m["conflict_rate"])
     stdout.print(transference_summary(result))
 

@@ -136,9 +136,16 @@ def train_cmd(
     }
     method_options.update(_method_options(values["method"], gamma, weights, option or [], tasks))
     cfg = TrainConfig(
-        **{**values, "checkpoint": str(values["checkpoint"]), "out": str(values["out"]), "device": str(dev),
-           "method_options": method_options, "overwrite": overwrite, "resume": resume}
-    )  # fmt: skip
+        **{
+            **values,
+            "checkpoint": str(values["checkpoint"]),
+            "out": str(values["out"]),
+            "device": str(dev),
+            "method_options": method_options,
+            "overwrite": overwrite,
+            "resume": resume,
+        }
+    )
     main = env_rank() == 0  # under torchrun, rank 0 alone logs and prints
     result = train(cfg, Log(quiet or not main), paths(plugin_path))
     if not main:
