@@ -52,7 +52,7 @@ def floor(model, split, schema, data, ranges) -> None:
         for i in range(k):
             torch.autograd.grad(losses[i], split.shared, retain_graph=i < k - 1, allow_unused=True)
         with torch.no_grad():
-            for i in range(k):
+            for _ in range(k):
                 task_losses(model(inputs), labels, schema)
 
 
@@ -61,15 +61,21 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=1024)
     ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: least sensitive to other load; 0: torch default)")
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1: least sensitive to other load; 0: torch default)"
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     import tempfile
 
-    print(f"machine: {cpu_model()}; {os.cpu_count()} logical cores, torch {torch.__version__} using {torch.get_num_threads()} threads; "
-          f"Python {platform.python_version()}")
-    print(f"model: mmoe (defaults: 8 experts [64], towers [32]); {args.batches} batches × {args.batch_size} rows; best of {args.repeats} repeats\n")
+    print(
+        f"machine: {cpu_model()}; {os.cpu_count()} logical cores, torch {torch.__version__} using {torch.get_num_threads()} threads; "
+        f"Python {platform.python_version()}"
+    )
+    print(
+        f"model: mmoe (defaults: 8 experts [64], towers [32]); {args.batches} batches × {args.batch_size} rows; best of {args.repeats} repeats\n"
+    )
     print(f"{'K':>3} {'floor ms/batch':>15} {'measured ms/batch':>18} {'ratio':>7} {'median paired ratio':>20}")
     with tempfile.TemporaryDirectory() as tmp:
         for k in (2, 4, 8):
@@ -89,7 +95,9 @@ def main() -> None:
                 ratios.append((t2 - t1) / (t1 - t0))
             n = len(ranges)
             best_f, best_m = min(t_floor), min(t_meas)
-            print(f"{k:>3} {1e3 * best_f / n:>15.1f} {1e3 * best_m / n:>18.1f} {best_m / best_f:>7.3f} {statistics.median(ratios):>20.3f}")
+            print(
+                f"{k:>3} {1e3 * best_f / n:>15.1f} {1e3 * best_m / n:>18.1f} {best_m / best_f:>7.3f} {statistics.median(ratios):>20.3f}"
+            )
 
 
 if __name__ == "__main__":

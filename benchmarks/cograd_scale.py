@@ -29,7 +29,11 @@ from cogradctl.stream import ParquetStream  # noqa: E402
 from cogradctl.taskgrad import TaskGradients  # noqa: E402
 from cogradctl.train import TrainConfig, train  # noqa: E402
 
-SETTINGS = [("none", g) for g in (1e-2, 1.0, 1e2, 1e4, 1e6)] + [("curvature", g) for g in (0.01, 0.1, 1.0)] + [("relative", g) for g in (0.01, 0.1, 1.0)]
+SETTINGS = (
+    [("none", g) for g in (1e-2, 1.0, 1e2, 1e4, 1e6)]
+    + [("curvature", g) for g in (0.01, 0.1, 1.0)]
+    + [("relative", g) for g in (0.01, 0.1, 1.0)]
+)
 
 
 def main() -> None:
@@ -43,11 +47,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = args.checkpoint
         if ckpt is None:
-            schema, _ = data_io.infer_schema(args.data, ["click", "like", "share"], {t: "binary" for t in ("click", "like", "share")})
+            schema, _ = data_io.infer_schema(
+                args.data, ["click", "like", "share"], {t: "binary" for t in ("click", "like", "share")}
+            )
             net, config = models.build("mmoe", schema, {})
             init = Path(tmp) / "init.safetensors"
             ckpt_io.save(ckpt_io.Checkpoint("mmoe", config, schema, net.state_dict(), []), init)
-            train(TrainConfig(checkpoint=str(init), data=args.data, out=f"{tmp}/base", batch_size=args.batch_size, epochs=1), Log(quiet=True))
+            train(
+                TrainConfig(
+                    checkpoint=str(init), data=args.data, out=f"{tmp}/base", batch_size=args.batch_size, epochs=1
+                ),
+                Log(quiet=True),
+            )
             ckpt = Path(tmp) / "base" / "last.safetensors"
         loaded, model, split = models.from_checkpoint(ckpt)
         grads = TaskGradients(model, split, loaded.schema)
@@ -59,7 +70,9 @@ def main() -> None:
             _, g, _ = grads(inputs, labels)
             matrices.append(g.clone())
     ew = get_method("ew")
-    print(f"Model: {loaded.model}, {split.num_shared} shared parameters, K = {len(loaded.schema.tasks)}, {len(matrices)} batches of {args.batch_size}.\n")
+    print(
+        f"Model: {loaded.model}, {split.num_shared} shared parameters, K = {len(loaded.schema.tasks)}, {len(matrices)} batches of {args.batch_size}.\n"
+    )
     print("| normalize | γ | ‖correction_i‖ / ‖g_i‖ (mean) | ‖u − u_ew‖ / ‖u_ew‖ (mean) |")
     print("|---|---:|---:|---:|")
     for mode, gamma in SETTINGS:

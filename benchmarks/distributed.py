@@ -74,13 +74,22 @@ def worker(args) -> None:
         method = get_method(args.method).to(device)
         method.setup(len(source.schema.task_names))
         method.segments = [p.numel() for p in split.shared]
-        cfg = TrainConfig(checkpoint=args.checkpoint, data=args.data, out="-", batch_size=args.global_batch // dist.world)
+        cfg = TrainConfig(
+            checkpoint=args.checkpoint, data=args.data, out="-", batch_size=args.global_batch // dist.world
+        )
         optimizer = make_optimizer(cfg, trainable(model, split, method)[0])  # as train's
         grads = TaskGradients(model, split, source.schema, device)
         reduce = StepReducer(dist) if dist.world > 1 else None
         stream = ParquetStream(args.data, source.schema)
-        batches = stream.batches(args.global_batch // dist.world, shuffle=True, seed=0, epoch=1, device=device,
-                                 shards=dist.world, take=dist.shards(dist.world))
+        batches = stream.batches(
+            args.global_batch // dist.world,
+            shuffle=True,
+            seed=0,
+            epoch=1,
+            device=device,
+            shards=dist.world,
+            take=dist.shards(dist.world),
+        )
         step_times, comm_times = [], []
         for i in range(args.warmup + args.steps):
             inputs, labels = next(batches)
@@ -95,9 +104,17 @@ def worker(args) -> None:
                 step_times.append(time.perf_counter() - start)
                 comm_times.append(comm[0])
         if dist.main:
-            print(json.dumps({"world": dist.world, "step_ms": 1e3 * statistics.median(step_times),
-                              "comm_ms": 1e3 * statistics.median(comm_times), "shared": split.num_shared,
-                              "K": len(source.schema.task_names)}))
+            print(
+                json.dumps(
+                    {
+                        "world": dist.world,
+                        "step_ms": 1e3 * statistics.median(step_times),
+                        "comm_ms": 1e3 * statistics.median(comm_times),
+                        "shared": split.num_shared,
+                        "K": len(source.schema.task_names),
+                    }
+                )
+            )
 
 
 def run(cmd: list[str], env: dict) -> dict:
@@ -137,28 +154,82 @@ def main() -> None:
         sample.write(sample.generate(args.global_batch * (args.steps + args.warmup + 2), seed=0), data)
         for model_name, options in MODELS.items():
             ckpt = Path(tmp) / f"{len(rows)}.safetensors"
-            subprocess.run([sys.executable, "-m", "cogradctl", "init", "--model", "mmoe", *options, "--data", str(data),
-                            "--tasks", "click,like,share", "--out", str(ckpt), "--quiet"], check=True, cwd=ROOT)
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "cogradctl",
+                    "init",
+                    "--model",
+                    "mmoe",
+                    *options,
+                    "--data",
+                    str(data),
+                    "--tasks",
+                    "click,like,share",
+                    "--out",
+                    str(ckpt),
+                    "--quiet",
+                ],
+                check=True,
+                cwd=ROOT,
+            )
             for method in args.methods.split(","):
-                common = [__file__, "--worker", "--checkpoint", str(ckpt), "--data", str(data), "--method", method,
-                          "--steps", str(args.steps), "--warmup", str(args.warmup), "--global-batch", str(args.global_batch),
-                          "--device", args.device]
+                common = [
+                    __file__,
+                    "--worker",
+                    "--checkpoint",
+                    str(ckpt),
+                    "--data",
+                    str(data),
+                    "--method",
+                    method,
+                    "--steps",
+                    str(args.steps),
+                    "--warmup",
+                    str(args.warmup),
+                    "--global-batch",
+                    str(args.global_batch),
+                    "--device",
+                    args.device,
+                ]
                 env = {**os.environ, "OMP_NUM_THREADS": "1"}
                 # Interleaved, twice, so that a drift of the shared machine hits all three alike.
                 results: dict[str, list[dict]] = {"1p·all": [], "1p·1": [], "np·1": []}
                 for _ in range(2):
-                    results["1p·all"].append(run([sys.executable, *common, "--threads", str(min(args.nproc, cores))], env))
+                    results["1p·all"].append(
+                        run([sys.executable, *common, "--threads", str(min(args.nproc, cores))], env)
+                    )
                     results["1p·1"].append(run([sys.executable, *common, "--threads", "1"], env))
-                    results["np·1"].append(run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                "--nproc-per-node", str(args.nproc), *common, "--threads", "1"], env))
+                    results["np·1"].append(
+                        run(
+                            [
+                                sys.executable,
+                                "-m",
+                                "torch.distributed.run",
+                                "--standalone",
+                                "--nproc-per-node",
+                                str(args.nproc),
+                                *common,
+                                "--threads",
+                                "1",
+                            ],
+                            env,
+                        )
+                    )
                 best = {k: min(v, key=lambda r: r["step_ms"]) for k, v in results.items()}
                 rows.append((model_name, method, best))
-                print(f"{model_name} {method}: " + ", ".join(f"{k} {v['step_ms']:.2f} ms" for k, v in best.items()), file=sys.stderr)
+                print(
+                    f"{model_name} {method}: " + ", ".join(f"{k} {v['step_ms']:.2f} ms" for k, v in best.items()),
+                    file=sys.stderr,
+                )
     n = args.nproc
     lines = [
         "# Data-parallel scaling",
         "",
-        "Written by `python benchmarks/distributed.py" + (f" --steps {args.steps}" if args.steps != 60 else "") + "`; do not edit by hand.",
+        "Written by `python benchmarks/distributed.py"
+        + (f" --steps {args.steps}" if args.steps != 60 else "")
+        + "`; do not edit by hand.",
         "",
         f"Machine: {cpu_model()}, {cores} cores, torch {torch.__version__}, Python {platform.python_version()}, device {args.device}. "
         f"Global batch {args.global_batch} rows of the sample data (K = 3 tasks), median of {args.steps} steps after {args.warmup} "
@@ -171,9 +242,11 @@ def main() -> None:
     for model_name, method, best in rows:
         a, b, c = best["1p·all"], best["1p·1"], best["np·1"]
         k, shared = c["K"], c["shared"]
-        lines.append(f"| {model_name} ({shared:,}) | {method} | {a['step_ms']:.2f} | {b['step_ms']:.2f} | {c['step_ms']:.2f} "
-                     f"| {c['comm_ms']:.2f} ({c['comm_ms'] / c['step_ms']:.0%}) | ≈ {k} × {shared:,} + task-specific + {k + 2} "
-                     f"| {args.global_batch / c['step_ms'] * 1e3:,.0f} | {a['step_ms'] / c['step_ms']:.2f}× |")
+        lines.append(
+            f"| {model_name} ({shared:,}) | {method} | {a['step_ms']:.2f} | {b['step_ms']:.2f} | {c['step_ms']:.2f} "
+            f"| {c['comm_ms']:.2f} ({c['comm_ms'] / c['step_ms']:.0%}) | ≈ {k} × {shared:,} + task-specific + {k + 2} "
+            f"| {args.global_batch / c['step_ms'] * 1e3:,.0f} | {a['step_ms'] / c['step_ms']:.2f}× |"
+        )
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

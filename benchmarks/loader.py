@@ -82,8 +82,19 @@ def throughput(root: Path) -> list[dict]:
             t = time.perf_counter()
             n = sum(len(y) for _, y in s.batches(batch, shuffle=shuffle, seed=0))
             dt = time.perf_counter() - t
-            out.append({"batch_size": batch, "shuffle": shuffle, "rows": n, "seconds": round(dt, 3), "rows_per_s": round(n / dt)})
-            print(f"  batch {batch:5d} {'shuffled' if shuffle else 'in order'}: {n / dt / 1e6:.2f} M rows/s", file=sys.stderr)
+            out.append(
+                {
+                    "batch_size": batch,
+                    "shuffle": shuffle,
+                    "rows": n,
+                    "seconds": round(dt, 3),
+                    "rows_per_s": round(n / dt),
+                }
+            )
+            print(
+                f"  batch {batch:5d} {'shuffled' if shuffle else 'in order'}: {n / dt / 1e6:.2f} M rows/s",
+                file=sys.stderr,
+            )
     return out
 
 
@@ -120,9 +131,16 @@ def data_wait(root: Path, steps: int, batch_size: int) -> dict:
         if k >= 5:  # warm-up steps are not counted
             waited += t1 - t0
             computed += t2 - t1
-    return {"steps": steps, "batch_size": batch_size, "model": "mmoe", "model_config": config, "method": "ew",
-            "data_ms_per_step": round(1000 * waited / steps, 3), "step_ms": round(1000 * (waited + computed) / steps, 3),
-            "data_fraction": round(waited / (waited + computed), 4)}
+    return {
+        "steps": steps,
+        "batch_size": batch_size,
+        "model": "mmoe",
+        "model_config": config,
+        "method": "ew",
+        "data_ms_per_step": round(1000 * waited / steps, 3),
+        "step_ms": round(1000 * (waited + computed) / steps, 3),
+        "data_fraction": round(waited / (waited + computed), 4),
+    }
 
 
 def rss_child(root: Path, steps: int, batch_size: int) -> None:
@@ -141,15 +159,27 @@ def rss_child(root: Path, steps: int, batch_size: int) -> None:
 
 def rss_measure(root: Path, steps: int, batch_size: int) -> None:
     t = time.perf_counter()
-    out = subprocess.run([sys.executable, __file__, "_rss-child", str(root), str(steps), str(batch_size)],
-                         check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [sys.executable, __file__, "_rss-child", str(root), str(steps), str(batch_size)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # Linux: kilobytes
-    print(json.dumps({**json.loads(out), "peak_rss_mb": round(peak_kb / 1024, 1), "seconds": round(time.perf_counter() - t, 1)}))
+    print(
+        json.dumps(
+            {**json.loads(out), "peak_rss_mb": round(peak_kb / 1024, 1), "seconds": round(time.perf_counter() - t, 1)}
+        )
+    )
 
 
 def peak_rss(root: Path, steps: int, batch_size: int) -> dict:
-    out = subprocess.run([sys.executable, __file__, "_rss-measure", str(root), str(steps), str(batch_size)],
-                         check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [sys.executable, __file__, "_rss-measure", str(root), str(steps), str(batch_size)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     return json.loads(out)
 
 
@@ -172,8 +202,10 @@ def main() -> None:
     import torch
 
     core = one_core()
-    result = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs visible, pinned to {core}; "
-                         f"Python {platform.python_version()}, torch {torch.__version__}, pyarrow {pyarrow.__version__}"}
+    result = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs visible, pinned to {core}; "
+        f"Python {platform.python_version()}, torch {torch.__version__}, pyarrow {pyarrow.__version__}"
+    }
     print("generating data …", file=sys.stderr)
     main_dir = make(args.dir / f"rows-{args.rows}", args.rows)
     print("throughput", file=sys.stderr)

@@ -35,7 +35,9 @@ def _stats(times: list[float]) -> dict:
     return {"median_ms": statistics.median(times), "p25_ms": q[0], "p75_ms": q[2], "min_ms": min(times)}
 
 
-def ratio_interval(num: list[float], den: list[float], level: float = 0.95, resamples: int = 2000, seed: int = 0) -> list[float]:
+def ratio_interval(
+    num: list[float], den: list[float], level: float = 0.95, resamples: int = 2000, seed: int = 0
+) -> list[float]:
     """Bootstrap interval of median(num) / median(den) for times taken in the same rounds.
 
     Rounds are resampled with replacement, the same rounds for both (a slow spell of the machine
@@ -120,8 +122,9 @@ def bench(
     return _report(times, peaks, methods, schema, split, batch_size, steps, device)
 
 
-def _candidates(model, split: ParamSplit, schema: Schema, methods: list[str], method_options: dict[str, dict],
-                device: torch.device) -> dict:
+def _candidates(
+    model, split: ParamSplit, schema: Schema, methods: list[str], method_options: dict[str, dict], device: torch.device
+) -> dict:
     """What is timed, by name: the floor, a plain step, ``method:<name>`` for each method's
     training step, and a measure-transference batch with its own floor."""
     k = len(schema.tasks)
@@ -133,8 +136,9 @@ def _candidates(model, split: ParamSplit, schema: Schema, methods: list[str], me
     def floor(inputs, labels) -> None:  # one forward, K backward passes onto shared + own parameters
         losses = task_losses(model(inputs), labels, schema)
         for i, task in enumerate(names):
-            torch.autograd.grad(losses[i], [*split.shared, *split.tasks[task]], retain_graph=i < k - 1,
-                                allow_unused=True)
+            torch.autograd.grad(
+                losses[i], [*split.shared, *split.tasks[task]], retain_graph=i < k - 1, allow_unused=True
+            )
 
     def plain(inputs, labels) -> None:  # ordinary training on the summed loss
         optimizer.zero_grad(set_to_none=True)
@@ -169,8 +173,9 @@ def _candidates(model, split: ParamSplit, schema: Schema, methods: list[str], me
     return candidates
 
 
-def _time_rounds(candidates: dict, batches: list, warmup: int, steps: int,
-                 device: torch.device) -> tuple[dict[str, list[float]], dict[str, float]]:
+def _time_rounds(
+    candidates: dict, batches: list, warmup: int, steps: int, device: torch.device
+) -> tuple[dict[str, list[float]], dict[str, float]]:
     """Each candidate's time (ms) in each of ``steps`` rounds after ``warmup``, and its peak GPU memory (MiB)."""
     times: dict[str, list[float]] = {c: [] for c in candidates}
     peaks: dict[str, float] = {c: 0.0 for c in candidates}
@@ -205,8 +210,16 @@ def _time_one(fn, inputs, labels, device: torch.device) -> float:
     return (time.perf_counter() - start) * 1000.0
 
 
-def _report(times: dict[str, list[float]], peaks: dict[str, float], methods: list[str], schema: Schema,
-            split: ParamSplit, batch_size: int, steps: int, device: torch.device) -> dict:
+def _report(
+    times: dict[str, list[float]],
+    peaks: dict[str, float],
+    methods: list[str],
+    schema: Schema,
+    split: ParamSplit,
+    batch_size: int,
+    steps: int,
+    device: torch.device,
+) -> dict:
     stats = {c: _stats(t) for c, t in times.items()}
     floor_ms = stats["floor"]["median_ms"]
     ew_ms = stats["method:ew"]["median_ms"] if "ew" in methods else None

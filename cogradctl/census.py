@@ -45,25 +45,66 @@ FILES = {"train": "census-income.data.gz", "test": "census-income.test.gz"}
 
 # The 42 columns in file order (census-income.names, snake_case).
 COLUMNS = [
-    "age", "class_of_worker", "detailed_industry_recode", "detailed_occupation_recode", "education",
-    "wage_per_hour", "enroll_in_edu_inst_last_wk", "marital_stat", "major_industry_code",
-    "major_occupation_code", "race", "hispanic_origin", "sex", "member_of_a_labor_union",
-    "reason_for_unemployment", "full_or_part_time_employment_stat", "capital_gains", "capital_losses",
-    "dividends_from_stocks", "tax_filer_stat", "region_of_previous_residence",
-    "state_of_previous_residence", "detailed_household_and_family_stat",
-    "detailed_household_summary_in_household", "instance_weight", "migration_code_change_in_msa",
-    "migration_code_change_in_reg", "migration_code_move_within_reg", "live_in_this_house_1_year_ago",
-    "migration_prev_res_in_sunbelt", "num_persons_worked_for_employer", "family_members_under_18",
-    "country_of_birth_father", "country_of_birth_mother", "country_of_birth_self", "citizenship",
-    "own_business_or_self_employed", "fill_inc_questionnaire_for_veterans_admin", "veterans_benefits",
-    "weeks_worked_in_year", "year", "income_class",
+    "age",
+    "class_of_worker",
+    "detailed_industry_recode",
+    "detailed_occupation_recode",
+    "education",
+    "wage_per_hour",
+    "enroll_in_edu_inst_last_wk",
+    "marital_stat",
+    "major_industry_code",
+    "major_occupation_code",
+    "race",
+    "hispanic_origin",
+    "sex",
+    "member_of_a_labor_union",
+    "reason_for_unemployment",
+    "full_or_part_time_employment_stat",
+    "capital_gains",
+    "capital_losses",
+    "dividends_from_stocks",
+    "tax_filer_stat",
+    "region_of_previous_residence",
+    "state_of_previous_residence",
+    "detailed_household_and_family_stat",
+    "detailed_household_summary_in_household",
+    "instance_weight",
+    "migration_code_change_in_msa",
+    "migration_code_change_in_reg",
+    "migration_code_move_within_reg",
+    "live_in_this_house_1_year_ago",
+    "migration_prev_res_in_sunbelt",
+    "num_persons_worked_for_employer",
+    "family_members_under_18",
+    "country_of_birth_father",
+    "country_of_birth_mother",
+    "country_of_birth_self",
+    "citizenship",
+    "own_business_or_self_employed",
+    "fill_inc_questionnaire_for_veterans_admin",
+    "veterans_benefits",
+    "weeks_worked_in_year",
+    "year",
+    "income_class",
 ]
 NUM_COLUMNS = len(COLUMNS)
 CONTINUOUS = [
-    "age", "wage_per_hour", "capital_gains", "capital_losses", "dividends_from_stocks",
-    "num_persons_worked_for_employer", "weeks_worked_in_year",
+    "age",
+    "wage_per_hour",
+    "capital_gains",
+    "capital_losses",
+    "dividends_from_stocks",
+    "num_persons_worked_for_employer",
+    "weeks_worked_in_year",
 ]
-CODED = ["detailed_industry_recode", "detailed_occupation_recode", "own_business_or_self_employed", "veterans_benefits", "year"]
+CODED = [
+    "detailed_industry_recode",
+    "detailed_occupation_recode",
+    "own_business_or_self_employed",
+    "veterans_benefits",
+    "year",
+]
 IGNORED = ["instance_weight"]
 LEAKY = ["detailed_household_and_family_stat", "detailed_household_summary_in_household"]
 COLLEGE = {
@@ -82,7 +123,9 @@ DEFAULT_SEED = 2018
 def read_raw(path: Path) -> pa.Table:
     """One raw UCI file → a table of 42 string columns (whitespace trimmed, ``?`` as null)."""
     if not path.is_file():
-        raise DataError(f"{path}: no such file (expected the UCI Census-Income (KDD) files {', '.join(FILES.values())})")
+        raise DataError(
+            f"{path}: no such file (expected the UCI Census-Income (KDD) files {', '.join(FILES.values())})"
+        )
     try:
         with gzip.open(path, "rb") as f:
             raw = f.read()
@@ -96,7 +139,9 @@ def read_raw(path: Path) -> pa.Table:
             io.BytesIO(raw),
             read_options=pacsv.ReadOptions(column_names=COLUMNS, block_size=1 << 24),
             parse_options=pacsv.ParseOptions(delimiter=",", quote_char=False, ignore_empty_lines=True),
-            convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in COLUMNS}, strings_can_be_null=False),
+            convert_options=pacsv.ConvertOptions(
+                column_types={c: pa.string() for c in COLUMNS}, strings_can_be_null=False
+            ),
         )
     except pa.ArrowException as exc:
         raise DataError(f"{path}: not in the UCI format ({str(exc).splitlines()[0][:200]})") from None
@@ -122,7 +167,9 @@ def _check_lines(raw: bytes, path: Path) -> None:
             continue
         fields = line.count(b",") + 1
         if fields != NUM_COLUMNS:
-            raise DataError(f"{path}: line {number} has {fields} columns, expected {NUM_COLUMNS} (is the file truncated or not the UCI census-income file?)")
+            raise DataError(
+                f"{path}: line {number} has {fields} columns, expected {NUM_COLUMNS} (is the file truncated or not the UCI census-income file?)"
+            )
         if number == 1:
             try:
                 line.decode("utf-8")
@@ -146,16 +193,22 @@ def convert(raw: pa.Table, path: Path, group: str, drop_leaky: bool) -> pa.Table
             elif name in CODED:
                 col = col.cast(pa.int32())
         except pa.ArrowInvalid as exc:
-            raise DataError(f"{path}: column '{name}' has a non-numeric value ({str(exc).splitlines()[0][:120]})") from None
+            raise DataError(
+                f"{path}: column '{name}' has a non-numeric value ({str(exc).splitlines()[0][:120]})"
+            ) from None
         out[name] = col
     for label in labels:
         source = raw.column(LABELS[label])
         if source.null_count:
-            raise DataError(f"{path}: column '{LABELS[label]}' (source of label '{label}') has {source.null_count} missing value(s)")
+            raise DataError(
+                f"{path}: column '{LABELS[label]}' (source of label '{label}') has {source.null_count} missing value(s)"
+            )
         if label == "income":
             unknown = pc.sum(pc.invert(pc.is_in(source, pa.array(["- 50000", "50000+"])))).as_py()
             if unknown:
-                raise DataError(f"{path}: column 'income_class' has {unknown} value(s) other than '- 50000.' and '50000+.'")
+                raise DataError(
+                    f"{path}: column 'income_class' has {unknown} value(s) other than '- 50000.' and '50000+.'"
+                )
             flag = pc.equal(source, "50000+")
         elif label == "marital":
             flag = pc.equal(source, "Never married")
@@ -172,7 +225,14 @@ def halve(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return np.sort(order[:half]), np.sort(order[half:])
 
 
-def prepare(source: Path, out: Path, group: str = "1", drop_leaky: bool = False, seed: int = DEFAULT_SEED, overwrite: bool = False) -> dict:
+def prepare(
+    source: Path,
+    out: Path,
+    group: str = "1",
+    drop_leaky: bool = False,
+    seed: int = DEFAULT_SEED,
+    overwrite: bool = False,
+) -> dict:
     """Read the two raw files, write train/valid/test Parquet and census.json into ``out``. → summary."""
     if group not in GROUPS:
         raise UsageError(f"--group {group}: expected one of {', '.join(GROUPS)}")
@@ -201,11 +261,20 @@ def prepare(source: Path, out: Path, group: str = "1", drop_leaky: bool = False,
             "education": "education is an associate, bachelor's, master's, doctorate or professional degree",
         },
         "drop_leaky": drop_leaky,
-        "dropped_columns": sorted(set(IGNORED) | {LABELS[label] for label in labels} | (set(LEAKY) if drop_leaky else set())),
+        "dropped_columns": sorted(
+            set(IGNORED) | {LABELS[label] for label in labels} | (set(LEAKY) if drop_leaky else set())
+        ),
         "seed": seed,
         "features": {
-            name: ("dense (float64)" if name in CONTINUOUS else "categorical (int32 code)" if name in CODED else "categorical (string)")
-            for name in train.column_names if name not in labels
+            name: (
+                "dense (float64)"
+                if name in CONTINUOUS
+                else "categorical (int32 code)"
+                if name in CODED
+                else "categorical (string)"
+            )
+            for name in train.column_names
+            if name not in labels
         },
         "splits": {},
     }
@@ -215,7 +284,9 @@ def prepare(source: Path, out: Path, group: str = "1", drop_leaky: bool = False,
         summary["splits"][name] = {
             "path": str(path),
             "rows": table.num_rows,
-            "positive_rate": {label: round(float(pc.mean(table.column(label).cast(pa.float64())).as_py()), 6) for label in labels},
+            "positive_rate": {
+                label: round(float(pc.mean(table.column(label).cast(pa.float64())).as_py()), 6) for label in labels
+            },
         }
     atomic_write_bytes(out / "census.json", (json.dumps(summary, indent=2) + "\n").encode())
     return summary

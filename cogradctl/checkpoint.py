@@ -103,7 +103,9 @@ def read_metadata(path: str | Path) -> dict[str, str]:
             "create a checkpoint with 'cogradctl init'"
         )
     if meta["format_version"] != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: checkpoint format version {meta['format_version']}, this cogradctl reads {FORMAT_VERSION}")
+        raise CheckpointError(
+            f"{path}: checkpoint format version {meta['format_version']}, this cogradctl reads {FORMAT_VERSION}"
+        )
     return meta
 
 

@@ -32,7 +32,15 @@ class Log:
         if self.quiet or not sys.stderr.isatty():
             yield lambda n=1, **fields: None
             return
-        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}")]
+        columns = [
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[info]}"),
+        ]
         with Progress(*columns, console=stderr, transient=True) as bar:
             task = bar.add_task(description, total=total, info="")
-            yield lambda n=1, **fields: bar.update(task, advance=n, info=" ".join(f"{k}={v}" for k, v in fields.items()))
+            yield lambda n=1, **fields: bar.update(
+                task, advance=n, info=" ".join(f"{k}={v}" for k, v in fields.items())
+            )

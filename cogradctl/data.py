@@ -162,7 +162,9 @@ def _validate_labels(table: pa.Table, path: Path, tasks: list[Task]) -> None:
             raise DataError(f"{path}: task column '{task.name}' has {arr.null_count} missing (null) label(s)")
         y = arr.cast(pa.float64()).to_numpy(zero_copy_only=False)
         if not np.isfinite(y).all():
-            raise DataError(f"{path}: task column '{task.name}' has {int((~np.isfinite(y)).sum())} NaN or infinite label(s)")
+            raise DataError(
+                f"{path}: task column '{task.name}' has {int((~np.isfinite(y)).sum())} NaN or infinite label(s)"
+            )
         if task.type == "binary":
             bad = (y != 0) & (y != 1)
             if bad.any():
@@ -189,7 +191,9 @@ class Dataset:
     def __len__(self) -> int:
         return self.labels.shape[0]
 
-    def batch(self, index: torch.Tensor | slice, device: torch.device | str = "cpu") -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def batch(
+        self, index: torch.Tensor | slice, device: torch.device | str = "cpu"
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         inputs = {"dense": self.dense[index].to(device), "categorical": self.categorical[index].to(device)}
         return inputs, self.labels[index].to(device)
 
@@ -223,22 +227,28 @@ def load(spec: str, schema: Schema) -> Dataset:
     unseen = {c: n for c, n in oov.items() if n}
     if unseen:
         listed = ", ".join(f"{c}: {n}" for c, n in sorted(unseen.items()))
-        warnings.warn(f"{spec}: categorical values not seen at init were mapped to the OOV bucket ({listed})", stacklevel=2)
+        warnings.warn(
+            f"{spec}: categorical values not seen at init were mapped to the OOV bucket ({listed})", stacklevel=2
+        )
     return Dataset(dense, cat, labels, sources, unseen)
 
 
 def _validate_types(table: pa.Table, path: Path, schema: Schema) -> None:
     for f in schema.features:
         t = table.schema.field(f.name).type
-        ok = (pa.types.is_floating(t) or pa.types.is_integer(t) or pa.types.is_boolean(t)) if f.kind == "dense" else (
-            is_categorical_type(t) or pa.types.is_floating(t)
+        ok = (
+            (pa.types.is_floating(t) or pa.types.is_integer(t) or pa.types.is_boolean(t))
+            if f.kind == "dense"
+            else (is_categorical_type(t) or pa.types.is_floating(t))
         )
         if not ok:
             expected = "numeric" if f.kind == "dense" else "integer, string or dictionary"
             raise DataError(f"{path}: column '{f.name}' is {t}; the checkpoint expects a {expected} {f.kind} feature")
 
 
-def encode(table: pa.Table, schema: Schema, path: Path | str = "<table>") -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], Counter]:
+def encode(
+    table: pa.Table, schema: Schema, path: Path | str = "<table>"
+) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], Counter]:
     """Encode one validated table → ((dense, categorical, labels), unseen values per column)."""
     n = table.num_rows
     dense = np.zeros((n, len(schema.dense)), dtype=np.float32)
@@ -254,5 +264,7 @@ def encode(table: pa.Table, schema: Schema, path: Path | str = "<table>") -> tup
         idx = pc.index_in(values, value_set=vocab)
         unseen[f.name] += idx.null_count - values.null_count
         cat[:, k] = pc.fill_null(idx, -1).to_numpy(zero_copy_only=False) + 1
-    labels = np.stack([table.column(t).cast(pa.float32()).to_numpy(zero_copy_only=False) for t in schema.task_names], axis=1)
+    labels = np.stack(
+        [table.column(t).cast(pa.float32()).to_numpy(zero_copy_only=False) for t in schema.task_names], axis=1
+    )
     return (torch.from_numpy(dense), torch.from_numpy(cat), torch.from_numpy(labels.astype(np.float32))), unseen

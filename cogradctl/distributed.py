@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import datetime
 import os
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.distributed as tdist
@@ -92,8 +92,10 @@ def process_group(device: str):
         return
     if device.startswith("cuda"):
         if ":" in device and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
-            raise UsageError(f"--device {device}: under torchrun with several processes per node, use --device cuda "
-                             "(each process takes GPU LOCAL_RANK)")
+            raise UsageError(
+                f"--device {device}: under torchrun with several processes per node, use --device cuda "
+                "(each process takes GPU LOCAL_RANK)"
+            )
         device = device if ":" in device else f"cuda:{local}"
         torch.cuda.set_device(torch.device(device))
         backend = "nccl"
@@ -119,13 +121,19 @@ class StepReducer:
         self.total = 0  # rows in the last global batch
         self.stop = False  # whether any process asked to stop (SIGTERM/SIGINT) at the last step
 
-    def __call__(self, n: int, losses: torch.Tensor, g: torch.Tensor, own: dict[str, list[torch.Tensor]],
-                 stop: bool) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]] | None:
+    def __call__(
+        self, n: int, losses: torch.Tensor, g: torch.Tensor, own: dict[str, list[torch.Tensor]], stop: bool
+    ) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]] | None:
         """Reduce in place (``g``) and return (losses, own) of the global batch, or None if every
         process is out of data (the epoch is over)."""
         flat_own = [t for grads in own.values() for t in grads]
-        small = torch.cat([losses.reshape(-1).float() * n, *(t.reshape(-1).float() * n for t in flat_own),
-                           torch.tensor([float(n), 1.0 if stop else 0.0], device=losses.device)])
+        small = torch.cat(
+            [
+                losses.reshape(-1).float() * n,
+                *(t.reshape(-1).float() * n for t in flat_own),
+                torch.tensor([float(n), 1.0 if stop else 0.0], device=losses.device),
+            ]
+        )
         if n:
             g.mul_(n)
         else:
@@ -147,7 +155,9 @@ class StepReducer:
                 at += t.numel()
         return out_losses, out_own
 
-    def hvp(self, n: int, fn: Callable[[int, torch.Tensor], torch.Tensor] | None) -> Callable[[int, torch.Tensor], torch.Tensor]:
+    def hvp(
+        self, n: int, fn: Callable[[int, torch.Tensor], torch.Tensor] | None
+    ) -> Callable[[int, torch.Tensor], torch.Tensor]:
         """Hessian-vector products of the global batch: Σ n_r H_r v / N (zero where a process has no rows)."""
 
         def global_hvp(i: int, v: torch.Tensor) -> torch.Tensor:

@@ -25,8 +25,9 @@ def _batches(data, batch_size: int, device):
 
 
 @torch.no_grad()
-def predict_with_labels(model: torch.nn.Module, data, schema: Schema, batch_size: int = 8192,
-                        device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+def predict_with_labels(
+    model: torch.nn.Module, data, schema: Schema, batch_size: int = 8192, device: torch.device | str = "cpu"
+) -> tuple[np.ndarray, np.ndarray]:
     """(N×K predictions: probabilities for binary tasks, values for regression; N×K labels)."""
     was_training = model.training
     model.eval()
@@ -48,8 +49,14 @@ def predict_with_labels(model: torch.nn.Module, data, schema: Schema, batch_size
     return np.concatenate(preds), np.concatenate(labels)
 
 
-def evaluate(model: torch.nn.Module, data, schema: Schema, batch_size: int = 8192, device: torch.device | str = "cpu",
-             standard_errors: bool = False) -> dict:
+def evaluate(
+    model: torch.nn.Module,
+    data,
+    schema: Schema,
+    batch_size: int = 8192,
+    device: torch.device | str = "cpu",
+    standard_errors: bool = False,
+) -> dict:
     """``{"rows": N, "tasks": {task: {"auc": …, "logloss": …} | {"mse": …, "mae": …}}}`` (AUC None if one class).
 
     ``standard_errors``: also each AUC's DeLong standard error, ``"auc_se"`` (None with fewer than
@@ -61,12 +68,18 @@ def evaluate(model: torch.nn.Module, data, schema: Schema, batch_size: int = 819
     for k, task in enumerate(schema.tasks):
         if task.type == "binary":
             a = metrics.auc(labels[:, k], preds[:, k])
-            tasks[task.name] = {"auc": None if math.isnan(a) else a, "logloss": metrics.logloss(labels[:, k], preds[:, k])}
+            tasks[task.name] = {
+                "auc": None if math.isnan(a) else a,
+                "logloss": metrics.logloss(labels[:, k], preds[:, k]),
+            }
             if standard_errors:
                 se = metrics.auc_se(labels[:, k], preds[:, k])
                 tasks[task.name]["auc_se"] = None if math.isnan(se) else se
         else:
-            tasks[task.name] = {"mse": metrics.mse(labels[:, k], preds[:, k]), "mae": metrics.mae(labels[:, k], preds[:, k])}
+            tasks[task.name] = {
+                "mse": metrics.mse(labels[:, k], preds[:, k]),
+                "mae": metrics.mae(labels[:, k], preds[:, k]),
+            }
     return {"rows": len(labels), "tasks": tasks}
 
 

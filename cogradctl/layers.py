@@ -18,7 +18,9 @@ class FeatureInput(nn.Module):
     def __init__(self, schema: Schema, embedding_dim: int = 8) -> None:
         super().__init__()
         cards = [f.cardinality for f in schema.categorical]
-        offsets = torch.tensor([0, *cards[:-1]], dtype=torch.long).cumsum(0) if cards else torch.zeros(0, dtype=torch.long)
+        offsets = (
+            torch.tensor([0, *cards[:-1]], dtype=torch.long).cumsum(0) if cards else torch.zeros(0, dtype=torch.long)
+        )
         self.register_buffer("offsets", offsets, persistent=False)
         # No categorical features: no embedding table (an unused parameter would count as shared).
         self.embedding = nn.Embedding(sum(cards), embedding_dim) if cards else None

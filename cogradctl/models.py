@@ -40,7 +40,11 @@ def parse_config(pairs: list[str]) -> dict:
 def config_options(factory) -> dict:
     """A factory's options and their defaults, from its signature (everything after ``schema``)."""
     params = list(inspect.signature(factory).parameters.values())[1:]
-    return {p.name: (None if p.default is inspect.Parameter.empty else p.default) for p in params if p.kind is not p.VAR_KEYWORD}
+    return {
+        p.name: (None if p.default is inspect.Parameter.empty else p.default)
+        for p in params
+        if p.kind is not p.VAR_KEYWORD
+    }
 
 
 def build(name: str, schema: Schema, config: dict, plugin_paths: list[str] | None = None) -> tuple[nn.Module, dict]:
@@ -50,7 +54,9 @@ def build(name: str, schema: Schema, config: dict, plugin_paths: list[str] | Non
     accepts_any = any(p.kind is p.VAR_KEYWORD for p in inspect.signature(factory).parameters.values())
     unknown = sorted(set(config) - set(options))
     if unknown and not accepts_any:
-        raise UsageError(f"model '{name}' has no config key {', '.join(unknown)}; its keys: {', '.join(options) or 'none'}")
+        raise UsageError(
+            f"model '{name}' has no config key {', '.join(unknown)}; its keys: {', '.join(options) or 'none'}"
+        )
     effective = {**options, **config}
     try:
         model = factory(schema, **config)
@@ -81,7 +87,9 @@ def split_parameters(model: nn.Module, tasks: list[str], plugin: str = "model") 
     named = dict(model.named_parameters())
     owned = model.task_parameters()
     if set(owned) != set(tasks):
-        raise PluginError(f"model plugin '{plugin}': task_parameters() names tasks {sorted(owned)}, the schema has {tasks}")
+        raise PluginError(
+            f"model plugin '{plugin}': task_parameters() names tasks {sorted(owned)}, the schema has {tasks}"
+        )
     seen: dict[str, str] = {}
     for task, names in owned.items():
         for n in names:
@@ -92,7 +100,9 @@ def split_parameters(model: nn.Module, tasks: list[str], plugin: str = "model") 
             seen[n] = task
     shared_names = [n for n, p in named.items() if n not in seen and p.requires_grad]
     if not shared_names:
-        raise PluginError(f"model plugin '{plugin}' has no shared parameters: nothing for a multi-task method to coordinate")
+        raise PluginError(
+            f"model plugin '{plugin}' has no shared parameters: nothing for a multi-task method to coordinate"
+        )
     return ParamSplit(
         shared_names=shared_names,
         shared=[named[n] for n in shared_names],

@@ -20,11 +20,34 @@ from cogradctl.errors import UsageError
 
 # TrainConfig field → accepted Python types (bool is not an int here; an int is a float).
 TYPES: dict[str, tuple[type, ...]] = {
-    "checkpoint": (str,), "data": (str,), "out": (str,), "method": (str,), "method_options": (dict,),
-    "valid": (str,), "optimizer": (str,), "lr": (float, int), "weight_decay": (float, int), "momentum": (float, int),
-    "grad_clip": (float, int), "warmup_steps": (int,), "schedule": (str,), "batch_size": (int,), "data_shards": (int,), "epochs": (int,),
-    "max_steps": (int,), "eval_every": (int,), "early_stopping": (int,), "save_every": (int,), "precision": (str,),
-    "on_nonfinite": (str,), "on_invalid_rows": (str,), "shuffle_buffer": (int,), "seed": (int,), "device": (str,), "log_every": (int,), "measure_every": (int,),
+    "checkpoint": (str,),
+    "data": (str,),
+    "out": (str,),
+    "method": (str,),
+    "method_options": (dict,),
+    "valid": (str,),
+    "optimizer": (str,),
+    "lr": (float, int),
+    "weight_decay": (float, int),
+    "momentum": (float, int),
+    "grad_clip": (float, int),
+    "warmup_steps": (int,),
+    "schedule": (str,),
+    "batch_size": (int,),
+    "data_shards": (int,),
+    "epochs": (int,),
+    "max_steps": (int,),
+    "eval_every": (int,),
+    "early_stopping": (int,),
+    "save_every": (int,),
+    "precision": (str,),
+    "on_nonfinite": (str,),
+    "on_invalid_rows": (str,),
+    "shuffle_buffer": (int,),
+    "seed": (int,),
+    "device": (str,),
+    "log_every": (int,),
+    "measure_every": (int,),
     "tensorboard": (bool,),
 }
 
@@ -41,7 +64,9 @@ def read(path: Path) -> dict:
         raise UsageError(f"--config {path}: not valid TOML ({exc})") from None
     unknown = sorted(set(table) - set(TYPES))
     if unknown:
-        raise UsageError(f"--config {path}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(TYPES))}")
+        raise UsageError(
+            f"--config {path}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(TYPES))}"
+        )
     for key, value in table.items():
         ok = isinstance(value, TYPES[key]) and not (isinstance(value, bool) and bool not in TYPES[key])
         if not ok:

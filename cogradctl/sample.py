@@ -27,7 +27,13 @@ LATENT = NUM_DENSE + 1 + 2 + 2  # dense, device, category, user_bucket dimension
 SINES = 10
 
 
-def generate(rows: int, tasks: dict[str, tuple[float, float]] = DEFAULT_TASKS, seed: int = 0, noise: float = 0.5, world_seed: int = 1234) -> pa.Table:
+def generate(
+    rows: int,
+    tasks: dict[str, tuple[float, float]] = DEFAULT_TASKS,
+    seed: int = 0,
+    noise: float = 0.5,
+    world_seed: int = 1234,
+) -> pa.Table:
     """``rows`` rows of features and binary task labels.
 
     ``world_seed`` fixes the hidden structure (task weights, embeddings, label thresholds) so that
@@ -67,14 +73,18 @@ class World:
         self.user_emb = rng.normal(size=(NUM_USER_BUCKET, 2))
         # Each task's threshold: the (1 - rate) quantile of its noise-free score on a reference draw.
         z = self.draw(np.random.default_rng(world_seed + 1), 50_000)[-1]
-        self.thresholds = {name: float(np.quantile(self.score(name, z), 1.0 - rate)) for name, (_rho, rate) in tasks.items()}
+        self.thresholds = {
+            name: float(np.quantile(self.score(name, z), 1.0 - rate)) for name, (_rho, rate) in tasks.items()
+        }
 
     def draw(self, rng: np.random.Generator, rows: int):
         dense = rng.standard_normal((rows, NUM_DENSE))
         device = rng.choice(len(DEVICES), size=rows, p=self.device_p)
         category = np.minimum(rng.zipf(1.3, size=rows) - 1, NUM_CATEGORY - 1)
         user_bucket = rng.integers(0, NUM_USER_BUCKET, size=rows)
-        z = np.concatenate([dense, self.device_emb[device], self.category_emb[category], self.user_emb[user_bucket]], axis=1)
+        z = np.concatenate(
+            [dense, self.device_emb[device], self.category_emb[category], self.user_emb[user_bucket]], axis=1
+        )
         return dense, device, category, user_bucket, z
 
     def score(self, task: str, z: np.ndarray) -> np.ndarray:

@@ -65,7 +65,7 @@ class Schema:
         return json.dumps({"features": [asdict(f) for f in self.features], "tasks": [asdict(t) for t in self.tasks]})
 
     @classmethod
-    def from_json(cls, text: str) -> "Schema":
+    def from_json(cls, text: str) -> Schema:
         d = json.loads(text)
         return cls([Feature(**f) for f in d["features"]], [Task(**t) for t in d["tasks"]])
 
@@ -75,7 +75,13 @@ def is_dense_type(t: pa.DataType) -> bool:
 
 
 def is_categorical_type(t: pa.DataType) -> bool:
-    return pa.types.is_integer(t) or pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_dictionary(t) or pa.types.is_boolean(t)
+    return (
+        pa.types.is_integer(t)
+        or pa.types.is_string(t)
+        or pa.types.is_large_string(t)
+        or pa.types.is_dictionary(t)
+        or pa.types.is_boolean(t)
+    )
 
 
 def is_label_type(t: pa.DataType) -> bool:
@@ -125,7 +131,9 @@ def plan_columns(
             kinds[col] = "dense"
         elif col in categorical or is_categorical_type(t):
             if not (is_categorical_type(t) or pa.types.is_floating(t)):
-                raise DataError(f"{source}: column '{col}' is {t}; a categorical feature needs integer, string or dictionary values")
+                raise DataError(
+                    f"{source}: column '{col}' is {t}; a categorical feature needs integer, string or dictionary values"
+                )
             kinds[col] = "categorical"
         elif is_dense_type(t):
             kinds[col] = "dense"

@@ -6,7 +6,7 @@ its gradient on its own task-specific parameters comes out of the same backward 
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -30,8 +30,14 @@ def task_losses(outputs: dict[str, torch.Tensor], labels: torch.Tensor, schema: 
 class TaskGradients:
     """Computes, for one batch, the K losses, the K×P shared-gradient matrix and each task's own gradients."""
 
-    def __init__(self, model: torch.nn.Module, split: ParamSplit, schema: Schema, device: torch.device | str = "cpu",
-                 own: bool = True) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        split: ParamSplit,
+        schema: Schema,
+        device: torch.device | str = "cpu",
+        own: bool = True,
+    ) -> None:
         """``own=False``: gradients on the shared parameters only (measurement needs no others)."""
         self.model, self.split, self.schema = model, split, schema
         self.own = own
@@ -48,7 +54,13 @@ class TaskGradients:
             self.views.append(row)
         self._graph_grads: list[tuple[torch.Tensor, ...]] = []
 
-    def __call__(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor, create_graph: bool = False, loss_scale: float | None = None):
+    def __call__(
+        self,
+        inputs: dict[str, torch.Tensor],
+        labels: torch.Tensor,
+        create_graph: bool = False,
+        loss_scale: float | None = None,
+    ):
         """→ (losses K-vector detached, grads K×P (the shared buffer, overwritten next call),
         {task: gradients of its own parameters}). With ``loss_scale`` (fp16), each loss is
         multiplied by it before its backward pass and every gradient divided by it afterwards."""
@@ -96,7 +108,9 @@ class TaskGradients:
             grads = torch.autograd.grad(losses[i], params, retain_graph=True, create_graph=True, allow_unused=True)
             for view, g in zip(self.views[i], grads[:n_shared]):
                 view.zero_() if g is None else view.copy_(g.detach())
-            own[task] = [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params[n_shared:], grads[n_shared:])]
+            own[task] = [
+                torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params[n_shared:], grads[n_shared:])
+            ]
             self._graph_grads.append(grads[:n_shared])
         return losses.detach(), self.grads, own
 
@@ -109,7 +123,9 @@ class TaskGradients:
         def fn(i: int, v: torch.Tensor) -> torch.Tensor:
             dot = sum((g * chunk.view_as(g)).sum() for g, chunk in zip(graph[i], _chunks(v, shared)) if g is not None)
             out = torch.autograd.grad(dot, shared, retain_graph=True, allow_unused=True)
-            return torch.cat([torch.zeros(p.numel(), device=v.device) if o is None else o.reshape(-1) for p, o in zip(shared, out)])
+            return torch.cat(
+                [torch.zeros(p.numel(), device=v.device) if o is None else o.reshape(-1) for p, o in zip(shared, out)]
+            )
 
         return fn
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cogradctl.layers import FeatureInput, check_config, Tower, mlp, out_dim, owned_by_prefix
+from cogradctl.layers import FeatureInput, Tower, check_config, mlp, out_dim, owned_by_prefix
 from cogradctl.schema import Schema
 
 
 class MMoE(nn.Module):
-    def __init__(self, schema: Schema, embedding_dim: int, num_experts: int, expert: list[int], tower: list[int], dropout: float) -> None:
+    def __init__(
+        self, schema: Schema, embedding_dim: int, num_experts: int, expert: list[int], tower: list[int], dropout: float
+    ) -> None:
         super().__init__()
         self.tasks = schema.task_names
         self.input = FeatureInput(schema, embedding_dim)

@@ -13,22 +13,35 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cogradctl.layers import FeatureInput, check_config, Tower, mlp, out_dim, owned_by_prefix
+from cogradctl.layers import FeatureInput, Tower, check_config, mlp, out_dim, owned_by_prefix
 from cogradctl.schema import Schema
 
 
 class CGC(nn.Module):
-    def __init__(self, tasks: list[str], in_dim: int, shared_experts: int, task_experts: int, expert: list[int], dropout: float, last: bool) -> None:
+    def __init__(
+        self,
+        tasks: list[str],
+        in_dim: int,
+        shared_experts: int,
+        task_experts: int,
+        expert: list[int],
+        dropout: float,
+        last: bool,
+    ) -> None:
         super().__init__()
         self.tasks, self.last = tasks, last
         self.shared = nn.ModuleList([mlp(in_dim, expert, dropout) for _ in range(shared_experts)])
-        self.own = nn.ModuleDict({t: nn.ModuleList([mlp(in_dim, expert, dropout) for _ in range(task_experts)]) for t in tasks})
+        self.own = nn.ModuleDict(
+            {t: nn.ModuleList([mlp(in_dim, expert, dropout) for _ in range(task_experts)]) for t in tasks}
+        )
         self.gates = nn.ModuleDict({t: nn.Linear(in_dim, shared_experts + task_experts) for t in tasks})
         if not last:
             self.shared_gate = nn.Linear(in_dim, shared_experts + task_experts * len(tasks))
         self.out_dim = out_dim(in_dim, expert)
 
-    def forward(self, task_inputs: dict[str, torch.Tensor], shared_input: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    def forward(
+        self, task_inputs: dict[str, torch.Tensor], shared_input: torch.Tensor
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
         shared = [e(shared_input) for e in self.shared]
         own = {t: [e(task_inputs[t]) for e in self.own[t]] for t in self.tasks}
         out = {}
@@ -44,7 +57,17 @@ class CGC(nn.Module):
 
 
 class PLE(nn.Module):
-    def __init__(self, schema: Schema, embedding_dim: int, num_levels: int, shared_experts: int, task_experts: int, expert: list[int], tower: list[int], dropout: float) -> None:
+    def __init__(
+        self,
+        schema: Schema,
+        embedding_dim: int,
+        num_levels: int,
+        shared_experts: int,
+        task_experts: int,
+        expert: list[int],
+        tower: list[int],
+        dropout: float,
+    ) -> None:
         super().__init__()
         if num_levels < 1:
             raise ValueError("num_levels must be at least 1")
@@ -70,7 +93,11 @@ class PLE(nn.Module):
         # Task t's gate at level k feeds task t's experts at level k+1, which feed the shared gate
         # unless k+1 is the last level: only the gates of the last two levels are t's alone.
         prefixes = {
-            t: (f"towers.{t}.", f"levels.{last}.own.{t}.", *(f"levels.{k}.gates.{t}." for k in range(max(last - 1, 0), last + 1)))
+            t: (
+                f"towers.{t}.",
+                f"levels.{last}.own.{t}.",
+                *(f"levels.{k}.gates.{t}." for k in range(max(last - 1, 0), last + 1)),
+            )
             for t in self.tasks
         }
         return owned_by_prefix(self, prefixes)
@@ -87,5 +114,13 @@ def build(
     dropout: float = 0.0,
 ) -> nn.Module:
     """Progressive Layered Extraction (Tang et al. 2020): CGC levels of shared and task experts."""
-    check_config(embedding_dim=embedding_dim, num_levels=num_levels, shared_experts=shared_experts, task_experts=task_experts, expert=expert, tower=tower, dropout=dropout)
+    check_config(
+        embedding_dim=embedding_dim,
+        num_levels=num_levels,
+        shared_experts=shared_experts,
+        task_experts=task_experts,
+        expert=expert,
+        tower=tower,
+        dropout=dropout,
+    )
     return PLE(schema, embedding_dim, num_levels, shared_experts, task_experts, list(expert), list(tower), dropout)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cogradctl.layers import FeatureInput, check_config, Tower, mlp, out_dim, owned_by_prefix
+from cogradctl.layers import FeatureInput, Tower, check_config, mlp, out_dim, owned_by_prefix
 from cogradctl.schema import Schema
 
 
@@ -26,7 +26,9 @@ class SharedBottom(nn.Module):
         return owned_by_prefix(self, {t: (f"towers.{t}.",) for t in self.tasks})
 
 
-def build(schema: Schema, embedding_dim: int = 8, bottom: list[int] = [128, 64], tower: list[int] = [32], dropout: float = 0.0) -> nn.Module:
+def build(
+    schema: Schema, embedding_dim: int = 8, bottom: list[int] = [128, 64], tower: list[int] = [32], dropout: float = 0.0
+) -> nn.Module:
     """Shared-bottom MLP with one tower per task (Caruana 1997)."""
     check_config(embedding_dim=embedding_dim, bottom=bottom, tower=tower, dropout=dropout)
     return SharedBottom(schema, embedding_dim, list(bottom), list(tower), dropout)

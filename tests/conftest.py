@@ -63,10 +63,18 @@ def base_checkpoint(tmp_path_factory, sample_dir, cli):
     """A fresh tiny MMoE checkpoint (tasks click, like, share) made by ``cogradctl init``."""
     out = tmp_path_factory.mktemp("ckpt") / "base.safetensors"
     result = cli(
-        "init", "--model", "mmoe", *TINY_MMOE, "--data", sample_dir / "train.parquet",
-        "--tasks", ",".join(TASKS), "--out", out, "--quiet",
+        "init",
+        "--model",
+        "mmoe",
+        *TINY_MMOE,
+        "--data",
+        sample_dir / "train.parquet",
+        "--tasks",
+        ",".join(TASKS),
+        "--out",
+        out,
+        "--quiet",
     )
     assert result.exit_code == 0, result.output
     assert out.is_file()
     return out
-

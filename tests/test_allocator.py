@@ -35,7 +35,9 @@ print(applied, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 2
 
 def probe(**env):
     clean = {k: v for k, v in os.environ.items() if k not in (*allocator.USER_SETTINGS, "COGRADCTL_MALLOPT")}
-    out = subprocess.run([sys.executable, "-c", PROBE], env={**clean, **env}, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE], env={**clean, **env}, capture_output=True, text=True, check=True
+    ).stdout
     applied, faults = out.split()
     return applied == "True", float(faults)
 
@@ -49,8 +51,15 @@ def test_steps_reuse_their_pages():
     assert faults < 300, f"{faults} page faults per step"
 
 
-@pytest.mark.parametrize("name, value", [("COGRADCTL_MALLOPT", "0"), ("MALLOC_TRIM_THRESHOLD_", "131072"),
-                                         ("MALLOC_MMAP_THRESHOLD_", "131072"), ("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=131072")])
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("COGRADCTL_MALLOPT", "0"),
+        ("MALLOC_TRIM_THRESHOLD_", "131072"),
+        ("MALLOC_MMAP_THRESHOLD_", "131072"),
+        ("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=131072"),
+    ],
+)
 def test_opt_out_and_user_settings_are_respected(monkeypatch, name, value):
     """These return before touching the allocator, so they are safe to run in the test process."""
     monkeypatch.setenv(name, value)

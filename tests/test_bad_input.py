@@ -13,13 +13,23 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-
 from test_cli_errors import assert_input_error, state  # tests/ is on sys.path (rootdir conftest)
 
 READERS = {
     "evaluate": lambda c, d, tmp: ("evaluate", "--checkpoint", c, "--data", d),
-    "measure-transference": lambda c, d, tmp: ("measure-transference", "--checkpoint", c, "--data", d, "--batches", "1",
-                                               "--batch-size", "64", "--raw", tmp / "raw.parquet"),
+    "measure-transference": lambda c, d, tmp: (
+        "measure-transference",
+        "--checkpoint",
+        c,
+        "--data",
+        d,
+        "--batches",
+        "1",
+        "--batch-size",
+        "64",
+        "--raw",
+        tmp / "raw.parquet",
+    ),
 }
 
 
@@ -102,17 +112,22 @@ def test_checkpoint_tensors_that_do_not_fit_the_plugin(cli, tmp_path, base_check
     bad = tmp_path / "misfit.safetensors"
     save_file(tensors, bad, metadata=meta)
     r = run_untouched(cli, tmp_path, READERS[command](bad, sample_dir / "valid.parquet", tmp_path), bad)
-    assert_input_error(r, bad, "do not fit the model plugin", name[len("model."):], "missing")
+    assert_input_error(r, bad, "do not fit the model plugin", name[len("model.") :], "missing")
 
 
 @pytest.mark.parametrize("command", READERS)
-@pytest.mark.parametrize("column, values, words", [
-    ("f2", pa.array(["x"] * 500), ["'f2' is string", "numeric dense feature"]),
-    ("category", pa.array([[1]] * 500), ["'category' is list", "categorical feature"]),
-    ("click", pa.array(["1"] * 500), ["task column 'click' is string", "numeric or boolean"]),
-])
+@pytest.mark.parametrize(
+    "column, values, words",
+    [
+        ("f2", pa.array(["x"] * 500), ["'f2' is string", "numeric dense feature"]),
+        ("category", pa.array([[1]] * 500), ["'category' is list", "categorical feature"]),
+        ("click", pa.array(["1"] * 500), ["task column 'click' is string", "numeric or boolean"]),
+    ],
+)
 def test_column_of_the_wrong_type(cli, tmp_path, base_checkpoint, valid_table, command, column, values, words):
-    path = write(valid_table.set_column(valid_table.schema.get_field_index(column), column, values), tmp_path / "typed.parquet")
+    path = write(
+        valid_table.set_column(valid_table.schema.get_field_index(column), column, values), tmp_path / "typed.parquet"
+    )
     r = run_untouched(cli, tmp_path, READERS[command](base_checkpoint, path, tmp_path), path, base_checkpoint)
     assert_input_error(r, path, *words)
 
@@ -129,8 +144,14 @@ def nan_table(valid_table):
 @pytest.mark.parametrize("command", READERS)
 def test_nan_and_inf_rows_are_an_error_with_a_count(cli, tmp_path, base_checkpoint, valid_table, command):
     path = write(nan_table(valid_table), tmp_path / "nan.parquet")
-    r = run_untouched(cli, tmp_path, (*READERS[command](base_checkpoint, path, tmp_path)[:-2], "--batch-size", "500")
-                      if command != "evaluate" else READERS[command](base_checkpoint, path, tmp_path), path)
+    r = run_untouched(
+        cli,
+        tmp_path,
+        (*READERS[command](base_checkpoint, path, tmp_path)[:-2], "--batch-size", "500")
+        if command != "evaluate"
+        else READERS[command](base_checkpoint, path, tmp_path),
+        path,
+    )
     assert_input_error(r, path, "row group 0", "3 invalid row(s)", "'f1' 2", "'share' 1", "--on-invalid-rows drop")
 
 
@@ -142,8 +163,20 @@ def test_drop_invalid_rows_logs_the_count(cli, tmp_path, base_checkpoint, valid_
 
     assert json.loads(r.stdout)["rows"] == 497
     assert "dropped 3 invalid row(s)" in r.stderr
-    r = cli("measure-transference", "--checkpoint", base_checkpoint, "--data", path, "--on-invalid-rows", "drop",
-            "--batches", "1", "--batch-size", "500", "--json")
+    r = cli(
+        "measure-transference",
+        "--checkpoint",
+        base_checkpoint,
+        "--data",
+        path,
+        "--on-invalid-rows",
+        "drop",
+        "--batches",
+        "1",
+        "--batch-size",
+        "500",
+        "--json",
+    )
     assert r.exit_code == 0, r.output
     assert "dropped 3 invalid row(s)" in r.stderr
 
@@ -159,14 +192,21 @@ def test_empty_after_dropping(cli, tmp_path, base_checkpoint, valid_table, comma
 
 @pytest.mark.parametrize("command", READERS)
 def test_bad_on_invalid_rows_value(cli, tmp_path, base_checkpoint, sample_dir, command):
-    r = run_untouched(cli, tmp_path, (*READERS[command](base_checkpoint, sample_dir / "valid.parquet", tmp_path), "--on-invalid-rows", "skip"))
+    r = run_untouched(
+        cli,
+        tmp_path,
+        (*READERS[command](base_checkpoint, sample_dir / "valid.parquet", tmp_path), "--on-invalid-rows", "skip"),
+    )
     assert_input_error(r, "--on-invalid-rows 'skip'", "error, drop")
 
 
 def test_unseen_categories_are_counted_and_warned(cli, tmp_path, base_checkpoint, valid_table):
     device = valid_table.column("device").to_pylist()
     device[:7] = ["fridge"] * 7
-    path = write(valid_table.set_column(valid_table.schema.get_field_index("device"), "device", pa.array(device)), tmp_path / "oov.parquet")
+    path = write(
+        valid_table.set_column(valid_table.schema.get_field_index("device"), "device", pa.array(device)),
+        tmp_path / "oov.parquet",
+    )
     r = cli("evaluate", "--checkpoint", base_checkpoint, "--data", path, "--json")
     assert r.exit_code == 0, r.output
     assert "mapped to the OOV bucket (device: 7)" in r.stderr

@@ -11,14 +11,38 @@ from cogradctl.cli import app
 
 
 def test_bench_synthetic_json_schema():
-    result = CliRunner().invoke(app, ["bench", "--model", "shared-bottom", "--synthetic", "--num-tasks", "3", "--methods", "ew,cograd,pcgrad",
-                                      "--batch-size", "128", "--steps", "3", "--warmup", "1", "--device", "cpu", "--json", "-q",
-                                      "--config", "bottom=[16]", "--config", "tower=[4]"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            "--model",
+            "shared-bottom",
+            "--synthetic",
+            "--num-tasks",
+            "3",
+            "--methods",
+            "ew,cograd,pcgrad",
+            "--batch-size",
+            "128",
+            "--steps",
+            "3",
+            "--warmup",
+            "1",
+            "--device",
+            "cpu",
+            "--json",
+            "-q",
+            "--config",
+            "bottom=[16]",
+            "--config",
+            "tower=[4]",
+        ],
+    )
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     assert doc["tasks"] == 3 and doc["floor_ms"] > 0 and "CPU" in doc["device"]
     assert set(doc["methods"]) == {"ew", "cograd", "pcgrad"}
-    for name, r in doc["methods"].items():
+    for r in doc["methods"].values():
         assert r["step_ms"] > 0
         assert abs(r["ratio_to_floor"] - r["step_ms"] / doc["floor_ms"]) < 1e-9
         assert abs(r["ratio_to_ew"] - r["step_ms"] / doc["methods"]["ew"]["step_ms"]) < 1e-9
@@ -70,15 +94,54 @@ def test_bench_warns_when_the_timings_are_too_noisy(monkeypatch):
     import cogradctl.bench
 
     def noisy(*args, **kwargs):
-        method = {"step_ms": 11.0, "spread_ms": [9.0, 14.0], "ratio_to_ew": 1.0, "ratio_to_floor": 1.1,
-                  "ratio_to_floor_ci95": [0.9, 1.3], "peak_mem_mb": None}
-        return {"device": "cpu", "tasks": 2, "batch_size": 64, "steps": 3, "shared_parameters": 10, "floor_ms": 10.0,
-                "floor_spread_ms": [8.0, 13.0], "plain_ms": 6.0, "process_peak_rss_mb": 1.0, "methods": {"ew": method},
-                "measure_transference": {"batch_ms": 12.0, "floor_ms": 11.0, "ratio_to_floor": 1.09, "ratio_to_floor_ci95": [1.0, 1.2]}}
+        method = {
+            "step_ms": 11.0,
+            "spread_ms": [9.0, 14.0],
+            "ratio_to_ew": 1.0,
+            "ratio_to_floor": 1.1,
+            "ratio_to_floor_ci95": [0.9, 1.3],
+            "peak_mem_mb": None,
+        }
+        return {
+            "device": "cpu",
+            "tasks": 2,
+            "batch_size": 64,
+            "steps": 3,
+            "shared_parameters": 10,
+            "floor_ms": 10.0,
+            "floor_spread_ms": [8.0, 13.0],
+            "plain_ms": 6.0,
+            "process_peak_rss_mb": 1.0,
+            "methods": {"ew": method},
+            "measure_transference": {
+                "batch_ms": 12.0,
+                "floor_ms": 11.0,
+                "ratio_to_floor": 1.09,
+                "ratio_to_floor_ci95": [1.0, 1.2],
+            },
+        }
 
     monkeypatch.setattr(cogradctl.bench, "bench", noisy)
-    args = ["bench", "--model", "shared-bottom", "--synthetic", "--methods", "ew", "--batch-size", "64", "--steps", "3",
-            "--device", "cpu", "--json", "-q", "--config", "bottom=[4]", "--config", "tower=[2]"]
+    args = [
+        "bench",
+        "--model",
+        "shared-bottom",
+        "--synthetic",
+        "--methods",
+        "ew",
+        "--batch-size",
+        "64",
+        "--steps",
+        "3",
+        "--device",
+        "cpu",
+        "--json",
+        "-q",
+        "--config",
+        "bottom=[4]",
+        "--config",
+        "tower=[2]",
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "timings are noisy" in result.stderr and "raise --steps" in result.stderr

@@ -39,7 +39,12 @@ def test_cli_writes_three_splits_and_a_description(cli, tmp_path):
     assert result.exit_code == 0, result.stderr
     summary = json.loads(result.stdout)
     assert {k: v["rows"] for k, v in summary["splits"].items()} == {"train": 30, "valid": 10, "test": 10}
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["census.json", "test.parquet", "train.parquet", "valid.parquet"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "census.json",
+        "test.parquet",
+        "train.parquet",
+        "valid.parquet",
+    ]
     assert json.loads((tmp_path / "out" / "census.json").read_text()) == summary
     again = cli("data", "prepare", "census-kdd", "--source", TINY, "--out", tmp_path / "out")
     assert again.exit_code == 2 and "--overwrite" in again.stderr
@@ -79,7 +84,10 @@ def test_question_mark_is_null(prepared):
     lines = raw_lines(census.FILES["train"])
     table = pq.read_table(prepared / "train.parquet")
     col = table.column("migration_code_change_in_msa").to_pylist()
-    expected = [None if field(l, "migration_code_change_in_msa") == "?" else field(l, "migration_code_change_in_msa") for l in lines]
+    expected = [
+        None if field(l, "migration_code_change_in_msa") == "?" else field(l, "migration_code_change_in_msa")
+        for l in lines
+    ]
     assert col == expected and None in col and any(v is not None for v in col)
     assert "?" not in {v for c in table.columns if c.type == pa.string() for v in c.to_pylist()}
 
@@ -111,11 +119,27 @@ def test_groups_and_drop_leaky(tmp_path):
 
 def test_output_feeds_init(cli, prepared, tmp_path):
     """The tool reads the kinds as documented: floats dense, strings and integer codes categorical."""
-    result = cli("init", "--model", "mmoe", "--data", prepared / "train.parquet", "--tasks", "income,marital",
-                 "--out", tmp_path / "i.safetensors", "--config", "num_experts=2", "--config", "expert=[8]", "--json")
+    result = cli(
+        "init",
+        "--model",
+        "mmoe",
+        "--data",
+        prepared / "train.parquet",
+        "--tasks",
+        "income,marital",
+        "--out",
+        tmp_path / "i.safetensors",
+        "--config",
+        "num_experts=2",
+        "--config",
+        "expert=[8]",
+        "--json",
+    )
     assert result.exit_code == 0, result.stderr
     kinds = json.loads(result.stdout)["features"]
-    assert kinds["age"] == "dense" and kinds["detailed_industry_recode"] == "categorical" and kinds["sex"] == "categorical"
+    assert (
+        kinds["age"] == "dense" and kinds["detailed_industry_recode"] == "categorical" and kinds["sex"] == "categorical"
+    )
     assert len(kinds) == 39
 
 

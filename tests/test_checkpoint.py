@@ -42,7 +42,13 @@ def full(base) -> ckpt_io.Checkpoint:
     }
     history = [
         {"run": "init", "data": "/data/träin/*.parquet", "rows": 2000, "seed": 0, "time": "2024-01-01T00:00:00Z"},
-        {"run": "train", "method": "cograd", "method_options": {"gamma": [0.1, 0.2, 0.3]}, "steps": 3, "nested": {"a": [1, None, True]}},
+        {
+            "run": "train",
+            "method": "cograd",
+            "method_options": {"gamma": [0.1, 0.2, 0.3]},
+            "steps": 3,
+            "nested": {"a": [1, None, True]},
+        },
     ]
     return ckpt_io.Checkpoint("mmoe", config, base.schema, net.state_dict(), history, extra)
 
@@ -123,7 +129,11 @@ def test_cli_made_checkpoint_metadata(base_checkpoint, base):
     meta = raw_header(base_checkpoint)["__metadata__"]
     assert all(isinstance(v, str) for v in meta.values())
     assert base.model == "mmoe"
-    assert base.model_config["num_experts"] == 2 and base.model_config["expert"] == [16] and base.model_config["tower"] == [8]
+    assert (
+        base.model_config["num_experts"] == 2
+        and base.model_config["expert"] == [16]
+        and base.model_config["tower"] == [8]
+    )
     assert [h["run"] for h in base.history] == ["init"]
     assert base.schema.task_names == ["click", "like", "share"]
 
@@ -305,7 +315,15 @@ def test_missing_required_metadata_key(tmp_path, base_checkpoint):
         ckpt_io.load(path)
 
 
-@pytest.mark.parametrize("key, value", [("schema", "{not json"), ("model_config", "[1, 2"), ("history", "nope"), ("schema", '{"features": [{"bogus": 1}], "tasks": []}')])
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("schema", "{not json"),
+        ("model_config", "[1, 2"),
+        ("history", "nope"),
+        ("schema", '{"features": [{"bogus": 1}], "tasks": []}'),
+    ],
+)
 def test_corrupt_metadata_json(tmp_path, base_checkpoint, key, value):
     path = _rewrite_metadata(base_checkpoint, tmp_path / "bad.safetensors", **{key: value})
     with pytest.raises(CheckpointError, match="corrupt checkpoint") as err:

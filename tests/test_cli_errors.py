@@ -89,7 +89,18 @@ def test_sample_data(cli, tmp_path):
     assert pq.read_metadata(tmp_path / "s" / "train.parquet").num_rows == 50
     assert pq.read_metadata(tmp_path / "s" / "valid.parquet").num_rows == 20
     assert str(tmp_path / "s" / "train.parquet") in r.stdout
-    r = cli("sample-data", "--out", tmp_path / "j", "--rows", "30", "--valid-rows", "10", "--tasks", "a=1:0.5,b=-1:0.3", "--json")
+    r = cli(
+        "sample-data",
+        "--out",
+        tmp_path / "j",
+        "--rows",
+        "30",
+        "--valid-rows",
+        "10",
+        "--tasks",
+        "a=1:0.5,b=-1:0.3",
+        "--json",
+    )
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout) == {
         "train": {"path": str(tmp_path / "j" / "train.parquet"), "rows": 30},
@@ -100,14 +111,42 @@ def test_sample_data(cli, tmp_path):
 
 def test_init_table_and_json(cli, tmp_path, files):
     out = tmp_path / "m.safetensors"
-    r = cli("init", "--model", "shared-bottom", "--data", files["valid"], "--tasks", "click,like", "--out", out,
-            "--config", "bottom=[8]", "--features", "f0,f1,device")
+    r = cli(
+        "init",
+        "--model",
+        "shared-bottom",
+        "--data",
+        files["valid"],
+        "--tasks",
+        "click,like",
+        "--out",
+        out,
+        "--config",
+        "bottom=[8]",
+        "--features",
+        "f0,f1,device",
+    )
     assert r.exit_code == 0, r.output
     assert str(out) in r.stdout and "model=shared-bottom" in r.stdout and "rows=500" in r.stdout
     assert "wrote" in r.stderr and "wrote" not in r.stdout  # logs go to stderr
     out2 = tmp_path / "j.safetensors"
-    r = cli("init", "--model", "mmoe", "--data", files["valid"], "--tasks", "click,like,share", "--out", out2,
-            "--config", "num_experts=2", "--config", "expert=[8]", "--json", "--quiet")
+    r = cli(
+        "init",
+        "--model",
+        "mmoe",
+        "--data",
+        files["valid"],
+        "--tasks",
+        "click,like,share",
+        "--out",
+        out2,
+        "--config",
+        "num_experts=2",
+        "--config",
+        "expert=[8]",
+        "--json",
+        "--quiet",
+    )
     assert r.exit_code == 0, r.output
     assert r.stderr == ""  # --quiet
     doc = json.loads(r.stdout)
@@ -137,11 +176,37 @@ def test_init_overwrite(cli, tmp_path, files):
 def test_train_evaluate_measure_inspect_leave_inputs_untouched(cli, tmp_path, files):
     before = {k: state(v) for k, v in files.items()}
     out = tmp_path / "run"
-    r = cli("train", "--checkpoint", files["ckpt"], "--data", files["train"], "--valid", files["valid"], "--out", out,
-            "--method", "cograd", "--gamma", "0.1", *TINY_TRAIN, "--json")
+    r = cli(
+        "train",
+        "--checkpoint",
+        files["ckpt"],
+        "--data",
+        files["train"],
+        "--valid",
+        files["valid"],
+        "--out",
+        out,
+        "--method",
+        "cograd",
+        "--gamma",
+        "0.1",
+        *TINY_TRAIN,
+        "--json",
+    )
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
-    assert set(doc) == {"method", "steps", "epochs", "seconds", "out", "before", "after", "best", "skipped", "stopped_early"}
+    assert set(doc) == {
+        "method",
+        "steps",
+        "epochs",
+        "seconds",
+        "out",
+        "before",
+        "after",
+        "best",
+        "skipped",
+        "stopped_early",
+    }
     assert doc["method"] == "cograd" and doc["steps"] == 3 and doc["epochs"] == 1 and doc["out"] == str(out)
     for key in ("before", "after"):
         assert doc[key]["rows"] == 500 and set(doc[key]["tasks"]) == set(TASKS)
@@ -162,8 +227,20 @@ def test_train_evaluate_measure_inspect_leave_inputs_untouched(cli, tmp_path, fi
         assert set(m) == {"auc", "auc_se", "logloss"}
         assert 0.0 <= m["auc"] <= 1.0 and m["logloss"] > 0 and 0.0 < m["auc_se"] < 0.1
 
-    r = cli("measure-transference", "--checkpoint", files["ckpt"], "--data", files["valid"], "--batches", "2",
-            "--batch-size", "128", "--device", "cpu", "--json")
+    r = cli(
+        "measure-transference",
+        "--checkpoint",
+        files["ckpt"],
+        "--data",
+        files["valid"],
+        "--batches",
+        "2",
+        "--batch-size",
+        "128",
+        "--device",
+        "cpu",
+        "--json",
+    )
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
     assert {"tasks", "transference", "transference_rel", "cosine", "conflict_rate", "batches"} <= set(doc)
@@ -185,13 +262,33 @@ def test_train_evaluate_measure_inspect_leave_inputs_untouched(cli, tmp_path, fi
 
 
 def test_human_readable_outputs(cli, tmp_path, files):
-    r = cli("train", "--checkpoint", files["ckpt"], "--data", files["valid"], "--valid", files["valid"],
-            "--out", tmp_path / "run", *TINY_TRAIN)
+    r = cli(
+        "train",
+        "--checkpoint",
+        files["ckpt"],
+        "--data",
+        files["valid"],
+        "--valid",
+        files["valid"],
+        "--out",
+        tmp_path / "run",
+        *TINY_TRAIN,
+    )
     assert r.exit_code == 0, r.output
     assert "ew: 2 steps" in r.stdout and "before → after" in r.stdout  # 500 rows, 256 per step, one epoch
     r = cli("evaluate", "--checkpoint", files["ckpt"], "--data", files["valid"], "--device", "cpu")
     assert r.exit_code == 0 and "auc" in r.stdout and "click" in r.stdout
-    r = cli("measure-transference", "--checkpoint", files["ckpt"], "--data", files["valid"], "--batches", "2", "--batch-size", "128")
+    r = cli(
+        "measure-transference",
+        "--checkpoint",
+        files["ckpt"],
+        "--data",
+        files["valid"],
+        "--batches",
+        "2",
+        "--batch-size",
+        "128",
+    )
     assert r.exit_code == 0 and "relative transference" in r.stdout and "cosine" in r.stdout
     assert all(t in r.stdout for t in TASKS)
     r = cli("inspect", files["ckpt"])
@@ -203,7 +300,9 @@ def test_human_readable_outputs(cli, tmp_path, files):
 
 def test_evaluate_json_single_class_task_is_valid_json(cli, tmp_path, files):
     table = pq.read_table(files["valid"])
-    table = table.set_column(table.schema.get_field_index("share"), "share", pa.array([0] * table.num_rows, type=pa.int8()))
+    table = table.set_column(
+        table.schema.get_field_index("share"), "share", pa.array([0] * table.num_rows, type=pa.int8())
+    )
     path = tmp_path / "one_class.parquet"
     pq.write_table(table, path)
     r = cli("evaluate", "--checkpoint", files["ckpt"], "--data", path, "--json")
@@ -219,7 +318,15 @@ def test_evaluate_json_single_class_task_is_valid_json(cli, tmp_path, files):
 CKPT_COMMANDS = {
     "train": lambda f, c, tmp: ("train", "--checkpoint", c, "--data", f["train"], "--out", tmp / "run", *TINY_TRAIN),
     "evaluate": lambda f, c, tmp: ("evaluate", "--checkpoint", c, "--data", f["valid"]),
-    "measure-transference": lambda f, c, tmp: ("measure-transference", "--checkpoint", c, "--data", f["valid"], "--batches", "1"),
+    "measure-transference": lambda f, c, tmp: (
+        "measure-transference",
+        "--checkpoint",
+        c,
+        "--data",
+        f["valid"],
+        "--batches",
+        "1",
+    ),
     "inspect": lambda f, c, tmp: ("inspect", c),
 }
 
@@ -248,11 +355,40 @@ def test_plain_safetensors_file(cli, tmp_path, files, command):
 
 
 DATA_COMMANDS = {
-    "init": lambda f, d, tmp: ("init", "--model", "mmoe", "--data", d, "--tasks", "click", "--out", tmp / "m.safetensors"),
+    "init": lambda f, d, tmp: (
+        "init",
+        "--model",
+        "mmoe",
+        "--data",
+        d,
+        "--tasks",
+        "click",
+        "--out",
+        tmp / "m.safetensors",
+    ),
     "train": lambda f, d, tmp: ("train", "--checkpoint", f["ckpt"], "--data", d, "--out", tmp / "run", *TINY_TRAIN),
-    "train --valid": lambda f, d, tmp: ("train", "--checkpoint", f["ckpt"], "--data", f["valid"], "--valid", d, "--out", tmp / "run", *TINY_TRAIN),
+    "train --valid": lambda f, d, tmp: (
+        "train",
+        "--checkpoint",
+        f["ckpt"],
+        "--data",
+        f["valid"],
+        "--valid",
+        d,
+        "--out",
+        tmp / "run",
+        *TINY_TRAIN,
+    ),
     "evaluate": lambda f, d, tmp: ("evaluate", "--checkpoint", f["ckpt"], "--data", d),
-    "measure-transference": lambda f, d, tmp: ("measure-transference", "--checkpoint", f["ckpt"], "--data", d, "--batches", "1"),
+    "measure-transference": lambda f, d, tmp: (
+        "measure-transference",
+        "--checkpoint",
+        f["ckpt"],
+        "--data",
+        d,
+        "--batches",
+        "1",
+    ),
 }
 
 
@@ -280,7 +416,17 @@ def test_binary_label_out_of_range(cli, tmp_path, files, bad_label_file, command
 
 
 def test_binary_label_out_of_range_at_init(cli, tmp_path, bad_label_file):
-    r = cli("init", "--model", "mmoe", "--data", bad_label_file, "--tasks", "click,like", "--out", tmp_path / "m.safetensors")
+    r = cli(
+        "init",
+        "--model",
+        "mmoe",
+        "--data",
+        bad_label_file,
+        "--tasks",
+        "click,like",
+        "--out",
+        tmp_path / "m.safetensors",
+    )
     assert_input_error(r, bad_label_file, "'like'", "--task-type like=regression")
     assert not (tmp_path / "m.safetensors").exists()
 
@@ -301,16 +447,38 @@ def test_data_missing_a_checkpoint_column(cli, tmp_path, files):
 
 
 DEVICE_COMMANDS = {
-    "train": lambda f, dev, tmp: ("train", "--checkpoint", f["ckpt"], "--data", f["valid"], "--out", tmp / "run", "--max-steps", "1", "--device", dev),
+    "train": lambda f, dev, tmp: (
+        "train",
+        "--checkpoint",
+        f["ckpt"],
+        "--data",
+        f["valid"],
+        "--out",
+        tmp / "run",
+        "--max-steps",
+        "1",
+        "--device",
+        dev,
+    ),
     "evaluate": lambda f, dev, tmp: ("evaluate", "--checkpoint", f["ckpt"], "--data", f["valid"], "--device", dev),
-    "measure-transference": lambda f, dev, tmp: ("measure-transference", "--checkpoint", f["ckpt"], "--data", f["valid"], "--device", dev),
+    "measure-transference": lambda f, dev, tmp: (
+        "measure-transference",
+        "--checkpoint",
+        f["ckpt"],
+        "--data",
+        f["valid"],
+        "--device",
+        dev,
+    ),
 }
 
 
 @pytest.mark.parametrize("command", DEVICE_COMMANDS)
 @pytest.mark.parametrize("device", ["gpu", "cuda:x", "CPU", ""])
 def test_bad_device_value(cli, tmp_path, files, command, device):
-    assert_input_error(cli(*DEVICE_COMMANDS[command](files, device, tmp_path)), "--device", "expected auto, cpu, cuda or cuda:N")
+    assert_input_error(
+        cli(*DEVICE_COMMANDS[command](files, device, tmp_path)), "--device", "expected auto, cpu, cuda or cuda:N"
+    )
     assert not (tmp_path / "run").exists()
 
 
@@ -318,35 +486,96 @@ def test_bad_device_value(cli, tmp_path, files, command, device):
 @pytest.mark.parametrize("command", DEVICE_COMMANDS)
 @pytest.mark.parametrize("device", ["cuda", "cuda:0"])
 def test_cuda_on_a_cpu_machine(cli, tmp_path, files, command, device):
-    assert_input_error(cli(*DEVICE_COMMANDS[command](files, device, tmp_path)), f"--device {device}", "CUDA is not available")
+    assert_input_error(
+        cli(*DEVICE_COMMANDS[command](files, device, tmp_path)), f"--device {device}", "CUDA is not available"
+    )
 
 
 def test_unknown_method(cli, tmp_path, files):
-    r = cli("train", "--checkpoint", files["ckpt"], "--data", files["valid"], "--out", tmp_path / "run", "--method", "sgd-magic", *TINY_TRAIN)
+    r = cli(
+        "train",
+        "--checkpoint",
+        files["ckpt"],
+        "--data",
+        files["valid"],
+        "--out",
+        tmp_path / "run",
+        "--method",
+        "sgd-magic",
+        *TINY_TRAIN,
+    )
     assert_input_error(r, "unknown method 'sgd-magic'", "known methods:", "ew", "cograd", "gdod")
     assert not (tmp_path / "run").exists()
 
 
 def test_unknown_method_option(cli, tmp_path, files):
-    r = cli("train", "--checkpoint", files["ckpt"], "--data", files["valid"], "--out", tmp_path / "run", "-o", "bogus=1", *TINY_TRAIN)
+    r = cli(
+        "train",
+        "--checkpoint",
+        files["ckpt"],
+        "--data",
+        files["valid"],
+        "--out",
+        tmp_path / "run",
+        "-o",
+        "bogus=1",
+        *TINY_TRAIN,
+    )
     assert_input_error(r, "method 'ew' has no option bogus")
 
 
-@pytest.mark.parametrize("gamma, words", [("click=1", "no value for task(s) like, share"), ("click=1,like=2,share=x", "'x' is not a number"), ("clack=1", "unknown task 'clack'")])
+@pytest.mark.parametrize(
+    "gamma, words",
+    [
+        ("click=1", "no value for task(s) like, share"),
+        ("click=1,like=2,share=x", "'x' is not a number"),
+        ("clack=1", "unknown task 'clack'"),
+    ],
+)
 def test_bad_per_task_gamma(cli, tmp_path, files, gamma, words):
-    r = cli("train", "--checkpoint", files["ckpt"], "--data", files["valid"], "--out", tmp_path / "run", "--method", "cograd", "--gamma", gamma, *TINY_TRAIN)
+    r = cli(
+        "train",
+        "--checkpoint",
+        files["ckpt"],
+        "--data",
+        files["valid"],
+        "--out",
+        tmp_path / "run",
+        "--method",
+        "cograd",
+        "--gamma",
+        gamma,
+        *TINY_TRAIN,
+    )
     assert_input_error(r, "--gamma", words)
 
 
-@pytest.mark.parametrize("option, value", [("--batch-size", "0"), ("--lr", "-1"), ("--epochs", "0"), ("--max-steps", "0"), ("--log-every", "0")])
+@pytest.mark.parametrize(
+    "option, value",
+    [("--batch-size", "0"), ("--lr", "-1"), ("--epochs", "0"), ("--max-steps", "0"), ("--log-every", "0")],
+)
 def test_train_nonpositive_numbers(cli, tmp_path, files, option, value):
-    args = ["train", "--checkpoint", files["ckpt"], "--data", files["valid"], "--out", tmp_path / "run", "--device", "cpu", option, value]
+    args = [
+        "train",
+        "--checkpoint",
+        files["ckpt"],
+        "--data",
+        files["valid"],
+        "--out",
+        tmp_path / "run",
+        "--device",
+        "cpu",
+        option,
+        value,
+    ]
     assert_input_error(cli(*args), option, "must be positive")
     assert not (tmp_path / "run").exists()
 
 
 def test_evaluate_and_measure_nonpositive_numbers(cli, files):
-    assert_input_error(cli("evaluate", "--checkpoint", files["ckpt"], "--data", files["valid"], "--batch-size", "0"), "--batch-size")
+    assert_input_error(
+        cli("evaluate", "--checkpoint", files["ckpt"], "--data", files["valid"], "--batch-size", "0"), "--batch-size"
+    )
     base = ("measure-transference", "--checkpoint", files["ckpt"], "--data", files["valid"])
     assert_input_error(cli(*base, "--batches", "0"), "--batches")
     assert_input_error(cli(*base, "--lookahead-lr", "0"), "--lookahead-lr")
@@ -354,33 +583,101 @@ def test_evaluate_and_measure_nonpositive_numbers(cli, files):
 
 
 def test_unknown_model(cli, tmp_path, files):
-    r = cli("init", "--model", "transformer", "--data", files["valid"], "--tasks", "click", "--out", tmp_path / "m.safetensors")
+    r = cli(
+        "init",
+        "--model",
+        "transformer",
+        "--data",
+        files["valid"],
+        "--tasks",
+        "click",
+        "--out",
+        tmp_path / "m.safetensors",
+    )
     assert_input_error(r, "unknown model 'transformer'", "known models: mmoe, ple, shared-bottom")
     assert not (tmp_path / "m.safetensors").exists()
 
 
-@pytest.mark.parametrize("model, keys", [("mmoe", "embedding_dim, num_experts, expert, tower, dropout"), ("ple", "num_levels"), ("shared-bottom", "bottom")])
+@pytest.mark.parametrize(
+    "model, keys",
+    [
+        ("mmoe", "embedding_dim, num_experts, expert, tower, dropout"),
+        ("ple", "num_levels"),
+        ("shared-bottom", "bottom"),
+    ],
+)
 def test_unknown_config_key(cli, tmp_path, files, model, keys):
-    r = cli("init", "--model", model, "--config", "experts=4", "--data", files["valid"], "--tasks", "click", "--out", tmp_path / "m.safetensors")
+    r = cli(
+        "init",
+        "--model",
+        model,
+        "--config",
+        "experts=4",
+        "--data",
+        files["valid"],
+        "--tasks",
+        "click",
+        "--out",
+        tmp_path / "m.safetensors",
+    )
     assert_input_error(r, f"model '{model}' has no config key experts", "its keys:", keys)
     assert not (tmp_path / "m.safetensors").exists()
 
 
-@pytest.mark.parametrize("config, words", [("num_experts", "expected KEY=VALUE"), ("expert=abc", "rejected its config")])
+@pytest.mark.parametrize(
+    "config, words", [("num_experts", "expected KEY=VALUE"), ("expert=abc", "rejected its config")]
+)
 def test_bad_config_value(cli, tmp_path, files, config, words):
-    r = cli("init", "--model", "mmoe", "--config", config, "--data", files["valid"], "--tasks", "click", "--out", tmp_path / "m.safetensors")
+    r = cli(
+        "init",
+        "--model",
+        "mmoe",
+        "--config",
+        config,
+        "--data",
+        files["valid"],
+        "--tasks",
+        "click",
+        "--out",
+        tmp_path / "m.safetensors",
+    )
     assert_input_error(r, words)
 
 
 def test_negative_config_value_is_an_input_error(cli, tmp_path, files):
-    r = cli("init", "--model", "mmoe", "--config", "num_experts=-1", "--data", files["valid"], "--tasks", "click", "--out", tmp_path / "m.safetensors")
+    r = cli(
+        "init",
+        "--model",
+        "mmoe",
+        "--config",
+        "num_experts=-1",
+        "--data",
+        files["valid"],
+        "--tasks",
+        "click",
+        "--out",
+        tmp_path / "m.safetensors",
+    )
     assert_input_error(r, "num_experts")
 
 
 @pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
 def test_zero_experts_is_rejected_at_init(cli, tmp_path, files):
     out = tmp_path / "m.safetensors"
-    r = cli("init", "--model", "mmoe", "--config", "num_experts=0", "--data", files["valid"], "--tasks", "click", "--out", out, "--quiet")
+    r = cli(
+        "init",
+        "--model",
+        "mmoe",
+        "--config",
+        "num_experts=0",
+        "--data",
+        files["valid"],
+        "--tasks",
+        "click",
+        "--out",
+        out,
+        "--quiet",
+    )
     if r.exit_code == 0:  # accepted: then the checkpoint must at least be usable
         r = cli("evaluate", "--checkpoint", out, "--data", files["valid"])
         assert r.exit_code == 0, r.output
@@ -388,7 +685,9 @@ def test_zero_experts_is_rejected_at_init(cli, tmp_path, files):
         assert_input_error(r, "num_experts")
 
 
-@pytest.mark.parametrize("tasks, words", [("click,clicks", "no column 'clicks'"), ("click,click", "named twice"), (",", "at least one")])
+@pytest.mark.parametrize(
+    "tasks, words", [("click,clicks", "no column 'clicks'"), ("click,click", "named twice"), (",", "at least one")]
+)
 def test_init_bad_tasks(cli, tmp_path, files, tasks, words):
     r = cli("init", "--model", "mmoe", "--data", files["valid"], "--tasks", tasks, "--out", tmp_path / "m.safetensors")
     assert_input_error(r, words)
@@ -399,12 +698,34 @@ def test_init_bad_tasks(cli, tmp_path, files, tasks, words):
 
 @pytest.mark.parametrize("spec", ["clicks=binary", "click=ordinal", "click"])
 def test_init_bad_task_type(cli, tmp_path, files, spec):
-    r = cli("init", "--model", "mmoe", "--data", files["valid"], "--tasks", "click", "--task-type", spec, "--out", tmp_path / "m.safetensors")
+    r = cli(
+        "init",
+        "--model",
+        "mmoe",
+        "--data",
+        files["valid"],
+        "--tasks",
+        "click",
+        "--task-type",
+        spec,
+        "--out",
+        tmp_path / "m.safetensors",
+    )
     assert_input_error(r, "--task-type", spec)
 
 
 def test_init_bad_overrides(cli, tmp_path, files):
-    base = ("init", "--model", "mmoe", "--data", files["valid"], "--tasks", "click", "--out", tmp_path / "m.safetensors")
+    base = (
+        "init",
+        "--model",
+        "mmoe",
+        "--data",
+        files["valid"],
+        "--tasks",
+        "click",
+        "--out",
+        tmp_path / "m.safetensors",
+    )
     assert_input_error(cli(*base, "--dense", "device"), "'device'", "--dense")
     assert_input_error(cli(*base, "--dense", "f0", "--categorical", "f0"), "f0", "both --dense and --categorical")
     assert_input_error(cli(*base, "--features", "f0,nope"), "no column 'nope'")
@@ -413,7 +734,18 @@ def test_init_bad_overrides(cli, tmp_path, files):
 
 def test_train_out_already_holds_a_run(cli, tmp_path, files):
     out = tmp_path / "run"
-    args = ("train", "--checkpoint", files["ckpt"], "--data", files["valid"], "--valid", files["valid"], "--out", out, *TINY_TRAIN)
+    args = (
+        "train",
+        "--checkpoint",
+        files["ckpt"],
+        "--data",
+        files["valid"],
+        "--valid",
+        files["valid"],
+        "--out",
+        out,
+        *TINY_TRAIN,
+    )
     assert cli(*args).exit_code == 0
     existing = tree_state(out)
     assert set(existing) == set(OUTPUTS)
@@ -452,13 +784,16 @@ def test_train_into_a_fresh_directory_with_unrelated_files(cli, tmp_path, files)
     assert (out / "notes.txt").read_text() == "mine"
 
 
-@pytest.mark.parametrize("args, words", [
-    (("--rows", "0"), "--rows and --valid-rows must be positive"),
-    (("--valid-rows", "-5"), "--rows and --valid-rows must be positive"),
-    (("--tasks", "click=2"), "relatedness must be in [-1, 1]"),
-    (("--tasks", "click=x"), "--tasks item"),
-    (("--tasks", "click=1:1.5"), "0 < RATE < 1"),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (("--rows", "0"), "--rows and --valid-rows must be positive"),
+        (("--valid-rows", "-5"), "--rows and --valid-rows must be positive"),
+        (("--tasks", "click=2"), "relatedness must be in [-1, 1]"),
+        (("--tasks", "click=x"), "--tasks item"),
+        (("--tasks", "click=1:1.5"), "0 < RATE < 1"),
+    ],
+)
 def test_sample_data_bad_options(cli, tmp_path, args, words):
     r = cli("sample-data", "--out", tmp_path / "s", *args)
     assert_input_error(r, words)

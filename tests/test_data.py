@@ -116,7 +116,9 @@ def mixed(tmp_path):
 
 
 def infer(path, **kw):
-    return data.infer_schema(str(path), kw.pop("tasks", ["y", "z"]), kw.pop("types", {"y": "binary", "z": "binary"}), **kw)
+    return data.infer_schema(
+        str(path), kw.pop("tasks", ["y", "z"]), kw.pop("types", {"y": "binary", "z": "binary"}), **kw
+    )
 
 
 def by_name(schema: Schema) -> dict:
@@ -130,7 +132,13 @@ def test_infer_kinds_vocabularies_and_stats(mixed):
     assert schema.task_names == ["y", "z"]
     assert [f.name for f in schema.features] == ["x", "i", "s", "d", "flag"]  # file order, tasks left out
     f = by_name(schema)
-    assert {n: v.kind for n, v in f.items()} == {"x": "dense", "i": "categorical", "s": "categorical", "d": "categorical", "flag": "categorical"}
+    assert {n: v.kind for n, v in f.items()} == {
+        "x": "dense",
+        "i": "categorical",
+        "s": "categorical",
+        "d": "categorical",
+        "flag": "categorical",
+    }
     x = np.array([1.0, 2.0, 4.0, 8.0, 3.0])  # the null is not part of the statistics
     assert f["x"].mean == pytest.approx(x.mean(), rel=1e-12)
     assert f["x"].std == pytest.approx(x.std(), rel=1e-9)

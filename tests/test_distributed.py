@@ -44,8 +44,17 @@ def uneven(tmp_path_factory):
 
 
 def torchrun(nproc: int, *args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-            "-m", "cogradctl", *map(str, args)]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(nproc),
+        "-m",
+        "cogradctl",
+        *map(str, args),
+    ]
 
 
 def env() -> dict:
@@ -67,8 +76,24 @@ def assert_close(a: dict, b: dict, tol: float = TOL) -> None:
 
 
 def train_args(ckpt, data, out, method_args, *extra):
-    return ["train", "--checkpoint", ckpt, "--data", data, "--epochs", "2", "--seed", "3", "--device", "cpu",
-            "--out", out, "--quiet", *method_args, *extra]
+    return [
+        "train",
+        "--checkpoint",
+        ckpt,
+        "--data",
+        data,
+        "--epochs",
+        "2",
+        "--seed",
+        "3",
+        "--device",
+        "cpu",
+        "--out",
+        out,
+        "--quiet",
+        *method_args,
+        *extra,
+    ]
 
 
 METHODS = {
@@ -81,13 +106,32 @@ METHODS = {
 
 
 @pytest.mark.parametrize("name", list(METHODS))
-def test_two_processes_match_one_process_with_the_same_global_batch(name, base_checkpoint, uneven, sample_dir, tmp_path, cli):
+def test_two_processes_match_one_process_with_the_same_global_batch(
+    name, base_checkpoint, uneven, sample_dir, tmp_path, cli
+):
     two, one = tmp_path / "two", tmp_path / "one"
     valid = ["--valid", sample_dir / "valid.parquet"]
-    proc = run(torchrun(2, *train_args(base_checkpoint, uneven, two, METHODS[name], "--batch-size", PER_RANK, *valid, "--json")))
+    proc = run(
+        torchrun(
+            2, *train_args(base_checkpoint, uneven, two, METHODS[name], "--batch-size", PER_RANK, *valid, "--json")
+        )
+    )
     assert proc.returncode == 0, proc.stderr[:4000]
     result = json.loads(proc.stdout)  # rank 0 alone prints: one JSON document
-    ref = cli(*train_args(base_checkpoint, uneven, one, METHODS[name], "--batch-size", 2 * PER_RANK, "--data-shards", 2, *valid, "--json"))
+    ref = cli(
+        *train_args(
+            base_checkpoint,
+            uneven,
+            one,
+            METHODS[name],
+            "--batch-size",
+            2 * PER_RANK,
+            "--data-shards",
+            2,
+            *valid,
+            "--json",
+        )
+    )
     assert ref.exit_code == 0, ref.output
     assert result["steps"] == json.loads(ref.stdout)["steps"] == 2 * 13
     assert_close(weights(two), weights(one))
@@ -137,7 +181,11 @@ def start_and_wait(cmd: list[str], out: Path, step: int) -> tuple[subprocess.Pop
 
 
 def rank_of(pid: int) -> int:
-    return int(dict(line.split("=", 1) for line in Path(f"/proc/{pid}/environ").read_bytes().decode().split("\0") if "=" in line)["RANK"])
+    return int(
+        dict(
+            line.split("=", 1) for line in Path(f"/proc/{pid}/environ").read_bytes().decode().split("\0") if "=" in line
+        )["RANK"]
+    )
 
 
 LONG = ["--method", "pcgrad", "--batch-size", "16", "--epochs", "4", "--save-every", "2"]  # 4 × 63 steps
@@ -177,14 +225,32 @@ def test_sigterm_to_one_process_stops_both_and_resumes_with_one_process(base_che
     assert wrong.exit_code == 2 and "--batch-size 32" in wrong.stderr
     resumed = cli(*train_args(base_checkpoint, data, out, [*LONG[:2], "--batch-size", "32", *LONG[4:]]))
     assert resumed.exit_code == 0, resumed.output
-    ref = cli(*train_args(base_checkpoint, data, reference, [*LONG[:2], "--batch-size", "32", "--data-shards", "2", *LONG[4:]]))
+    ref = cli(
+        *train_args(
+            base_checkpoint, data, reference, [*LONG[:2], "--batch-size", "32", "--data-shards", "2", *LONG[4:]]
+        )
+    )
     assert ref.exit_code == 0, ref.output
     assert_close(weights(out), weights(reference))
 
 
 def test_distributed_transference_equals_one_process(base_checkpoint, sample_dir, tmp_path, cli):
-    args = ["measure-transference", "--checkpoint", base_checkpoint, "--data", sample_dir / "valid.parquet", "--batches", "5",
-            "--batch-size", "64", "--holdout", "--by-module", "--device", "cpu", "--json"]
+    args = [
+        "measure-transference",
+        "--checkpoint",
+        base_checkpoint,
+        "--data",
+        sample_dir / "valid.parquet",
+        "--batches",
+        "5",
+        "--batch-size",
+        "64",
+        "--holdout",
+        "--by-module",
+        "--device",
+        "cpu",
+        "--json",
+    ]
     proc = run(torchrun(2, *args))
     assert proc.returncode == 0, proc.stderr[:4000]
     one = cli(*args)
@@ -204,14 +270,33 @@ def test_data_shards_must_split_evenly_among_processes(tmp_path):
     assert data_shards(TrainConfig(checkpoint="c", data="d", out=str(tmp_path), batch_size=60), state, 2) == 4
     with pytest.raises(UsageError, match="reads its data in 4 shard"):
         data_shards(TrainConfig(checkpoint="c", data="d", out=str(tmp_path), batch_size=60), state, 3)
-    assert previous_state(TrainConfig(checkpoint="c", data="d", out=str(tmp_path / "none")), tmp_path / "none", 2) is None
+    assert (
+        previous_state(TrainConfig(checkpoint="c", data="d", out=str(tmp_path / "none")), tmp_path / "none", 2) is None
+    )
 
 
 def test_no_valid_rows_on_any_process_is_an_error(base_checkpoint, tmp_path):
     table = sample.generate(300, seed=3)
     table = table.set_column(table.schema.get_field_index("f0"), "f0", pa.array([float("nan")] * 300, pa.float32()))
     pq.write_table(table, tmp_path / "bad.parquet", row_group_size=100)
-    proc = run(torchrun(2, "train", "--checkpoint", base_checkpoint, "--data", tmp_path / "bad.parquet", "--on-invalid-rows", "drop",
-                        "--batch-size", "32", "--device", "cpu", "--out", tmp_path / "out", "--quiet"))
+    proc = run(
+        torchrun(
+            2,
+            "train",
+            "--checkpoint",
+            base_checkpoint,
+            "--data",
+            tmp_path / "bad.parquet",
+            "--on-invalid-rows",
+            "drop",
+            "--batch-size",
+            "32",
+            "--device",
+            "cpu",
+            "--out",
+            tmp_path / "out",
+            "--quiet",
+        )
+    )
     assert proc.returncode != 0
     assert "no rows left in epoch 1 on any of the 2 processes after dropping invalid rows" in proc.stderr

@@ -8,10 +8,10 @@ import torch
 from cogradctl import checkpoint as ckpt_io
 from cogradctl import data as data_io
 from cogradctl import models, sample
+from cogradctl.console import Log
 from cogradctl.taskgrad import TaskGradients, task_losses
 from cogradctl.train import TrainConfig, train
 from cogradctl.transference import measure, measure_batch, pick_batches
-from cogradctl.console import Log
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +19,9 @@ def world(tmp_path_factory):
     """A small dataset, its schema and a freshly initialised checkpoint of a small MMoE."""
     root = tmp_path_factory.mktemp("engine")
     sample.write(sample.generate(1200, seed=3), root / "train.parquet")
-    schema, _ = data_io.infer_schema(str(root / "train.parquet"), ["click", "like", "share"], {t: "binary" for t in ["click", "like", "share"]})
+    schema, _ = data_io.infer_schema(
+        str(root / "train.parquet"), ["click", "like", "share"], {t: "binary" for t in ["click", "like", "share"]}
+    )
     torch.manual_seed(0)
     net, config = models.build("mmoe", schema, {"num_experts": 3, "expert": [16], "tower": [8]})
     path = root / "init.safetensors"
@@ -116,8 +118,17 @@ def test_measure_is_deterministic_and_reports_batches(world):
 
 
 def run_one_step(world, tmp_path, method, options):
-    cfg = TrainConfig(checkpoint=str(world["ckpt"]), data=str(world["root"] / "train.parquet"), out=str(tmp_path / method),
-                      method=method, method_options=options, lr=1e-2, batch_size=128, max_steps=1, seed=5)
+    cfg = TrainConfig(
+        checkpoint=str(world["ckpt"]),
+        data=str(world["root"] / "train.parquet"),
+        out=str(tmp_path / method),
+        method=method,
+        method_options=options,
+        lr=1e-2,
+        batch_size=128,
+        max_steps=1,
+        seed=5,
+    )
     train(cfg, Log(quiet=True))
     return ckpt_io.load(tmp_path / method / "last.safetensors").state
 
@@ -176,7 +187,14 @@ def test_one_cograd_step_matches_the_formula(world, tmp_path):
 
 
 def test_training_is_deterministic(world, tmp_path):
-    cfg = dict(checkpoint=str(world["ckpt"]), data=str(world["root"] / "train.parquet"), method="cograd", batch_size=128, epochs=1, seed=11)
+    cfg = dict(
+        checkpoint=str(world["ckpt"]),
+        data=str(world["root"] / "train.parquet"),
+        method="cograd",
+        batch_size=128,
+        epochs=1,
+        seed=11,
+    )
     train(TrainConfig(out=str(tmp_path / "a"), **cfg), Log(quiet=True))
     train(TrainConfig(out=str(tmp_path / "b"), **cfg), Log(quiet=True))
     a = ckpt_io.load(tmp_path / "a" / "last.safetensors").state
@@ -210,7 +228,9 @@ def test_train_step_names_exactly_the_non_finite_tasks(world):
         train_step(FixedGradients(split, tasks, torch.ones(3), g), get_method("ew"), opt, {}, None)
     losses = torch.tensor([1.0, 1.0, float("nan")])
     with pytest.raises(Diverged, match=r"task\(s\) share$"):
-        train_step(FixedGradients(split, tasks, losses, torch.ones(3, split.num_shared)), get_method("ew"), opt, {}, None)
+        train_step(
+            FixedGradients(split, tasks, losses, torch.ones(3, split.num_shared)), get_method("ew"), opt, {}, None
+        )
     # fp16: the overflow skips the step and halves the scale
     scaler = LossScaler(scale=8.0)
     train_step(FixedGradients(split, tasks, torch.ones(3), g), get_method("ew"), opt, {}, None, scaler=scaler)
@@ -307,7 +327,9 @@ def test_flatten_shared_makes_the_shared_parameters_slices_of_one_vector(world):
     with torch.no_grad():
         flat.mul_(0.0)  # an optimizer's in-place step on the flat vector moves the model's parameters
     assert all(float(p.detach().abs().max()) == 0.0 for p in split.shared)
-    assert any(float(p.detach().abs().max()) > 0.0 for ps in split.tasks.values() for p in ps)  # task parameters untouched
+    assert any(
+        float(p.detach().abs().max()) > 0.0 for ps in split.tasks.values() for p in ps
+    )  # task parameters untouched
 
 
 def test_flatten_shared_leaves_mixed_dtypes_alone(world):
@@ -334,7 +356,11 @@ def test_flat_shared_training_matches_per_tensor_training_and_checkpoints_alike(
         method.segments = [p.numel() for p in split.shared]
         if flat:
             params, names = trainable(model, split, method)
-            assert names[0] is None and params[0] is split.flat and len(params) == len(list(model.parameters())) - len(split.shared) + 1
+            assert (
+                names[0] is None
+                and params[0] is split.flat
+                and len(params) == len(list(model.parameters())) - len(split.shared) + 1
+            )
         else:
             params, names = list(model.parameters()), [n for n, _ in model.named_parameters()]
         optimizer = make_optimizer(cfg, params)

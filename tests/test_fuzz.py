@@ -21,7 +21,11 @@ from cogradctl.errors import CheckpointError, DataError
 from cogradctl.stream import ParquetStream
 
 TASKS = ["click", "like", "share"]
-FUZZ = settings(max_examples=int(os.environ.get("COGRADCTL_FUZZ_EXAMPLES", "40")), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=int(os.environ.get("COGRADCTL_FUZZ_EXAMPLES", "40")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 
 
 @pytest.fixture(scope="module")
@@ -67,12 +71,16 @@ def damaged(raw: bytes, how: str, a: int, b: int, noise: bytes) -> bytes:
         return bytes(out)
     if how == "splice":
         i = a % len(raw)
-        return raw[:i] + noise + raw[i + len(noise):]
+        return raw[:i] + noise + raw[i + len(noise) :]
     return noise
 
 
-DAMAGE = dict(how=st.sampled_from(["truncate", "flip", "splice", "random"]), a=st.integers(0, 1 << 20),
-              b=st.integers(0, 5000), noise=st.binary(min_size=1, max_size=64))
+DAMAGE = dict(
+    how=st.sampled_from(["truncate", "flip", "splice", "random"]),
+    a=st.integers(0, 1 << 20),
+    b=st.integers(0, 5000),
+    noise=st.binary(min_size=1, max_size=64),
+)
 
 
 @FUZZ
@@ -83,17 +91,41 @@ def test_corrupt_parquet_is_a_data_error(tmp_path, parquet_bytes, schema, how, a
     read_everything(path, schema)
 
 
-ARROW_TYPES = st.sampled_from([
-    pa.int8(), pa.int32(), pa.int64(), pa.uint64(), pa.float16(), pa.float32(), pa.float64(), pa.bool_(), pa.string(),
-    pa.large_string(), pa.binary(), pa.date32(), pa.timestamp("ms"), pa.list_(pa.int32()), pa.dictionary(pa.int8(), pa.string()),
-    pa.decimal128(10, 2), pa.null(),
-])
+ARROW_TYPES = st.sampled_from(
+    [
+        pa.int8(),
+        pa.int32(),
+        pa.int64(),
+        pa.uint64(),
+        pa.float16(),
+        pa.float32(),
+        pa.float64(),
+        pa.bool_(),
+        pa.string(),
+        pa.large_string(),
+        pa.binary(),
+        pa.date32(),
+        pa.timestamp("ms"),
+        pa.list_(pa.int32()),
+        pa.dictionary(pa.int8(), pa.string()),
+        pa.decimal128(10, 2),
+        pa.null(),
+    ]
+)
 
 
 @FUZZ
-@given(types=st.dictionaries(st.sampled_from(["f0", "f3", "device", "category", "user_bucket", "click", "like", "share", "extra"]),
-                             ARROW_TYPES, min_size=1, max_size=9),
-       rows=st.integers(0, 40), seed=st.integers(0, 1000), nulls=st.floats(0, 1))
+@given(
+    types=st.dictionaries(
+        st.sampled_from(["f0", "f3", "device", "category", "user_bucket", "click", "like", "share", "extra"]),
+        ARROW_TYPES,
+        min_size=1,
+        max_size=9,
+    ),
+    rows=st.integers(0, 40),
+    seed=st.integers(0, 1000),
+    nulls=st.floats(0, 1),
+)
 def test_valid_files_with_random_schemas(tmp_path, schema, types, rows, seed, nulls):
     """Every schema column present with a random type (or absent): reading is fine or a DataError."""
     base = sample.generate(max(rows, 1), seed=seed).slice(0, rows)
@@ -126,7 +158,9 @@ def checkpoint_bytes(tmp_path_factory, parquet_bytes, schema):
 
     net, _ = models.build("mmoe", schema, {"num_experts": 2, "expert": [8], "tower": [4]}, [])
     path = tmp_path_factory.mktemp("ck") / "c.safetensors"
-    ckpt_io.save(ckpt_io.Checkpoint("mmoe", {"num_experts": 2, "expert": [8], "tower": [4]}, schema, net.state_dict()), path)
+    ckpt_io.save(
+        ckpt_io.Checkpoint("mmoe", {"num_experts": 2, "expert": [8], "tower": [4]}, schema, net.state_dict()), path
+    )
     return path.read_bytes()
 
 

@@ -69,7 +69,9 @@ def test_auc_se_matches_placement_values_with_ties(rows):
     if min(labels.sum(), (1 - labels).sum()) < 2:
         assert math.isnan(metrics.auc_se(labels, scores))
     else:
-        assert math.isclose(metrics.auc_se(labels, scores), brute_force_auc_se(labels, scores), rel_tol=1e-9, abs_tol=1e-12)
+        assert math.isclose(
+            metrics.auc_se(labels, scores), brute_force_auc_se(labels, scores), rel_tol=1e-9, abs_tol=1e-12
+        )
 
 
 def test_auc_se_predicts_the_spread_of_the_auc_over_samples():

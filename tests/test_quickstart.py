@@ -44,10 +44,38 @@ def test_example_plugin_loads_through_plugin_path_and_is_in_the_readme(tmp_path)
     assert plugin.read_text().strip() in (ROOT / "README.md").read_text()
     ckpt = tmp_path / "tt.safetensors"
     common = ["--plugin-path", str(plugin.parent)]
-    r = run("cogradctl", "init", "--model", "two-tower", "--data", "sample_data/valid.parquet", "--tasks", "click,like", "--out", str(ckpt), *common)
+    r = run(
+        "cogradctl",
+        "init",
+        "--model",
+        "two-tower",
+        "--data",
+        "sample_data/valid.parquet",
+        "--tasks",
+        "click,like",
+        "--out",
+        str(ckpt),
+        *common,
+    )
     assert r.returncode == 0, r.stderr
-    r = run("cogradctl", "train", "--checkpoint", str(ckpt), "--data", "sample_data/valid.parquet", "--method", "cograd",
-            "--max-steps", "3", "--batch-size", "256", "--out", str(tmp_path / "run"), "--json", *common)
+    r = run(
+        "cogradctl",
+        "train",
+        "--checkpoint",
+        str(ckpt),
+        "--data",
+        "sample_data/valid.parquet",
+        "--method",
+        "cograd",
+        "--max-steps",
+        "3",
+        "--batch-size",
+        "256",
+        "--out",
+        str(tmp_path / "run"),
+        "--json",
+        *common,
+    )
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["steps"] == 3
     env = {**os.environ, "COGRADCTL_PLUGIN_PATH": str(plugin.parent)}

@@ -134,8 +134,23 @@ def test_plugin_file_is_discovered(tmp_path, sample_dir):
 def test_plugin_model_through_the_cli(tmp_path, sample_dir, cli):
     d = plugin_dir(tmp_path / "plugins", {"tiny_plugin.py": tiny()})
     out = tmp_path / "tiny.safetensors"
-    r = cli("init", "--model", "tiny", "--config", "width=5", "--plugin-path", d, "--data", sample_dir / "valid.parquet",
-            "--tasks", "click,like", "--out", out, "--json", "--quiet")
+    r = cli(
+        "init",
+        "--model",
+        "tiny",
+        "--config",
+        "width=5",
+        "--plugin-path",
+        d,
+        "--data",
+        sample_dir / "valid.parquet",
+        "--tasks",
+        "click,like",
+        "--out",
+        out,
+        "--json",
+        "--quiet",
+    )
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["config"] == {"width": 5}
     r = cli("inspect", out)  # the plugin is needed to rebuild the model
@@ -193,7 +208,17 @@ def test_duplicate_name_is_an_error_naming_both_sources(tmp_path, sample_dir, ba
     assert rows["mmoe"]["status"] == f"duplicate name, also from file {path}"
     assert rows["ple"]["status"] == "ok"
     for args in (
-        ("init", "--model", "mmoe", "--data", sample_dir / "valid.parquet", "--tasks", "click", "--out", tmp_path / "x.safetensors"),
+        (
+            "init",
+            "--model",
+            "mmoe",
+            "--data",
+            sample_dir / "valid.parquet",
+            "--tasks",
+            "click",
+            "--out",
+            tmp_path / "x.safetensors",
+        ),
         ("inspect", base_checkpoint),
     ):
         r = cli(*args, "--plugin-path", d)
@@ -283,7 +308,13 @@ def check_contract(name, config, schema, inputs, labels):
     for k, task in enumerate(schema.task_names):
         grads = torch.autograd.grad(losses[k], list(named.values()), retain_graph=True, allow_unused=True)
         nonzero[task] = {n: g is not None and bool((g != 0).any()) for n, g in zip(named, grads)}
-    leaks = [f"{u}'s loss → {t}'s {n}" for t in schema.task_names for n in owned[t] for u in schema.task_names if u != t and nonzero[u][n]]
+    leaks = [
+        f"{u}'s loss → {t}'s {n}"
+        for t in schema.task_names
+        for n in owned[t]
+        for u in schema.task_names
+        if u != t and nonzero[u][n]
+    ]
     assert leaks == [], "task-owned parameters get gradient from other tasks"
     dead = [n for n in named if n not in claimed and not any(nonzero[t][n] for t in schema.task_names)]
     assert dead == [], "shared parameters no task's loss reaches"
@@ -303,7 +334,9 @@ CONTRACT_CASES = [
 ]
 
 
-@pytest.mark.parametrize("name, config", CONTRACT_CASES, ids=[f"{n}-{json.dumps(c, sort_keys=True)}" for n, c in CONTRACT_CASES])
+@pytest.mark.parametrize(
+    "name, config", CONTRACT_CASES, ids=[f"{n}-{json.dumps(c, sort_keys=True)}" for n, c in CONTRACT_CASES]
+)
 def test_model_plugin_contract(batch, name, config):
     check_contract(name, config, *batch)
 

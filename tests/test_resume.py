@@ -24,17 +24,58 @@ ROOT = Path(__file__).resolve().parents[1]
 def dropout_checkpoint(tmp_path_factory, sample_dir, cli):
     """An MMoE with dropout, so that resuming must also restore the RNG state."""
     path = tmp_path_factory.mktemp("resume") / "init.safetensors"
-    result = cli("init", "--model", "mmoe", "--data", str(sample_dir / "train.parquet"), "--tasks", "click,like,share",
-                 "--out", str(path), "--config", "num_experts=2", "--config", "expert=[16]", "--config", "tower=[8]",
-                 "--config", "dropout=0.2")
+    result = cli(
+        "init",
+        "--model",
+        "mmoe",
+        "--data",
+        str(sample_dir / "train.parquet"),
+        "--tasks",
+        "click,like,share",
+        "--out",
+        str(path),
+        "--config",
+        "num_experts=2",
+        "--config",
+        "expert=[16]",
+        "--config",
+        "tower=[8]",
+        "--config",
+        "dropout=0.2",
+    )
     assert result.exit_code == 0, result.output
     return path
 
 
 def train_args(ckpt, sample_dir, out, *extra):
-    return [sys.executable, "-m", "cogradctl", "train", "--checkpoint", str(ckpt), "--data", str(sample_dir / "train.parquet"),
-            "--valid", str(sample_dir / "valid.parquet"), "--method", "pcgrad", "--batch-size", "64", "--epochs", "3",
-            "--save-every", "3", "--seed", "7", "--device", "cpu", "--out", str(out), "--quiet", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "cogradctl",
+        "train",
+        "--checkpoint",
+        str(ckpt),
+        "--data",
+        str(sample_dir / "train.parquet"),
+        "--valid",
+        str(sample_dir / "valid.parquet"),
+        "--method",
+        "pcgrad",
+        "--batch-size",
+        "64",
+        "--epochs",
+        "3",
+        "--save-every",
+        "3",
+        "--seed",
+        "7",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+        "--quiet",
+        *extra,
+    ]
 
 
 def saved_step(out: Path) -> int:
@@ -75,14 +116,15 @@ def test_sigkill_mid_epoch_then_rerun_gives_bit_identical_weights(dropout_checkp
     # metrics.jsonl reads as one run: every step record once, in order
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     assert steps == sorted(set(steps))
-    assert (ckpt_io.load(out / "best.safetensors").state.keys() == want.keys())
+    assert ckpt_io.load(out / "best.safetensors").state.keys() == want.keys()
 
 
 def test_sigterm_finishes_the_step_saves_and_exits_143(dropout_checkpoint, sample_dir, tmp_path):
     out = tmp_path / "term"
     long_run = ("--save-every", "1000", "--epochs", "40")  # 1280 steps: still running when the signal lands
-    proc = subprocess.Popen(train_args(dropout_checkpoint, sample_dir, out, *long_run), cwd=ROOT,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        train_args(dropout_checkpoint, sample_dir, out, *long_run), cwd=ROOT, stderr=subprocess.PIPE, text=True
+    )
     wait_for_step(proc, out, 32)  # the end of epoch 1 was saved: training is under way
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
@@ -91,7 +133,9 @@ def test_sigterm_finishes_the_step_saves_and_exits_143(dropout_checkpoint, sampl
     state = ckpt_io.load(out / "last.safetensors").training_state
     assert not state["finished"] and state["step"] >= 1
     assert not (out / ".lock").exists()
-    done = subprocess.run(train_args(dropout_checkpoint, sample_dir, out, *long_run), cwd=ROOT, timeout=600)  # the same command
+    done = subprocess.run(
+        train_args(dropout_checkpoint, sample_dir, out, *long_run), cwd=ROOT, timeout=600
+    )  # the same command
     assert done.returncode == 0
     assert ckpt_io.load(out / "last.safetensors").training_state["finished"]
 
@@ -132,8 +176,22 @@ def test_live_lock_is_refused_and_stale_lock_recovered(base_checkpoint, sample_d
     import socket
 
     (out / ".lock").write_text(f"{os.getpid()} {socket.gethostname()}")  # this live process
-    args = ["train", "--checkpoint", str(base_checkpoint), "--data", str(sample_dir / "train.parquet"), "--out", str(out),
-            "--max-steps", "2", "--batch-size", "64", "--device", "cpu", "-q"]
+    args = [
+        "train",
+        "--checkpoint",
+        str(base_checkpoint),
+        "--data",
+        str(sample_dir / "train.parquet"),
+        "--out",
+        str(out),
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "64",
+        "--device",
+        "cpu",
+        "-q",
+    ]
     result = cli(*args)
     assert result.exit_code == 2
     assert f"pid {os.getpid()}" in result.stderr and "in use by another cogradctl run" in result.stderr
@@ -148,8 +206,19 @@ def test_live_lock_is_refused_and_stale_lock_recovered(base_checkpoint, sample_d
 
 def test_rerun_rules(base_checkpoint, sample_dir, tmp_path, cli):
     out = tmp_path / "rules"
-    common = ["--checkpoint", str(base_checkpoint), "--data", str(sample_dir / "train.parquet"), "--out", str(out),
-              "--batch-size", "64", "--device", "cpu", "-q"]
+    common = [
+        "--checkpoint",
+        str(base_checkpoint),
+        "--data",
+        str(sample_dir / "train.parquet"),
+        "--out",
+        str(out),
+        "--batch-size",
+        "64",
+        "--device",
+        "cpu",
+        "-q",
+    ]
     result = cli("train", *common, "--resume", "--max-steps", "2")
     assert result.exit_code == 2 and "holds no run to resume" in result.stderr
     assert cli("train", *common, "--max-steps", "2").exit_code == 0
@@ -186,13 +255,13 @@ def test_config_file_round_trip_overrides_and_errors(base_checkpoint, sample_dir
     again = cli("train", "--config", str(out / "config.toml"), "--out", str(tmp_path / "again"), "-q")
     assert again.exit_code == 0, again.stderr
     bad = tmp_path / "bad.toml"
-    bad.write_text('batchsize = 3\n')
+    bad.write_text("batchsize = 3\n")
     result = cli("train", "--config", str(bad))
     assert result.exit_code == 2 and "unknown key(s) batchsize" in result.stderr and "batch_size" in result.stderr
     bad.write_text('batch_size = "big"\n')
     result = cli("train", "--config", str(bad))
     assert result.exit_code == 2 and "key 'batch_size' must be int" in result.stderr
-    bad.write_text('batch_size = \n')
+    bad.write_text("batch_size = \n")
     result = cli("train", "--config", str(bad))
     assert result.exit_code == 2 and "not valid TOML" in result.stderr
 
@@ -211,13 +280,25 @@ def test_learning_rate_schedules():
 
 def _cfg(base_checkpoint, sample_dir, out, **kw):
     settings = {"batch_size": 64, "max_steps": 6, "seed": 3, **kw}
-    return TrainConfig(checkpoint=str(base_checkpoint), data=str(sample_dir / "train.parquet"), out=str(out), **settings)
+    return TrainConfig(
+        checkpoint=str(base_checkpoint), data=str(sample_dir / "train.parquet"), out=str(out), **settings
+    )
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "adamw", "sgd"])
 def test_optimizers_and_clipping_train(optimizer, base_checkpoint, sample_dir, tmp_path):
-    result = train(_cfg(base_checkpoint, sample_dir, tmp_path / optimizer, optimizer=optimizer, weight_decay=0.01, grad_clip=0.5,
-                        method="cograd"), Log(quiet=True))
+    result = train(
+        _cfg(
+            base_checkpoint,
+            sample_dir,
+            tmp_path / optimizer,
+            optimizer=optimizer,
+            weight_decay=0.01,
+            grad_clip=0.5,
+            method="cograd",
+        ),
+        Log(quiet=True),
+    )
     assert result["steps"] == 6
     before, after = ckpt_io.load(base_checkpoint).state, weights(tmp_path / optimizer)
     assert any(not torch.equal(before[n], after[n]) for n in before)
@@ -226,8 +307,19 @@ def test_optimizers_and_clipping_train(optimizer, base_checkpoint, sample_dir, t
 def test_gradient_clipping_bounds_the_step(base_checkpoint, sample_dir, tmp_path):
     """SGD without momentum, lr 1, clip c: no parameter moves more than c in total norm."""
     clip = 1e-3
-    train(_cfg(base_checkpoint, sample_dir, tmp_path / "clip", optimizer="sgd", momentum=0.0, lr=1.0, grad_clip=clip, max_steps=1),
-          Log(quiet=True))
+    train(
+        _cfg(
+            base_checkpoint,
+            sample_dir,
+            tmp_path / "clip",
+            optimizer="sgd",
+            momentum=0.0,
+            lr=1.0,
+            grad_clip=clip,
+            max_steps=1,
+        ),
+        Log(quiet=True),
+    )
     before, after = ckpt_io.load(base_checkpoint).state, weights(tmp_path / "clip")
     moved = torch.sqrt(sum(((after[n] - before[n]).double() ** 2).sum() for n in before))
     assert 0 < float(moved) <= clip * (1 + 1e-5)
@@ -256,8 +348,18 @@ def test_nonfinite_abort_keeps_last_good_state_and_skip_counts(base_checkpoint, 
 
 
 def test_bf16_autocast_on_cpu_trains(base_checkpoint, sample_dir, tmp_path):
-    result = train(_cfg(base_checkpoint, sample_dir, tmp_path / "bf16", precision="bf16", valid=str(sample_dir / "valid.parquet"),
-                        max_steps=30, lr=3e-3), Log(quiet=True))
+    result = train(
+        _cfg(
+            base_checkpoint,
+            sample_dir,
+            tmp_path / "bf16",
+            precision="bf16",
+            valid=str(sample_dir / "valid.parquet"),
+            max_steps=30,
+            lr=3e-3,
+        ),
+        Log(quiet=True),
+    )
     mean = lambda r: sum(m["auc"] for m in r["tasks"].values()) / 3
     assert mean(result["after"]) > mean(result["before"])
     with pytest.raises(UsageError, match="fp16 needs a CUDA device"):
@@ -265,8 +367,19 @@ def test_bf16_autocast_on_cpu_trains(base_checkpoint, sample_dir, tmp_path):
 
 
 def test_early_stopping(base_checkpoint, sample_dir, tmp_path):
-    result = train(_cfg(base_checkpoint, sample_dir, tmp_path / "early", valid=str(sample_dir / "valid.parquet"), lr=1e-12,
-                        eval_every=1, early_stopping=2, max_steps=50), Log(quiet=True))
+    result = train(
+        _cfg(
+            base_checkpoint,
+            sample_dir,
+            tmp_path / "early",
+            valid=str(sample_dir / "valid.parquet"),
+            lr=1e-12,
+            eval_every=1,
+            early_stopping=2,
+            max_steps=50,
+        ),
+        Log(quiet=True),
+    )
     assert result["stopped_early"] and result["steps"] == 2
     assert ckpt_io.load(tmp_path / "early" / "last.safetensors").training_state["finished"]
 
@@ -282,7 +395,10 @@ def test_tensorboard_logs_the_losses(base_checkpoint, sample_dir, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "tb"
-    train(_cfg(base_checkpoint, sample_dir, out, tensorboard=True, log_every=2, valid=str(sample_dir / "valid.parquet")), Log(quiet=True))
+    train(
+        _cfg(base_checkpoint, sample_dir, out, tensorboard=True, log_every=2, valid=str(sample_dir / "valid.parquet")),
+        Log(quiet=True),
+    )
     events = EventAccumulator(str(out / "tensorboard"))
     events.Reload()
     tags = events.Tags()["scalars"]

@@ -27,13 +27,18 @@ def parts(tmp_path_factory):
 
 
 def cat(batches):
-    return (torch.cat([b[0]["dense"] for b in batches]), torch.cat([b[0]["categorical"] for b in batches]),
-            torch.cat([b[1] for b in batches]))
+    return (
+        torch.cat([b[0]["dense"] for b in batches]),
+        torch.cat([b[0]["categorical"] for b in batches]),
+        torch.cat([b[1] for b in batches]),
+    )
 
 
 def same(a, b):
     return len(a) == len(b) and all(
-        torch.equal(x[0]["dense"], y[0]["dense"]) and torch.equal(x[0]["categorical"], y[0]["categorical"]) and torch.equal(x[1], y[1])
+        torch.equal(x[0]["dense"], y[0]["dense"])
+        and torch.equal(x[0]["categorical"], y[0]["categorical"])
+        and torch.equal(x[1], y[1])
         for x, y in zip(a, b)
     )
 
@@ -56,7 +61,9 @@ def test_shuffle_is_a_deterministic_permutation(parts, buffer):
     ds = data.load(str(root), schema)
     s = ParquetStream(str(root), schema, shuffle_buffer=buffer)
     a = list(s.batches(128, shuffle=True, seed=1, epoch=0))
-    assert same(a, list(ParquetStream(str(root), schema, shuffle_buffer=buffer).batches(128, shuffle=True, seed=1, epoch=0)))
+    assert same(
+        a, list(ParquetStream(str(root), schema, shuffle_buffer=buffer).batches(128, shuffle=True, seed=1, epoch=0))
+    )
     d, _, y = cat(a)
     key = lambda m: sorted(map(tuple, m.tolist()))  # noqa: E731
     assert key(torch.cat([d, y], 1)) == key(torch.cat([ds.dense, ds.labels], 1))
@@ -121,9 +128,13 @@ def test_drop_invalid_rows_counts_them(tmp_path, parts):
     f0[[3, 200]] = [np.nan, np.inf]
     like = table.column("like").to_pylist()
     like[10] = None
-    table = table.set_column(0, "f0", pa.array(f0)).set_column(table.schema.get_field_index("like"), "like", pa.array(like, pa.int8()))
+    table = table.set_column(0, "f0", pa.array(f0)).set_column(
+        table.schema.get_field_index("like"), "like", pa.array(like, pa.int8())
+    )
     pq.write_table(table, tmp_path / "bad.parquet")
-    with pytest.raises(DataError, match=r"bad.parquet \(row group 0\): 3 invalid row\(s\).*'f0' 2.*'like' 1.*--on-invalid-rows drop"):
+    with pytest.raises(
+        DataError, match=r"bad.parquet \(row group 0\): 3 invalid row\(s\).*'f0' 2.*'like' 1.*--on-invalid-rows drop"
+    ):
         list(ParquetStream(str(tmp_path / "bad.parquet"), schema).batches(64, shuffle=False))
     s = ParquetStream(str(tmp_path / "bad.parquet"), schema, on_invalid="drop")
     _, _, y = cat(list(s.batches(64, shuffle=False)))
@@ -169,7 +180,9 @@ def test_data_shards_resume_exactly(parts):
     s = ParquetStream(str(root), schema, shuffle_buffer=150)
     full = list(s.batches(50, shuffle=True, seed=1, epoch=1, shards=2, take=(0, 1)))
     for start in (1, 5, len(full) - 1):
-        assert same(full[start:], list(s.batches(50, shuffle=True, seed=1, epoch=1, shards=2, take=(0, 1), start_batch=start))), start
+        assert same(
+            full[start:], list(s.batches(50, shuffle=True, seed=1, epoch=1, shards=2, take=(0, 1), start_batch=start))
+        ), start
 
 
 def test_data_shard_numbers_are_checked(parts):

@@ -33,11 +33,25 @@ def world(tmp_path_factory):
     net, config = models.build("mmoe", schema, CONFIG)
     init = root / "init.safetensors"
     ckpt_io.save(ckpt_io.Checkpoint("mmoe", config, schema, net.state_dict(), []), init)
-    cfg = TrainConfig(checkpoint=str(init), data=str(root / "train.parquet"), out=str(root / "run"), lr=1e-2,
-                      batch_size=128, max_steps=8, seed=1, measure_every=4)
+    cfg = TrainConfig(
+        checkpoint=str(init),
+        data=str(root / "train.parquet"),
+        out=str(root / "run"),
+        lr=1e-2,
+        batch_size=128,
+        max_steps=8,
+        seed=1,
+        measure_every=4,
+    )
     train(cfg, Log(quiet=True))
-    return {"root": root, "schema": schema, "init": init, "tuned": root / "run" / "last.safetensors",
-            "train": str(root / "train.parquet"), "data": data_io.load(str(root / "train.parquet"), schema)}
+    return {
+        "root": root,
+        "schema": schema,
+        "init": init,
+        "tuned": root / "run" / "last.safetensors",
+        "train": str(root / "train.parquet"),
+        "data": data_io.load(str(root / "train.parquet"), schema),
+    }
 
 
 def float64_model(path):
@@ -95,11 +109,20 @@ def test_by_module_matches_moving_only_that_group(world):
     schema, alpha = world["schema"], 0.5
     groups = tr.shared_groups(model, split)
     batch = batch64(world["data"], (0, 300))
-    out = tr.measure_batch(model, split, schema, tr.SharedGradients(model, split, schema), *batch, alpha,
-                           groups=tr._groups(split, groups, "cpu"))
+    out = tr.measure_batch(
+        model,
+        split,
+        schema,
+        tr.SharedGradients(model, split, schema),
+        *batch,
+        alpha,
+        groups=tr._groups(split, groups, "cpu"),
+    )
     for name in ("experts", "input"):
         members = set(groups[name])
-        ref, _ = brute_force(model, schema, batch, batch, lambda n, p: alpha * p.grad if n in members else None)
+        ref, _ = brute_force(
+            model, schema, batch, batch, lambda n, p, members=members: alpha * p.grad if n in members else None
+        )
         assert abs(ref).max() > 1e-5
         torch.testing.assert_close(torch.tensor(out["modules"][name]["transference"]), ref, rtol=0, atol=1e-6)
     # cosine restricted to the group: gradients of that group's parameters only
@@ -116,7 +139,9 @@ def test_optimizer_lookahead_is_the_adam_preconditioned_step(world):
     precond, lr, info = tr.adam_preconditioner(ckpt.extra, ckpt.history, split, "tuned")
     assert lr == pytest.approx(1e-2) and info["step"] == 8
     batch = batch64(world["data"], (300, 600))
-    out = tr.measure_batch(model, split, schema, tr.SharedGradients(model, split, schema), *batch, lr, precond=precond.double())
+    out = tr.measure_batch(
+        model, split, schema, tr.SharedGradients(model, split, schema), *batch, lr, precond=precond.double()
+    )
 
     def adam_step(name, p):  # by hand: v̂ = v / (1 − β2^t); step = lr · g / (sqrt(v̂) + ε), no momentum
         v = ckpt.extra[f"optim.exp_avg_sq.{name}"].double()
@@ -138,14 +163,20 @@ def test_holdout_steps_on_one_batch_and_measures_on_the_next(world):
     _, model, split = float64_model(world["tuned"])
     schema, data = world["schema"], world["data"]
     data64 = data_io.Dataset(data.dense.double(), data.categorical, data.labels.double(), data.sources)
-    per_batch, measured = tr.measure_per_batch(model, split, schema, data64, batches=2, batch_size=200, lookahead_lr=0.5, seed=4, holdout=True)
+    per_batch, measured = tr.measure_per_batch(
+        model, split, schema, data64, batches=2, batch_size=200, lookahead_lr=0.5, seed=4, holdout=True
+    )
     assert len(per_batch) == 2
     ranges = tr.pick_batches(len(data), 3, 200, 4)
     for t in range(2):
         assert measured[t]["rows"] == list(ranges[t]) and measured[t]["evaluated_on"]["rows"] == list(ranges[t + 1])
-        ref, base = brute_force(model, schema, batch64(data, ranges[t]), batch64(data, ranges[t + 1]), lambda n, p: 0.5 * p.grad)
+        ref, base = brute_force(
+            model, schema, batch64(data, ranges[t]), batch64(data, ranges[t + 1]), lambda n, p: 0.5 * p.grad
+        )
         torch.testing.assert_close(torch.tensor(per_batch[t]["transference"]), ref, rtol=0, atol=1e-6)
-        torch.testing.assert_close(torch.tensor(per_batch[t]["transference_rel"]), ref / base[None, :], rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            torch.tensor(per_batch[t]["transference_rel"]), ref / base[None, :], rtol=0, atol=1e-6
+        )
 
 
 def test_transference_and_cosine_rise_with_task_correlation(tmp_path):
@@ -182,18 +213,53 @@ def cli(*args):
 
 
 def test_json_schema_baseline_delta_and_determinism(world, tmp_path):
-    args = ["--checkpoint", world["tuned"], "--data", world["train"], "--batches", 3, "--batch-size", 150, "--seed", 2, "--quiet"]
-    code, out, err = cli(*args, "--json", "--baseline", world["init"], "--by-module", "--normalize-rows", "--raw", tmp_path / "raw.parquet")
+    args = [
+        "--checkpoint",
+        world["tuned"],
+        "--data",
+        world["train"],
+        "--batches",
+        3,
+        "--batch-size",
+        150,
+        "--seed",
+        2,
+        "--quiet",
+    ]
+    code, out, err = cli(
+        *args,
+        "--json",
+        "--baseline",
+        world["init"],
+        "--by-module",
+        "--normalize-rows",
+        "--raw",
+        tmp_path / "raw.parquet",
+    )
     assert code == 0, err
     doc = json.loads(out)
-    keys = {"tasks", "transference", "transference_rel", "cosine", "conflict_rate", "gms", "stderr", "lookahead_lr", "batches", "batch_size", "measured"}
+    keys = {
+        "tasks",
+        "transference",
+        "transference_rel",
+        "cosine",
+        "conflict_rate",
+        "gms",
+        "stderr",
+        "lookahead_lr",
+        "batches",
+        "batch_size",
+        "measured",
+    }
     assert keys <= set(doc) and doc["tasks"] == TASKS and doc["lookahead_lr"] == 0.1 and doc["batches"] == 3
     for key in ("transference", "transference_rel", "cosine", "conflict_rate", "gms"):
         assert np.array(doc[key]).shape == (3, 3) and np.array(doc["stderr"][key]).shape == (3, 3)
         assert np.array(doc["baseline"][key]).shape == (3, 3)
         np.testing.assert_allclose(doc["delta"][key], np.array(doc[key]) - np.array(doc["baseline"][key]), atol=1e-12)
     assert np.array(doc["transference_rel_normalized"]).diagonal() == pytest.approx(1.0)
-    assert set(doc["modules"]) == {"input", "experts"} and np.array(doc["modules"]["experts"]["transference_rel"]).shape == (3, 3)
+    assert set(doc["modules"]) == {"input", "experts"} and np.array(
+        doc["modules"]["experts"]["transference_rel"]
+    ).shape == (3, 3)
     assert {v for row in doc["delta"]["verdict"] for v in row} <= {"improved", "worsened", "unchanged"}
     assert doc["baseline"]["measured"] == doc["measured"]  # the same batches
     # --raw: one row per checkpoint × module ("*" = all shared parameters) × batch × ordered pair (diagonal included)
@@ -218,7 +284,9 @@ def test_gates_exit_3_naming_the_pair_and_0_when_they_pass(world):
     code, out, err = cli(*args, "--min-transference", -1, "--max-conflict-rate", 1.0)
     assert code == 0, err
     assert "transference summary" in out
-    code, _, err = cli(*args, "--baseline", world["init"], "--max-regression", -1)  # any pair "regresses" by more than −1
+    code, _, err = cli(
+        *args, "--baseline", world["init"], "--max-regression", -1
+    )  # any pair "regresses" by more than −1
     assert code == 3 and "--max-regression -1" in err and "fell from" in err
     code, _, err = cli(*args, "--baseline", world["init"], "--max-regression", 1)
     assert code == 0, err
@@ -244,8 +312,21 @@ def test_input_errors_exit_2(world, tmp_path):
 def test_plot_writes_a_png(world, tmp_path):
     pytest.importorskip("matplotlib")
     png = tmp_path / "heat.png"
-    code, _, err = cli("--checkpoint", world["tuned"], "--data", world["train"], "--batches", 2, "--batch-size", 100, "--quiet",
-                       "--baseline", world["init"], "--plot", png)
+    code, _, err = cli(
+        "--checkpoint",
+        world["tuned"],
+        "--data",
+        world["train"],
+        "--batches",
+        2,
+        "--batch-size",
+        100,
+        "--quiet",
+        "--baseline",
+        world["init"],
+        "--plot",
+        png,
+    )
     assert code == 0, err
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

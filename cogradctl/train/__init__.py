@@ -28,15 +28,40 @@ from cogradctl.train.config import OPTIMIZERS, OUTPUTS, PRECISIONS, RESUME_KEYS,
 from cogradctl.train.guard import run_lock, stop_signals
 from cogradctl.train.logs import MetricsLog, TensorBoard, step_record
 from cogradctl.train.loop import train
+from cogradctl.train.optim import lr_at, make_optimizer, optimizer_step, trainable
 from cogradctl.train.run import Inputs, Progress, Run
 from cogradctl.train.save import now, validation_score
-from cogradctl.train.optim import lr_at, make_optimizer, optimizer_step, trainable
 from cogradctl.train.state import optimizer_tensors, previous_state, restore
 from cogradctl.train.step import Autocast, LossScaler, train_step
 
 __all__ = [
-    "OPTIMIZERS", "OUTPUTS", "PRECISIONS", "RESUME_KEYS", "SCHEDULES", "Autocast", "Batches", "LossScaler",
-    "Inputs", "MetricsLog", "Progress", "Run", "TensorBoard", "TrainConfig", "data_shards", "lr_at", "make_optimizer", "now",
-    "optimizer_step", "optimizer_tensors", "previous_state", "restore", "run_lock", "step_record", "stop_signals",
-    "train", "train_step", "trainable", "validation_score",
+    "OPTIMIZERS",
+    "OUTPUTS",
+    "PRECISIONS",
+    "RESUME_KEYS",
+    "SCHEDULES",
+    "Autocast",
+    "Batches",
+    "LossScaler",
+    "Inputs",
+    "MetricsLog",
+    "Progress",
+    "Run",
+    "TensorBoard",
+    "TrainConfig",
+    "data_shards",
+    "lr_at",
+    "make_optimizer",
+    "now",
+    "optimizer_step",
+    "optimizer_tensors",
+    "previous_state",
+    "restore",
+    "run_lock",
+    "step_record",
+    "stop_signals",
+    "train",
+    "train_step",
+    "trainable",
+    "validation_score",
 ]

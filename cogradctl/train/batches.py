@@ -15,10 +15,16 @@ def data_shards(cfg: TrainConfig, state: dict | None, world: int) -> int:
     process. Each process reads shards/world of them, so the world size must divide it."""
     shards = cfg.data_shards or (state["config"].get("data_shards", 1) if state else world)
     if shards % world:
-        where = f"the run in {cfg.out} reads its data in {shards} shard(s)" if state and not cfg.data_shards else f"--data-shards {shards}"
+        where = (
+            f"the run in {cfg.out} reads its data in {shards} shard(s)"
+            if state and not cfg.data_shards
+            else f"--data-shards {shards}"
+        )
         raise UsageError(f"{where}: run it with a number of processes that divides {shards} (now {world})")
     if (cfg.batch_size * world) % shards:
-        raise UsageError(f"--batch-size {cfg.batch_size} × {world} process(es) is not a multiple of the {shards} data shards")
+        raise UsageError(
+            f"--batch-size {cfg.batch_size} × {world} process(es) is not a multiple of the {shards} data shards"
+        )
     return shards
 
 
@@ -26,7 +32,9 @@ class Batches:
     """This process's training batches: its data shards, and the first batch (at the run's starting
     position) read up front to check the data before anything is written."""
 
-    def __init__(self, stream: ParquetStream, cfg: TrainConfig, shards: int, dist: Dist, position: tuple[int, int], device) -> None:
+    def __init__(
+        self, stream: ParquetStream, cfg: TrainConfig, shards: int, dist: Dist, position: tuple[int, int], device
+    ) -> None:
         self.stream, self.cfg, self.shards, self.device = stream, cfg, shards, device
         self.take = dist.shards(shards)
         self.shard_batch = cfg.batch_size * dist.world // shards
@@ -37,8 +45,16 @@ class Batches:
         self.first = next(self.rest, None)
 
     def _read(self, epoch: int, start_batch: int):
-        return self.stream.batches(self.shard_batch, shuffle=True, seed=self.cfg.seed, epoch=epoch, start_batch=start_batch,
-                                   device=self.device, shards=self.shards, take=self.take)
+        return self.stream.batches(
+            self.shard_batch,
+            shuffle=True,
+            seed=self.cfg.seed,
+            epoch=epoch,
+            start_batch=start_batch,
+            device=self.device,
+            shards=self.shards,
+            take=self.take,
+        )
 
     def batches(self, epoch: int, start_batch: int):
         if (epoch, start_batch) == self.position and self.first is not None:

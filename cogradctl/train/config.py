@@ -19,9 +19,25 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "cosine", "linear")
 PRECISIONS = ("fp32", "bf16", "fp16")
 # Changing these between a run and its resumption would make the result something else.
-RESUME_KEYS = ("checkpoint", "data", "method", "method_options", "optimizer", "lr", "weight_decay", "momentum",
-               "grad_clip", "warmup_steps", "schedule", "epochs", "max_steps", "seed", "precision",
-               "on_invalid_rows", "shuffle_buffer")
+RESUME_KEYS = (
+    "checkpoint",
+    "data",
+    "method",
+    "method_options",
+    "optimizer",
+    "lr",
+    "weight_decay",
+    "momentum",
+    "grad_clip",
+    "warmup_steps",
+    "schedule",
+    "epochs",
+    "max_steps",
+    "seed",
+    "precision",
+    "on_invalid_rows",
+    "shuffle_buffer",
+)
 
 
 @dataclass
@@ -74,8 +90,13 @@ class TrainConfig:
             raise UsageError(f"--shuffle-buffer must be at least 0, got {self.shuffle_buffer}")
         if self.weight_decay < 0 or self.warmup_steps < 0 or not 0 <= self.momentum < 1:
             raise UsageError("--weight-decay and --warmup-steps must be ≥ 0 and --momentum in [0, 1)")
-        for name, allowed in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("precision", PRECISIONS),
-                              ("on_nonfinite", ("abort", "skip")), ("on_invalid_rows", ("error", "drop"))):
+        for name, allowed in (
+            ("optimizer", OPTIMIZERS),
+            ("schedule", SCHEDULES),
+            ("precision", PRECISIONS),
+            ("on_nonfinite", ("abort", "skip")),
+            ("on_invalid_rows", ("error", "drop")),
+        ):
             if getattr(self, name) not in allowed:
                 raise UsageError(f"--{_flag(name)} {getattr(self, name)!r}: expected one of {', '.join(allowed)}")
         if self.early_stopping is not None and self.valid is None:
@@ -86,7 +107,11 @@ class TrainConfig:
     def identity(self, world: int = 1, shards: int = 1) -> dict:
         """What a resumed run must share with the saved one. The batch counts as the global batch
         and the data shards, so a run may resume with another number of processes (docs/distributed.md)."""
-        return {**{k: getattr(self, k) for k in RESUME_KEYS}, "global_batch": self.batch_size * world, "data_shards": shards}
+        return {
+            **{k: getattr(self, k) for k in RESUME_KEYS},
+            "global_batch": self.batch_size * world,
+            "data_shards": shards,
+        }
 
 
 def _flag(name: str) -> str:

@@ -23,8 +23,10 @@ def run_lock(out: Path):
             pid, host = _lock_owner(lock)
             if pid is not None and (host != socket.gethostname() or _alive(pid)):
                 where = "" if host == socket.gethostname() else f" on {host}"
-                raise UsageError(f"--out {out}: in use by another cogradctl run (pid {pid}{where}); "
-                                 f"wait for it, or remove {lock} if that process is gone") from None
+                raise UsageError(
+                    f"--out {out}: in use by another cogradctl run (pid {pid}{where}); "
+                    f"wait for it, or remove {lock} if that process is gone"
+                ) from None
             lock.unlink(missing_ok=True)  # stale: its process is dead
             continue
         with os.fdopen(fd, "w") as f:

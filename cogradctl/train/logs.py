@@ -53,7 +53,9 @@ class TensorBoard:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            raise UsageError('--tensorboard needs the tensorboard package: pip install "cogradctl[tensorboard]"') from None
+            raise UsageError(
+                '--tensorboard needs the tensorboard package: pip install "cogradctl[tensorboard]"'
+            ) from None
         self.writer = SummaryWriter(str(logdir))
 
     def scalars(self, step: int, values: dict) -> None:

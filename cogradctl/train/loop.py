@@ -64,8 +64,9 @@ def train(cfg: TrainConfig, log: Log, plugin_paths: list[str] | None = None) -> 
             return _train(cfg, out, log, dist, device, inputs, stop)
 
 
-def _train(cfg: TrainConfig, out: Path, log: Log, dist: Dist, device: torch.device, inputs: Inputs,
-           stop: StopFlag) -> dict:
+def _train(
+    cfg: TrainConfig, out: Path, log: Log, dist: Dist, device: torch.device, inputs: Inputs, stop: StopFlag
+) -> dict:
     run = prepare(cfg, out, log, dist, device, inputs, stop)
     p = run.progress
     if inputs.state is None:  # a new run: record the starting point
@@ -131,19 +132,33 @@ def _step(run: Run, inputs, labels) -> tuple | None:
     for group in run.optimizer.param_groups:
         group["lr"] = lr_at(cfg, p.step, run.total)
     try:
-        result = train_step(run.grads, run.inputs.method, run.optimizer, inputs, labels, run.autocast, run.scaler,
-                            cfg.grad_clip, reduce=run.reduce, stop=bool(run.stop.signum))
+        result = train_step(
+            run.grads,
+            run.inputs.method,
+            run.optimizer,
+            inputs,
+            labels,
+            run.autocast,
+            run.scaler,
+            cfg.grad_clip,
+            reduce=run.reduce,
+            stop=bool(run.stop.signum),
+        )
     except Diverged as exc:
         if cfg.on_nonfinite == "abort":
             run.dist.barrier()
-            raise Diverged(f"{exc} at step {p.step + 1}; the last saved state is kept in "
-                           f"{run.out / 'last.safetensors'}; lower --lr or use --on-nonfinite skip") from None
+            raise Diverged(
+                f"{exc} at step {p.step + 1}; the last saved state is kept in "
+                f"{run.out / 'last.safetensors'}; lower --lr or use --on-nonfinite skip"
+            ) from None
         p.skipped += 1
         run.metrics.write({"step": p.step + 1, "epoch": p.epoch, "skipped": str(exc), "skipped_total": p.skipped})
         return None, None
     if result is None and p.batch == 0:  # as the stream says for one process holding every shard
-        raise DataError(f"{cfg.data}: no rows left in epoch {p.epoch} on any of the {run.dist.world} "
-                        "processes after dropping invalid rows")
+        raise DataError(
+            f"{cfg.data}: no rows left in epoch {p.epoch} on any of the {run.dist.world} "
+            "processes after dropping invalid rows"
+        )
     return result
 
 
@@ -202,8 +217,11 @@ def _raise_if_stopped(run: Run) -> None:
     run.stop.signum = run.stop.signum or signal.SIGTERM  # another process was asked to stop
     run.dist.barrier()  # rank 0 has saved: no process exits before
     name = signal.Signals(run.stop.signum).name
-    raise Stopped(f"stopped by {name} at step {run.progress.step}; state saved in {run.out / 'last.safetensors'}; "
-                  "rerun the same command to resume", run.stop.signum)
+    raise Stopped(
+        f"stopped by {name} at step {run.progress.step}; state saved in {run.out / 'last.safetensors'}; "
+        "rerun the same command to resume",
+        run.stop.signum,
+    )
 
 
 def _measure(run: Run) -> dict:
@@ -211,8 +229,16 @@ def _measure(run: Run) -> dict:
     from cogradctl.transference import measure
 
     cfg, inputs = run.cfg, run.inputs
-    result = measure(inputs.model, inputs.split, inputs.source.schema, run.measure_rows, MEASURE_BATCHES,
-                     min(MEASURE_BATCH_SIZE, cfg.batch_size), seed=cfg.seed, device=run.device)
+    result = measure(
+        inputs.model,
+        inputs.split,
+        inputs.source.schema,
+        run.measure_rows,
+        MEASURE_BATCHES,
+        min(MEASURE_BATCH_SIZE, cfg.batch_size),
+        seed=cfg.seed,
+        device=run.device,
+    )
     result.pop("measured")
     return result
 
@@ -234,5 +260,3 @@ def _result(run: Run) -> dict:
         "after": p.last_eval if has_valid else None,
         "best": best if has_valid else None,
     }
-
-

@@ -37,8 +37,13 @@ def optimizer_step(optimizer: torch.optim.Optimizer) -> None:
         return
     calls = []
     for group in optimizer.param_groups:
-        if (not group.get("fused") or group["amsgrad"] or group["capturable"] or group["differentiable"]
-                or "decoupled_weight_decay" not in group):
+        if (
+            not group.get("fused")
+            or group["amsgrad"]
+            or group["capturable"]
+            or group["differentiable"]
+            or "decoupled_weight_decay" not in group
+        ):
             optimizer.step()
             return
         params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
@@ -59,10 +64,23 @@ def optimizer_step(optimizer: torch.optim.Optimizer) -> None:
     with torch.no_grad():
         for group, params, grads, exp_avgs, exp_avg_sqs, steps in calls:
             beta1, beta2 = group["betas"]
-            functional_adam(params, grads, exp_avgs, exp_avg_sqs, [], steps, fused=True,
-                            decoupled_weight_decay=group["decoupled_weight_decay"], amsgrad=False,
-                            beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
-                            eps=group["eps"], maximize=group["maximize"])
+            functional_adam(
+                params,
+                grads,
+                exp_avgs,
+                exp_avg_sqs,
+                [],
+                steps,
+                fused=True,
+                decoupled_weight_decay=group["decoupled_weight_decay"],
+                amsgrad=False,
+                beta1=beta1,
+                beta2=beta2,
+                lr=group["lr"],
+                weight_decay=group["weight_decay"],
+                eps=group["eps"],
+                maximize=group["maximize"],
+            )
 
 
 def lr_at(cfg: TrainConfig, step: int, total: int) -> float:

@@ -23,7 +23,9 @@ def evaluate_now(run: Run) -> None:
         return
     p.evaluated_step = p.step
     if run.dist.main:
-        record_evaluation(run, evaluate(run.inputs.model, run.inputs.valid, run.inputs.source.schema, device=run.device))
+        record_evaluation(
+            run, evaluate(run.inputs.model, run.inputs.valid, run.inputs.source.schema, device=run.device)
+        )
         run.inputs.model.train()
     if run.dist.from_main(bool(cfg.early_stopping) and p.bad_evals >= (cfg.early_stopping or 0)):
         p.stopped_early = True
@@ -68,15 +70,24 @@ def snapshot(run: Run, finished: bool) -> ckpt_io.Checkpoint:
     entry = {**run.history_entry, "steps": p.step, "epochs": p.epoch, "seconds": round(seconds, 3), "time": now()}
     identity = run.cfg.identity(run.dist.world, run.inputs.batches.shards)
     training_state = {**asdict(p), "finished": finished, "seconds": seconds, "config": identity}
-    extra = {**optimizer_tensors(run.optimizer, run.names, run.inputs.split),
-             **{f"method.{k}": v for k, v in method.state_dict().items()},
-             "rng.torch": torch.get_rng_state()}
+    extra = {
+        **optimizer_tensors(run.optimizer, run.names, run.inputs.split),
+        **{f"method.{k}": v for k, v in method.state_dict().items()},
+        "rng.torch": torch.get_rng_state(),
+    }
     if run.device.type == "cuda":
         extra["rng.cuda"] = torch.cuda.get_rng_state(run.device)
     if run.scaler is not None:
         extra["scaler.scale"] = torch.tensor([run.scaler.scale, float(run.scaler.good_steps)], dtype=torch.float64)
-    return ckpt_io.Checkpoint(source.model, source.model_config, source.schema, run.inputs.model.state_dict(),
-                              [*source.history, entry], extra, training_state)
+    return ckpt_io.Checkpoint(
+        source.model,
+        source.model_config,
+        source.schema,
+        run.inputs.model.state_dict(),
+        [*source.history, entry],
+        extra,
+        training_state,
+    )
 
 
 def now() -> str:

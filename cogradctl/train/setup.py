@@ -45,7 +45,9 @@ def read_inputs(cfg: TrainConfig, out: Path, log: Log, plugin_paths, dist: Dist,
     shards = data_shards(cfg, state, dist.world)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        stream = ParquetStream(cfg.data, source.schema, on_invalid=cfg.on_invalid_rows, shuffle_buffer=cfg.shuffle_buffer)
+        stream = ParquetStream(
+            cfg.data, source.schema, on_invalid=cfg.on_invalid_rows, shuffle_buffer=cfg.shuffle_buffer
+        )
         valid = None
         if cfg.valid and dist.main:
             valid = ParquetStream(cfg.valid, source.schema, on_invalid=cfg.on_invalid_rows)
@@ -57,8 +59,9 @@ def read_inputs(cfg: TrainConfig, out: Path, log: Log, plugin_paths, dist: Dist,
     return Inputs(source, model, split, method, state, batches, valid, before)
 
 
-def prepare(cfg: TrainConfig, out: Path, log: Log, dist: Dist, device: torch.device, inputs: Inputs,
-             stop: StopFlag) -> Run:
+def prepare(
+    cfg: TrainConfig, out: Path, log: Log, dist: Dist, device: torch.device, inputs: Inputs, stop: StopFlag
+) -> Run:
     """The optimizer and the method set up (from the saved state on resume), the logs opened,
     config.toml written: a :class:`Run` ready for its first step."""
     state, split, method, batches = inputs.state, inputs.split, inputs.method, inputs.batches
@@ -86,12 +89,27 @@ def prepare(cfg: TrainConfig, out: Path, log: Log, dist: Dist, device: torch.dev
     if dist.main:
         write_config(out / "config.toml", cfg)
     return Run(
-        cfg=cfg, out=out, log=log, dist=dist, device=device, inputs=inputs, optimizer=optimizer, names=names,
-        scaler=scaler, grads=TaskGradients(inputs.model, split, inputs.source.schema, device),
-        autocast=Autocast(device, cfg.precision), reduce=StepReducer(dist) if dist.world > 1 else None, stop=stop,
-        metrics=metrics, tensorboard=tensorboard, measure_rows=measure_rows, total=total,
-        history_entry=_history_entry(cfg, optimizer), started=time.time() - (state["seconds"] if state else 0.0),
-        progress=Progress.saved(state) if state else Progress(), method_warnings=[],
+        cfg=cfg,
+        out=out,
+        log=log,
+        dist=dist,
+        device=device,
+        inputs=inputs,
+        optimizer=optimizer,
+        names=names,
+        scaler=scaler,
+        grads=TaskGradients(inputs.model, split, inputs.source.schema, device),
+        autocast=Autocast(device, cfg.precision),
+        reduce=StepReducer(dist) if dist.world > 1 else None,
+        stop=stop,
+        metrics=metrics,
+        tensorboard=tensorboard,
+        measure_rows=measure_rows,
+        total=total,
+        history_entry=_history_entry(cfg, optimizer),
+        started=time.time() - (state["seconds"] if state else 0.0),
+        progress=Progress.saved(state) if state else Progress(),
+        method_warnings=[],
     )
 
 
@@ -102,20 +120,31 @@ def _total_steps(cfg: TrainConfig, batches: Batches) -> int:
 
 def _log_start(cfg: TrainConfig, log: Log, inputs: Inputs, dist: Dist, device: torch.device, total: int) -> None:
     batches = inputs.batches
-    log.info(f"training {inputs.source.model} on {batches.num_rows} rows ({', '.join(inputs.source.schema.task_names)}) "
-             f"with {cfg.method}; {inputs.split.num_shared} shared parameters; {total} steps; device {device}")
+    log.info(
+        f"training {inputs.source.model} on {batches.num_rows} rows ({', '.join(inputs.source.schema.task_names)}) "
+        f"with {cfg.method}; {inputs.split.num_shared} shared parameters; {total} steps; device {device}"
+    )
     if dist.world > 1 or batches.shards > 1:
-        log.info(f"{dist.world} process(es) × batch {cfg.batch_size} = global batch {cfg.batch_size * dist.world} "
-                 f"({batches.shards} data shard(s) of {batches.shard_batch} rows per step); learning rate {cfg.lr:g} "
-                 "as given (the gradients are means over the global batch; it is not scaled with the number of processes)")
+        log.info(
+            f"{dist.world} process(es) × batch {cfg.batch_size} = global batch {cfg.batch_size * dist.world} "
+            f"({batches.shards} data shard(s) of {batches.shard_batch} rows per step); learning rate {cfg.lr:g} "
+            "as given (the gradients are means over the global batch; it is not scaled with the number of processes)"
+        )
 
 
 def _history_entry(cfg: TrainConfig, optimizer: torch.optim.Optimizer) -> dict:
     """This run's entry in the checkpoint's history (steps, epochs, seconds and time are added at each save)."""
     settings = {k: v for k, v in optimizer.defaults.items() if k in ("betas", "eps", "momentum")}
     return {
-        "run": "train", "method": cfg.method, "method_options": cfg.method_options, "data": cfg.data, "seed": cfg.seed,
-        "lr": cfg.lr, "batch_size": cfg.batch_size, "from": str(cfg.checkpoint), "config": plain(cfg),
+        "run": "train",
+        "method": cfg.method,
+        "method_options": cfg.method_options,
+        "data": cfg.data,
+        "seed": cfg.seed,
+        "lr": cfg.lr,
+        "batch_size": cfg.batch_size,
+        "from": str(cfg.checkpoint),
+        "config": plain(cfg),
         "optimizer": json.loads(json.dumps({"name": cfg.optimizer, "lr": cfg.lr, **settings})),  # tuples → lists
     }
 

@@ -20,7 +20,9 @@ from cogradctl.train.batches import data_shards
 from cogradctl.train.config import OUTPUTS, TrainConfig
 
 
-def optimizer_tensors(optimizer: torch.optim.Optimizer, names: list[str | None], split: ParamSplit | None = None) -> dict[str, torch.Tensor]:
+def optimizer_tensors(
+    optimizer: torch.optim.Optimizer, names: list[str | None], split: ParamSplit | None = None
+) -> dict[str, torch.Tensor]:
     """The optimizer's per-parameter state as ``optim.<key>.<parameter name>`` tensors; the flat
     shared parameter's (name None) cut into one entry per shared parameter, so a checkpoint reads
     the same with or without ``flatten_shared``."""
@@ -30,7 +32,11 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer, names: list[str | None],
         for key, value in optimizer.state.get(param, {}).items():
             value = torch.as_tensor(value).detach()
             if name is None:  # a P-vector cut by parameter; a scalar (Adam's step count) repeated
-                pieces = unflatten_shared(split, value) if value.numel() == split.flat.numel() else dict.fromkeys(split.shared_names, value)
+                pieces = (
+                    unflatten_shared(split, value)
+                    if value.numel() == split.flat.numel()
+                    else dict.fromkeys(split.shared_names, value)
+                )
                 for shared_name, piece in pieces.items():
                     out[f"optim.{key}.{shared_name}"] = piece.clone()
             else:
@@ -40,19 +46,35 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer, names: list[str | None],
 
 def _saved_state(extra: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
     prefix, suffix = "optim.", f".{name}"
-    return {k[len(prefix) : -len(suffix)]: v for k, v in extra.items() if k.startswith(prefix) and k.endswith(suffix)
-            and k[len(prefix) : -len(suffix)] and "." not in k[len(prefix) : -len(suffix)]}
+    return {
+        k[len(prefix) : -len(suffix)]: v
+        for k, v in extra.items()
+        if k.startswith(prefix)
+        and k.endswith(suffix)
+        and k[len(prefix) : -len(suffix)]
+        and "." not in k[len(prefix) : -len(suffix)]
+    }
 
 
-def restore(extra: dict[str, torch.Tensor], optimizer, names: list[str | None], method, scaler, device,
-            split: ParamSplit | None = None) -> None:
+def restore(
+    extra: dict[str, torch.Tensor],
+    optimizer,
+    names: list[str | None],
+    method,
+    scaler,
+    device,
+    split: ParamSplit | None = None,
+) -> None:
     """Put back the optimizer, method, RNG and loss-scale state saved by a previous run."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
     for name, param in zip(names, params):
         if name is None:  # the flat shared parameter: its state, joined from the shared parameters' entries
             parts = [_saved_state(extra, n) for n in split.shared_names]
             keys = set(parts[0]) if all(parts) and all(set(p) == set(parts[0]) for p in parts) else set()
-            entries = {k: parts[0][k] if parts[0][k].numel() == 1 else torch.cat([p[k].reshape(-1) for p in parts]) for k in keys}
+            entries = {
+                k: parts[0][k] if parts[0][k].numel() == 1 else torch.cat([p[k].reshape(-1) for p in parts])
+                for k in keys
+            }
         else:
             entries = _saved_state(extra, name)
         if entries:
@@ -82,11 +104,15 @@ def previous_state(cfg: TrainConfig, out: Path, world: int = 1) -> dict | None:
         if cfg.resume:
             raise UsageError(f"--resume: {out} holds no run to resume")
         if existing:
-            raise UsageError(f"--out {out}: already holds files ({', '.join(existing)}); choose another directory or pass --overwrite")
+            raise UsageError(
+                f"--out {out}: already holds files ({', '.join(existing)}); choose another directory or pass --overwrite"
+            )
         return None
     if state.get("finished"):
         if cfg.resume:
-            raise UsageError(f"--resume: the run in {out} has finished (step {state['step']}); pass --overwrite to start again")
+            raise UsageError(
+                f"--resume: the run in {out} has finished (step {state['step']}); pass --overwrite to start again"
+            )
         raise UsageError(f"--out {out}: already holds a finished run; choose another directory or pass --overwrite")
     saved = state.get("config", {})
     now = cfg.identity(world, data_shards(cfg, state, world))
@@ -96,5 +122,7 @@ def previous_state(cfg: TrainConfig, out: Path, world: int = 1) -> dict | None:
         hint = ""
         if "global_batch" in changed and saved.get("global_batch", 0) % world == 0:
             hint = f" (--batch-size is per process: with {world} process(es), pass --batch-size {saved['global_batch'] // world})"
-        raise UsageError(f"--out {out} holds an unfinished run with other settings: {listed}{hint}; rerun it as it was, or pass --overwrite")
+        raise UsageError(
+            f"--out {out} holds an unfinished run with other settings: {listed}{hint}; rerun it as it was, or pass --overwrite"
+        )
     return state

@@ -19,10 +19,18 @@ from cogradctl.taskgrad import TaskGradients, set_shared_grad
 from cogradctl.train.optim import optimizer_step
 
 
-def train_step(grads: TaskGradients, method, optimizer: torch.optim.Optimizer, inputs, labels,
-               autocast: Autocast | None = None, scaler: LossScaler | None = None,
-               grad_clip: float | None = None, reduce: StepReducer | None = None,
-               stop: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
+def train_step(
+    grads: TaskGradients,
+    method,
+    optimizer: torch.optim.Optimizer,
+    inputs,
+    labels,
+    autocast: Autocast | None = None,
+    scaler: LossScaler | None = None,
+    grad_clip: float | None = None,
+    reduce: StepReducer | None = None,
+    stop: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
     """One optimisation step: per-task gradients, the method's update on the shared parameters,
     each task's weighted gradient on its own parameters, an optimizer step. → (losses, K×P grads).
 
@@ -102,7 +110,11 @@ class Autocast:
     """``torch.autocast`` for bf16 (CPU or CUDA) and fp16 (CUDA); a no-op for fp32."""
 
     def __init__(self, device: torch.device, precision: str) -> None:
-        self.ctx = None if precision == "fp32" else torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+        self.ctx = (
+            None
+            if precision == "fp32"
+            else torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+        )
 
     def __enter__(self):
         return self.ctx.__enter__() if self.ctx else None
