@@ -21,7 +21,8 @@ def nash_weights(m: torch.Tensor, start: torch.Tensor | None, max_iter: int = 50
     The equation is the stationarity condition of the strictly convex, self-concordant
     f(α) = ½ αᵀMα − Σ_i log α_i, solved in the Jacobi-scaled variable β = diag(M)^{1/2} α with a
     ridge 1e-10·I on the scaled (unit-diagonal) matrix, which gives a solution when the gradients are
-    linearly dependent, by damped Newton (``_newton``). Tasks whose gradient is zero get α_i = 0.
+    linearly dependent (more if round-off made that matrix indefinite), by damped Newton
+    (``_newton``). Tasks whose gradient is zero get α_i = 0.
 
     Starts: ``start`` (the previous step's α, or None) and the solution for orthogonal gradients
     (β = 1). Each is first moved along its ray to the best multiple (``_on_best_ray``), so a start
@@ -41,7 +42,10 @@ def nash_weights(m: torch.Tensor, start: torch.Tensor | None, max_iter: int = 50
     # Jacobi scaling α = Dβ, D = diag(M)^{-1/2}: (Mα)_i = 1/α_i ⇔ (DMD β)_i = 1/β_i, and DMD has a
     # unit diagonal, so the Newton systems stay well conditioned whatever the gradients' norms.
     dscale = diag[idx] ** -0.5
-    ma = dscale[:, None] * mm[np.ix_(idx, idx)] * dscale[None, :] + 1e-10 * np.eye(len(idx))
+    ma = dscale[:, None] * mm[np.ix_(idx, idx)] * dscale[None, :]
+    # The ridge: 1e-10, plus twice any negative eigenvalue, which only round-off can cause (a float32
+    # Gram matrix of dependent gradients): an indefinite matrix would leave f unbounded below.
+    ma += (1e-10 + max(0.0, -2.0 * float(np.linalg.eigvalsh(ma)[0]))) * np.eye(len(idx))
     candidates = [_on_best_ray(ma, np.ones(len(idx)))]
     if start is not None:
         warm = start.double().cpu().numpy()[idx] / dscale

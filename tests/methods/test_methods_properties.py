@@ -593,6 +593,21 @@ def test_nash_mtl_sequences_with_changing_scales_satisfy_the_nash_condition():
             assert float(nash_condition_error(g, alpha).max()) < 1, (k, p, m.stats)
 
 
+def test_nash_mtl_round_off_cannot_make_the_problem_unbounded():
+    """Two anti-parallel float32 gradients (one column): the float32 Gram matrix can give a cosine
+    just below −1, an indefinite matrix that a 1e-10 ridge does not cover, and f unbounded below
+    (the first version of the warm-start fix then took the square root of a negative number).
+    The ridge grows by twice the negative eigenvalue: finite weights that solve the regularised
+    problem to its tolerance. (Before the ridge fix, 102 of 200 such pairs failed.)"""
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(40):
+        g = torch.randn(2, 1, generator=gen)
+        g[1] = -g[1].abs() * torch.sign(g[0])
+        m = get_method("nash-mtl", max_norm=0.0)
+        d = m(g)
+        assert torch.isfinite(d).all() and m.stats["converged"], (g, m.stats)
+
+
 def test_aligned_mtl_makes_components_equal_and_orthogonal():
     g = torch.tensor([[3.0, 0.0, 0.0], [1.0, 1.0, 0.0]], dtype=torch.float64)
     m = get_method("aligned-mtl", weights=[1.0, 0.0])
