@@ -16,6 +16,8 @@ Shuffling (``shuffle=True``) is two-level and deterministic for a given ``(seed,
 Memory is bounded by the buffer, one record batch of the row group being read and one output batch;
 nothing is ever materialised whole. Rows are numbered globally: files in sorted order, rows in
 file order; :meth:`ParquetStream.rows` reads given global row ranges into a :class:`Dataset`.
+:meth:`ParquetStream.in_order` reads every row once in that order with other columns carried
+along (``cogradctl predict``), and ``labels=False`` reads data without the label columns.
 
 Invalid rows (NaN or infinite dense features or labels, null labels) are an error naming the file,
 row group and column (``on_invalid="error"``), or are dropped and counted (``"drop"``). Binary

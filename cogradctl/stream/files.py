@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -173,6 +173,27 @@ def read_unit(f: File, u: Unit) -> Iterator[tuple[int, pa.Table]]:
             f"{f.path} (row group {u.group}): not a readable Parquet file (the footer says {expected} rows, "
             f"the data has {'at least ' if offset > expected else ''}{offset})"
         )
+
+
+def carry_type(f: File, name: str) -> pa.DataType:
+    """The Arrow type column ``name`` of ``f`` is read as: stored (from the footer), or a hive
+    partition key (as :func:`partition_array` types it); a DataError naming the file if neither."""
+    arrow = f.meta.schema.to_arrow_schema()
+    if name in arrow.names:
+        return arrow.field(name).type
+    keys = partitions(f.path)
+    if name in keys:
+        return partition_array(keys[name], 0).type
+    raise DataError(f"{f.path}: no column '{name}' to carry through")
+
+
+def with_carry(f: File, names: list[str]) -> File:
+    """``f`` reading the columns ``names`` too (stored, or hive partition keys), besides the schema's."""
+    stored = set(f.meta.schema.to_arrow_schema().names)
+    keys = partitions(f.path)
+    extra = [c for c in names if c in stored and c not in f.columns]
+    constants = {c: keys[c] for c in names if c not in stored and c in keys}
+    return replace(f, columns=f.columns + extra, constants={**f.constants, **constants})
 
 
 def read_rows(f: File, u: Unit) -> pa.Table:

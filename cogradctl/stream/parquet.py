@@ -5,16 +5,17 @@ row ranges. The overview is the package's docstring, :mod:`cogradctl.stream`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from cogradctl.data import Dataset
 from cogradctl.errors import DataError, UsageError
 from cogradctl.schema import Schema
 from cogradctl.stream.encode import Encoder, UnitEncoder
-from cogradctl.stream.files import Unit, cut, read_rows, scan
+from cogradctl.stream.files import Unit, carry_type, cut, read_rows, read_unit, scan, with_carry
 from cogradctl.stream.shuffle import Chunk, Shuffler, shard_batches
 
 ON_INVALID = ("error", "drop")
@@ -23,15 +24,21 @@ ON_INVALID = ("error", "drop")
 class ParquetStream:
     """Parquet files read as a stream of encoded batches; see :mod:`cogradctl.stream`."""
 
-    def __init__(self, spec: str, schema: Schema, *, on_invalid: str = "error", shuffle_buffer: int = 65536) -> None:
+    def __init__(
+        self, spec: str, schema: Schema, *, on_invalid: str = "error", shuffle_buffer: int = 65536, labels: bool = True
+    ) -> None:
+        """``labels=False`` (prediction): only the feature columns are required and read, only
+        invalid features make a row invalid, and the label matrices are B×0."""
         if on_invalid not in ON_INVALID:
             raise UsageError(f"--on-invalid-rows {on_invalid!r}: expected one of {', '.join(ON_INVALID)}")
         if shuffle_buffer < 0:
             raise UsageError(f"--shuffle-buffer must be at least 0, got {shuffle_buffer}")
         self.spec, self.schema, self.on_invalid, self.shuffle_buffer = spec, schema, on_invalid, int(shuffle_buffer)
         self.stats: dict = {"rows_read": 0, "rows_dropped": 0, "oov": {}}
-        self._encoder = Encoder(schema)
-        self.files, self.units, self.num_rows = scan(spec, schema)
+        self.labels = labels
+        read = schema if labels else Schema(schema.features, [])
+        self._encoder = Encoder(read)
+        self.files, self.units, self.num_rows = scan(spec, read)
         if self.num_rows == 0:
             raise DataError(f"{spec}: the data has no rows")
         self._read = UnitEncoder(self._encoder, self.files, self.units, on_invalid, self.stats)
@@ -102,6 +109,39 @@ class ParquetStream:
         dense, cat, labels = self._encoder.unpack(c.a)
         inputs = {"dense": torch.from_numpy(dense).to(device), "categorical": torch.from_numpy(cat).to(device)}
         return inputs, torch.from_numpy(labels).to(device)
+
+    # ------------------------------------------------------------------ in order, with columns carried
+
+    def carried(self, columns: Sequence[str]) -> pa.Schema:
+        """The Arrow schema of ``columns`` as :meth:`in_order` carries them: each must be in every
+        file (stored, or a hive partition key) with one type across the files; a DataError naming
+        the file and column otherwise. Footers only: nothing is read."""
+        found: dict[str, tuple[pa.DataType, str]] = {}
+        for f in self.files:
+            for name in columns:
+                t = carry_type(f, name)
+                first, where = found.setdefault(name, (t, str(f.path)))
+                if t != first:
+                    raise DataError(f"{f.path}: column '{name}' is {t}, in {where} it is {first}; it needs one type")
+        return pa.schema([pa.field(c, found[c][0]) for c in columns])
+
+    def in_order(self, carry: Sequence[str] = ()) -> Iterator[tuple[np.ndarray, np.ndarray, pa.Table]]:
+        """Every row once, in the global order (files sorted, rows in file order), one record batch
+        of up to READ_ROWS rows at a time: (dense N×D float32, categorical N×C int64, the ``carry``
+        columns of the same rows with the types :meth:`carried` gives). Rows are encoded, raised or
+        dropped, and counted in ``stats`` exactly as :meth:`batches` does; labels are not returned."""
+        carry = list(carry)
+        types = self.carried(carry)
+        for u in self.units:
+            f = with_carry(self.files[u.file], carry) if carry else self.files[u.file]
+            at = self._read.where(u)
+            for _, table in read_unit(f, u):
+                dense, cat, _, keep, oov = self._encoder.encode(table, at, self.on_invalid)
+                self._read.count(table.num_rows, keep, oov)
+                kept = table.select(carry).cast(types)  # a categorical string feature is read dictionary-encoded
+                if keep is not None:
+                    dense, cat, kept = dense[keep], cat[keep], kept.filter(keep)
+                yield dense, cat, kept
 
     # ------------------------------------------------------------------ random access
 
