@@ -13,8 +13,21 @@ imports below, so that order is kept by hand.
 
 # isort: off
 from cogradctl.cli.core import DEBUG, app, main
-from cogradctl.cli import init, train, evaluate, measure, inspect, registry, bench, data
+from cogradctl.cli import init, train, evaluate, predict, measure, inspect, registry, bench, data
 
 # isort: on
 
-__all__ = ["DEBUG", "app", "main", "init", "train", "evaluate", "measure", "inspect", "registry", "bench", "data"]
+__all__ = [
+    "DEBUG",
+    "app",
+    "main",
+    "init",
+    "train",
+    "evaluate",
+    "predict",
+    "measure",
+    "inspect",
+    "registry",
+    "bench",
+    "data",
+]
