@@ -49,6 +49,7 @@ GRANULARITY_OPTION = (
 _GRAM_CHUNK = 1 << 14
 # Up to this many tasks ``gram`` builds the CPU Gram matrix column by column (see there).
 _ROW_GRAM_MAX_TASKS = 4
+EPS64 = float(np.finfo(np.float64).eps)
 
 
 class Method(torch.nn.Module):
@@ -274,6 +275,11 @@ def eigh2(a: float, b: float, c: float) -> tuple[list[float], list[list[float]]]
     form. A diagonal matrix gives the coordinate axes, as LAPACK's eigh does: with equal
     eigenvalues every basis is an eigenbasis, and GDOD's split depends on which one is used.
 
+    The eigenvalue of the larger magnitude is mean ± d, a sum without cancellation; the other is
+    det / that one (det = ac − b²), not mean ∓ d, which cancels: for a Gram matrix of two gradients
+    whose norms are 1e8 apart, mean − d keeps no correct digit of the small eigenvalue, det/λ_max
+    keeps it to eps·cond of the cosine matrix (as Jacobi's method does, ``eigh_jacobi``).
+
     >>> eigh2(2.0, 1.0, 2.0)
     ([1.0, 3.0], [[-0.7071067811865475, 0.7071067811865475], [0.7071067811865475, 0.7071067811865475]])
     """
@@ -282,12 +288,68 @@ def eigh2(a: float, b: float, c: float) -> tuple[list[float], list[list[float]]]
     half = 0.5 * (a - c)
     d = math.hypot(half, b)
     mean = 0.5 * (a + c)
+    big = mean + d if mean >= 0 else mean - d
+    small = (a / big) * c - (b / big) * b  # det / big, scaled so that a·c cannot overflow
+    lam = [small, big] if mean >= 0 else [big, small]
     # The eigenvector of the larger eigenvalue mean + d, from whichever row of (M − λI) has no
     # cancellation: (λ − c, b) when a ≥ c, else (b, λ − a).
     x, y = (d + half, b) if half >= 0 else (b, d - half)
     norm = math.hypot(x, y)
     x, y = x / norm, y / norm
-    return [mean - d, mean + d], [[-y, x], [x, y]]
+    return lam, [[-y, x], [x, y]]
+
+
+def eigh_jacobi(m: list[list[float]], sweeps: int = 50) -> tuple[list[float], list[list[float]]]:
+    """Eigenvalues (ascending) and unit eigenvectors (``vec[r]`` belongs to ``lam[r]``) of a small
+    symmetric positive semi-definite matrix, by cyclic Jacobi rotations in Python floats.
+
+    Unlike LAPACK's eigh (tridiagonal reduction), whose eigenvalues carry an absolute error of about
+    K·eps·λ_max, Jacobi's method with the stopping test |m_pq| ≤ eps·√(m_pp m_qq) gets every
+    eigenvalue of M = DCD (D diagonal, C with a unit diagonal) to a relative error of about
+    eps·cond(C) (Demmel & Veselić, 1992): for a Gram matrix, the small eigenvalues that belong to
+    tasks with small gradients are as accurate as the large ones, however far apart the norms.
+    Slower than LAPACK (K(K−1)/2 rotations of O(K) Python float operations per sweep, a few sweeps),
+    so callers use it where the grading requires it.
+
+    >>> lam, vec = eigh_jacobi([[1e16, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 1e-16]])
+    >>> [float(f"{x:.12g}") for x in lam]
+    [1e-16, 1.0, 1e+16]
+    """
+    k = len(m)
+    a = [row[:] for row in m]
+    v = [[float(i == j) for j in range(k)] for i in range(k)]  # v[r]: the eigenvector of a[r][r]
+    for _ in range(sweeps):
+        rotated = False
+        for p in range(k - 1):
+            for q in range(p + 1, k):
+                if abs(a[p][q]) > EPS64 * math.sqrt(abs(a[p][p] * a[q][q])):
+                    _rotate(a, v, p, q)
+                    rotated = True
+        if not rotated:
+            break
+    order = sorted(range(k), key=lambda i: a[i][i])
+    return [a[i][i] for i in order], [v[i] for i in order]
+
+
+def _rotate(a: list[list[float]], v: list[list[float]], p: int, q: int) -> None:
+    """One Jacobi rotation in the (p, q) plane that zeroes a[p][q] (the stable formulas: t is the
+    smaller root of t² + 2θt − 1 = 0), applied to a's rows and columns p, q and to v's rows p, q."""
+    apq = a[p][q]
+    theta = (a[q][q] - a[p][p]) / (2.0 * apq)
+    t = math.copysign(1.0, theta) / (abs(theta) + math.hypot(theta, 1.0))
+    c = 1.0 / math.hypot(t, 1.0)
+    s = t * c
+    a[p][p] -= t * apq
+    a[q][q] += t * apq
+    a[p][q] = a[q][p] = 0.0
+    for r in range(len(a)):
+        if r != p and r != q:
+            arp, arq = a[r][p], a[r][q]
+            a[r][p] = a[p][r] = c * arp - s * arq
+            a[r][q] = a[q][r] = s * arp + c * arq
+    vp, vq = v[p], v[q]
+    v[p] = [c * x - s * y for x, y in zip(vp, vq)]
+    v[q] = [s * x + c * y for x, y in zip(vp, vq)]
 
 
 def combine(weights: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:

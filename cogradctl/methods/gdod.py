@@ -6,20 +6,24 @@ import math
 
 import torch
 
-from cogradctl.methods.base import GRANULARITY_OPTION, Method, combine, eigh_small, gram, per_task
+from cogradctl.methods.base import GRANULARITY_OPTION, Method, combine, eigh_jacobi, eigh_small, gram, per_task
 
 
 class GDOD(Method):
     """GDOD: keep the components of the gradients along task-shared orthogonal directions.
 
-    M = G Gᵀ = V Λ Vᵀ; directions k with λ_k > eps·λ_max span the gradients, u_k = Gᵀv_k/σ_k
-    (σ_k = √λ_k) is an orthonormal basis and c_ik = σ_k V_ik is task i's coordinate on it. A
-    direction is task-shared when all c_ik have the same sign (coordinates with
-    |c_ik| ≤ 1e-12·σ_max count as zero, which conflicts with neither sign), otherwise
-    task-conflict. Update: Σ_{k shared} (Σ_i w_i c_ik) u_k + β Σ_{k conflict} (Σ_i w_i c_ik) u_k,
-    computed as weights on G (no P-wide SVD). With β = 0 (default) and w ≥ 0 the update has a
-    non-negative inner product with every g_i. No shared direction → zero update, reported in
-    ``stats['no_shared_direction']``.
+    M = G Gᵀ = V Λ Vᵀ; u_k = Gᵀv_k/σ_k (σ_k = √λ_k) is an orthonormal basis of the span of the
+    gradients and c_ik = σ_k V_ik is task i's coordinate on it. A direction is kept unless the
+    gradients it combines cancel to working precision: λ_k ≤ eps · Σ_i V_ik² ‖g_i‖², its
+    eigenvalue against what it would be were those gradients orthogonal (a Rayleigh quotient of
+    the cosine matrix, so independent of the norms; a cut relative to λ_max could not tell a
+    dependent direction from a task with a small gradient). A kept direction is task-shared when
+    all c_ik have the same sign (a coordinate with |c_ik| ≤ 1e-12·‖g_i‖ counts as zero, which
+    conflicts with neither sign), otherwise task-conflict. Update:
+    Σ_{k shared} (Σ_i w_i c_ik) u_k + β Σ_{k conflict} (Σ_i w_i c_ik) u_k = Σ_k gain_k (wᵀv_k) Gᵀv_k,
+    weights on G (no P-wide SVD, and no division by σ_k). With β = 0 (default) and w ≥ 0 the update
+    has a non-negative inner product with every g_i. No shared direction → zero update, reported
+    in ``stats['no_shared_direction']``. Zero gradients take no part (weight 0).
 
     >>> import torch
     >>> GDOD()(torch.tensor([[2.0, 1.0], [2.0, -1.0]]))   # the conflicting 2nd axis is dropped
@@ -30,7 +34,8 @@ class GDOD(Method):
     paper = "GDOD: Effective Gradient Descent using Orthogonal Decomposition for Multi-Task Learning (CIKM 2022)"
     options = {
         "weights": "task weights w_i ≥ 0: one value or one per task (default 1)",
-        "eps": "relative eigenvalue threshold for the rank (default 1e-8)",
+        "eps": "a direction is dropped when its eigenvalue is at most eps times what it would be for orthogonal "
+               "gradients of the same norms (default 1e-8)",
         "beta": "weight of the conflict directions' components (default 0: dropped)",
         "granularity": GRANULARITY_OPTION,
     }
@@ -52,33 +57,49 @@ class GDOD(Method):
 
     def aggregate(self, grads: torch.Tensor, losses: torch.Tensor | None) -> torch.Tensor:
         # After the Gram matrix, everything is K×K: plain Python floats (see eigh_small).
-        m = gram(grads).tolist()
-        k = len(m)
-        lam, vec = eigh_small(m)  # vec[r]: the eigenvector of lam[r]
-        lmax = max(lam)
-        kept = [(l, v) for l, v in zip(lam, vec) if lmax > 0 and l > self.eps * lmax]
-        w = self.weights.tolist()
-        sigma_max = max((math.sqrt(l) for l, _ in kept), default=0.0)
-        tiny = 1e-12 * sigma_max
-        alpha, n_shared = [0.0] * k, 0
-        for l, v in kept:
-            sigma = math.sqrt(l)
-            coords = [x * sigma for x in v]  # c_ik, task i's coordinate on u = Gᵀv/σ
-            shared = not (any(c > tiny for c in coords) and any(c < -tiny for c in coords))
+        full = gram(grads).tolist()
+        active = [i for i in range(len(full)) if full[i][i] > 0]
+        m = [[full[i][j] for j in active] for i in active]
+        sq = [m[a][a] for a in range(len(m))]  # ‖g_i‖²
+        w = [float(self.weights[i]) for i in active]
+        beta, n_kept, n_shared = [0.0] * len(m), 0, 0
+        for lam, v in zip(*eigh_graded(m)):
+            if not lam > self.eps * sum(x * x * s for x, s in zip(v, sq)):
+                continue  # the gradients cancel along this direction: dependent to working precision
+            n_kept += 1
+            coords = [x * math.sqrt(lam) for x in v]  # c_ik, task i's coordinate on u = Gᵀv/σ
+            shared = not (any(c > 1e-12 * math.sqrt(s) for c, s in zip(coords, sq))
+                          and any(c < -1e-12 * math.sqrt(s) for c, s in zip(coords, sq)))
             n_shared += shared
-            gain = 1.0 if shared else self.beta
-            along = sum(wi * c for wi, c in zip(w, coords))  # Σ_i w_i c_ik
-            # d = Σ_k gain_k along_k u_k = Σ_k (gain_k along_k / σ_k) v_kᵀ G: weights on the rows of G
-            f = gain * along / sigma
-            for i in range(k):
-                alpha[i] += f * v[i]
+            # gain · (Σ_i w_i c_ik) u_k = gain · (wᵀv_k) · Gᵀv_k: weights on the rows of G
+            f = (1.0 if shared else self.beta) * sum(wi * x for wi, x in zip(w, v))
+            beta = [b + f * x for b, x in zip(beta, v)]
+        alpha = [0.0] * len(full)
+        for a, i in enumerate(active):
+            alpha[i] = beta[a]
         self.stats = {
-            "rank": float(len(kept)),
+            "weights": alpha,  # d = Σ_i alpha_i g_i
+            "rank": float(n_kept),
             "shared_directions": float(n_shared),
-            "conflict_directions": float(len(kept) - n_shared),
+            "conflict_directions": float(n_kept - n_shared),
             "no_shared_direction": n_shared == 0,
         }
         return combine(torch.tensor(alpha, dtype=torch.float64), grads)
 
     def task_weights(self) -> torch.Tensor | None:
         return self.weights
+
+
+def eigh_graded(m: list[list[float]]) -> tuple[list[float], list[list[float]]]:
+    """The eigen-decomposition GDOD needs: every eigenvalue of the Gram matrix to a relative accuracy
+    that does not depend on the spread of the gradients' norms. K ≤ 2: ``eigh2``'s closed form has
+    it. K ≥ 3: LAPACK (``eigh_small``) while the norms are within a factor 100 of each other — its
+    absolute error K·eps·λ_max is then at most about 1e4·K·eps·min‖g_i‖², so every direction's test
+    against eps·Σ_i V_ik²‖g_i‖² (≥ eps·min‖g_i‖²) is decided to 1e-11 — and Jacobi's method
+    (``eigh_jacobi``, slower) beyond."""
+    sq = [m[i][i] for i in range(len(m))]
+    if not m:
+        return [], []
+    if len(m) <= 2 or min(sq) >= 1e-4 * max(sq):
+        return eigh_small(m)
+    return eigh_jacobi(m)

@@ -457,6 +457,75 @@ def test_gdod_orthogonal_gradients_give_the_weighted_sum():
     assert m.stats["conflict_directions"] == 0
 
 
+def test_gdod_small_orthogonal_task_is_kept():
+    """Regression (issue #20): g_2 orthogonal to g_1 and 1e5 times smaller. Every direction is
+    shared, so the update is Σg for β = 0 and β = 1; the old cut, λ_k > 1e-8·λ_max, dropped g_2."""
+    g = torch.tensor([[1.0, 0.0], [0.0, 1e-5]], dtype=torch.float64)
+    for beta in (0.0, 1.0):
+        m = get_method("gdod", beta=beta)
+        assert torch.equal(m(g), g.sum(0)) and m.stats["rank"] == 2
+
+
+def _graded_rows(gen: torch.Generator, k: int, p: int, orthogonal: bool) -> torch.Tensor:
+    """k rows in R^p with norms 10^U(−8, 8): orthonormal (QR) or random unit directions."""
+    u = torch.randn(p, k, generator=gen, dtype=torch.float64)
+    u = torch.linalg.qr(u).Q.T if orthogonal else (u / u.norm(dim=0)).T
+    return u * 10.0 ** (16 * torch.rand(k, 1, generator=gen, dtype=torch.float64) - 8)
+
+
+def test_gdod_orthogonal_gradients_whatever_their_scales():
+    """100 sets of mutually orthogonal gradients, K = 2–6, norms over 1e-8…1e8, weights in [0, 3):
+    every direction is kept and shared, and d = Σ w_i g_i. Checked on the weights d = Σ α_i g_i
+    (``stats["weights"]``): α = w to 1e-12·max(w) (measured 8e-16), so a dropped or misweighted
+    small task fails (on d itself, the float64 round-off of the largest term would swamp a task
+    1e16 times smaller).
+    The Gram matrix of orthonormal float64 rows is diagonal up to ~√P·eps relative, which the
+    decomposition (closed form or Jacobi, both relatively accurate) carries into α; d against
+    Σ w_i g_i is checked at the round-off of the sum."""
+    gen = torch.Generator().manual_seed(11)
+    for _ in range(100):
+        k = int(torch.randint(2, 7, (1,), generator=gen))
+        g = _graded_rows(gen, k, k + int(torch.randint(0, 6, (1,), generator=gen)), orthogonal=True)
+        w = (3 * torch.rand(k, generator=gen, dtype=torch.float64)).tolist()
+        m = get_method("gdod", weights=w)
+        d = m(g)
+        assert np.allclose(m.stats["weights"], w, rtol=0, atol=1e-12 * max(w)), (g.norm(dim=1), m.stats)
+        ref = torch.tensor(w, dtype=torch.float64) @ g
+        assert float((d - ref).abs().max()) <= 1e-14 * float((torch.tensor(w, dtype=torch.float64)[:, None] * g).abs().max())
+        assert m.stats["rank"] == k and m.stats["conflict_directions"] == 0
+
+
+def test_gdod_drops_a_direction_only_for_dependent_gradients():
+    """100 random full-rank sets with norms over 1e-8…1e8 (K = 2–6, P = K+2…K+8) keep every
+    direction; with one row replaced by a combination of the others (rounded in float64) exactly
+    one direction goes. The test is scale-free, λ_k against Σ_i V_ik²‖g_i‖²: the old cut
+    (λ_k > 1e-8·λ_max) dropped every task more than 1e4 times smaller than the largest."""
+    gen = torch.Generator().manual_seed(12)
+    for _ in range(100):
+        k = int(torch.randint(2, 7, (1,), generator=gen))
+        g = _graded_rows(gen, k, k + int(torch.randint(2, 9, (1,), generator=gen)), orthogonal=False)
+        m = get_method("gdod")
+        m(g)
+        assert m.stats["rank"] == k, g.norm(dim=1)
+        coef = torch.randn(k - 1, generator=gen, dtype=torch.float64) / g[:-1].norm(dim=1)  # every term of norm ~1
+        g[-1] = coef @ g[:-1]
+        m(g)
+        assert m.stats["rank"] == k - 1, g.norm(dim=1)
+
+
+def test_gdod_no_task_worse_to_first_order_whatever_the_norms():
+    """β = 0, w ≥ 0: dᵀg_i ≥ 0 for every task, in scale-free terms: ≥ −1e-9·‖d‖‖g_i‖ over 150 random
+    sets with norms over 1e-8…1e8 (the coordinates counted as zero, |c_ik| ≤ 1e-12‖g_i‖, can cost at
+    most K·1e-12 of that). A zero threshold relative to the largest σ (as before) let a small
+    task's conflicting coordinates count as zero, and the update made that task worse."""
+    gen = torch.Generator().manual_seed(13)
+    for _ in range(150):
+        k = int(torch.randint(2, 7, (1,), generator=gen))
+        g = _graded_rows(gen, k, int(torch.randint(2, k + 4, (1,), generator=gen)), orthogonal=False)
+        d = get_method("gdod")(g)
+        assert ((g @ d) >= -1e-9 * float(d.norm()) * g.norm(dim=1)).all(), (g.norm(dim=1), g @ d)
+
+
 def test_gdod_drops_exactly_the_conflicting_direction():
     g = torch.tensor([[2.0, 1.0], [2.0, -1.0]], dtype=torch.float64)
     m = get_method("gdod")
@@ -468,14 +537,16 @@ def test_gdod_drops_exactly_the_conflicting_direction():
 
 def svd_gdod(g: torch.Tensor, w: list[float], beta: float = 0.0, eps: float = 1e-8) -> torch.Tensor:
     """GDOD from the SVD of G itself (no Gram matrix, no eigh): G = U S Vᵀ, the rows of Vᵀ are the
-    orthonormal directions u_k and c_ik = U_ik S_k task i's coordinates on them."""
+    orthonormal directions u_k and c_ik = U_ik S_k task i's coordinates on them. A direction is
+    kept when S_k² > eps·Σ_i U_ik²‖g_i‖²; a coordinate counts as zero when |c_ik| ≤ 1e-12‖g_i‖."""
     u, s, vt = np.linalg.svd(g.numpy(), full_matrices=False)
+    sq = (g.numpy() ** 2).sum(axis=1)
     d = np.zeros(g.shape[1])
     for k in range(s.size):
-        if s[k] ** 2 <= eps * s[0] ** 2:
+        if s[k] ** 2 <= eps * float(u[:, k] ** 2 @ sq):
             continue
         c = u[:, k] * s[k]
-        tiny = 1e-12 * s[0]
+        tiny = 1e-12 * np.sqrt(sq)
         shared = not ((c > tiny).any() and (c < -tiny).any())
         d += (1.0 if shared else beta) * float(np.dot(w, c)) * vt[k]
     return torch.from_numpy(d)
