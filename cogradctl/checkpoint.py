@@ -2,9 +2,10 @@
 
 Tensors: the model's weights under ``model.<name>`` (later runs may add other prefixes).
 ``__metadata__`` (strings only; structures are JSON): ``format`` = "cogradctl-checkpoint",
-``format_version``, ``cogradctl_version``, ``model`` (plugin name), ``model_config`` (JSON),
-``schema`` (JSON: features with vocabularies and normalisation statistics, tasks and their types),
-``history`` (JSON list, one entry per init/train run: what, method, steps, seed, data, time) and,
+``format_version``, ``cogradctl_version``, ``model`` (plugin name), ``model_config`` (JSON, keys
+in the plugin's order), ``schema`` (JSON: features with vocabularies and normalisation statistics,
+tasks and their types), ``history`` (JSON list, one entry per init/import/train run: what, method,
+steps, seed, data, time; an import's entry also the source weights' digest and key mapping) and,
 in a ``train`` output, ``training_state`` (JSON: step, epoch, position in the data, best score,
 whether the run finished, its configuration) with the tensors needed to resume exactly under
 ``optim.<state>.<parameter>``, ``method.<buffer>`` and ``rng.<generator>``.
@@ -18,6 +19,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,7 +50,15 @@ class Checkpoint:
 
 
 def save(ckpt: Checkpoint, path: str | Path) -> None:
-    path = Path(path)
+    atomic_write_bytes(Path(path), serialize(ckpt))
+
+
+def serialize(ckpt: Checkpoint) -> bytes:
+    """The checkpoint as the bytes of its ``.safetensors`` file.
+
+    ``model_config`` keeps the order of its keys (nested dicts included): a plugin may build its
+    inputs from a config dict's order, so sorting the keys would permute its features silently.
+    """
     tensors = {MODEL_PREFIX + k: v.detach().to("cpu").contiguous().clone() for k, v in ckpt.state.items()}
     tensors.update({k: v.detach().to("cpu").contiguous().clone() for k, v in ckpt.extra.items()})
     metadata = {
@@ -55,17 +66,31 @@ def save(ckpt: Checkpoint, path: str | Path) -> None:
         "format_version": FORMAT_VERSION,
         "cogradctl_version": __version__,
         "model": ckpt.model,
-        "model_config": json.dumps(ckpt.model_config, sort_keys=True),
+        "model_config": json.dumps(ckpt.model_config),
         "schema": ckpt.schema.to_json(),
         "history": json.dumps(ckpt.history),
     }
     if ckpt.training_state is not None:
         metadata["training_state"] = json.dumps(ckpt.training_state)
-    atomic_write_bytes(path, st_save(tensors, metadata=metadata))
+    return st_save(tensors, metadata=metadata)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temporary file in the same directory + fsync + rename."""
+    with staged_write(path, data):
+        pass
+
+
+@contextmanager
+def staged_write(path: Path, data: bytes) -> Iterator[Path]:
+    """Write ``data`` to a temporary file beside ``path`` (fsynced) and yield that file's path.
+
+    When the block ends normally the file is renamed onto ``path``; when it raises, the file is
+    removed and ``path`` is untouched (as are its folders: those this call created are removed
+    again). Checks can so read the very bytes that will land before they do (``cogradctl import``
+    reloads its checkpoint through the plugin first).
+    """
+    created = [d for d in [path.parent, *path.parent.parents] if not d.exists()]
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -76,9 +101,15 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        yield Path(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        for d in created:  # innermost first
+            try:
+                d.rmdir()
+            except OSError:
+                break
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
