@@ -23,7 +23,15 @@ import pyarrow.parquet as pq
 import torch
 
 from cogradctl.errors import DataError
-from cogradctl.schema import Feature, Schema, Task, is_categorical_type, is_label_type, plan_columns
+from cogradctl.schema import (
+    Feature,
+    Schema,
+    Task,
+    is_categorical_type,
+    is_label_type,
+    parse_task_types,
+    plan_columns,
+)
 
 
 def resolve(spec: str) -> list[Path]:
@@ -127,6 +135,28 @@ def infer_schema(
             std = math.sqrt(var) if var > 1e-12 else 1.0
             feats.append(Feature(col, "dense", mean=mean, std=std))
     return Schema(feats, [Task(t, task_types[t]) for t in tasks]), rows
+
+
+@dataclass
+class SchemaOptions:
+    """The schema choices ``init`` and ``import`` share, as the command line gives them (lists split)."""
+
+    tasks: list[str]
+    task_types: list[str] = field(default_factory=list)  # TASK=binary|regression
+    features: list[str] | None = None  # None: every non-task column
+    dense: list[str] = field(default_factory=list)
+    categorical: list[str] = field(default_factory=list)
+    max_vocab: int = 100_000
+    min_count: int = 1
+
+
+def infer_from_options(spec: str, opts: SchemaOptions) -> tuple[Schema, int]:
+    """The schema of the data ``spec`` under the choices ``opts``: → (schema, rows). One code path for
+    ``init`` and ``import``, so a checkpoint imported from a team's weights encodes like one made fresh."""
+    types = parse_task_types(opts.task_types, opts.tasks)
+    return infer_schema(
+        spec, opts.tasks, types, opts.features, opts.dense, opts.categorical, opts.max_vocab, opts.min_count
+    )
 
 
 def _categorical_values(arr: pa.ChunkedArray, vtype: str | None) -> tuple[pa.ChunkedArray, str]:

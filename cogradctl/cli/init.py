@@ -1,4 +1,9 @@
-"""``cogradctl init``: a checkpoint with fresh weights."""
+"""``cogradctl init``: a checkpoint with fresh weights.
+
+The schema options (``--tasks``, ``--features``, ``--dense``, ``--categorical``, ``--task-type``,
+``--max-vocab``, ``--min-count``) and the checks on them and on ``--out`` are shared with
+``cogradctl import`` (``cli/import_.py``), which infers the schema the same way.
+"""
 
 from __future__ import annotations
 
@@ -13,31 +18,38 @@ from cogradctl.cli.output import emit_json, stdout
 from cogradctl.console import Log
 from cogradctl.errors import UsageError
 
+Model = Annotated[str, typer.Option(help="Model plugin name (see 'cogradctl models').")]
+Data = Annotated[str, typer.Option(help="Parquet file, directory or glob to infer the schema from.")]
+Tasks = Annotated[str, typer.Option(help="Comma-separated label columns, e.g. click,like,share.")]
+Out = Annotated[Path, typer.Option(help="Checkpoint file to write (.safetensors).")]
+ModelConfig = Annotated[
+    list[str] | None, typer.Option("--config", help="Model option KEY=VALUE (JSON values), repeatable.")
+]
+Features = Annotated[str | None, typer.Option(help="Comma-separated feature columns (default: every non-task column).")]
+Dense = Annotated[str, typer.Option(help="Columns to treat as dense, overriding the inference.")]
+Categorical = Annotated[str, typer.Option(help="Columns to treat as categorical, overriding the inference.")]
+TaskType = Annotated[
+    list[str] | None, typer.Option("--task-type", help="TASK=binary|regression (default binary), repeatable.")
+]
+MaxVocab = Annotated[int, typer.Option(help="Keep at most this many most frequent values per categorical feature.")]
+MinCount = Annotated[int, typer.Option(help="Drop categorical values seen fewer times (they map to the OOV bucket).")]
+Overwrite = Annotated[bool, typer.Option(help="Replace an existing --out file.")]
+
 
 @command("init")
 def init_cmd(
-    model: Annotated[str, typer.Option(help="Model plugin name (see 'cogradctl models').")],
-    data: Annotated[str, typer.Option(help="Parquet file, directory or glob to infer the schema from.")],
-    tasks: Annotated[str, typer.Option(help="Comma-separated label columns, e.g. click,like,share.")],
-    out: Annotated[Path, typer.Option(help="Checkpoint file to write (.safetensors).")],
-    config: Annotated[
-        list[str] | None, typer.Option("--config", help="Model option KEY=VALUE (JSON values), repeatable.")
-    ] = None,
-    features: Annotated[
-        str | None, typer.Option(help="Comma-separated feature columns (default: every non-task column).")
-    ] = None,
-    dense: Annotated[str, typer.Option(help="Columns to treat as dense, overriding the inference.")] = "",
-    categorical: Annotated[str, typer.Option(help="Columns to treat as categorical, overriding the inference.")] = "",
-    task_type: Annotated[
-        list[str] | None, typer.Option("--task-type", help="TASK=binary|regression (default binary), repeatable.")
-    ] = None,
-    max_vocab: Annotated[
-        int, typer.Option(help="Keep at most this many most frequent values per categorical feature.")
-    ] = 100_000,
-    min_count: Annotated[
-        int, typer.Option(help="Drop categorical values seen fewer times (they map to the OOV bucket).")
-    ] = 1,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out file.")] = False,
+    model: Model,
+    data: Data,
+    tasks: Tasks,
+    out: Out,
+    config: ModelConfig = None,
+    features: Features = None,
+    dense: Dense = "",
+    categorical: Categorical = "",
+    task_type: TaskType = None,
+    max_vocab: MaxVocab = 100_000,
+    min_count: MinCount = 1,
+    overwrite: Overwrite = False,
     seed: Seed = 0,
     plugin_path: PluginPath = None,
     json_out: Json = False,
@@ -49,24 +61,12 @@ def init_cmd(
     from cogradctl import checkpoint as ckpt_io
     from cogradctl import data as data_io
     from cogradctl import models
-    from cogradctl import schema as schema_mod
     from cogradctl.train import now
 
     log = Log(quiet)
-    task_list = csv_list(tasks)
-    _check(task_list, tasks, out, overwrite, max_vocab, min_count)
-    types = schema_mod.parse_task_types(task_type or [], task_list)
+    opts = schema_options(tasks, out, overwrite, features, dense, categorical, task_type, max_vocab, min_count)
     model_config = models.parse_config(config or [])
-    schema, rows = data_io.infer_schema(
-        data,
-        task_list,
-        types,
-        csv_list(features) if features else None,
-        csv_list(dense),
-        csv_list(categorical),
-        max_vocab,
-        min_count,
-    )
+    schema, rows = data_io.infer_from_options(data, opts)
     torch.manual_seed(seed)
     net, effective = models.build(model, schema, model_config, paths(plugin_path))
     split = models.split_parameters(net, schema.task_names, model)
@@ -74,7 +74,7 @@ def init_cmd(
     ckpt_io.save(ckpt_io.Checkpoint(model, effective, schema, net.state_dict(), history), out)
     log.info(
         f"wrote {out}: {model} with {split.num_shared} shared parameters, {len(schema.features)} features, "
-        f"tasks {', '.join(task_list)}"
+        f"tasks {', '.join(opts.tasks)}"
     )
     summary = {
         "checkpoint": str(out),
@@ -89,9 +89,38 @@ def init_cmd(
         emit_json(summary)
     else:
         stdout.print(
-            f"{out}  model={model}  rows={rows}  features={len(schema.features)}  tasks={','.join(task_list)}  "
+            f"{out}  model={model}  rows={rows}  features={len(schema.features)}  tasks={','.join(opts.tasks)}  "
             f"shared_params={split.num_shared}"
         )
+
+
+def schema_options(
+    tasks: str,
+    out: Path,
+    overwrite: bool,
+    features: str | None,
+    dense: str,
+    categorical: str,
+    task_type: list[str] | None,
+    max_vocab: int,
+    min_count: int,
+):
+    """The schema options as the library takes them, after the checks on them and on ``--out``."""
+    from cogradctl.data import SchemaOptions
+    from cogradctl.schema import parse_task_types
+
+    task_list = csv_list(tasks)
+    _check(task_list, tasks, out, overwrite, max_vocab, min_count)
+    parse_task_types(task_type or [], task_list)  # a bad --task-type is reported before --config
+    return SchemaOptions(
+        tasks=task_list,
+        task_types=list(task_type or []),
+        features=csv_list(features) if features else None,
+        dense=csv_list(dense),
+        categorical=csv_list(categorical),
+        max_vocab=max_vocab,
+        min_count=min_count,
+    )
 
 
 def _check(task_list: list[str], tasks: str, out: Path, overwrite: bool, max_vocab: int, min_count: int) -> None:
