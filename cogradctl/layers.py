@@ -84,3 +84,69 @@ def owned_by_prefix(module: nn.Module, prefixes: dict[str, tuple[str, ...]]) -> 
     """``task_parameters()`` helper: task → names of the parameters that start with its prefixes."""
     names = [n for n, _ in module.named_parameters()]
     return {task: [n for n in names if n.startswith(pre)] for task, pre in prefixes.items()}
+
+
+# ---------------------------------------------------------------------------- models trained elsewhere
+
+
+class OriginalIds(nn.Module):
+    """Map cogradctl's categorical indices back to the ids a model trained elsewhere expects.
+
+    cogradctl feeds a categorical value as its index 1..V in the feature's vocabulary (the schema
+    of the checkpoint, most frequent value first), 0 for a missing value or one outside the
+    vocabulary; ``feature.vocab[i - 1]`` is the original value of index i. A team's model was
+    trained on its own ids (raw integers, hashes, a vocabulary file): ``to_id(feature_name, value)``
+    gives the team's id of an original value (default: the value itself, for integer features),
+    and index 0 becomes ``missing_id`` (an int, or ``{feature_name: int}``).
+
+    The table is a non-persistent buffer, rebuilt from the schema and never in the state dict, so
+    imported weights need not contain it. ``forward``: B×C indices in the schema's categorical order
+    → B×C long ids in the same order; ``index[name]`` is a feature's column, so a plugin can pick
+    its model's inputs by name, in its model's order.
+
+    Until ids are kept as the team encodes them (issue #23), a value that was not in the import
+    sample reaches the model as ``missing_id``, whatever the team's pipeline would have made of it.
+    """
+
+    def __init__(self, schema: Schema, to_id=None, missing_id: int | dict[str, int] = 0) -> None:
+        super().__init__()
+        feats = schema.categorical
+        self.index = {f.name: k for k, f in enumerate(feats)}
+        tables = []
+        for f in feats:
+            if to_id is None and f.value_type != "int":
+                raise ValueError(f"feature '{f.name}' has {f.value_type} values: give to_id(name, value) → int id")
+            missing = missing_id.get(f.name, 0) if isinstance(missing_id, dict) else missing_id
+            ids = [int(missing)] + [int(v if to_id is None else to_id(f.name, v)) for v in f.vocab]
+            tables.append(torch.tensor(ids, dtype=torch.long))
+        sizes = [len(t) for t in tables]
+        offsets = (
+            torch.tensor([0, *sizes[:-1]], dtype=torch.long).cumsum(0) if sizes else torch.zeros(0, dtype=torch.long)
+        )
+        self.register_buffer("offsets", offsets, persistent=False)
+        table = torch.cat(tables) if tables else torch.zeros(0, dtype=torch.long)
+        self.register_buffer("table", table, persistent=False)
+
+    def forward(self, categorical: torch.Tensor) -> torch.Tensor:
+        return self.table[categorical + self.offsets]
+
+
+class OriginalDense(nn.Module):
+    """Undo cogradctl's standardisation of dense features: B×D → the original values.
+
+    cogradctl feeds ``(x − mean) / std`` with the mean and std of the sample ``init``/``import``
+    read (a missing value arrives as 0, i.e. as the mean); a model trained elsewhere expects its
+    own preprocessing of ``x``. Computed in float64 and returned as float32, so an original float32
+    value comes back as it was (to rounding). ``index[name]`` is a feature's column. The statistics
+    are non-persistent buffers, rebuilt from the schema and never in the state dict.
+    """
+
+    def __init__(self, schema: Schema) -> None:
+        super().__init__()
+        feats = schema.dense
+        self.index = {f.name: k for k, f in enumerate(feats)}
+        self.register_buffer("mean", torch.tensor([f.mean for f in feats], dtype=torch.float64), persistent=False)
+        self.register_buffer("std", torch.tensor([f.std for f in feats], dtype=torch.float64), persistent=False)
+
+    def forward(self, dense: torch.Tensor) -> torch.Tensor:
+        return (dense.double() * self.std + self.mean).float()
