@@ -207,7 +207,9 @@ def gram(grads: torch.Tensor) -> torch.Tensor:
     if k <= _ROW_GRAM_MAX_TASKS and g.device.type == "cpu":
         m = np.empty((k, k))
         for j in range(k):  # column j down to the diagonal: blocks × (1×chunk @ chunk×(j+1)), mirrored
-            m[: j + 1, j] = m[j, : j + 1] = torch.bmm(head[:, j : j + 1], head[:, : j + 1].transpose(1, 2)).numpy().sum(axis=0, dtype=np.float64)[0]
+            m[: j + 1, j] = m[j, : j + 1] = (
+                torch.bmm(head[:, j : j + 1], head[:, : j + 1].transpose(1, 2)).numpy().sum(axis=0, dtype=np.float64)[0]
+            )
     else:
         m = torch.bmm(head, head.transpose(1, 2)).cpu().numpy().sum(axis=0, dtype=np.float64)
         m = (m + m.T) / 2
@@ -375,7 +377,9 @@ def solve_on_faces(m: np.ndarray, b: np.ndarray | None = None) -> tuple[np.ndarr
     masks = ((codes[:, None] >> np.arange(k)) & 1).astype(bool)  # S × K supports
     n = masks.shape[0]
     kkt = np.zeros((n, k + 1, k + 1))
-    kkt[:, :k, :k] = np.where(masks[:, :, None] & masks[:, None, :], m[None], 0.0) + (np.eye(k, dtype=bool)[None] & ~masks[:, :, None])
+    kkt[:, :k, :k] = np.where(masks[:, :, None] & masks[:, None, :], m[None], 0.0) + (
+        np.eye(k, dtype=bool)[None] & ~masks[:, :, None]
+    )
     kkt[:, :k, k] = masks
     kkt[:, k, :k] = masks
     rhs = np.zeros((n, k + 1, 1 if b is None else 2))

@@ -20,8 +20,9 @@ from cogradctl.methods.base import (
 EXACT_MAX_TASKS = 12
 
 
-def cagrad_weights(m: torch.Tensor, c: float, max_iter: int = 1000, tol: float = 1e-12,
-                   start: torch.Tensor | None = None) -> tuple[torch.Tensor, bool, torch.Tensor | None]:
+def cagrad_weights(
+    m: torch.Tensor, c: float, max_iter: int = 1000, tol: float = 1e-12, start: torch.Tensor | None = None
+) -> tuple[torch.Tensor, bool, torch.Tensor | None]:
     """Weights a (float64) with update Σ a_i g_i, from the K×K Gram matrix M; (a, no_common_descent, w).
 
     g0 = mean gradient, φ = c²‖g0‖². Solves min_{w ∈ simplex} F(w) = g_wᵀ g0 + √φ ‖g_w‖, then
@@ -137,8 +138,9 @@ def _faces_solve(mm: np.ndarray, b: np.ndarray, sp: float) -> np.ndarray | None:
     return w[best].copy()
 
 
-def _projected_gradient(mm: np.ndarray, b: np.ndarray, sp: float, start: torch.Tensor | None,
-                        max_iter: int, tol: float) -> np.ndarray:
+def _projected_gradient(
+    mm: np.ndarray, b: np.ndarray, sp: float, start: torch.Tensor | None, max_iter: int, tol: float
+) -> np.ndarray:
     """F's minimiser on the simplex by projected gradient with backtracking (K > 12)."""
     k = mm.shape[0]
 
@@ -146,7 +148,12 @@ def _projected_gradient(mm: np.ndarray, b: np.ndarray, sp: float, start: torch.T
         return float(w @ b) + sp * max(float(w @ mm @ w), 0.0) ** 0.5
 
     w = np.full(k, 1.0 / k)
-    if start is not None and start.numel() == k and bool(torch.isfinite(start).all()) and abs(float(start.sum()) - 1.0) < 1e-6:
+    if (
+        start is not None
+        and start.numel() == k
+        and bool(torch.isfinite(start).all())
+        and abs(float(start.sum()) - 1.0) < 1e-6
+    ):
         w = project_simplex(start.detach().cpu().double()).numpy()
     step = 1.0
     fw = f(w)

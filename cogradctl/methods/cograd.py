@@ -81,7 +81,9 @@ class CoGrad(Method):
         "fisher_decay": "EMA decay ρ of the fisher-ema diagonal (default 0.9)",
     }
 
-    def __init__(self, gamma=0.1, hessian: str = "diag", normalize="relative", weights=1.0, fisher_decay: float = 0.9) -> None:
+    def __init__(
+        self, gamma=0.1, hessian: str = "diag", normalize="relative", weights=1.0, fisher_decay: float = 0.9
+    ) -> None:
         super().__init__()
         if hessian not in HESSIANS:
             raise ValueError(f"hessian must be one of {', '.join(HESSIANS)}, got {hessian!r}")
@@ -205,8 +207,12 @@ class CoGrad(Method):
         if self.normalize == "relative":
             terms, coef, active = self._relative(grads, hvp)
             # w @ grads − coef @ terms: the weights scale the task gradients, not the corrections
-            update = (self.weights.to(grads) @ grads).sub_(torch.tensor(coef, dtype=grads.dtype, device=grads.device) @ terms)
-            rel = [gamma if on else 0.0 for gamma, on in zip(self.gamma.tolist(), active)]  # ‖correction_i‖ / ‖g_i‖, by construction
+            update = (self.weights.to(grads) @ grads).sub_(
+                torch.tensor(coef, dtype=grads.dtype, device=grads.device) @ terms
+            )
+            rel = [
+                gamma if on else 0.0 for gamma, on in zip(self.gamma.tolist(), active)
+            ]  # ‖correction_i‖ / ‖g_i‖, by construction
         else:
             corr = self.corrections(grads, hvp)
             update = self.weights.to(grads) @ grads - corr.sum(dim=0)

@@ -34,8 +34,10 @@ class GDOD(Method):
     paper = "GDOD: Effective Gradient Descent using Orthogonal Decomposition for Multi-Task Learning (CIKM 2022)"
     options = {
         "weights": "task weights w_i ≥ 0: one value or one per task (default 1)",
-        "eps": "a direction is dropped when its eigenvalue is at most eps times what it would be for orthogonal "
-               "gradients of the same norms (default 1e-8)",
+        "eps": (
+            "a direction is dropped when its eigenvalue is at most eps times what it would be for orthogonal "
+            "gradients of the same norms (default 1e-8)"
+        ),
         "beta": "weight of the conflict directions' components (default 0: dropped)",
         "granularity": GRANULARITY_OPTION,
     }
@@ -68,8 +70,10 @@ class GDOD(Method):
                 continue  # the gradients cancel along this direction: dependent to working precision
             n_kept += 1
             coords = [x * math.sqrt(lam) for x in v]  # c_ik, task i's coordinate on u = Gᵀv/σ
-            shared = not (any(c > 1e-12 * math.sqrt(s) for c, s in zip(coords, sq))
-                          and any(c < -1e-12 * math.sqrt(s) for c, s in zip(coords, sq)))
+            shared = not (
+                any(c > 1e-12 * math.sqrt(s) for c, s in zip(coords, sq))
+                and any(c < -1e-12 * math.sqrt(s) for c, s in zip(coords, sq))
+            )
             n_shared += shared
             # gain · (Σ_i w_i c_ik) u_k = gain · (wᵀv_k) · Gᵀv_k: weights on the rows of G
             f = (1.0 if shared else self.beta) * sum(wi * x for wi, x in zip(w, v))

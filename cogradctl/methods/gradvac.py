@@ -34,7 +34,9 @@ class GradVac(Method):
         "granularity": GRANULARITY_OPTION,
     }
 
-    def __init__(self, beta: float = 0.5, eps: float = 1e-8, order: str = "random", seed: int = 0, granularity: str = "global") -> None:
+    def __init__(
+        self, beta: float = 0.5, eps: float = 1e-8, order: str = "random", seed: int = 0, granularity: str = "global"
+    ) -> None:
         super().__init__(granularity)
         if not 0.0 <= float(beta) <= 1.0:
             raise ValueError("beta must be in [0, 1]")

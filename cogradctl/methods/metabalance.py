@@ -34,7 +34,14 @@ class MetaBalance(Method):
         "granularity": GRANULARITY_OPTION,
     }
 
-    def __init__(self, main_task: int = 0, relax: float = 0.7, beta: float = 0.9, strategy: str = "adapt", granularity: str = "global") -> None:
+    def __init__(
+        self,
+        main_task: int = 0,
+        relax: float = 0.7,
+        beta: float = 0.9,
+        strategy: str = "adapt",
+        granularity: str = "global",
+    ) -> None:
         super().__init__(granularity)
         if strategy not in ("adapt", "reduce", "enlarge"):
             raise ValueError(f"strategy must be 'adapt', 'reduce' or 'enlarge', got {strategy!r}")

@@ -137,7 +137,9 @@ class MGDA(Method):
         "granularity": GRANULARITY_OPTION,
     }
 
-    def __init__(self, normalize: str = "none", max_iter: int = 2000, tol: float = 1e-12, granularity: str = "global") -> None:
+    def __init__(
+        self, normalize: str = "none", max_iter: int = 2000, tol: float = 1e-12, granularity: str = "global"
+    ) -> None:
         super().__init__(granularity)
         if normalize not in ("none", "l2"):
             raise ValueError(f"normalize must be 'none' or 'l2', got {normalize!r}")

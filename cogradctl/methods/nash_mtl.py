@@ -14,8 +14,9 @@ TOL = 1e-10
 EPS64 = float(np.finfo(np.float64).eps)
 
 
-def nash_weights(m: torch.Tensor, start: torch.Tensor | None, max_iter: int = 500,
-                 tol: float = TOL) -> tuple[torch.Tensor, int, float, bool]:
+def nash_weights(
+    m: torch.Tensor, start: torch.Tensor | None, max_iter: int = 500, tol: float = TOL
+) -> tuple[torch.Tensor, int, float, bool]:
     """α > 0 with (Mα)_i = 1/α_i for the active tasks (float64); (α, iterations, residual, converged).
 
     The equation is the stationarity condition of the strictly convex, self-concordant
@@ -124,7 +125,9 @@ class NashMTL(Method):
         "granularity": GRANULARITY_OPTION,
     }
 
-    def __init__(self, max_norm: float = 1.0, update_every: int = 1, max_iter: int = 500, granularity: str = "global") -> None:
+    def __init__(
+        self, max_norm: float = 1.0, update_every: int = 1, max_iter: int = 500, granularity: str = "global"
+    ) -> None:
         super().__init__(granularity)
         if float(max_norm) < 0 or int(update_every) < 1 or int(max_iter) < 1:
             raise ValueError("max_norm must be ≥ 0, update_every and max_iter ≥ 1")
@@ -155,13 +158,21 @@ class NashMTL(Method):
             if n > self.max_norm:
                 update = update * (self.max_norm / n)
                 clipped = True
-        self.stats = {"weights": alpha.tolist(), "iterations": float(iters), "residual": res,
-                      "converged": converged, "clipped": clipped}
+        self.stats = {
+            "weights": alpha.tolist(),
+            "iterations": float(iters),
+            "residual": res,
+            "converged": converged,
+            "clipped": clipped,
+        }
         return update
 
     def _warn_if_unconverged(self, converged: bool, res: float, iters: int) -> None:
         if not converged and not self._warned:
             self._warned = True
-            warnings.warn(f"nash-mtl: Newton stopped after {iters} iterations at a relative residual of {res:.3g} "
-                          f"(target {TOL:g}); this step's weights are not the Nash solution (stats['converged'] "
-                          "is false for every such step). Raise max_iter.", stacklevel=3)
+            warnings.warn(
+                f"nash-mtl: Newton stopped after {iters} iterations at a relative residual of {res:.3g} "
+                f"(target {TOL:g}); this step's weights are not the Nash solution (stats['converged'] "
+                "is false for every such step). Raise max_iter.",
+                stacklevel=3,
+            )

@@ -54,6 +54,7 @@ def brute_min_norm(m: torch.Tensor) -> torch.Tensor:
 
 # ---- PCGrad ---------------------------------------------------------------------------------
 
+
 @SETTINGS
 @given(matrices(kmin=2, kmax=2))
 def test_pcgrad_k2_update_never_conflicts_with_a_task(g):
@@ -74,6 +75,7 @@ def test_pcgrad_seeded_order_is_deterministic():
 
 
 # ---- Gram matrix ---------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("k", [2, 4, 8])  # K ≤ 4: column by column; K = 8: the K×K-tile product
 @pytest.mark.parametrize("p", [5, 3 * _GRAM_CHUNK + 17, 4 * _GRAM_CHUNK])
@@ -129,6 +131,7 @@ def test_solve_small_pivots_and_reports_exactly_singular():
 
 # ---- MGDA ---------------------------------------------------------------------------------
 
+
 @SETTINGS
 @given(matrices(kmin=2, kmax=5))
 def test_mgda_is_the_min_norm_point_of_the_convex_hull(g):
@@ -159,6 +162,7 @@ def test_mgda_k2_closed_form_and_permutation_equivariance():
 
 
 # ---- IMTL-G --------------------------------------------------------------------------------
+
 
 @SETTINGS
 @given(matrices(kmin=2, kmax=4, pmax=8))
@@ -196,7 +200,10 @@ def test_imtlg_direct_solve_is_the_pseudo_inverse_when_well_conditioned(k, seed)
     from cogradctl.methods.imtl_g import _pinv_ones, _solve_direct
 
     gen = torch.Generator().manual_seed(seed)
-    g = torch.randn(k, 50, generator=gen, dtype=torch.float64) * torch.tensor([1.0, 3.0, 0.2, 10.0][:k], dtype=torch.float64)[:, None]
+    g = (
+        torch.randn(k, 50, generator=gen, dtype=torch.float64)
+        * torch.tensor([1.0, 3.0, 0.2, 10.0][:k], dtype=torch.float64)[:, None]
+    )
     c = cosines(g)
     direct = _solve_direct(c.tolist())
     assert direct is not None
@@ -275,6 +282,7 @@ def test_imtlg_norms_orders_of_magnitude_apart_against_60_digits():
 
 
 # ---- CAGrad ------------------------------------------------------------------------------
+
 
 @SETTINGS
 @given(matrices(kmin=1, kmax=5))
@@ -357,7 +365,9 @@ def _cagrad_cases(n: int, seed: int):
     gen = torch.Generator().manual_seed(seed)
     for case in range(n):
         k, p = (int(torch.randint(2, 6, (1,), generator=gen)) for _ in range(2))
-        g = torch.randn(k, p, generator=gen, dtype=torch.float64) * torch.exp(2 * torch.randn(k, 1, generator=gen, dtype=torch.float64))
+        g = torch.randn(k, p, generator=gen, dtype=torch.float64) * torch.exp(
+            2 * torch.randn(k, 1, generator=gen, dtype=torch.float64)
+        )
         if case % 3 == 0:
             g[int(torch.randint(0, k, (1,), generator=gen))] = 0.0
         if case % 5 == 0:
@@ -400,7 +410,10 @@ def test_cagrad_degenerate_hull_around_the_origin():
     """Regression: K > P, one tiny gradient, the origin inside the hull. The optimum of the inner
     problem is at a point where ‖g_w‖ is small and the old projected-gradient solver stalled far
     from it (worst-task improvement off by 20%, and different for a permutation of the tasks)."""
-    g = torch.tensor([[1.4872, -1.7638], [-1.4234, 2.6821], [0.4387, -0.8373], [0.1089, 0.5471], [-0.0189, -0.0331]], dtype=torch.float64)
+    g = torch.tensor(
+        [[1.4872, -1.7638], [-1.4234, 2.6821], [0.4387, -0.8373], [0.1089, 0.5471], [-0.0189, -0.0331]],
+        dtype=torch.float64,
+    )
     d = get_method("cagrad", c=0.4)(g)
     grid = _best_worst_task_improvement_on_a_grid(g, 0.4)
     assert float((g @ d).min()) >= float(grid.max()) - 1e-12
@@ -423,6 +436,7 @@ def test_cagrad_origin_in_the_hull():
 
 
 # ---- GDOD ---------------------------------------------------------------------------------
+
 
 @SETTINGS
 @given(matrices(kmin=1, kmax=6), st.lists(st.floats(0.0, 3.0), min_size=6, max_size=6))
@@ -491,7 +505,9 @@ def test_gdod_orthogonal_gradients_whatever_their_scales():
         d = m(g)
         assert np.allclose(m.stats["weights"], w, rtol=0, atol=1e-12 * max(w)), (g.norm(dim=1), m.stats)
         ref = torch.tensor(w, dtype=torch.float64) @ g
-        assert float((d - ref).abs().max()) <= 1e-14 * float((torch.tensor(w, dtype=torch.float64)[:, None] * g).abs().max())
+        assert float((d - ref).abs().max()) <= 1e-14 * float(
+            (torch.tensor(w, dtype=torch.float64)[:, None] * g).abs().max()
+        )
         assert m.stats["rank"] == k and m.stats["conflict_directions"] == 0
 
 
@@ -553,8 +569,12 @@ def svd_gdod(g: torch.Tensor, w: list[float], beta: float = 0.0, eps: float = 1e
 
 
 @SETTINGS
-@given(matrices(kmin=2, kmax=5, pmax=9), st.lists(st.floats(0.0, 3.0), min_size=5, max_size=5), st.sampled_from([0.0, 0.5]),
-       st.sampled_from([None, 1e-3, -1e-3, 1.0, -1.0]))
+@given(
+    matrices(kmin=2, kmax=5, pmax=9),
+    st.lists(st.floats(0.0, 3.0), min_size=5, max_size=5),
+    st.sampled_from([0.0, 0.5]),
+    st.sampled_from([None, 1e-3, -1e-3, 1.0, -1.0]),
+)
 def test_gdod_matches_an_svd_of_the_gradients(g, w, beta, parallel):
     """K = 2 takes a closed-form 2×2 eigendecomposition, K > 2 LAPACK's: both against an SVD of G.
     ``parallel``: the second row made (anti)parallel to the first, up to that much of a random row."""
@@ -567,8 +587,19 @@ def test_gdod_matches_an_svd_of_the_gradients(g, w, beta, parallel):
     assert torch.allclose(d, ref, rtol=1e-9, atol=1e-9 * float(g.norm()) * max(w + [1.0]))
 
 
-@pytest.mark.parametrize("a,b,c", [(1.0, 1e-9, 1e-3), (1e-3, -1e-9, 1.0), (4.0, 2.0, 1.0), (1.0, -1.0, 1.0),
-                                   (2.0, 0.0, 1.0), (1.0, 0.0, 2.0), (3.0, 1e-300, 3.0), (1e-20, 1e-10, 1.0)])
+@pytest.mark.parametrize(
+    "a,b,c",
+    [
+        (1.0, 1e-9, 1e-3),
+        (1e-3, -1e-9, 1.0),
+        (4.0, 2.0, 1.0),
+        (1.0, -1.0, 1.0),
+        (2.0, 0.0, 1.0),
+        (1.0, 0.0, 2.0),
+        (3.0, 1e-300, 3.0),
+        (1e-20, 1e-10, 1.0),
+    ],
+)
 def test_gdod_closed_form_2x2_eigendecomposition(a, b, c):
     """Residual ‖Mv − λv‖ and orthonormality at float64 resolution, eigenvalues as LAPACK's; a
     diagonal matrix keeps the coordinate axes. The small-b cases are where the eigenvector of the
@@ -604,6 +635,7 @@ def test_permutation_equivariance(g):
 
 
 # ---- Nash-MTL / Aligned-MTL / MetaBalance -------------------------------------------------------
+
 
 @SETTINGS
 @given(matrices(kmin=2, kmax=5, pmax=8))
@@ -656,7 +688,9 @@ def test_nash_mtl_sequences_with_changing_scales_satisfy_the_nash_condition():
         m = get_method("nash-mtl", max_norm=0.0)
         for _step in range(4):
             scales = torch.exp(3 * torch.randn(k, 1, generator=gen, dtype=torch.float64))
-            drift = torch.rand(1, generator=gen, dtype=torch.float64) * torch.randn(k, p, generator=gen, dtype=torch.float64)
+            drift = torch.rand(1, generator=gen, dtype=torch.float64) * torch.randn(
+                k, p, generator=gen, dtype=torch.float64
+            )
             g = (base + drift) * scales * 10.0 ** float(torch.randint(-3, 4, (1,), generator=gen))
             m(g)
             alpha = torch.tensor(m.stats["weights"], dtype=torch.float64)

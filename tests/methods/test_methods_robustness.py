@@ -12,8 +12,21 @@ from cogradctl.errors import CogradError
 from cogradctl.methods import get_method, list_methods
 
 ALL = [
-    "ew", "weighted", "uw", "dwa", "gradnorm", "mgda", "pcgrad", "gradvac", "cagrad", "imtl-g",
-    "nash-mtl", "aligned-mtl", "metabalance", "gdod", "cograd",
+    "ew",
+    "weighted",
+    "uw",
+    "dwa",
+    "gradnorm",
+    "mgda",
+    "pcgrad",
+    "gradvac",
+    "cagrad",
+    "imtl-g",
+    "nash-mtl",
+    "aligned-mtl",
+    "metabalance",
+    "gdod",
+    "cograd",
 ]
 COGRAD_HESSIANS = ["diag", "fisher-ema", "outer"]
 
@@ -77,8 +90,14 @@ def test_k1_is_the_task_gradient_direction(name):
 
 
 STATEFUL = {
-    "uw": {}, "dwa": {}, "gradnorm": {}, "pcgrad": {}, "gradvac": {}, "nash-mtl": {"max_norm": 0.0},
-    "metabalance": {}, "cograd:fisher-ema": {},
+    "uw": {},
+    "dwa": {},
+    "gradnorm": {},
+    "pcgrad": {},
+    "gradvac": {},
+    "nash-mtl": {"max_norm": 0.0},
+    "metabalance": {},
+    "cograd:fisher-ema": {},
 }
 
 
@@ -95,7 +114,7 @@ def test_state_round_trip(name):
     b = build(name, **STATEFUL[name])
     b.setup(3)
     b.load_state_dict(a.state_dict())
-    for (pa, pb) in zip(a.parameters(), b.parameters()):
+    for pa, pb in zip(a.parameters(), b.parameters()):
         assert torch.equal(pa, pb)
     grads, losses = steps[4]
     ua, ub = a(grads, losses), b(grads, losses)
@@ -136,8 +155,14 @@ def test_unknown_option_lists_the_methods_options(name):
 
 
 def test_bad_option_values_are_usage_errors():
-    for name, opts in [("pcgrad", {"order": "sideways"}), ("cograd", {"hessian": "full"}), ("cagrad", {"c": -1}),
-                       ("gdod", {"weights": [-1.0]}), ("mgda", {"normalize": "l3"}), ("dwa", {"temperature": 0})]:
+    for name, opts in [
+        ("pcgrad", {"order": "sideways"}),
+        ("cograd", {"hessian": "full"}),
+        ("cagrad", {"c": -1}),
+        ("gdod", {"weights": [-1.0]}),
+        ("mgda", {"normalize": "l3"}),
+        ("dwa", {"temperature": 0}),
+    ]:
         with pytest.raises(CogradError):
             get_method(name, **opts)(torch.ones(1, 2), torch.ones(1))
     with pytest.raises(CogradError):
@@ -156,8 +181,23 @@ def test_every_method_is_registered_and_documented():
 
 @pytest.mark.parametrize(
     "module",
-    ["ew", "weighted", "uw", "dwa", "gradnorm", "mgda", "pcgrad", "gradvac", "cagrad", "imtl_g", "nash_mtl",
-     "aligned_mtl", "metabalance", "gdod", "cograd"],
+    [
+        "ew",
+        "weighted",
+        "uw",
+        "dwa",
+        "gradnorm",
+        "mgda",
+        "pcgrad",
+        "gradvac",
+        "cagrad",
+        "imtl_g",
+        "nash_mtl",
+        "aligned_mtl",
+        "metabalance",
+        "gdod",
+        "cograd",
+    ],
 )
 def test_doctests(module):
     mod = importlib.import_module(f"cogradctl.methods.{module}")
