@@ -10,7 +10,7 @@ from rich.table import Table
 
 from cogradctl.cli.core import command
 from cogradctl.cli.options import Device, Json, OnInvalid, PluginPath, Quiet, csv_list, paths, report_data
-from cogradctl.cli.output import emit_json, fmt, stdout
+from cogradctl.cli.output import emit_json, stdout
 from cogradctl.console import Log
 
 # The help text is one paragraph, too long for one line of code, hence here rather than a docstring.
@@ -18,12 +18,14 @@ HELP = (
     "Per-row predictions to Parquet: one row per input row, in the input's order (files sorted, rows "
     "in file order), the --keep-columns copied through unchanged, then one float64 column per task "
     "named after the task: the probability sigmoid(logit) for a binary task, the raw output for a "
-    "regression task. Only the feature columns are read (labels are not needed); memory stays bounded. "
-    "The output is written atomically (nothing is left at --out on an error)."
+    "regression task. Only the feature columns are read (labels are not needed; --on-invalid-rows applies "
+    "to NaN/infinite feature values, and dropped rows are counted); memory stays bounded. The output is "
+    "written atomically (nothing is left at --out on an error)."
 )
+SHORT = "Per-row predictions to Parquet (probabilities for binary tasks, values for regression), in input order."
 
 
-@command("predict", help=HELP)
+@command("predict", help=HELP, short_help=SHORT)
 def predict_cmd(
     checkpoint: Annotated[Path, typer.Option(help="Checkpoint whose model predicts.")],
     data: Annotated[str, typer.Option(help="Parquet file, directory or glob with the feature columns.")],
@@ -61,12 +63,17 @@ def predict_cmd(
         return
     stdout.print(
         f"{summary['out']}  rows={summary['rows_written']}  dropped={summary['rows_dropped']}  "
-        f"columns={','.join(summary['columns'])}  {summary['seconds']:.1f}s",
+        f"columns={','.join(summary['columns'])}  {summary['seconds']:.2f}s",
         markup=False,
     )
     table = Table()
     for col in ("task", "output", "mean", "min", "max"):
         table.add_column(col, justify="left" if col in ("task", "output") else "right")
     for task, s in summary["tasks"].items():
-        table.add_row(task, s["output"], fmt(s["mean"]), fmt(s["min"]), fmt(s["max"]))
+        table.add_row(task, s["output"], *(_num(s[k]) for k in ("mean", "min", "max")))
     stdout.print(table)
+
+
+def _num(value: float | None) -> str:
+    """Four significant digits: probabilities near 0 and regression values of any scale stay readable."""
+    return "n/a" if value is None else f"{value:.4g}"
