@@ -184,7 +184,7 @@ def carry_type(f: File, name: str) -> pa.DataType:
     keys = partitions(f.path)
     if name in keys:
         return partition_array(keys[name], 0).type
-    raise DataError(f"{f.path}: no column '{name}' to carry through")
+    raise DataError(f"{f.path}: no column '{name}' to carry through (--keep-columns)")
 
 
 def with_carry(f: File, names: list[str]) -> File:
