@@ -61,19 +61,17 @@ class GDOD(Method):
         # After the Gram matrix, everything is K×K: plain Python floats (see eigh_small).
         full = gram(grads).tolist()
         active = [i for i in range(len(full)) if full[i][i] > 0]
-        m = [[full[i][j] for j in active] for i in active]
-        sq = [m[a][a] for a in range(len(m))]  # ‖g_i‖²
-        w = [float(self.weights[i]) for i in active]
+        m = full if len(active) == len(full) else [[full[i][j] for j in active] for i in active]
+        norms = [math.sqrt(m[a][a]) for a in range(len(m))]  # ‖g_i‖
+        w_all = self.weights.tolist()
+        w = [w_all[i] for i in active]
         beta, n_kept, n_shared = [0.0] * len(m), 0, 0
+        top = self.eps * max(norms, default=0.0) ** 2  # ≥ eps·Σ_i V_ik²‖g_i‖²: above it, no sum needed
         for lam, v in zip(*eigh_graded(m)):
-            if not lam > self.eps * sum(x * x * s for x, s in zip(v, sq)):
+            if not (lam > top or lam > self.eps * sum((x * n) ** 2 for x, n in zip(v, norms))):
                 continue  # the gradients cancel along this direction: dependent to working precision
             n_kept += 1
-            coords = [x * math.sqrt(lam) for x in v]  # c_ik, task i's coordinate on u = Gᵀv/σ
-            shared = not (
-                any(c > 1e-12 * math.sqrt(s) for c, s in zip(coords, sq))
-                and any(c < -1e-12 * math.sqrt(s) for c, s in zip(coords, sq))
-            )
+            shared = _shared(lam, v, norms)
             n_shared += shared
             # gain · (Σ_i w_i c_ik) u_k = gain · (wᵀv_k) · Gᵀv_k: weights on the rows of G
             f = (1.0 if shared else self.beta) * sum(wi * x for wi, x in zip(w, v))
@@ -92,6 +90,14 @@ class GDOD(Method):
 
     def task_weights(self) -> torch.Tensor | None:
         return self.weights
+
+
+def _shared(lam: float, v: list[float], norms: list[float]) -> bool:
+    """Whether no two tasks' coordinates c_ik = σ_k V_ik on the direction have opposite signs, a
+    coordinate with |c_ik| ≤ 1e-12·‖g_i‖ counting as zero (it conflicts with neither sign)."""
+    sigma = math.sqrt(lam)
+    rel = [sigma * x / n for x, n in zip(v, norms)]  # c_ik / ‖g_i‖
+    return not (max(rel) > 1e-12 and min(rel) < -1e-12)
 
 
 def eigh_graded(m: list[list[float]]) -> tuple[list[float], list[list[float]]]:
