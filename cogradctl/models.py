@@ -62,6 +62,8 @@ def build(name: str, schema: Schema, config: dict, plugin_paths: list[str] | Non
         model = factory(schema, **config)
     except (TypeError, ValueError) as exc:
         raise UsageError(f"model '{name}' rejected its config: {exc}") from exc
+    except ImportError as exc:  # a factory that imports its library lazily, when it is called
+        raise PluginError(f"model plugin '{name}' failed to load: {type(exc).__name__}: {exc}") from exc
     if not isinstance(model, nn.Module) or not hasattr(model, "task_parameters"):
         raise PluginError(f"model plugin '{name}' must return a torch.nn.Module with a task_parameters() method")
     return model, effective

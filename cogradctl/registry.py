@@ -7,10 +7,14 @@ treated alike. A plugin file given with ``--plugin-path DIR`` / ``COGRADCTL_PLUG
 
 A plugin that fails to import is recorded with its cause and does not break the others; a name
 registered twice is an error when it is used; an unknown name is answered with the known ones.
+A plugin file that fails to import cannot say which names it registers, so they are read from its
+source (a module-level ``MODELS = {"name": …}`` literal or ``MODELS["name"] = …``): asking for one
+of them gives the import error, not "unknown model" (its file name stands in when none is found).
 """
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import os
 import sys
@@ -94,12 +98,49 @@ def discover(kind: str, extra_paths: list[str] | None = None) -> dict[str, Entry
             try:
                 module = _load_file(path)
             except Exception as exc:
-                # We cannot know which names it meant to register: record it under its file name.
-                _add(found, Entry(path.stem, f"file {path}", error=f"{type(exc).__name__}: {exc}"))
+                # Record it under the names its source registers (or its file name, if none is found).
+                error = f"{type(exc).__name__}: {exc}"
+                for name in declared_names(path, kind):
+                    _add(found, Entry(name, f"file {path}", error=error))
                 continue
             for name, factory in getattr(module, FILE_ATTRS[kind], {}).items():
                 _add(found, Entry(name, f"file {path}", factory=factory))
     return found
+
+
+def declared_names(path: Path, kind: str) -> list[str]:
+    """The names a plugin file registers for ``kind``, read from its source without running it.
+
+    Finds module-level ``MODELS = {"a": …}`` (or annotated) dict literals and ``MODELS["a"] = …``
+    assignments. A file that registers nothing of ``kind`` this way while registering the other kind
+    gives no names; a file whose source says nothing readable gives its file name.
+    """
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8", errors="replace"), str(path))
+    except (SyntaxError, ValueError, OSError):
+        return [path.stem]
+    names: dict[str, list[str]] = {k: [] for k in FILE_ATTRS}
+    attrs = {attr: k for k, attr in FILE_ATTRS.items()}
+    for node in tree.body:
+        targets = (
+            node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        )
+        value = getattr(node, "value", None)
+        for target in targets:
+            if isinstance(target, ast.Name) and target.id in attrs and isinstance(value, ast.Dict):
+                keys = [k.value for k in value.keys if isinstance(k, ast.Constant) and isinstance(k.value, str)]
+                names[attrs[target.id]] += keys
+            elif (
+                isinstance(target, ast.Subscript)
+                and isinstance(target.value, ast.Name)
+                and target.value.id in attrs
+                and isinstance(target.slice, ast.Constant)
+                and isinstance(target.slice.value, str)
+            ):
+                names[attrs[target.value.id]].append(target.slice.value)
+    if names[kind]:
+        return list(dict.fromkeys(names[kind]))
+    return [] if any(names.values()) else [path.stem]
 
 
 def lookup(kind: str, name: str, extra_paths: list[str] | None = None) -> Callable[..., Any]:
@@ -109,7 +150,14 @@ def lookup(kind: str, name: str, extra_paths: list[str] | None = None) -> Callab
     entry = found.get(name)
     if entry is None:
         known = ", ".join(sorted(n for n, e in found.items() if e.error is None)) or "none"
-        raise PluginError(f"unknown {singular} '{name}'; known {kind}: {known}")
+        broken = [e for e in found.values() if e.error is not None]
+        hint = ""
+        if broken:  # the name may be one of theirs: say why they failed rather than only "unknown"
+            hint = "; plugins that failed to load (it may be one of them): " + ", ".join(
+                f"'{e.name}' ({e.source}): {e.error}" for e in broken[:3]
+            )
+            hint += f" and {len(broken) - 3} more" if len(broken) > 3 else ""
+        raise PluginError(f"unknown {singular} '{name}'; known {kind}: {known}{hint}")
     if entry.duplicates:
         sources = ", ".join([entry.source, *entry.duplicates])
         raise PluginError(f"{singular} '{name}' is registered more than once ({sources}); uninstall or rename one")

@@ -182,7 +182,9 @@ def test_broken_plugin_is_reported_and_others_still_load(tmp_path, cli):
     assert callable(registry.lookup("models", "tiny", [str(d)]))
     with pytest.raises(PluginError) as err:
         registry.lookup("models", "nope", [str(d)])
-    assert "tiny" in str(err.value) and "a_broken" not in str(err.value)  # only loadable names are offered
+    known = str(err.value).split("known models: ")[1].split(";")[0]
+    assert "tiny" in known and "a_broken" not in known  # only loadable names are offered as known
+    assert "failed to load" in str(err.value) and "needs libfoo" in str(err.value)  # broken ones are named apart
     r = cli("models", "--plugin-path", d, "--json")
     assert r.exit_code == 0, r.output
     rows = {row["name"]: row for row in json.loads(r.stdout)["models"]}
@@ -190,6 +192,71 @@ def test_broken_plugin_is_reported_and_others_still_load(tmp_path, cli):
     assert rows["tiny"]["status"] == "ok" and rows["mmoe"]["status"] == "ok"
     r = cli("models", "--plugin-path", d)  # the table shows it too
     assert r.exit_code == 0 and "needs libfoo" in r.stdout
+
+
+def test_broken_plugin_file_is_named_by_the_models_it_registers(tmp_path, sample_dir, cli):
+    """A plugin file named otherwise than its model, whose library is missing: the error says so.
+
+    Before, asking for the model gave "unknown model 'team-mmoe'" and only 'cogradctl models'
+    showed the import error (the failure was recorded under the file's name, team_models).
+    """
+    d = plugin_dir(
+        tmp_path / "plugins",
+        {
+            "team_models.py": "import no_such_library_xyz\n\nMODELS = {'team-mmoe': None}\nMODELS['team-ple'] = None\n",
+            "only_methods.py": "import no_such_library_xyz\nMETHODS = {'my-method': None}\n",
+        },
+    )
+    found = registry.discover("models", [str(d)])
+    assert found["team-mmoe"].error == "ModuleNotFoundError: No module named 'no_such_library_xyz'"
+    assert found["team-ple"].error == found["team-mmoe"].error
+    assert "team_models" not in found and "only_methods" not in found and "my-method" not in found
+    assert registry.discover("methods", [str(d)])["my-method"].error.startswith("ModuleNotFoundError")
+    out = tmp_path / "x.safetensors"
+    for cmd in (
+        ("init", "--data", sample_dir / "valid.parquet", "--tasks", "click", "--out", out),
+        (
+            "import",
+            "--weights",
+            tmp_path / "w.pt",
+            "--data",
+            sample_dir / "valid.parquet",
+            "--tasks",
+            "click",
+            "--out",
+            out,
+        ),
+    ):
+        r = cli(*cmd, "--model", "team-mmoe", "--plugin-path", d)
+        assert r.exit_code == 2, r.output
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and "unknown" not in lines[0], lines
+        assert "model 'team-mmoe'" in lines[0] and "failed to load" in lines[0]
+        assert "No module named 'no_such_library_xyz'" in lines[0] and str(d / "team_models.py") in lines[0]
+        assert r.stdout == "" and not out.exists()
+
+
+def test_factory_that_imports_lazily_is_a_plugin_error(tmp_path, sample_dir, cli):
+    d = plugin_dir(
+        tmp_path / "plugins",
+        {"lazy.py": "def build(schema):\n    import no_such_library_xyz\n\n\nMODELS = {'lazy': build}\n"},
+    )
+    out = tmp_path / "x.safetensors"
+    r = cli(
+        "init",
+        "--model",
+        "lazy",
+        "--plugin-path",
+        d,
+        "--data",
+        sample_dir / "valid.parquet",
+        "--tasks",
+        "click",
+        "--out",
+        out,
+    )
+    assert r.exit_code == 2, r.output
+    assert "model plugin 'lazy' failed to load: ModuleNotFoundError" in r.stderr and not out.exists()
 
 
 def test_duplicate_name_is_an_error_naming_both_sources(tmp_path, sample_dir, base_checkpoint, cli):
