@@ -13,7 +13,7 @@ imports below, so that order is kept by hand.
 
 # isort: off
 from cogradctl.cli.core import DEBUG, app, main
-from cogradctl.cli import init, train, evaluate, predict, measure, inspect, registry, bench, data
+from cogradctl.cli import init, import_, train, evaluate, predict, export, measure, inspect, registry, bench, data
 
 # isort: on
 
@@ -22,9 +22,11 @@ __all__ = [
     "app",
     "main",
     "init",
+    "import_",
     "train",
     "evaluate",
     "predict",
+    "export",
     "measure",
     "inspect",
     "registry",
