@@ -20,6 +20,7 @@ depends on the source file. ``export`` reads the mapping back to restore the tea
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -142,6 +143,8 @@ def self_check(
     dropped or altered, and the stored config rebuilds the same model.
     """
     ckpt, loaded, _ = models.from_checkpoint(staged, req.plugin_paths)
+    if json.dumps(ckpt.model_config) != json.dumps(config):  # order included: plugins may build inputs from it
+        raise CheckpointError("self-check: the stored model config does not read back as given")
     if set(ckpt.state) != set(mapped):
         raise CheckpointError(f"self-check: the written checkpoint holds other tensors than the {len(mapped)} mapped")
     for name, want in mapped.items():

@@ -100,14 +100,15 @@ def _read_pt(path: Path, where: str):
     try:
         return torch.load(path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as exc:
-        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
-        if found or "Weights only load failed" in str(exc):
-            what = f" ({found.group(1)})" if found else ""
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))  # a class or function the file would import
+        if found:
             raise CheckpointError(
-                f"{where}: holds a pickled module or other Python object{what}, not a state dict of tensors: "
-                "save model.state_dict() and import that"
+                f"{where}: holds a pickled module or other Python object ({found.group(1)}), not a state dict of "
+                "tensors: save model.state_dict() and import that"
             ) from exc
-        raise CheckpointError(f"{where}: not a readable PyTorch file ({_first_line(exc)})") from exc
+        detail = re.search(r"WeightsUnpickler error:\s*([^\n]+)", str(exc))
+        reason = detail.group(1).strip() if detail else _first_line(exc)
+        raise CheckpointError(f"{where}: not a readable PyTorch file ({reason})") from exc
     except Exception as exc:  # a truncated zip, random bytes, an empty file: torch raises many kinds
         raise CheckpointError(f"{where}: not a readable PyTorch file ({_first_line(exc)})") from exc
 
@@ -149,7 +150,9 @@ def _state_dict(obj, where: str, weights_key: str | None) -> dict[str, torch.Ten
             if nested and weights_key is None
             else "; a state dict maps parameter names to tensors"
         )
-        raise CheckpointError(f"{where}: '{bad[0]}' holds a {type(first).__name__}, not a tensor{more}{hint}")
+        shown = repr(first) if isinstance(first, (int, float, str, bool)) and len(repr(first)) < 40 else ""
+        what = f"{type(first).__name__} {shown}".strip()
+        raise CheckpointError(f"{where}: '{bad[0]}' holds {what}, not a tensor{more}{hint}")
     return dict(obj)
 
 
