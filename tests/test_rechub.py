@@ -323,3 +323,87 @@ def test_without_the_extra_the_bridge_reports_how_to_install_it():
     for name in ("rechub-shared-bottom", "rechub-mmoe", "rechub-ple", "rechub-aitm", "rechub-esmm"):
         assert 'pip install "cogradctl[rechub]"' in errors[name]
     assert errors["mmoe"] is None and errors["ple"] is None and errors["shared-bottom"] is None
+
+
+# ---------------------------------------------------------------------------- the round trip through the CLI
+
+ROUND_TRIP = {
+    "features": FEATURES,
+    "n_expert": 3,
+    "expert_params": {"dims": [8]},
+    "tower_params_list": [TOWERS, TOWERS],
+}
+
+
+def train_with_torch_rechub(rechub, rows, out_dir):
+    """torch-rechub's own MTLTrainer, uncertainty weighting on: it saves model_base_0.pth (with 'loss weight.N')."""
+    from cogradctl_plugins import rechub as rb
+    from torch_rechub.trainers import MTLTrainer
+    from torch_rechub.utils.data import DataGenerator
+
+    torch.manual_seed(0)
+    model = rechub.models.multi_task.MMOE(
+        rb.rechub_features(FEATURES), ["classification"] * 2, 3, {"dims": [8]}, [TOWERS] * 2
+    )
+    x = {k: rows[k] for k in ("user", "item", "prev_item", "age")}
+    y = np.stack([rows["click"], rows["like"]], axis=1)
+    train, valid, _ = DataGenerator(x, y).generate_dataloader(x_val=x, y_val=y, x_test=x, y_test=y, batch_size=64)
+    trainer = MTLTrainer(
+        model, ["classification"] * 2, adaptive_params={"method": "uwl"}, n_epoch=2, model_path=str(out_dir)
+    )
+    trainer.fit(train, valid)
+    return out_dir / "model_base_0.pth"
+
+
+def rechub_mmoe(rechub, state):
+    from cogradctl_plugins import rechub as rb
+
+    model = rechub.models.multi_task.MMOE(
+        rb.rechub_features(FEATURES), ["classification"] * 2, 3, {"dims": [8]}, [TOWERS] * 2
+    )
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def max_diff(ckpt_path, reference, team, path):
+    """Largest |sigmoid(cogradctl's logit) − torch-rechub's probability| over the team's rows."""
+    _, net, _ = models.from_checkpoint(ckpt_path)
+    net.eval()
+    schema, inputs, _ = encoded(path, ["click", "like"])
+    with torch.no_grad():
+        ours = torch.sigmoid(torch.stack([net(inputs)[t] for t in ("click", "like")], 1))
+        return (ours - reference(team_inputs(team))).abs().max().item()
+
+
+def test_round_trip_with_a_model_trained_by_torch_rechub(rechub, rows, tmp_path, cli):
+    """torch-rechub trains → import → same predictions → cogradctl trains → export → torch-rechub loads it strictly."""
+    team, path = rows
+    weights = train_with_torch_rechub(rechub, team, tmp_path)
+    saved = torch.load(weights, weights_only=True)
+    assert {"loss weight.0", "loss weight.1"} <= set(saved)
+    theirs = rechub_mmoe(rechub, {k: v for k, v in saved.items() if not k.startswith("loss weight.")})
+
+    config = [a for k, v in ROUND_TRIP.items() for a in ("--config", f"{k}={json.dumps(v)}")]
+    imported = tmp_path / "imported.safetensors"
+    r = cli(
+        "import", "--model", "rechub-mmoe", "--weights", weights, "--data", path, "--tasks", "click,like",
+        "--ignore-keys", "loss weight.*", "--out", imported, *config,
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert max_diff(imported, theirs, team, path) <= TOL
+
+    run = tmp_path / "run"
+    r = cli(
+        "train", "--checkpoint", imported, "--data", path, "--method", "cograd", "--epochs", "1",
+        "--batch-size", "64", "--out", run, "--quiet",
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    exported = tmp_path / "exported.pt"
+    r = cli("export", run / "last.safetensors", "--out", exported)
+    assert r.exit_code == 0, r.output
+    state = torch.load(exported, weights_only=True)
+    assert not any(k.startswith("loss weight") for k in state)
+    trained = rechub_mmoe(rechub, state)  # strict: every key of torch-rechub's MMOE, nothing else
+    moved = max((state[k].float() - v.float()).abs().max().item() for k, v in theirs.state_dict().items())
+    assert moved > 1e-4, "cogradctl's training changed the weights"
+    assert max_diff(run / "last.safetensors", trained, team, path) <= TOL

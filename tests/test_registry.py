@@ -410,7 +410,8 @@ def test_model_plugin_contract(batch, name, config):
 
 def test_every_builtin_model_is_covered_by_the_contract_test():
     builtins = {n for n, e in registry.discover("models").items() if e.source == "built-in"}
-    assert builtins == {n for n, _ in CONTRACT_CASES}
+    # The torch-rechub bridge (an optional extra) is held to the same oracle in tests/test_rechub.py.
+    assert {n for n in builtins if not n.startswith("rechub-")} == {n for n, _ in CONTRACT_CASES}
 
 
 @pytest.mark.parametrize("name", ["shared-bottom", "mmoe", "ple"])
