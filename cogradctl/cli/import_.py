@@ -62,7 +62,7 @@ def import_cmd(
         list[str] | None,
         typer.Option(
             "--ignore-keys",
-            help="Glob of source keys that are not model weights (trainer extras, e.g. 'loss_weight*'); repeatable.",
+            help="Glob of source keys that are not model weights (trainer extras, e.g. torch-rechub's 'loss weight.*'); repeatable.",
         ),
     ] = None,
     config: ModelConfig = None,
