@@ -143,6 +143,20 @@ def declared_names(path: Path, kind: str) -> list[str]:
     return [] if any(names.values()) else [path.stem]
 
 
+def _failed_hint(found: dict[str, Entry]) -> str:
+    """The plugins that failed to load, grouped by cause (the rechub-* bridges without their extra
+    share one), so that an unknown name that is one of them shows why rather than only "unknown"."""
+    causes: dict[tuple[str, str], list[str]] = {}
+    for e in sorted(found.values(), key=lambda e: e.name):
+        if e.error is not None:
+            causes.setdefault((e.source, e.error), []).append(f"'{e.name}'")
+    if not causes:
+        return ""
+    parts = [f"{', '.join(names)} ({source}): {error}" for (source, error), names in list(causes.items())[:3]]
+    more = f" and {len(causes) - 3} more" if len(causes) > 3 else ""
+    return "; plugins that failed to load (it may be one of them): " + "; ".join(parts) + more
+
+
 def lookup(kind: str, name: str, extra_paths: list[str] | None = None) -> Callable[..., Any]:
     """The factory registered as ``name``, or a PluginError saying what is known or what broke."""
     found = discover(kind, extra_paths)
@@ -150,14 +164,7 @@ def lookup(kind: str, name: str, extra_paths: list[str] | None = None) -> Callab
     entry = found.get(name)
     if entry is None:
         known = ", ".join(sorted(n for n, e in found.items() if e.error is None)) or "none"
-        broken = [e for e in found.values() if e.error is not None]
-        hint = ""
-        if broken:  # the name may be one of theirs: say why they failed rather than only "unknown"
-            hint = "; plugins that failed to load (it may be one of them): " + ", ".join(
-                f"'{e.name}' ({e.source}): {e.error}" for e in broken[:3]
-            )
-            hint += f" and {len(broken) - 3} more" if len(broken) > 3 else ""
-        raise PluginError(f"unknown {singular} '{name}'; known {kind}: {known}{hint}")
+        raise PluginError(f"unknown {singular} '{name}'; known {kind}: {known}{_failed_hint(found)}")
     if entry.duplicates:
         sources = ", ".join([entry.source, *entry.duplicates])
         raise PluginError(f"{singular} '{name}' is registered more than once ({sources}); uninstall or rename one")

@@ -594,7 +594,10 @@ def test_unknown_model(cli, tmp_path, files):
         "--out",
         tmp_path / "m.safetensors",
     )
-    assert_input_error(r, "unknown model 'transformer'", "known models: mmoe, ple, shared-bottom")
+    # The known list also holds the rechub-* bridges when the optional extra is installed.
+    assert_input_error(r, "unknown model 'transformer'", "known models: mmoe, ple, ")
+    known = r.stderr.split("known models: ")[1].split(";")[0].strip().split(", ")
+    assert {"mmoe", "ple", "shared-bottom"} <= set(known) and known == sorted(known)
     assert not (tmp_path / "m.safetensors").exists()
 
 

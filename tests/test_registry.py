@@ -94,7 +94,7 @@ def test_builtin_methods_are_discovered():
 def test_unknown_name_lists_the_known_ones(kind, known):
     with pytest.raises(PluginError, match=f"unknown {kind[:-1]} 'nope'") as err:
         registry.lookup(kind, "nope")
-    listed = str(err.value).split(f"known {kind}: ")[1].split(", ")
+    listed = str(err.value).split(f"known {kind}: ")[1].split(";")[0].split(", ")  # before any failed plugins
     assert set(known) <= set(listed)
     assert listed == sorted(listed)
     assert PluginError.exit_code == 2
@@ -341,8 +341,8 @@ def test_registry_json_is_one_document(cli, kind):
         assert {"name", "source", "description", "status"} <= set(row)
         if row["name"] in expected:
             assert row["source"] == "built-in" and row["status"] == "ok"
-        if kind == "models":
-            assert isinstance(row["config"], dict)
+        if kind == "models":  # a plugin that failed to load (an optional extra missing) has no readable config
+            assert isinstance(row["config"], dict) if row["status"] == "ok" else row["config"] is None
         else:
             assert {"family", "paper", "options"} <= set(row)
     if kind == "models":

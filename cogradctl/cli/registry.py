@@ -44,10 +44,10 @@ def _registry_doc(kind: str, plugin_path) -> list[dict]:
             row["family"] = getattr(e.factory, "family", "")
             row["paper"] = getattr(e.factory, "paper", "")
             row["options"] = dict(getattr(e.factory, "options", {}))
-        if kind == "models" and e.factory is not None:
+        if kind == "models":  # None: the plugin failed to load, so its options cannot be read
             from cogradctl.models import config_options
 
-            row["config"] = config_options(e.factory)
+            row["config"] = config_options(e.factory) if e.factory is not None else None
         rows.append(row)
     return rows
 
