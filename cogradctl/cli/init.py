@@ -59,8 +59,8 @@ def init_cmd(
     import torch
 
     from cogradctl import checkpoint as ckpt_io
+    from cogradctl import contract, models
     from cogradctl import data as data_io
-    from cogradctl import models
     from cogradctl.train import now
 
     log = Log(quiet)
@@ -69,6 +69,7 @@ def init_cmd(
     schema, rows = data_io.infer_from_options(data, opts)
     torch.manual_seed(seed)
     net, effective = models.build(model, schema, model_config, paths(plugin_path))
+    contract.check_output(net, schema, model)  # a plugin's forward must give {task: B-vector}: exit 2 now, not later
     split = models.split_parameters(net, schema.task_names, model)
     history = [{"run": "init", "data": data, "rows": rows, "seed": seed, "time": now()}]
     ckpt_io.save(ckpt_io.Checkpoint(model, effective, schema, net.state_dict(), history), out)
