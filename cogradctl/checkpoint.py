@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -89,33 +90,105 @@ def staged_write(path: Path, data: bytes) -> Iterator[Path]:
     removed and ``path`` is untouched (as are its folders: those this call created are removed
     again). Checks can so read the very bytes that will land before they do (``cogradctl import``
     reloads its checkpoint through the plugin first).
+
+    The temporary file is ``.<name>.<host>-<pid>-<random>.tmp``: a writer killed mid-write leaves
+    one behind, which the next write to the same path removes once that process is gone on this
+    host (``remove_stale_temps``); another live writer's file is never touched. An ``OSError``
+    (disk full, read-only or unwritable folder, a path below a regular file) names ``path``.
     """
     created = [d for d in [path.parent, *path.parent.parents] if not d.exists()]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_temps(path)
+            fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path) + _owner_tag(), suffix=".tmp", dir=path.parent)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.fchmod(fd, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            raise _naming(exc, path) from exc
         yield Path(tmp)
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise _naming(exc, path) from exc
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         for d in created:  # innermost first
             try:
                 d.rmdir()
             except OSError:
                 break
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as exc:
+        raise _naming(exc, path) from exc
+
+
+def _naming(exc: OSError, path: Path) -> OSError:
+    """``exc`` as an OSError of the same errno (and subclass) that names ``path``."""
+    if exc.errno is None:
+        return exc
+    return OSError(exc.errno, exc.strerror or os.strerror(exc.errno), str(path))
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}."
+
+
+def _host() -> str:
+    return "".join(c if c.isalnum() else "_" for c in socket.gethostname()) or "host"
+
+
+def _owner_tag() -> str:
+    return f"{_host()}-{os.getpid()}-"
+
+
+def remove_stale_temps(path: Path) -> list[Path]:
+    """Remove the temporary files of earlier writes to ``path`` whose writer died (same host, a
+    process id that no longer exists); → the files removed. Files of live processes, of this
+    process, of other hosts or in another naming are left alone."""
+    prefix, host, removed = _temp_prefix(path), _host(), []
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return removed
+    for entry in entries:
+        name = entry.name
+        if not (name.startswith(prefix) and name.endswith(".tmp")):
+            continue
+        owner, pid, rand = (name[len(prefix) : -len(".tmp")].rsplit("-", 2) + ["", "", ""])[:3]
+        if owner != host or not pid.isdigit() or not rand or int(pid) in (0, os.getpid()):
+            continue
+        if _alive(int(pid)):
+            continue
+        try:
+            os.unlink(entry.path)
+            removed.append(Path(entry.path))
+        except OSError:
+            pass
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True  # another user's process (or an id the OS cannot check): leave its file
+    return True
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:

@@ -10,15 +10,19 @@ and exits 1 (with a traceback only under ``--debug`` or ``COGRADCTL_DEBUG=1``).
 | 2    | usage or input error: bad option, missing or invalid file, schema mismatch |
 | 3    | a quality gate failed (measure-transference thresholds)                  |
 | 4    | training diverged: a non-finite loss or gradient (the last saved state is kept) |
+| 5    | the environment refused: disk full, read-only or unwritable location, a path below a file |
 | 130  | stopped by SIGINT (Ctrl-C) after saving the state: rerun the command to resume |
 | 143  | stopped by SIGTERM after saving the state: rerun the command to resume   |
 """
+
+from __future__ import annotations
 
 EXIT_OK = 0
 EXIT_UNEXPECTED = 1
 EXIT_INPUT = 2
 EXIT_GATE = 3
 EXIT_DIVERGED = 4
+EXIT_ENVIRONMENT = 5
 
 
 class CogradError(Exception):
@@ -61,6 +65,27 @@ class Diverged(CogradError):
     """A non-finite loss or gradient during training (with --on-nonfinite abort)."""
 
     exit_code = EXIT_DIVERGED
+
+
+class EnvironmentFailure(CogradError):
+    """The operating system refused an operation on a path (an ``OSError``): disk full, read-only
+    file system, permission denied, a path below a regular file or under /proc. Not the command's
+    input and not a bug: fix the location (or free space) and rerun; writes are atomic, so nothing
+    half-written is left behind."""
+
+    exit_code = EXIT_ENVIRONMENT
+
+    @classmethod
+    def from_os_error(cls, exc: OSError) -> EnvironmentFailure:
+        """One line: the path(s) and the errno's meaning (``os.strerror``)."""
+        import os
+
+        reason = os.strerror(exc.errno) if exc.errno else (exc.strerror or str(exc) or type(exc).__name__)
+        where = [str(p) for p in (exc.filename, exc.filename2) if p is not None]
+        text = f"{' → '.join(where)}: {reason}" if where else reason
+        if exc.errno is None and str(exc) and str(exc) not in text:
+            text = f"{text} ({str(exc)})" if where else str(exc)
+        return cls(" ".join(text.split()))
 
 
 class Stopped(CogradError):

@@ -18,12 +18,13 @@ import typer
 from cogradctl import __version__
 from cogradctl.allocator import keep_freed_memory
 from cogradctl.console import stderr
-from cogradctl.errors import EXIT_UNEXPECTED, CogradError
+from cogradctl.errors import EXIT_UNEXPECTED, CogradError, EnvironmentFailure
 
 EXIT_CODES = (
     "Exit codes: 0 success; 1 unexpected failure (a bug; rerun with COGRADCTL_DEBUG=1 for a traceback); "
     "2 usage or input error (bad option, missing or invalid file, schema mismatch); 3 a quality gate failed; "
     "4 training diverged (non-finite loss or gradient); "
+    "5 the environment refused (disk full, read-only or unwritable location; nothing half-written); "
     "130/143 stopped by SIGINT/SIGTERM after saving (rerun to resume)."
 )
 HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}
@@ -60,6 +61,10 @@ def command(name: str, **kwargs):
                 if DEBUG["on"]:
                     raise
                 raise error_exit(exc, _rank_prefix()) from None
+            except OSError as exc:  # the environment refused (disk full, read-only, permissions)
+                if DEBUG["on"]:
+                    raise
+                raise error_exit(EnvironmentFailure.from_os_error(exc), _rank_prefix()) from None
             except KeyboardInterrupt:
                 stderr.print("interrupted", markup=False)
                 raise typer.Exit(130) from None
