@@ -13,6 +13,7 @@ import torch
 from cogradctl import checkpoint as ckpt_io
 from cogradctl import data as data_io
 from cogradctl.console import Log
+from cogradctl.contract import check_output
 from cogradctl.distributed import Dist, StepReducer
 from cogradctl.evaluate import evaluate
 from cogradctl.methods import get_method
@@ -39,6 +40,7 @@ def read_inputs(cfg: TrainConfig, out: Path, log: Log, plugin_paths, dist: Dist,
     model, _ = build(source.model, source.schema, source.model_config, plugin_paths)
     ckpt_io.load_into(model, source.state, cfg.checkpoint)
     model.to(device)
+    check_output(model, source.schema, source.model)  # exit 2 before --out is written
     split = split_parameters(model, source.schema.task_names, source.model)
     method = get_method(cfg.method, plugin_paths, **cfg.method_options).to(device)
     state = previous_state(cfg, out, dist.world)
