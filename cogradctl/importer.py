@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 
 from cogradctl import checkpoint as ckpt_io
+from cogradctl import contract, models, registry
 from cogradctl import data as data_io
-from cogradctl import models, registry
 from cogradctl.errors import CheckpointError, PluginError, UsageError
 from cogradctl.schema import Schema
 from cogradctl.statedict import KeyMap, Source, map_keys, read
@@ -67,6 +67,7 @@ def import_weights(req: ImportRequest) -> dict:
     schema, rows = data_io.infer_from_options(req.data, req.schema)
     torch.manual_seed(req.seed)
     net, effective = models.build(req.model, schema, req.config, req.plugin_paths)
+    contract.check_output(net, schema, req.model)  # {task: B-vector}, or exit 2 before anything is written
     split = models.split_parameters(net, schema.task_names, req.model)
     keys = map_keys(source.tensors, net.state_dict(), req.rename, req.ignore, f"--weights {req.weights}", req.model)
     mapped = {m: source.tensors[s] for m, s in keys.mapping.items()}
