@@ -1,6 +1,6 @@
 """A checkpoint's transference measurement, as ``cogradctl measure-transference`` runs it.
 
-The lookahead step (plain SGD, or Adam-preconditioned from the optimizer state saved in the
+The lookahead step (plain SGD, or Adam's next step from the optimizer state saved in the
 checkpoint), the measurement over the stream (``transference.measure_full``), and a baseline
 measured on the same batches, put in the checkpoint's task order and compared with it.
 """
@@ -29,11 +29,13 @@ class Options:
 
 
 def lookahead_step(ckpt, split, options: Options, source: str | Path):
-    """→ (preconditioner or None, lookahead step α) for ``ckpt`` (read from ``source``)."""
+    """→ (Adam state or None, lookahead step α, info) for ``ckpt`` (read from ``source``); info (the
+    result's ``lookahead_state``, optimizer lookahead only): the saved Adam state's β₂, ε, step
+    count, and how many shared entries it never trained (v = 0)."""
     if options.lookahead == "optimizer":
-        precond, trained_lr, _ = tr.adam_preconditioner(ckpt.extra, ckpt.history, split, str(source))
-        return precond, trained_lr if options.lookahead_lr is None else options.lookahead_lr
-    return None, tr.DEFAULT_LOOKAHEAD_LR if options.lookahead_lr is None else options.lookahead_lr
+        state, trained_lr, info = tr.adam_preconditioner(ckpt.extra, ckpt.history, split, str(source))
+        return state, trained_lr if options.lookahead_lr is None else options.lookahead_lr, info
+    return None, tr.DEFAULT_LOOKAHEAD_LR if options.lookahead_lr is None else options.lookahead_lr, None
 
 
 def measure(ckpt, model, split, stream, precond, alpha: float, options: Options, device, dist: Dist = SINGLE):

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from cogradctl.cli.core import command
-from cogradctl.cli.measure_view import plot_heatmaps, print_measurement, require_matplotlib
+from cogradctl.cli.measure_view import capped_note, plot_heatmaps, print_measurement, require_matplotlib
 from cogradctl.cli.options import Device, Json, OnInvalid, PluginPath, Quiet, Seed, open_data, paths, report_data
 from cogradctl.cli.output import emit_json
 from cogradctl.console import Log
@@ -19,13 +20,19 @@ from cogradctl.errors import UsageError
 def measure_cmd(
     checkpoint: Annotated[Path, typer.Option(help="Checkpoint to measure.")],
     data: Annotated[str, typer.Option(help="Parquet file, directory or glob with the label columns.")],
-    batches: Annotated[int, typer.Option(help="Number of batches to average over.")] = 10,
+    batches: Annotated[
+        int,
+        typer.Option(
+            help="Number of batches to average over (non-overlapping: at most rows ÷ --batch-size; "
+            "fewer is said on stderr and in the output)."
+        ),
+    ] = 10,
     batch_size: Annotated[int, typer.Option(help="Rows per measured batch.")] = 1024,
     lookahead: Annotated[
         str,
         typer.Option(
-            help="sgd: step −α·g_i; optimizer: Adam-preconditioned step −α·g_i/(sqrt(v̂)+ε) "
-            "from the checkpoint's saved Adam state."
+            help="sgd: step −α·g_i; optimizer: Adam's next step −α·g_i/(sqrt(v̂')+ε) from the "
+            "checkpoint's saved Adam state, v' = β2·v + (1−β2)·g_i² (bias-corrected for step t+1)."
         ),
     ] = "sgd",
     lookahead_lr: Annotated[
@@ -91,7 +98,7 @@ def measure_cmd(
     from cogradctl import transference as tr
     from cogradctl.models import from_checkpoint, resolve_device
 
-    _check(batches, batch_size, lookahead, lookahead_lr, baseline, max_regression, max_conflict_rate)
+    _check(batches, batch_size, lookahead, lookahead_lr, baseline, max_regression, max_conflict_rate, min_transference)
     if plot is not None:
         require_matplotlib()
     import torch
@@ -124,14 +131,19 @@ def measure_cmd(
                 )
 
         def run(ck, net, sp, path):
-            precond, alpha = measurement.lookahead_step(ck, sp, options, path)
+            precond, alpha, state = measurement.lookahead_step(ck, sp, options, path)
+            _log_untrained(state, path, log)
             stream = open_data(data, ck.schema, log, on_invalid_rows)  # only the picked row ranges are read
             out = measurement.measure(ck, net, sp, stream, precond, alpha, options, dev, dist)
+            if state is not None:
+                out[0]["lookahead_state"] = state
             report_data(stream, log)
             return out
 
         log.info(f"measuring {checkpoint}")
         result, per_batch = run(ckpt, model, split, checkpoint)
+        if capped_note(result):
+            log.warn(capped_note(result))
         runs = [("checkpoint", per_batch, result["measured"])]
         if base_ckpt is not None:
             log.info(f"measuring the baseline {baseline} on the same batches")
@@ -166,7 +178,27 @@ def _write_and_print(result: dict, runs: list, raw: Path | None, plot: Path | No
         print_measurement(result)
 
 
-def _check(batches, batch_size, lookahead, lookahead_lr, baseline, max_regression, max_conflict_rate) -> None:
+def _log_untrained(state: dict | None, path, log: Log) -> None:
+    if state and state["untrained_entries"]:
+        log.warn(
+            f"{path}: {state['untrained_entries']} of {state['shared_entries']} shared entries have no trained "
+            "second moment (v = 0, e.g. embedding rows of values unseen in training); their lookahead step "
+            "is Adam's next step with the gradient folded into v, as for every entry (docs/transference.md)"
+        )
+
+
+def _check(
+    batches, batch_size, lookahead, lookahead_lr, baseline, max_regression, max_conflict_rate, min_transference
+) -> None:
+    numbers = {
+        "--lookahead-lr": lookahead_lr,
+        "--min-transference": min_transference,
+        "--max-conflict-rate": max_conflict_rate,
+        "--max-regression": max_regression,
+    }
+    for name, value in numbers.items():
+        if value is not None and not math.isfinite(value):
+            raise UsageError(f"{name} must be a finite number, got {value}")
     if batches < 1 or batch_size < 1:
         raise UsageError("--batches and --batch-size must be positive")
     if lookahead not in ("sgd", "optimizer"):

@@ -12,7 +12,7 @@ from cogradctl.errors import UsageError
 
 def print_measurement(result: dict) -> None:
     tasks, alpha = result["tasks"], result["lookahead_lr"]
-    how = f"{result['lookahead']} lookahead, α={alpha:g}, {result['batches']} batches"
+    how = f"{result['lookahead']} lookahead, α={alpha:g}, {batches_text(result)}"
     how += ", holdout" if result["holdout"] else ""
     key = "transference_rel_normalized" if "transference_rel_normalized" in result else "transference_rel"
     title = "relative transference Z_rel" + (" ÷ own progress (row diagonal)" if key != "transference_rel" else "")
@@ -44,6 +44,41 @@ def print_measurement(result: dict) -> None:
         )
         show(f"module {name}: gradient cosine (conflict rate in brackets)", m["cosine"], None, extra=m["conflict_rate"])
     stdout.print(transference_summary(result))
+    if untrained_note(result):
+        stdout.print(untrained_note(result))
+
+
+def batches_text(result: dict) -> str:
+    """ "4 batches", or "4 of 8 requested batches" when the data held fewer."""
+    requested = result.get("batches_requested", result["batches"])
+    if requested > result["batches"]:
+        return f"{result['batches']} of {requested} requested batches"
+    return f"{result['batches']} batches"
+
+
+def capped_note(result: dict) -> str | None:
+    """Why fewer batches than requested were measured, or None."""
+    requested = result.get("batches_requested", result["batches"])
+    if requested <= result["batches"]:
+        return None
+    extra = " (one more is needed for --holdout's evaluation batches)" if result.get("holdout") else ""
+    return (
+        f"measured {result['batches']} of the {requested} requested batches: the data holds only "
+        f"{result['batches'] + (1 if result.get('holdout') else 0)} non-overlapping batches of "
+        f"{result['batch_size']} rows{extra}; lower --batch-size or give more data for more"
+    )
+
+
+def untrained_note(result: dict) -> str | None:
+    """The optimizer lookahead's entries without a trained second moment, or None."""
+    state = result.get("lookahead_state") or {}
+    if not state.get("untrained_entries"):
+        return None
+    return (
+        f"note: optimizer lookahead: {state['untrained_entries']} of {state['shared_entries']} shared entries had no trained second "
+        "moment (v = 0: never trained, e.g. embedding rows of values unseen in training); their step is Adam's "
+        "next step with the gradient folded into v, |Δ| ≤ α/sqrt(1−β2) (docs/transference.md)"
+    )
 
 
 def _diverging_style(v: float | None, scale: float) -> str:

@@ -4,8 +4,9 @@ For each measured batch: one forward and K backward passes (onto the shared para
 the losses L_j and the shared gradients g_i; then for each source task i one forward with the shared
 parameters moved to θ_s − Δ_i (task-specific parameters unchanged, no model copy:
 ``torch.func.functional_call``) gives every target's lookahead loss L'_{i,j} at once. Δ_i is the
-lookahead step: plain SGD, Δ_i = α g_i, or Adam-preconditioned, Δ_i = α g_i / (sqrt(v̂) + ε) with
-the second moment v̂ saved in the checkpoint by ``cogradctl train``.
+lookahead step: plain SGD, Δ_i = α g_i, or Adam's next step, Δ_i = α g_i / (sqrt(v̂'_i) + ε) with
+v̂'_i = (β₂v + (1−β₂)g_i²)/(1−β₂^(t+1)) from the second moment v saved in the checkpoint by
+``cogradctl train`` (g_i folded in as Adam does, so entries never trained, v = 0, stay bounded).
 
     Z[i, j]     = L_j − L'_{i,j}           absolute loss reduction of target j by a step on source i
     Z_rel[i, j] = 1 − L'_{i,j} / L_j        relative (TAG's inter-task affinity)
@@ -20,8 +21,8 @@ parameters: the gradient restricted to the group, and a lookahead that moves onl
 Modules:
 
 - :mod:`.groups`: shared-parameter groups (``default_group``, ``shared_groups``, :class:`Group`);
-- :mod:`.lookahead`: one batch (``measure_batch``), with the SGD or Adam-preconditioned step
-  (``adam_preconditioner``);
+- :mod:`.lookahead`: one batch (``measure_batch``), with the SGD or Adam step
+  (``adam_preconditioner``, ``AdamLookahead``);
 - :mod:`.batches`: the measurement over seeded batches (``pick_batches``, ``measure_per_batch``,
   ``measure_full``, ``measure``);
 - :mod:`.summary`: means and standard errors (``summarise``), before/after (``reorder``,
@@ -38,6 +39,7 @@ from cogradctl.transference.lookahead import (
     MATRICES,
     OPTIM_PREFIX,
     PER_BATCH_EXTRA,
+    AdamLookahead,
     SharedGradients,
     adam_preconditioner,
     measure_batch,
@@ -52,6 +54,7 @@ __all__ = [
     "MATRICES",
     "OPTIM_PREFIX",
     "PER_BATCH_EXTRA",
+    "AdamLookahead",
     "Group",
     "SharedGradients",
     "adam_preconditioner",

@@ -18,7 +18,9 @@ from cogradctl.transference.summary import summarise
 
 
 def pick_batches(n_rows: int, batches: int, batch_size: int, seed: int) -> list[tuple[int, int]]:
-    """``batches`` non-overlapping contiguous row ranges at seeded random positions, in order."""
+    """``batches`` non-overlapping contiguous row ranges at seeded random positions, in order; at
+    most ``n_rows // batch_size`` of them (overlapping batches would share rows, so they would not be
+    independent and the standard errors over batches would be too small): the caller says so."""
     slots = max(n_rows // batch_size, 1)
     size = min(batch_size, n_rows)
     chosen = np.random.default_rng(seed).choice(slots, size=min(batches, slots), replace=False)
@@ -114,6 +116,7 @@ def measure_full(
         "lookahead_lr": lookahead_lr,
         "holdout": holdout,
         "batches": len(per_batch),
+        "batches_requested": batches,
         "batch_size": measured[0]["rows"][1] - measured[0]["rows"][0],
     }
     result.update(summarise(per_batch, None, normalize_rows))

@@ -1,9 +1,11 @@
 """One measured batch: the task losses and shared gradients, the lookahead step on each source
-task (plain SGD, or Adam-preconditioned with the second moment saved by ``cogradctl train``), every
+task (plain SGD, or Adam's next step from the second moment saved by ``cogradctl train``), every
 target's lookahead loss, and the K×K matrices (see :mod:`cogradctl.transference`).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -33,9 +35,31 @@ def SharedGradients(
     return TaskGradients(model, split, schema, device, own=False)
 
 
+@dataclass(frozen=True)
+class AdamLookahead:
+    """Adam's saved state over the shared parameters, and the step Adam's next update would take.
+
+    For source gradient g (Adam's update with g in the place of the momentum, docs/transference.md):
+    v' = β₂v + (1−β₂)g², v̂' = v'/(1−β₂^(t+1)), step = g/(sqrt(v̂') + ε) (times α by the caller). Folding
+    g into v is what Adam does before it divides; without it an entry never trained (v = 0, e.g. the
+    OOV row of an embedding) would move by g/ε."""
+
+    v: torch.Tensor  # P, float64: exp_avg_sq
+    bias2: torch.Tensor  # P, float64: 1 − β₂^(t+1), t the step count of the entry's tensor
+    beta2: float
+    eps: float
+
+    def direction(self, g: torch.Tensor) -> torch.Tensor:
+        """K×P source gradients → K×P steps per unit α, in ``g``'s dtype."""
+        gd = g.double()
+        v_hat = (self.beta2 * self.v + (1.0 - self.beta2) * gd.square()) / self.bias2
+        return (gd / (v_hat.sqrt() + self.eps)).to(g.dtype)
+
+
 def adam_preconditioner(extra: dict[str, torch.Tensor], history: list[dict], split: ParamSplit, source: str):
-    """→ (P-vector 1/(sqrt(v̂)+ε) over the shared parameters, the training lr, info dict) from the
-    Adam state ``cogradctl train`` saves; CheckpointError (exit 2) when the checkpoint has none."""
+    """→ (:class:`AdamLookahead` over the shared parameters, the training lr, info dict) from the
+    Adam state ``cogradctl train`` saves; CheckpointError (exit 2) when the checkpoint has none.
+    ``info["untrained_entries"]``: shared entries whose saved second moment is 0 (never trained)."""
     missing = [n for n in split.shared_names if f"{OPTIM_PREFIX}exp_avg_sq.{n}" not in extra]
     if missing:
         raise CheckpointError(
@@ -48,16 +72,24 @@ def adam_preconditioner(extra: dict[str, torch.Tensor], history: list[dict], spl
     beta2 = float(opt.get("betas", [0.9, 0.999])[1])
     eps = float(opt.get("eps", 1e-8))
     lr = float(opt.get("lr", entry.get("lr", 1e-3)))
-    parts = []
+    vs, bias2 = [], []
     steps = set()
     for n, p in zip(split.shared_names, split.shared):
         v = extra[f"{OPTIM_PREFIX}exp_avg_sq.{n}"].to(device=p.device, dtype=torch.float64).reshape(-1)
         step = float(extra.get(f"{OPTIM_PREFIX}step.{n}", torch.tensor(1.0)).reshape(-1)[0])
         steps.add(step)
-        v_hat = v / (1.0 - beta2 ** max(step, 1.0))
-        parts.append(1.0 / (v_hat.sqrt() + eps))
-    precond = torch.cat(parts).to(split.shared[0].dtype)
-    return precond, lr, {"beta2": beta2, "eps": eps, "step": max(steps) if steps else 0, "lr": lr}
+        vs.append(v)
+        bias2.append(torch.full_like(v, 1.0 - beta2 ** (max(step, 0.0) + 1.0)))
+    state = AdamLookahead(torch.cat(vs), torch.cat(bias2), beta2, eps)
+    info = {
+        "beta2": beta2,
+        "eps": eps,
+        "step": max(steps) if steps else 0,
+        "lr": lr,
+        "shared_entries": int(state.v.numel()),
+        "untrained_entries": int((state.v == 0).sum()),
+    }
+    return state, lr, info
 
 
 def _matrices(before: torch.Tensor, after: torch.Tensor, g: torch.Tensor) -> dict[str, np.ndarray]:
@@ -96,12 +128,18 @@ def measure_batch(
     """All K×K matrices for one batch, in float64 (``"modules"``: the same per group).
 
     ``grads`` computes (losses, K×P gradients, _) for a batch (:class:`SharedGradients` or
-    ``taskgrad.TaskGradients``); ``precond`` scales the SGD step elementwise (Adam lookahead);
+    ``taskgrad.TaskGradients``); ``precond``: an :class:`AdamLookahead` (Adam's next step) or a
+    P-vector that scales the SGD step elementwise;
     ``eval_batch`` = (inputs, labels) of the batch the losses are measured on (holdout), default
     the step batch.
     """
     losses, g, _ = grads(inputs, labels)
-    step = lookahead_lr * g if precond is None else lookahead_lr * g * precond
+    if precond is None:
+        step = lookahead_lr * g
+    elif isinstance(precond, AdamLookahead):
+        step = lookahead_lr * precond.direction(g)
+    else:  # an elementwise scale (P-vector)
+        step = lookahead_lr * g * precond
     k = len(schema.tasks)
     x, y = eval_batch if eval_batch is not None else (inputs, labels)
     with torch.no_grad():
