@@ -9,7 +9,13 @@ from typing import Annotated
 import typer
 
 from cogradctl.cli.core import command
-from cogradctl.cli.measure_view import capped_note, plot_heatmaps, print_measurement, require_matplotlib
+from cogradctl.cli.measure_view import (
+    capped_note,
+    plot_heatmaps,
+    print_measurement,
+    require_matplotlib,
+    untrained_note,
+)
 from cogradctl.cli.options import Device, Json, OnInvalid, PluginPath, Quiet, Seed, open_data, paths, report_data
 from cogradctl.cli.output import emit_json
 from cogradctl.console import Log
@@ -132,11 +138,13 @@ def measure_cmd(
 
         def run(ck, net, sp, path):
             precond, alpha, state = measurement.lookahead_step(ck, sp, options, path)
-            _log_untrained(state, path, log)
             stream = open_data(data, ck.schema, log, on_invalid_rows)  # only the picked row ranges are read
             out = measurement.measure(ck, net, sp, stream, precond, alpha, options, dev, dist)
             if state is not None:
+                state["untrained_entries_moved"] = out[0].pop("untrained_entries_moved", 0)
                 out[0]["lookahead_state"] = state
+                if untrained_note(out[0]):
+                    log.warn(f"{path}: {untrained_note(out[0])}")
             report_data(stream, log)
             return out
 
@@ -176,15 +184,6 @@ def _write_and_print(result: dict, runs: list, raw: Path | None, plot: Path | No
         emit_json(result)
     else:
         print_measurement(result)
-
-
-def _log_untrained(state: dict | None, path, log: Log) -> None:
-    if state and state["untrained_entries"]:
-        log.warn(
-            f"{path}: {state['untrained_entries']} of {state['shared_entries']} shared entries have no trained "
-            "second moment (v = 0, e.g. embedding rows of values unseen in training); their lookahead step "
-            "is Adam's next step with the gradient folded into v, as for every entry (docs/transference.md)"
-        )
 
 
 def _check(

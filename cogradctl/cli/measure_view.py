@@ -45,7 +45,7 @@ def print_measurement(result: dict) -> None:
         show(f"module {name}: gradient cosine (conflict rate in brackets)", m["cosine"], None, extra=m["conflict_rate"])
     stdout.print(transference_summary(result))
     if untrained_note(result):
-        stdout.print(untrained_note(result))
+        stdout.print(f"note: {untrained_note(result)}")
 
 
 def batches_text(result: dict) -> str:
@@ -70,14 +70,16 @@ def capped_note(result: dict) -> str | None:
 
 
 def untrained_note(result: dict) -> str | None:
-    """The optimizer lookahead's entries without a trained second moment, or None."""
+    """The optimizer lookahead's entries that training never updated (v = 0) but the measured data
+    moved, or None."""
     state = result.get("lookahead_state") or {}
-    if not state.get("untrained_entries"):
+    if not state.get("untrained_entries_moved"):
         return None
     return (
-        f"note: optimizer lookahead: {state['untrained_entries']} of {state['shared_entries']} shared entries had no trained second "
-        "moment (v = 0: never trained, e.g. embedding rows of values unseen in training); their step is Adam's "
-        "next step with the gradient folded into v, |Δ| ≤ α/sqrt(1−β2) (docs/transference.md)"
+        f"optimizer lookahead: {state['untrained_entries_moved']} shared entries that training never updated "
+        f"(second moment v = 0; {state['untrained_entries']} of {state['shared_entries']} in all) got a gradient "
+        "on the measured data, e.g. embedding rows of values unseen in training; their step is Adam's next step "
+        "with the gradient folded into v, at most α/sqrt(1−β2) per entry (docs/transference.md)"
     )
 
 

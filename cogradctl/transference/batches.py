@@ -13,7 +13,7 @@ from cogradctl.errors import UsageError
 from cogradctl.models import ParamSplit
 from cogradctl.schema import Schema
 from cogradctl.transference.groups import build_groups
-from cogradctl.transference.lookahead import DEFAULT_LOOKAHEAD_LR, SharedGradients, measure_batch
+from cogradctl.transference.lookahead import DEFAULT_LOOKAHEAD_LR, UNTRAINED_MOVED, SharedGradients, measure_batch
 from cogradctl.transference.summary import summarise
 
 
@@ -120,6 +120,9 @@ def measure_full(
         "batch_size": measured[0]["rows"][1] - measured[0]["rows"][0],
     }
     result.update(summarise(per_batch, None, normalize_rows))
+    if any(UNTRAINED_MOVED in b for b in per_batch):  # optimizer lookahead: the union over batches
+        moved = [b[UNTRAINED_MOVED] for b in per_batch if UNTRAINED_MOVED in b]
+        result["untrained_entries_moved"] = int(np.unique(np.concatenate(moved)).size)
     if groups:
         result["modules"] = {
             name: {

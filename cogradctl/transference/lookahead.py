@@ -25,6 +25,7 @@ MATRICES = ("transference", "transference_rel", "cosine", "conflict_rate", "gms"
 # Per-batch quantities kept for --raw besides the matrices.
 PER_BATCH_EXTRA = ("loss_before", "loss_after", "grad_norm")
 OPTIM_PREFIX = "optim."
+UNTRAINED_MOVED = "untrained_moved"  # per-batch key (optimizer lookahead): indices of v = 0 entries it moved
 
 
 def SharedGradients(
@@ -54,6 +55,10 @@ class AdamLookahead:
         gd = g.double()
         v_hat = (self.beta2 * self.v + (1.0 - self.beta2) * gd.square()) / self.bias2
         return (gd / (v_hat.sqrt() + self.eps)).to(g.dtype)
+
+    def untrained_moved(self, g: torch.Tensor) -> np.ndarray:
+        """Indices of the entries with v = 0 that some source's gradient moves."""
+        return torch.nonzero((self.v == 0) & (g != 0).any(0)).reshape(-1).cpu().numpy()
 
 
 def adam_preconditioner(extra: dict[str, torch.Tensor], history: list[dict], split: ParamSplit, source: str):
@@ -151,6 +156,8 @@ def measure_batch(
                 functional_call(model, unflatten_shared(split, base - step[i]), (x,)), y, schema
             ).double()
         out = _matrices(before, after, g)
+        if isinstance(precond, AdamLookahead):
+            out[UNTRAINED_MOVED] = precond.untrained_moved(g)
         if groups:
             out["modules"] = {}
             params = dict(zip(split.shared_names, split.shared))

@@ -10,7 +10,7 @@ import math
 import numpy as np
 
 from cogradctl.errors import GateFailed, UsageError
-from cogradctl.transference.lookahead import MATRICES
+from cogradctl.transference.lookahead import MATRICES, UNTRAINED_MOVED
 
 
 def _stack(per_batch: list[dict], key: str, module: str | None = None) -> np.ndarray:
@@ -65,6 +65,8 @@ def reorder(per_batch: list[dict], order: list[int]) -> list[dict]:
         for key, v in b.items():
             if key == "modules":
                 out[key] = {m: fix(mb) for m, mb in v.items()}
+            elif key == UNTRAINED_MOVED:  # parameter indices, not tasks
+                out[key] = v
             elif v.ndim == 2:
                 out[key] = v[np.ix_(idx, idx)]
             else:
