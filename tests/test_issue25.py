@@ -208,3 +208,33 @@ def test_non_finite_numbers_are_refused_before_anything_is_written(
     result = cli("measure-transference", *args, f"{option}={value}")
     assert result.exit_code == 2, result.output
     assert option in result.stderr and not raw.exists()
+
+
+class _Fixed(torch.nn.Module):
+    def __init__(self, make):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.make = make
+
+    def forward(self, batch):
+        return self.make(len(batch["dense"]))
+
+
+@pytest.mark.parametrize(
+    ("make", "words"),
+    [
+        (lambda b: [torch.zeros(b)] * 3, "returned list"),
+        (lambda b: {"click": torch.zeros(b), "like": torch.zeros(b)}, "no output for task 'share'"),
+        (lambda b: {t: torch.zeros(b, dtype=torch.long) for t in TASKS}, "torch.int64"),
+        (lambda b: {t: torch.zeros(b + 1) for t in TASKS}, "shape (5,)"),
+    ],
+)
+def test_check_output_names_what_is_wrong(sample_dir, make, words):
+    from cogradctl.contract import check_output
+    from cogradctl.errors import PluginError
+
+    schema, _ = data_io.infer_schema(str(sample_dir / "train.parquet"), TASKS, {t: "binary" for t in TASKS})
+    with pytest.raises(PluginError, match="model 'fixed'") as caught:
+        check_output(_Fixed(make), schema, "fixed")
+    assert words in str(caught.value)
+    check_output(_Fixed(lambda b: {t: torch.zeros(b) for t in TASKS}), schema, "fixed")  # the contract: passes
