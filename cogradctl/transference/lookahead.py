@@ -51,10 +51,10 @@ class AdamLookahead:
     eps: float
 
     def direction(self, g: torch.Tensor) -> torch.Tensor:
-        """K×P source gradients → K×P steps per unit α, in ``g``'s dtype."""
-        gd = g.double()
-        v_hat = (self.beta2 * self.v + (1.0 - self.beta2) * gd.square()) / self.bias2
-        return (gd / (v_hat.sqrt() + self.eps)).to(g.dtype)
+        """K×P source gradients → K×P steps per unit α, computed in ``g``'s dtype (two K×P temporaries)."""
+        v, bias2 = self.v.to(g.dtype), self.bias2.to(g.dtype)
+        denom = g.square().mul_(1.0 - self.beta2).add_(v, alpha=self.beta2).div_(bias2).sqrt_().add_(self.eps)
+        return g / denom
 
     def untrained_moved(self, g: torch.Tensor) -> np.ndarray:
         """Indices of the entries with v = 0 that some source's gradient moves."""
