@@ -213,33 +213,102 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     return meta
 
 
+@dataclass
+class Metadata:
+    """A checkpoint's metadata, parsed and validated (``parse_metadata``)."""
+
+    model: str
+    model_config: dict
+    schema: Schema
+    history: list[dict]
+    training_state: dict | None
+
+
+def parse_metadata(meta: dict[str, str], path: str | Path) -> Metadata:
+    """Parse and validate the JSON fields of ``read_metadata``'s result, once, for every command:
+    ``model_config`` an object, ``schema`` a valid schema (``Schema.from_json``), ``history`` a
+    list of objects, ``training_state`` an object when present. Anything else, or JSON nested
+    deeper than Python can parse, is a CheckpointError ("corrupt checkpoint") naming the field."""
+    key = "model"
+    try:
+        if not meta["model"]:
+            raise ValueError("no model name")
+        key = "model_config"
+        config = _json_field(meta, key, dict, "an object")
+        key = "schema"
+        schema = Schema.from_json(meta["schema"])
+        key = "history"
+        history = _json_field(meta, key, list, "a list", "[]")
+        if not all(isinstance(h, dict) for h in history):
+            raise ValueError("expected a list of objects")
+        key = "training_state"
+        state = _json_field(meta, key, dict, "an object") if key in meta else None
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise CheckpointError(f"{path}: corrupt checkpoint ({key}: {_short(reason)})") from None
+    return Metadata(meta["model"], config, schema, history, state)
+
+
+def _json_field(meta: dict[str, str], key: str, kind: type, what: str, default: str | None = None):
+    value = json.loads(meta[key] if default is None else meta.get(key, default))
+    if not isinstance(value, kind):
+        raise ValueError(f"expected {what}, got {type(value).__name__}")
+    return value
+
+
+def _short(text: str, limit: int = 200) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def read_checked(path: str | Path) -> Metadata:
+    """The validated metadata of the checkpoint at ``path``, without reading its tensors."""
+    return parse_metadata(read_metadata(path), path)
+
+
 def load(path: str | Path) -> Checkpoint:
-    meta = read_metadata(path)
+    meta = parse_metadata(read_metadata(path), path)
     try:
         with safe_open(path, framework="pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-        schema = Schema.from_json(meta["schema"])
-        config = json.loads(meta["model_config"])
-        history = json.loads(meta.get("history", "[]"))
-        training_state = json.loads(meta["training_state"]) if "training_state" in meta else None
     except (SafetensorError, OSError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{path}: corrupt checkpoint ({exc})") from exc
     state = {k[len(MODEL_PREFIX) :]: v for k, v in tensors.items() if k.startswith(MODEL_PREFIX)}
     extra = {k: v for k, v in tensors.items() if not k.startswith(MODEL_PREFIX)}
-    return Checkpoint(meta["model"], config, schema, state, history, extra, training_state)
+    return Checkpoint(meta.model, meta.model_config, meta.schema, state, meta.history, extra, meta.training_state)
+
+
+def stored_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """The shapes of the model weights stored in ``path`` (names without ``model.``), from the
+    safetensors header alone: nothing is read or allocated."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {
+                k[len(MODEL_PREFIX) :]: tuple(f.get_slice(k).get_shape())
+                for k in f.keys()
+                if k.startswith(MODEL_PREFIX)
+            }
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: corrupt checkpoint ({exc})") from exc
+
+
+def check_shapes(own: dict[str, tuple], stored: dict[str, tuple], source: str) -> None:
+    """Raise a CheckpointError naming every tensor of ``own`` (name → shape) that ``stored``
+    (name → shape) lacks, holds in another shape, or holds beyond it."""
+    problems = []
+    for name, shape in own.items():
+        if name not in stored:
+            problems.append(f"{name} missing")
+        elif tuple(stored[name]) != tuple(shape):
+            problems.append(f"{name} has shape {tuple(stored[name])}, the model expects {tuple(shape)}")
+    problems += [f"{name} unexpected" for name in stored if name not in own]
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise CheckpointError(f"{source}: the weights do not fit the model plugin: {shown}")
 
 
 def load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Load weights, naming every tensor that is missing, unexpected or of another shape."""
-    own = module.state_dict()
-    problems = []
-    for name, tensor in own.items():
-        if name not in state:
-            problems.append(f"{name} missing")
-        elif tuple(state[name].shape) != tuple(tensor.shape):
-            problems.append(f"{name} has shape {tuple(state[name].shape)}, the model expects {tuple(tensor.shape)}")
-    problems += [f"{name} unexpected" for name in state if name not in own]
-    if problems:
-        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
-        raise CheckpointError(f"{source}: the weights do not fit the model plugin: {shown}")
+    own = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    check_shapes(own, {k: tuple(v.shape) for k, v in state.items()}, source)
     module.load_state_dict(state)

@@ -11,15 +11,20 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
+import os
+import random
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
 from cogradctl import checkpoint as ckpt_io
 from cogradctl import registry
-from cogradctl.errors import PluginError, UsageError
+from cogradctl.errors import CheckpointError, PluginError, UsageError
 from cogradctl.schema import Schema
 
 
@@ -47,8 +52,87 @@ def config_options(factory) -> dict:
     }
 
 
-def build(name: str, schema: Schema, config: dict, plugin_paths: list[str] | None = None) -> tuple[nn.Module, dict]:
-    """The model ``name`` built for ``schema``; returns it with its effective config (defaults filled)."""
+# Without a checkpoint to compare with: a model with more modules than this is not a ranking model
+# but a config gone wrong (a num_experts of 10**12 would build Python objects until memory ran out).
+MAX_MODULES = 50_000
+
+
+class TooLarge(Exception):
+    """Raised from the registration hooks when a model being built exceeds its budget."""
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The most parameter and buffer elements, and submodules, a model may register."""
+
+    elements: int
+    modules: int
+
+    @classmethod
+    def machine(cls) -> Budget:
+        """Without a checkpoint: half this machine's memory in float32 numbers, ``MAX_MODULES``."""
+        try:
+            memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            memory = 1 << 36
+        return cls(memory // 8, MAX_MODULES)
+
+    @classmethod
+    def stored(cls, shapes: dict[str, tuple]) -> Budget:
+        """For a checkpoint storing weights of these shapes: twice its elements (tied or repeated
+        registrations) and 8 modules per tensor (containers, activations), plus a margin."""
+        return cls(2 * sum(math.prod(s) for s in shapes.values()) + (1 << 20), 8 * len(shapes) + 1000)
+
+
+@contextmanager
+def bounded(budget: Budget):
+    """Raise TooLarge as soon as the modules built inside the block register more elements or
+    submodules than ``budget``."""
+    from torch.nn.modules import module as nn_module
+
+    count = {"elements": 0, "modules": 0}
+
+    def on_tensor(module, name, tensor):
+        if tensor is not None:
+            count["elements"] += tensor.numel()
+            if count["elements"] > budget.elements:
+                raise TooLarge(f"more than {budget.elements} parameter and buffer elements")
+
+    def on_module(module, name, submodule):
+        count["modules"] += 1
+        if count["modules"] > budget.modules:
+            raise TooLarge(f"more than {budget.modules} modules")
+
+    handles = [
+        nn_module.register_module_parameter_registration_hook(on_tensor),
+        nn_module.register_module_buffer_registration_hook(on_tensor),
+        nn_module.register_module_module_registration_hook(on_module),
+    ]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def build(
+    name: str,
+    schema: Schema,
+    config: dict,
+    plugin_paths: list[str] | None = None,
+    budget: Budget | None = None,
+    expected: dict[str, tuple] | None = None,
+    source: str = "",
+    meta_only: bool = False,
+) -> tuple[nn.Module | None, dict]:
+    """The model ``name`` built for ``schema``; returns it with its effective config (defaults filled).
+
+    It is first built on the ``meta`` device (nothing allocated) within ``budget`` (default:
+    ``Budget.machine()``) and its tensor shapes compared with ``expected`` (a checkpoint's stored
+    shapes, the checkpoint named by ``source``); only a model that passes is built for real
+    (``meta_only``: not at all; → ``(None, config)``). A plugin that cannot be built on the meta
+    device is built directly, under the same budget.
+    """
     factory = registry.lookup("models", name, plugin_paths)
     options = config_options(factory)
     accepts_any = any(p.kind is p.VAR_KEYWORD for p in inspect.signature(factory).parameters.values())
@@ -58,15 +142,60 @@ def build(name: str, schema: Schema, config: dict, plugin_paths: list[str] | Non
             f"model '{name}' has no config key {', '.join(unknown)}; its keys: {', '.join(options) or 'none'}"
         )
     effective = {**options, **config}
-    try:
-        model = factory(schema, **config)
-    except (TypeError, ValueError) as exc:
-        raise UsageError(f"model '{name}' rejected its config: {exc}") from exc
-    except ImportError as exc:  # a factory that imports its library lazily, when it is called
-        raise PluginError(f"model plugin '{name}' failed to load: {type(exc).__name__}: {exc}") from exc
+    limit = Budget.machine() if budget is None else budget
+    shapes = _meta_shapes(factory, name, schema, config, limit, source)
+    if shapes is not None and expected is not None:
+        ckpt_io.check_shapes(shapes, expected, source)
+    if meta_only and shapes is not None:
+        return None, effective
+    model = _call(factory, name, schema, config, limit, source)
     if not isinstance(model, nn.Module) or not hasattr(model, "task_parameters"):
         raise PluginError(f"model plugin '{name}' must return a torch.nn.Module with a task_parameters() method")
     return model, effective
+
+
+def _too_large(name: str, source: str, exc: TooLarge) -> Exception:
+    if source:
+        return CheckpointError(f"{source}: corrupt checkpoint (its model_config builds a model '{name}' of {exc})")
+    return UsageError(f"model '{name}': the config builds a model of {exc}, too large for this machine")
+
+
+def _call(factory, name: str, schema: Schema, config: dict, limit: Budget, source: str) -> nn.Module:
+    try:
+        with bounded(limit):
+            return factory(schema, **config)
+    except TooLarge as exc:
+        raise _too_large(name, source, exc) from None
+    except (TypeError, ValueError, OverflowError, torch.OutOfMemoryError) as exc:
+        raise UsageError(f"model '{name}' rejected its config: {exc}") from exc
+    except RuntimeError as exc:
+        if "alloc" not in str(exc).lower():
+            raise
+        raise UsageError(f"model '{name}' rejected its config: {exc}") from exc
+    except ImportError as exc:  # a factory that imports its library lazily, when it is called
+        raise PluginError(f"model plugin '{name}' failed to load: {type(exc).__name__}: {exc}") from exc
+
+
+def _meta_shapes(factory, name: str, schema: Schema, config: dict, limit: Budget, source: str):
+    """The shapes of the model's state built on the meta device, or None where the plugin cannot
+    be built there (its random generators are left as they were: a plugin's init stays seeded)."""
+    rng = (torch.random.get_rng_state(), random.getstate(), np.random.get_state())
+    try:
+        with torch.device("meta"):
+            model = _call(factory, name, schema, config, limit, source)
+        if not isinstance(model, nn.Module):
+            return None
+        return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    except (CheckpointError, UsageError) as exc:
+        if isinstance(exc.__cause__, (TypeError, ValueError, RuntimeError)) and not isinstance(exc, CheckpointError):
+            return None  # maybe only the meta device's doing: the real build says
+        raise
+    except Exception:
+        return None
+    finally:
+        torch.random.set_rng_state(rng[0])
+        random.setstate(rng[1])
+        np.random.set_state(rng[2])
 
 
 @dataclass
@@ -122,10 +251,24 @@ def parameter_counts(model: nn.Module, split: ParamSplit) -> dict:
     }
 
 
+def check_checkpoint(path: str | Path, plugin_paths: list[str] | None = None) -> ckpt_io.Metadata:
+    """Validate a checkpoint without reading its weights: its metadata (``read_checked``), and its
+    model built on the meta device within the budget its stored shapes allow and compared with
+    them. → the validated metadata."""
+    meta = ckpt_io.read_checked(path)
+    shapes = ckpt_io.stored_shapes(path)
+    build(meta.model, meta.schema, meta.model_config, plugin_paths, Budget.stored(shapes), shapes, str(path), True)
+    return meta
+
+
 def from_checkpoint(path: str | Path, plugin_paths: list[str] | None = None, device: torch.device | str = "cpu"):
-    """Load a checkpoint and its model: → (checkpoint, model on ``device``, parameter split)."""
+    """Load a checkpoint and its model: → (checkpoint, model on ``device``, parameter split).
+
+    The metadata is validated and the model checked on the meta device against the stored shapes
+    before anything is allocated (``build``)."""
     ckpt = ckpt_io.load(path)
-    model, _ = build(ckpt.model, ckpt.schema, ckpt.model_config, plugin_paths)
+    shapes = {k: tuple(v.shape) for k, v in ckpt.state.items()}
+    model, _ = build(ckpt.model, ckpt.schema, ckpt.model_config, plugin_paths, Budget.stored(shapes), shapes, str(path))
     ckpt_io.load_into(model, ckpt.state, str(path))
     model.to(device)
     return ckpt, model, split_parameters(model, ckpt.schema.task_names, ckpt.model)

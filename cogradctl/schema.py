@@ -10,7 +10,8 @@ deviation seen at ``init``; a missing (null) value becomes 0, the mean.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+import math
+from dataclasses import asdict, dataclass, field, fields
 
 import pyarrow as pa
 
@@ -66,8 +67,74 @@ class Schema:
 
     @classmethod
     def from_json(cls, text: str) -> Schema:
-        d = json.loads(text)
-        return cls([Feature(**f) for f in d["features"]], [Task(**t) for t in d["tasks"]])
+        """The schema of ``text``, validated (``from_dict``); a ValueError says what is wrong."""
+        try:
+            d = json.loads(text)
+        except RecursionError:
+            raise ValueError("schema: nested too deeply") from None
+        return cls.from_dict(d)
+
+    @classmethod
+    def from_dict(cls, d) -> Schema:
+        """A schema from its JSON form, every field checked: a ValueError names the first problem
+        (unknown kinds, task types or value types, vocabularies of the wrong type or with repeats,
+        non-finite means, standard deviations that are not positive, repeated names)."""
+        if not isinstance(d, dict) or not isinstance(d.get("features"), list) or not isinstance(d.get("tasks"), list):
+            raise ValueError("schema: expected an object with lists 'features' and 'tasks'")
+        features = [_feature(f, i) for i, f in enumerate(d["features"])]
+        tasks = [_task(t, i) for i, t in enumerate(d["tasks"])]
+        if not features or not tasks:
+            raise ValueError("schema: needs at least one feature and one task")
+        seen: set[str] = set()
+        for name in [f.name for f in features] + [t.name for t in tasks]:
+            if name in seen:
+                raise ValueError(f"schema: column '{name}' is listed twice (features and tasks have distinct names)")
+            seen.add(name)
+        return cls(features, tasks)
+
+
+def _fields_of(kind, d, where: str) -> dict:
+    if not isinstance(d, dict):
+        raise ValueError(f"schema: {where} is not an object")
+    unknown = sorted(set(d) - {f.name for f in fields(kind)})
+    if unknown:
+        raise ValueError(f"schema: {where} has unknown field(s) {', '.join(map(str, unknown))}")
+    if not isinstance(d.get("name"), str) or not d["name"]:
+        raise ValueError(f"schema: {where} has no name")
+    return d
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _feature(d, i: int) -> Feature:
+    d = _fields_of(Feature, d, f"feature {i}")
+    f = Feature(**d)
+    where = f"schema: feature '{f.name}'"
+    if f.kind == "dense":
+        if not _number(f.mean) or not _number(f.std) or not f.std > 0:
+            raise ValueError(f"{where}: mean and std must be finite numbers, std > 0 (got {f.mean!r}, {f.std!r})")
+    elif f.kind == "categorical":
+        if f.value_type not in ("int", "str"):
+            raise ValueError(f"{where}: value_type must be 'int' or 'str', got {f.value_type!r}")
+        if not isinstance(f.vocab, list):
+            raise ValueError(f"{where}: vocab is not a list")
+        want = str if f.value_type == "str" else int
+        if not all(isinstance(v, want) and not isinstance(v, bool) for v in f.vocab):
+            raise ValueError(f"{where}: vocab values must all be {f.value_type}")
+        if len(set(f.vocab)) != len(f.vocab):
+            raise ValueError(f"{where}: vocab lists a value twice")
+    else:
+        raise ValueError(f"{where}: kind must be 'dense' or 'categorical', got {f.kind!r}")
+    return f
+
+
+def _task(d, i: int) -> Task:
+    t = Task(**_fields_of(Task, d, f"task {i}"))
+    if t.type not in TASK_TYPES:
+        raise ValueError(f"schema: task '{t.name}' has type {t.type!r}; expected one of {', '.join(TASK_TYPES)}")
+    return t
 
 
 def is_dense_type(t: pa.DataType) -> bool:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from cogradctl.cli.core import command
 from cogradctl.cli.options import Json, PluginPath, paths
@@ -21,13 +23,9 @@ def inspect_cmd(
     json_out: Json = False,
 ) -> None:
     """Describe a checkpoint: model plugin and config, tasks, features, parameter counts, history."""
-    from cogradctl import checkpoint as ckpt_io
     from cogradctl import models
 
-    ckpt = ckpt_io.load(checkpoint)
-    net, _ = models.build(ckpt.model, ckpt.schema, ckpt.model_config, paths(plugin_path))
-    ckpt_io.load_into(net, ckpt.state, str(checkpoint))
-    split = models.split_parameters(net, ckpt.schema.task_names, ckpt.model)
+    ckpt, net, split = models.from_checkpoint(checkpoint, paths(plugin_path))
     doc = {
         "checkpoint": str(checkpoint),
         "model": ckpt.model,
@@ -50,11 +48,20 @@ def inspect_cmd(
     _print(checkpoint, ckpt, doc)
 
 
+def _cell(value) -> Text:
+    """A history or feature value as plain text (never Rich markup): strings as they are, other
+    JSON values as JSON, a missing value as nothing."""
+    if value is None:
+        return Text("")
+    return Text(value if isinstance(value, str) else json.dumps(value, default=str))
+
+
 def _print(checkpoint: Path, ckpt, doc: dict) -> None:
-    stdout.print(f"{checkpoint}: model {ckpt.model} {json.dumps(ckpt.model_config, sort_keys=True)}")
-    stdout.print(f"tasks: {', '.join(f'{k} ({v})' for k, v in doc['tasks'].items())}")
+    say = functools.partial(stdout.print, markup=False, highlight=False)
+    say(f"{checkpoint}: model {ckpt.model} {json.dumps(ckpt.model_config, sort_keys=True)}")
+    say(f"tasks: {', '.join(f'{k} ({v})' for k, v in doc['tasks'].items())}")
     p = doc["parameters"]
-    stdout.print(
+    say(
         f"parameters: {p['total']} total, {p['shared']} shared, " + ", ".join(f"{t} {n}" for t, n in p["tasks"].items())
     )
     table = Table(title="features")
@@ -62,18 +69,11 @@ def _print(checkpoint: Path, ckpt, doc: dict) -> None:
         table.add_column(col)
     for f in doc["features"]:
         spread = str(f["vocab_size"]) if f["kind"] == "categorical" else f"{f['mean']:.4g} ± {f['std']:.4g}"
-        table.add_row(f["name"], f["kind"], spread)
+        table.add_row(_cell(f["name"]), f["kind"], spread)
     stdout.print(table)
     table = Table(title="history")
     for col in ("run", "method", "steps", "data", "seed", "time"):
         table.add_column(col)
     for h in ckpt.history:
-        table.add_row(
-            h.get("run", ""),
-            h.get("method", ""),
-            str(h.get("steps", "")),
-            str(h.get("data", "")),
-            str(h.get("seed", "")),
-            h.get("time", ""),
-        )
+        table.add_row(*(_cell(h.get(key)) for key in ("run", "method", "steps", "data", "seed", "time")))
     stdout.print(table)
