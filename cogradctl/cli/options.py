@@ -31,6 +31,34 @@ OnInvalid = Annotated[
 ]
 
 
+def finite(name: str, value, minimum: float | None = None, maximum: float | None = None, *, above: bool = False):
+    """An option's number checked before anything runs: finite (never NaN or ±inf), at least
+    ``minimum`` (or above it, with ``above``) and at most ``maximum``; → the value, or a UsageError
+    (exit 2) naming the option, e.g. ``finite("--lookahead-lr", lr, 0, above=True)``."""
+    import math
+
+    from cogradctl.errors import UsageError
+
+    if value is None:
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise UsageError(f"{name} must be a finite number, got {value!r}")
+    if minimum is not None and (value <= minimum if above else value < minimum):
+        raise UsageError(f"{name} must be {'>' if above else '≥'} {minimum:g}, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise UsageError(f"{name} must be ≤ {maximum:g}, got {value!r}")
+    return value
+
+
+def count(name: str, value, minimum: int = 1, maximum: int = 2**63 - 1):
+    """An integer option in [minimum, maximum] (None passes); → the value, or a UsageError naming it."""
+    from cogradctl.errors import UsageError
+
+    if value is not None and not minimum <= value <= maximum:
+        raise UsageError(f"{name} must be an integer in [{minimum}, {maximum}], got {value}")
+    return value
+
+
 def paths(plugin_path: list[Path] | None) -> list[str]:
     """``--plugin-path`` values as the library takes them."""
     return [str(p) for p in plugin_path or []]

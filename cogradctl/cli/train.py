@@ -27,7 +27,7 @@ def train_cmd(
         str | None, typer.Option(help="Training Parquet: a file, directory or glob.", show_default=False)
     ] = None,
     out: Annotated[
-        Path | None,
+        str | None,
         typer.Option(
             help="Output directory: last.safetensors, best.safetensors, metrics.jsonl, config.toml.", show_default=False
         ),
@@ -118,18 +118,17 @@ def train_cmd(
     Killed or stopped (SIGTERM/SIGINT: the step finishes, the state is saved, exit 143/130), the
     same command resumes exactly where the run stopped.
     """
-    from cogradctl import checkpoint as ckpt_io
     from cogradctl import runconfig
     from cogradctl.distributed import env_rank
-    from cogradctl.models import resolve_device
-    from cogradctl.schema import Schema
+    from cogradctl.models import check_checkpoint, resolve_device
     from cogradctl.train import TrainConfig, train
 
     from_file = runconfig.read(config) if config is not None else {}
     values = _merge(ctx, from_file, runconfig.TYPES)
     dev = resolve_device(str(values["device"]))
     # Task names from the metadata alone: train reads the tensors once, itself.
-    tasks = Schema.from_json(ckpt_io.read_metadata(values["checkpoint"])["schema"]).task_names
+    # The metadata validated and the model checked on the meta device against the stored shapes.
+    tasks = check_checkpoint(values["checkpoint"], paths(plugin_path)).schema.task_names
     method_options = {
         k: (_per_task_table(k, v, tasks) if isinstance(v, dict) else v)
         for k, v in from_file.get("method_options", {}).items()
@@ -146,6 +145,10 @@ def train_cmd(
             "resume": resume,
         }
     )
+    # Every option checked before anything is written: the numbers, and the method built once
+    # for these tasks (a per-task option of the wrong length, a NaN γ), as the run will build it.
+    cfg.check()
+    _check_method(cfg, tasks, paths(plugin_path))
     main = env_rank() == 0  # under torchrun, rank 0 alone logs and prints
     result = train(cfg, Log(quiet or not main), paths(plugin_path))
     if not main:
@@ -154,6 +157,18 @@ def train_cmd(
         emit_json(result)
         return
     _print_result(result)
+
+
+def _check_method(cfg, tasks: list[str], plugin_paths: list[str]) -> None:
+    """Build the method with its options and set it up for the checkpoint's tasks; a bad option
+    is a UsageError here, before --out exists."""
+    from cogradctl.methods import get_method
+
+    method = get_method(cfg.method, plugin_paths, **cfg.method_options)
+    try:
+        method.setup(len(tasks))
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise UsageError(f"method '{cfg.method}': {exc}") from exc
 
 
 def _merge(ctx: typer.Context, from_file: dict, keys) -> dict:

@@ -33,7 +33,7 @@ def get_method(name: str, plugin_paths: list[str] | None = None, **options) -> M
             raise UsageError(f"method '{name}' has no option {', '.join(unknown)}; its options: {listed}")
     try:
         return factory(**options)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:
         raise UsageError(f"method '{name}': {exc}") from exc
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from cogradctl.methods.base import GRANULARITY_OPTION, Method, combine, gram, per_task
+from cogradctl.methods.base import GRANULARITY_OPTION, Method, combine, gram, numbers, per_task
 
 
 class AlignedMTL(Method):
@@ -34,7 +34,7 @@ class AlignedMTL(Method):
         super().__init__(granularity)
         if scale not in ("min", "median", "mean"):
             raise ValueError(f"scale must be 'min', 'median' or 'mean', got {scale!r}")
-        self.weights_option = weights
+        self.weights_option = numbers("weights", weights)
         self.scale = scale
         self.weights = None
 

@@ -160,6 +160,47 @@ def _mean_stats(all_stats: list[dict]) -> dict:
     return out
 
 
+def number(name: str, value, minimum: float | None = 0.0, maximum: float | None = None, *, above: bool = False):
+    """``value`` as a finite float in range, or a ValueError naming option ``name`` (which
+    ``get_method`` turns into a usage error): not a number (``"abc"``, a list), NaN, ±inf, below
+    ``minimum`` (or not above it, with ``above``) or beyond ``maximum``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    x = float(value) if not isinstance(value, int) or abs(value) < 2**1000 else math.inf
+    if not math.isfinite(x):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    if minimum is not None and (x <= minimum if above else x < minimum):
+        raise ValueError(f"{name} must be {'>' if above else '≥'} {minimum:g}, got {value!r}")
+    if maximum is not None and x > maximum:
+        raise ValueError(f"{name} must be ≤ {maximum:g}, got {value!r}")
+    return x
+
+
+def integer(name: str, value, minimum: int = 0, maximum: int = 2**63 - 1) -> int:
+    """``value`` as an int in [minimum, maximum] (a float only when whole), or a ValueError naming ``name``."""
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if not minimum <= value <= maximum:
+        raise ValueError(f"{name} must be an integer in [{minimum}, {maximum}], got {value}")
+    return value
+
+
+def numbers(name: str, value, minimum: float | None = 0.0):
+    """A one-or-per-task option (``gamma``, ``weights``): a number or a list of numbers, each
+    checked by ``number``; → the value unchanged (``per_task`` makes the K-vector in ``setup``)."""
+    items = value.tolist() if isinstance(value, torch.Tensor) else value
+    if isinstance(items, (list, tuple)):
+        if not items:
+            raise ValueError(f"{name} must be a number or a list of numbers, got an empty list")
+        for i, v in enumerate(items):
+            number(f"{name}[{i}]", v, minimum)
+    else:
+        number(name, items, minimum)
+    return value
+
+
 def per_task(
     value: float | list[float] | tuple[float, ...] | torch.Tensor,
     num_tasks: int,

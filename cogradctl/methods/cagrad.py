@@ -10,6 +10,7 @@ from cogradctl.methods.base import (
     Method,
     combine,
     gram,
+    number,
     on_simplex,
     project_simplex,
     snap_to_simplex,
@@ -197,9 +198,7 @@ class CAGrad(Method):
 
     def __init__(self, c: float = 0.4, rescale: bool = False, granularity: str = "global") -> None:
         super().__init__(granularity)
-        if float(c) < 0:
-            raise ValueError("c must be non-negative")
-        self.c = float(c)
+        self.c = number("c", c)
         self.rescale = bool(rescale)
 
     def setup(self, num_tasks: int) -> None:

@@ -47,7 +47,7 @@ import warnings
 
 import torch
 
-from cogradctl.methods.base import Method, gram, per_task
+from cogradctl.methods.base import Method, gram, number, numbers, per_task
 
 # A correction whose size relative to the task gradient stays below this is invisible: warn once.
 TINY_CORRECTION = 1e-4
@@ -87,10 +87,10 @@ class CoGrad(Method):
         super().__init__()
         if hessian not in HESSIANS:
             raise ValueError(f"hessian must be one of {', '.join(HESSIANS)}, got {hessian!r}")
-        if not 0.0 <= float(fisher_decay) < 1.0:
+        if not 0.0 <= number("fisher_decay", fisher_decay) < 1.0:
             raise ValueError("fisher_decay must be in [0, 1)")
-        self.gamma_option = gamma
-        self.weights_option = weights
+        self.gamma_option = numbers("gamma", gamma)
+        self.weights_option = numbers("weights", weights)
         self.hessian = hessian
         if normalize is True or normalize is False:
             normalize = "curvature" if normalize else "none"

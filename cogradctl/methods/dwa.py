@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from cogradctl.errors import UsageError
-from cogradctl.methods.base import Method
+from cogradctl.methods.base import Method, integer, number
 
 
 class DWA(Method):
@@ -34,12 +34,8 @@ class DWA(Method):
 
     def __init__(self, temperature: float = 2.0, period: int = 1) -> None:
         super().__init__()
-        if float(temperature) <= 0:
-            raise ValueError("temperature must be positive")
-        if int(period) < 1:
-            raise ValueError("period must be at least 1")
-        self.temperature = float(temperature)
-        self.period = int(period)
+        self.temperature = number("temperature", temperature, above=True)
+        self.period = integer("period", period, 1)
 
     def setup(self, num_tasks: int) -> None:
         super().setup(num_tasks)

@@ -6,7 +6,17 @@ import math
 
 import torch
 
-from cogradctl.methods.base import GRANULARITY_OPTION, Method, combine, eigh_jacobi, eigh_small, gram, per_task
+from cogradctl.methods.base import (
+    GRANULARITY_OPTION,
+    Method,
+    combine,
+    eigh_jacobi,
+    eigh_small,
+    gram,
+    number,
+    numbers,
+    per_task,
+)
 
 
 class GDOD(Method):
@@ -44,13 +54,9 @@ class GDOD(Method):
 
     def __init__(self, weights=1.0, eps: float = 1e-8, beta: float = 0.0, granularity: str = "global") -> None:
         super().__init__(granularity)
-        if float(eps) < 0:
-            raise ValueError("eps must be non-negative")
-        if (torch.as_tensor(weights, dtype=torch.float64) < 0).any():
-            raise ValueError("weights must be non-negative")
-        self.weights_option = weights
-        self.eps = float(eps)
-        self.beta = float(beta)
+        self.weights_option = numbers("weights", weights)
+        self.eps = number("eps", eps)
+        self.beta = number("beta", beta)
         self.weights = None
 
     def setup(self, num_tasks: int) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from cogradctl.errors import UsageError
-from cogradctl.methods.base import Method
+from cogradctl.methods.base import Method, number
 
 
 class GradNorm(Method):
@@ -35,7 +35,7 @@ class GradNorm(Method):
 
     def __init__(self, alpha: float = 1.5) -> None:
         super().__init__()
-        self.alpha = float(alpha)
+        self.alpha = number("alpha", alpha)
         self.weights = None
 
     def setup(self, num_tasks: int) -> None:

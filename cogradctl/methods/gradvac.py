@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from cogradctl.methods.base import GRANULARITY_OPTION, Method, combine, gram
+from cogradctl.methods.base import GRANULARITY_OPTION, Method, combine, gram, integer, number
 
 
 class GradVac(Method):
@@ -38,14 +38,14 @@ class GradVac(Method):
         self, beta: float = 0.5, eps: float = 1e-8, order: str = "random", seed: int = 0, granularity: str = "global"
     ) -> None:
         super().__init__(granularity)
-        if not 0.0 <= float(beta) <= 1.0:
-            raise ValueError("beta must be in [0, 1]")
+        number("beta", beta, 0.0, 1.0)
+        number("eps", eps)
         if order not in ("random", "fixed"):
             raise ValueError(f"order must be 'random' or 'fixed', got {order!r}")
         self.beta = float(beta)
         self.eps = float(eps)
         self.order = order
-        self.seed = int(seed)
+        self.seed = integer("seed", seed)
         self.register_buffer("rng_state", torch.Generator().manual_seed(self.seed).get_state())
 
     def setup(self, num_tasks: int) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from cogradctl.methods.base import GRANULARITY_OPTION, Method
+from cogradctl.methods.base import GRANULARITY_OPTION, Method, integer
 
 
 class MetaBalance(Method):
@@ -47,7 +47,7 @@ class MetaBalance(Method):
             raise ValueError(f"strategy must be 'adapt', 'reduce' or 'enlarge', got {strategy!r}")
         if not 0.0 <= float(relax) <= 1.0 or not 0.0 <= float(beta) < 1.0:
             raise ValueError("relax must be in [0, 1] and beta in [0, 1)")
-        self.main_task = int(main_task)
+        self.main_task = integer("main_task", main_task)
         self.relax = float(relax)
         self.beta = float(beta)
         self.strategy = strategy

@@ -12,6 +12,8 @@ from cogradctl.methods.base import (
     Method,
     combine,
     gram,
+    integer,
+    number,
     on_simplex,
     project_simplex,
     snap_to_simplex,
@@ -144,8 +146,8 @@ class MGDA(Method):
         if normalize not in ("none", "l2"):
             raise ValueError(f"normalize must be 'none' or 'l2', got {normalize!r}")
         self.normalize = normalize
-        self.max_iter = int(max_iter)
-        self.tol = float(tol)
+        self.max_iter = integer("max_iter", max_iter, 1)
+        self.tol = number("tol", tol)
 
     def aggregate(self, grads: torch.Tensor, losses: torch.Tensor | None) -> torch.Tensor:
         m = gram(grads).numpy()

@@ -7,7 +7,7 @@ import warnings
 import numpy as np
 import torch
 
-from cogradctl.methods.base import GRANULARITY_OPTION, Method, combine, gram
+from cogradctl.methods.base import GRANULARITY_OPTION, Method, combine, gram, integer, number
 
 # Relative residual max_i |(Mα)_i α_i − 1| at which Newton stops: the weights count as converged.
 TOL = 1e-10
@@ -129,11 +129,9 @@ class NashMTL(Method):
         self, max_norm: float = 1.0, update_every: int = 1, max_iter: int = 500, granularity: str = "global"
     ) -> None:
         super().__init__(granularity)
-        if float(max_norm) < 0 or int(update_every) < 1 or int(max_iter) < 1:
-            raise ValueError("max_norm must be ≥ 0, update_every and max_iter ≥ 1")
-        self.max_norm = float(max_norm)
-        self.update_every = int(update_every)
-        self.max_iter = int(max_iter)
+        self.max_norm = number("max_norm", max_norm)
+        self.update_every = integer("update_every", update_every, 1)
+        self.max_iter = integer("max_iter", max_iter, 1)
         self._warned = False
 
     def setup(self, num_tasks: int) -> None:

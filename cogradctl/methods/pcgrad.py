@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from cogradctl.methods.base import GRANULARITY_OPTION, Method, combine, gram
+from cogradctl.methods.base import GRANULARITY_OPTION, Method, combine, gram, integer
 
 
 class PCGrad(Method):
@@ -34,7 +34,7 @@ class PCGrad(Method):
         if order not in ("random", "fixed"):
             raise ValueError(f"order must be 'random' or 'fixed', got {order!r}")
         self.order = order
-        self.seed = int(seed)
+        self.seed = integer("seed", seed)
         gen = torch.Generator().manual_seed(self.seed)
         self.register_buffer("rng_state", gen.get_state())
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from cogradctl.errors import UsageError
-from cogradctl.methods.base import Method
+from cogradctl.methods.base import Method, number
 
 
 class UW(Method):
@@ -28,7 +28,7 @@ class UW(Method):
 
     def __init__(self, init: float = 0.0) -> None:
         super().__init__()
-        self.init = float(init)
+        self.init = number("init", init, None)
         self.log_vars = None
 
     def setup(self, num_tasks: int) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from cogradctl.methods.base import Method, per_task
+from cogradctl.methods.base import Method, numbers, per_task
 
 
 class Weighted(Method):
@@ -21,7 +21,7 @@ class Weighted(Method):
 
     def __init__(self, weights=1.0) -> None:
         super().__init__()
-        self.weights_option = weights
+        self.weights_option = numbers("weights", weights)
         self.weights = None
 
     def setup(self, num_tasks: int) -> None:

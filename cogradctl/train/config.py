@@ -8,6 +8,7 @@ run it continues.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -18,6 +19,21 @@ OUTPUTS = ("last.safetensors", "best.safetensors", "metrics.jsonl")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "cosine", "linear")
 PRECISIONS = ("fp32", "bf16", "fp16")
+INT_OPTIONS = (
+    "warmup_steps",
+    "batch_size",
+    "data_shards",
+    "epochs",
+    "max_steps",
+    "eval_every",
+    "early_stopping",
+    "save_every",
+    "shuffle_buffer",
+    "seed",
+    "log_every",
+    "measure_every",
+)
+MAX_INT = 2**63 - 1  # torch's and numpy's seeds, and every count, fit in 64 bits
 # Changing these between a run and its resumption would make the result something else.
 RESUME_KEYS = (
     "checkpoint",
@@ -77,6 +93,21 @@ class TrainConfig:
     resume: bool = False
 
     def check(self) -> None:
+        """Every option in range, numbers finite, before anything is read or written."""
+        if not str(self.out).strip():
+            raise UsageError("--out is empty: give the output directory")
+        for name in ("lr", "weight_decay", "momentum", "grad_clip"):
+            value = getattr(self, name)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+            ):
+                raise UsageError(f"--{_flag(name)} must be a finite number, got {value!r}")
+        for name in INT_OPTIONS:
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value > MAX_INT):
+                raise UsageError(f"--{_flag(name)} must be an integer up to {MAX_INT}, got {value!r}")
+        if not self.seed >= 0:
+            raise UsageError(f"--seed must be in [0, {MAX_INT}], got {self.seed}")
         for name in ("lr", "batch_size", "epochs", "log_every"):
             if not getattr(self, name) > 0:
                 raise UsageError(f"--{_flag(name)} must be positive, got {getattr(self, name)}")
