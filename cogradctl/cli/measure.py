@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Annotated
 
@@ -16,7 +15,19 @@ from cogradctl.cli.measure_view import (
     require_matplotlib,
     untrained_note,
 )
-from cogradctl.cli.options import Device, Json, OnInvalid, PluginPath, Quiet, Seed, open_data, paths, report_data
+from cogradctl.cli.options import (
+    Device,
+    Json,
+    OnInvalid,
+    PluginPath,
+    Quiet,
+    Seed,
+    count,
+    finite,
+    open_data,
+    paths,
+    report_data,
+)
 from cogradctl.cli.output import emit_json
 from cogradctl.console import Log
 from cogradctl.errors import UsageError
@@ -189,22 +200,13 @@ def _write_and_print(result: dict, runs: list, raw: Path | None, plot: Path | No
 def _check(
     batches, batch_size, lookahead, lookahead_lr, baseline, max_regression, max_conflict_rate, min_transference
 ) -> None:
-    numbers = {
-        "--lookahead-lr": lookahead_lr,
-        "--min-transference": min_transference,
-        "--max-conflict-rate": max_conflict_rate,
-        "--max-regression": max_regression,
-    }
-    for name, value in numbers.items():
-        if value is not None and not math.isfinite(value):
-            raise UsageError(f"{name} must be a finite number, got {value}")
-    if batches < 1 or batch_size < 1:
-        raise UsageError("--batches and --batch-size must be positive")
+    count("--batches", batches)
+    count("--batch-size", batch_size)
+    finite("--lookahead-lr", lookahead_lr, 0, above=True)
+    finite("--min-transference", min_transference)
+    finite("--max-conflict-rate", max_conflict_rate, 0, 1)
+    finite("--max-regression", max_regression)
     if lookahead not in ("sgd", "optimizer"):
         raise UsageError(f"--lookahead {lookahead!r}: expected sgd or optimizer")
-    if lookahead_lr is not None and not lookahead_lr > 0:
-        raise UsageError(f"--lookahead-lr must be positive, got {lookahead_lr}")
     if max_regression is not None and baseline is None:
         raise UsageError("--max-regression needs --baseline BEFORE.safetensors")
-    if max_conflict_rate is not None and not 0 <= max_conflict_rate <= 1:
-        raise UsageError(f"--max-conflict-rate must be in [0, 1], got {max_conflict_rate}")
