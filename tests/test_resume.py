@@ -170,12 +170,24 @@ def test_kill_during_a_write_leaves_a_complete_checkpoint(base_checkpoint, tmp_p
     assert max(versions) > 0  # the writer really was rewriting the file when killed
 
 
+HOLD_LOCK = (
+    "import fcntl, os, socket, sys, time\n"
+    "fd = os.open(sys.argv[1], os.O_CREAT | os.O_RDWR)\n"
+    "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+    "os.write(fd, f'{os.getpid()} {socket.gethostname()}'.encode())\n"
+    "print('ready', flush=True)\n"
+    "time.sleep(600)\n"
+)
+
+
 def test_live_lock_is_refused_and_stale_lock_recovered(base_checkpoint, sample_dir, tmp_path, cli):
-    out = tmp_path / "locked"
-    out.mkdir()
+    """A live run holds an OS lock on --out/.lock: refused, naming its pid. A lock file left by a
+    dead run is taken over whatever pid it records: a dead one, this live (unrelated) process's
+    (a reused pid), 0, -1, a zombie's."""
     import socket
 
-    (out / ".lock").write_text(f"{os.getpid()} {socket.gethostname()}")  # this live process
+    out = tmp_path / "locked"
+    out.mkdir()
     args = [
         "train",
         "--checkpoint",
@@ -191,17 +203,33 @@ def test_live_lock_is_refused_and_stale_lock_recovered(base_checkpoint, sample_d
         "--device",
         "cpu",
         "-q",
+        "--overwrite",
     ]
-    result = cli(*args)
-    assert result.exit_code == 2
-    assert f"pid {os.getpid()}" in result.stderr and "in use by another cogradctl run" in result.stderr
-    assert not (out / "last.safetensors").exists()
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out / ".lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        result = cli(*args)
+        assert result.exit_code == 2
+        assert f"pid {holder.pid})" in result.stderr and "in use by another cogradctl run" in result.stderr
+        assert not (out / "last.safetensors").exists()
+    finally:
+        holder.kill()
+        holder.wait()
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    (out / ".lock").write_text(f"{dead.pid} {socket.gethostname()}")
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])
+    time.sleep(0.5)  # exited, not yet reaped: a zombie, which kill(pid, 0) calls alive
+    try:
+        for pid in (holder.pid, dead.pid, os.getpid(), 0, -1, zombie.pid):
+            (out / ".lock").write_text(f"{pid} {socket.gethostname()}")
+            result = cli(*args)
+            assert result.exit_code == 0, (pid, result.stderr)
+            assert not (out / ".lock").exists()
+    finally:
+        zombie.wait()
+    (out / ".lock").write_text("123 another-host")  # flock may not reach across NFS: refused
     result = cli(*args)
-    assert result.exit_code == 0, result.stderr
-    assert not (out / ".lock").exists()
+    assert result.exit_code == 2 and "pid 123 on another-host" in result.stderr
 
 
 def test_rerun_rules(base_checkpoint, sample_dir, tmp_path, cli):

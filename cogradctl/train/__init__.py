@@ -8,10 +8,11 @@ One module per concern:
 - ``step``: :func:`train_step`, one optimisation step (per-task gradients, the method's update,
   the optimizer step), with autocast and the fp16 loss scaler;
 - ``optim``: the optimizer's parameters, its construction and fused step, the learning-rate schedule;
-- ``state``: the optimizer/method/RNG state saved for an exact resume and put back, and whether
-  ``--out`` holds a run to resume;
+- ``state``: the optimizer/method/RNG state saved for an exact resume and put back, whether
+  ``--out`` holds a run to resume, and the checks of a saved state (every field and tensor);
 - ``batches``: this process's training batches and data shards;
-- ``guard``: the output directory's lock and the SIGTERM/SIGINT stop flag;
+- ``guard``: the output directory, created and locked (an OS file lock) before it is read, and the
+  SIGTERM/SIGINT stop flag;
 - ``logs``: ``metrics.jsonl``, TensorBoard and the per-step record.
 
 Example (a two-step fine-tune of a fresh sample model)::
@@ -25,7 +26,7 @@ Example (a two-step fine-tune of a fresh sample model)::
 
 from cogradctl.train.batches import Batches, data_shards
 from cogradctl.train.config import OPTIMIZERS, OUTPUTS, PRECISIONS, RESUME_KEYS, SCHEDULES, TrainConfig
-from cogradctl.train.guard import run_lock, stop_signals
+from cogradctl.train.guard import run_dir, run_lock, stop_signals
 from cogradctl.train.logs import MetricsLog, TensorBoard, step_record
 from cogradctl.train.loop import train
 from cogradctl.train.optim import lr_at, make_optimizer, optimizer_step, trainable
@@ -57,6 +58,7 @@ __all__ = [
     "optimizer_tensors",
     "previous_state",
     "restore",
+    "run_dir",
     "run_lock",
     "step_record",
     "stop_signals",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -24,11 +25,22 @@ class MetricsLog:
         self.file = open(path, "a", encoding="utf-8")
 
     def write(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
+        """One line of strict JSON: a NaN or infinite number is written as null."""
+        self.file.write(json.dumps(_finite(record), allow_nan=False) + "\n")
         self.file.flush()
 
     def close(self) -> None:
         self.file.close()
+
+
+def _finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _step_of(line: str) -> int:

@@ -5,9 +5,12 @@ optimizer and method state, RNG state, position in the data), ``best.safetensors
 validation score), ``metrics.jsonl`` (one JSON object per logged step or evaluation),
 ``config.toml`` (the effective configuration) and, while running, ``.lock``.
 
-The life of a run, top to bottom: ``train`` reads and checks every input before anything is
-written (``setup.read_inputs``), takes the lock, builds the :class:`~cogradctl.train.run.Run`
-(``setup.prepare``), records the starting point, runs ``_loop`` and returns a summary. The loop's
+The life of a run, top to bottom: ``train`` checks the paths, takes ``--out``'s lock (the one
+file written before the inputs are checked: ``guard.run_dir``), then reads and checks every input,
+the previous state in ``--out`` included, before anything else is written (``setup.read_inputs``),
+builds the :class:`~cogradctl.train.run.Run` (``setup.prepare``, whose first write is the step-0
+``last.safetensors`` that marks the directory as this run's), records the starting point, runs
+``_loop`` and returns a summary. The loop's
 state is the ``Progress`` dataclass, saved in every checkpoint as its ``training_state``;
 everything else the loop touches is a field of ``Run``, so each named step (``_step``,
 ``_after_step``, ``save.evaluate_now``, ``_end_epoch``, ``save.save_last``) shows what it reads
@@ -29,14 +32,15 @@ import torch
 
 from cogradctl.console import Log
 from cogradctl.distributed import Dist, process_group
-from cogradctl.errors import DataError, Diverged, Stopped, UsageError
+from cogradctl.errors import DataError, Diverged, Stopped
 from cogradctl.train.config import OUTPUTS, TrainConfig
-from cogradctl.train.guard import StopFlag, run_lock, stop_signals
+from cogradctl.train.guard import StopFlag, run_dir, stop_signals
 from cogradctl.train.logs import step_record
 from cogradctl.train.optim import lr_at
 from cogradctl.train.run import Inputs, Run
-from cogradctl.train.save import evaluate_now, record_evaluation, save_last
+from cogradctl.train.save import evaluate_now, kept_state, record_evaluation, save_last
 from cogradctl.train.setup import MEASURE_BATCH_SIZE, MEASURE_BATCHES, prepare, read_inputs
+from cogradctl.train.state import check_out
 from cogradctl.train.step import train_step
 
 # ---------------------------------------------------------------------------- the run
@@ -47,18 +51,14 @@ def train(cfg: TrainConfig, log: Log, plugin_paths: list[str] | None = None) -> 
     evaluates and writes. → the summary that ``train --json`` prints."""
     cfg.check()
     out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out}: exists and is not a directory")
-    with process_group(cfg.device) as (dist, device_name):
+    check_out(cfg, out)
+    with process_group(cfg.device) as (dist, device_name), run_dir(out, dist.main):
         device = torch.device(device_name)
+        dist.barrier()  # rank 0 holds --out's lock before any process reads the previous state
         inputs = read_inputs(cfg, out, log, plugin_paths, dist, device)
         dist.barrier()  # every process has read the previous state before rank 0 writes
-        if not dist.main:
-            with stop_signals() as stop:
-                return _train(cfg, out, log, dist, device, inputs, stop)
-        out.mkdir(parents=True, exist_ok=True)
-        with run_lock(out), stop_signals() as stop:
-            if cfg.overwrite:
+        with stop_signals() as stop:
+            if dist.main and cfg.overwrite:
                 for name in (*OUTPUTS, "config.toml"):
                     (out / name).unlink(missing_ok=True)
             return _train(cfg, out, log, dist, device, inputs, stop)
@@ -148,8 +148,7 @@ def _step(run: Run, inputs, labels) -> tuple | None:
         if cfg.on_nonfinite == "abort":
             run.dist.barrier()
             raise Diverged(
-                f"{exc} at step {p.step + 1}; the last saved state is kept in "
-                f"{run.out / 'last.safetensors'}; lower --lr or use --on-nonfinite skip"
+                f"{exc} at step {p.step + 1}; {kept_state(run)}; lower --lr or use --on-nonfinite skip"
             ) from None
         p.skipped += 1
         run.metrics.write({"step": p.step + 1, "epoch": p.epoch, "skipped": str(exc), "skipped_total": p.skipped})

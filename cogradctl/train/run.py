@@ -87,6 +87,7 @@ class Run:
     started: float
     progress: Progress
     method_warnings: list  # warnings the method raised during the last step
+    saved_step: int | None = None  # the step of the state in last.safetensors (None: none saved yet)
 
     @property
     def has_valid(self) -> bool:

@@ -9,6 +9,7 @@ from dataclasses import asdict
 import torch
 
 from cogradctl import checkpoint as ckpt_io
+from cogradctl.errors import Diverged
 from cogradctl.evaluate import evaluate, mean_auc
 from cogradctl.train.logs import summary
 from cogradctl.train.run import Run
@@ -41,6 +42,7 @@ def record_evaluation(run: Run, result: dict) -> dict:
         run.tensorboard.scalars(p.step, {f"valid/{t}/{k}": v for t, m in result["tasks"].items() for k, v in m.items()})
     run.log.info(f"step {p.step} (epoch {p.epoch}): valid " + summary(result))
     if score is not None and (p.best_score is None or score > p.best_score):
+        check_finite(run, together=False)  # rank 0 alone evaluates
         p.best_score, p.best_step, p.bad_evals = score, p.step, 0
         ckpt_io.save(snapshot(run, finished=False), run.out / "best.safetensors")
     else:
@@ -58,18 +60,45 @@ def validation_score(result: dict) -> float | None:
     return -sum(mses) / len(mses) if mses else None
 
 
-def save_last(run: Run, finished: bool = False) -> None:
+def save_last(run: Run, finished: bool = False, initial: bool = False) -> None:
+    """Save the state to resume from. ``initial``: the first write of a new run, before its
+    starting point is recorded; a rerun of the same command starts such a run again."""
+    check_finite(run)
     if run.dist.main:
-        ckpt_io.save(snapshot(run, finished), run.out / "last.safetensors")
+        ckpt_io.save(snapshot(run, finished, initial), run.out / "last.safetensors")
+    run.saved_step = run.progress.step
 
 
-def snapshot(run: Run, finished: bool) -> ckpt_io.Checkpoint:
+def check_finite(run: Run, together: bool = True) -> None:
+    """Non-finite weights are never saved (nor does the run end 0 with them): Diverged naming the
+    first such tensor and the state that last.safetensors keeps. ``together``: every process
+    checks (the same weights) and raises at once."""
+    for name, tensor in run.inputs.model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            if together:
+                run.dist.barrier()
+            raise Diverged(
+                f"the weights are non-finite after step {run.progress.step} ({name}); not saved: "
+                f"{kept_state(run)}; lower --lr"
+            )
+
+
+def kept_state(run: Run) -> str:
+    """What last.safetensors holds now, for the messages of a run that stops on non-finite numbers."""
+    if run.saved_step is None:
+        return "no state was saved"
+    return f"{run.out / 'last.safetensors'} keeps the state saved at step {run.saved_step}"
+
+
+def snapshot(run: Run, finished: bool, initial: bool = False) -> ckpt_io.Checkpoint:
     """The checkpoint of the run as it is now: weights, history, and the state to resume from."""
     source, p, method = run.inputs.source, run.progress, run.inputs.method
     seconds = time.time() - run.started
     entry = {**run.history_entry, "steps": p.step, "epochs": p.epoch, "seconds": round(seconds, 3), "time": now()}
     identity = run.cfg.identity(run.dist.world, run.inputs.batches.shards)
     training_state = {**asdict(p), "finished": finished, "seconds": seconds, "config": identity}
+    if initial:
+        training_state["initial"] = True
     extra = {
         **optimizer_tensors(run.optimizer, run.names, run.inputs.split),
         **{f"method.{k}": v for k, v in method.state_dict().items()},

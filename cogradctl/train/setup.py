@@ -15,6 +15,7 @@ from cogradctl import data as data_io
 from cogradctl.console import Log
 from cogradctl.contract import check_output
 from cogradctl.distributed import Dist, StepReducer
+from cogradctl.errors import CheckpointError
 from cogradctl.evaluate import evaluate
 from cogradctl.methods import get_method
 from cogradctl.models import build, split_parameters
@@ -26,7 +27,8 @@ from cogradctl.train.guard import StopFlag
 from cogradctl.train.logs import MetricsLog, NoLog, TensorBoard
 from cogradctl.train.optim import make_optimizer, trainable
 from cogradctl.train.run import Inputs, Progress, Run
-from cogradctl.train.state import previous_state, restore
+from cogradctl.train.save import save_last
+from cogradctl.train.state import check_resume_tensors, previous_state, restore
 from cogradctl.train.step import Autocast, LossScaler
 
 MEASURE_BATCHES, MEASURE_BATCH_SIZE = 4, 256  # --measure-every: cheap, and the same batches every time
@@ -39,11 +41,19 @@ def read_inputs(cfg: TrainConfig, out: Path, log: Log, plugin_paths, dist: Dist,
     source = ckpt_io.load(cfg.checkpoint)
     model, _ = build(source.model, source.schema, source.model_config, plugin_paths)
     ckpt_io.load_into(model, source.state, cfg.checkpoint)
+    for name, tensor in source.state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(
+                f"{cfg.checkpoint}: weight {name} holds NaN or infinite values (a diverged run's?); "
+                "train from a checkpoint with finite weights"
+            )
     model.to(device)
     check_output(model, source.schema, source.model)  # exit 2 before --out is written
     split = split_parameters(model, source.schema.task_names, source.model)
     method = get_method(cfg.method, plugin_paths, **cfg.method_options).to(device)
     state = previous_state(cfg, out, dist.world)
+    if state is None and not cfg.overwrite and (out / "last.safetensors").exists():
+        log.info(f"{out}: its run stopped before its first step; starting it again")
     shards = data_shards(cfg, state, dist.world)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -77,6 +87,8 @@ def prepare(
     optimizer = make_optimizer(cfg, params)
     scaler = LossScaler() if cfg.precision == "fp16" else None
     if state:
+        taken = state["step"] - state.get("skipped", 0)
+        check_resume_tensors(start.extra, optimizer, names, method, scaler, split, out / "last.safetensors", taken)
         restore(start.extra, optimizer, names, method, scaler, device, split)
         log.info(f"resuming {out} at step {state['step']} (epoch {state['epoch']}, batch {state['batch']})")
     if dist.world > 1:
@@ -86,11 +98,7 @@ def prepare(
     total = _total_steps(cfg, batches)
     _log_start(cfg, log, inputs, dist, device, total)
     measure_rows = _measure_rows(cfg, batches) if cfg.measure_every and dist.main else None
-    metrics = MetricsLog(out / "metrics.jsonl", keep_until=state["step"] if state else None) if dist.main else NoLog()
-    tensorboard = TensorBoard(out / "tensorboard") if cfg.tensorboard and dist.main else None
-    if dist.main:
-        write_config(out / "config.toml", cfg)
-    return Run(
+    run = Run(
         cfg=cfg,
         out=out,
         log=log,
@@ -104,15 +112,23 @@ def prepare(
         autocast=Autocast(device, cfg.precision),
         reduce=StepReducer(dist) if dist.world > 1 else None,
         stop=stop,
-        metrics=metrics,
-        tensorboard=tensorboard,
+        metrics=NoLog(),
+        tensorboard=None,
         measure_rows=measure_rows,
         total=total,
         history_entry=_history_entry(cfg, optimizer),
         started=time.time() - (state["seconds"] if state else 0.0),
         progress=Progress.saved(state) if state else Progress(),
         method_warnings=[],
+        saved_step=state["step"] if state else None,
     )
+    if not state:  # the first write: --out now holds this run (at step 0), restarted by the same command
+        save_last(run, initial=True)
+    if dist.main:
+        run.metrics = MetricsLog(out / "metrics.jsonl", keep_until=state["step"] if state else None)
+        run.tensorboard = TensorBoard(out / "tensorboard") if cfg.tensorboard else None
+        write_config(out / "config.toml", cfg)
+    return run
 
 
 def _total_steps(cfg: TrainConfig, batches: Batches) -> int:
