@@ -54,7 +54,7 @@ def config_options(factory) -> dict:
 
 # Without a checkpoint to compare with: a model with more modules than this is not a ranking model
 # but a config gone wrong (a num_experts of 10**12 would build Python objects until memory ran out).
-MAX_MODULES = 50_000
+MAX_MODULES = 20_000
 
 
 class TooLarge(Exception):

@@ -244,3 +244,17 @@ def test_parse_metadata_names_the_field(parts, tmp_path):
     write(ckpt, parts, model_config=[1, 2])
     with pytest.raises(ckpt_io.CheckpointError, match=r"corrupt checkpoint \(model_config: expected an object"):
         ckpt_io.load(ckpt)
+
+
+def test_init_refuses_an_absurd_config_before_allocating(parts):
+    """Without a checkpoint the budget is the machine's: half its memory, MAX_MODULES modules."""
+    from cogradctl import models
+    from cogradctl.errors import UsageError
+    from cogradctl.schema import Schema
+
+    schema = Schema.from_json(parts[1]["schema"])
+    for config in ({"expert": [10**13]}, {"num_experts": 10**12}):
+        start = time.monotonic()
+        with pytest.raises(UsageError, match="too large for this machine"):
+            models.build("mmoe", schema, config)
+        assert time.monotonic() - start < SECONDS
