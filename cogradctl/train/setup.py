@@ -88,7 +88,9 @@ def prepare(
     scaler = LossScaler() if cfg.precision == "fp16" else None
     if state:
         taken = state["step"] - state.get("skipped", 0)
-        check_resume_tensors(start.extra, optimizer, names, method, scaler, split, out / "last.safetensors", taken)
+        check_resume_tensors(
+            start.extra, optimizer, names, method, scaler, device, split, out / "last.safetensors", taken
+        )
         restore(start.extra, optimizer, names, method, scaler, device, split)
         log.info(f"resuming {out} at step {state['step']} (epoch {state['epoch']}, batch {state['batch']})")
     if dist.world > 1:

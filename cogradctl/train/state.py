@@ -221,7 +221,7 @@ def check_position(state: dict, cfg: TrainConfig, path: Path) -> None:
 
 
 def check_resume_tensors(
-    extra: dict[str, torch.Tensor], optimizer, names: list[str | None], method, scaler, split, path, taken: int
+    extra: dict[str, torch.Tensor], optimizer, names: list[str | None], method, scaler, device, split, path, taken: int
 ) -> None:
     """Every saved tensor ``restore`` puts back, against what this run's optimizer, method, RNG and
     loss scaler hold: names, shapes and dtypes; none missing (``taken``: optimizer steps the run has
@@ -244,6 +244,8 @@ def check_resume_tensors(
     if "rng.torch" not in extra:
         raise bad("rng.torch", "missing")
     _check_tensor("rng.torch", extra["rng.torch"], tuple(torch.get_rng_state().shape), torch.uint8, bad)
+    if "rng.cuda" in extra and device.type == "cuda":
+        _check_tensor("rng.cuda", extra["rng.cuda"], tuple(torch.cuda.get_rng_state(device).shape), torch.uint8, bad)
     if scaler is not None:
         if "scaler.scale" not in extra:
             raise bad("scaler.scale", "missing (an fp16 run)")
