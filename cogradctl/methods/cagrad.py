@@ -5,17 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from cogradctl.methods.base import (
-    GRANULARITY_OPTION,
-    Method,
-    combine,
-    gram,
-    number,
-    on_simplex,
-    project_simplex,
-    snap_to_simplex,
-    solve_on_faces,
-)
+from cogradctl.methods.base import GRANULARITY_OPTION, Method, combine, gram, number
+from cogradctl.methods.linalg import on_simplex, project_simplex, snap_to_simplex, solve_on_faces
 
 # Up to this many tasks the inner problem is solved exactly, face by face (2^K − 1 small systems).
 EXACT_MAX_TASKS = 12

@@ -6,17 +6,8 @@ import math
 
 import torch
 
-from cogradctl.methods.base import (
-    GRANULARITY_OPTION,
-    Method,
-    combine,
-    eigh_jacobi,
-    eigh_small,
-    gram,
-    number,
-    numbers,
-    per_task,
-)
+from cogradctl.methods.base import GRANULARITY_OPTION, Method, combine, gram, number, numbers, per_task
+from cogradctl.methods.linalg import eigh_jacobi, eigh_small
 
 
 class GDOD(Method):

@@ -7,7 +7,8 @@ import sys
 
 import torch
 
-from cogradctl.methods.base import GRANULARITY_OPTION, Method, combine, eigh_small, gram, solve_small
+from cogradctl.methods.base import GRANULARITY_OPTION, Method, combine, gram
+from cogradctl.methods.linalg import eigh_small, solve_small
 
 EPS64 = sys.float_info.epsilon
 # From 3 up to this many tasks a well-conditioned cosine matrix is solved directly (see _solve_direct).

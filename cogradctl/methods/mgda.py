@@ -7,19 +7,8 @@ import math
 import numpy as np
 import torch
 
-from cogradctl.methods.base import (
-    GRANULARITY_OPTION,
-    Method,
-    combine,
-    gram,
-    integer,
-    number,
-    on_simplex,
-    project_simplex,
-    snap_to_simplex,
-    solve_on_faces,
-    solve_small,
-)
+from cogradctl.methods.base import GRANULARITY_OPTION, Method, combine, gram, integer, number
+from cogradctl.methods.linalg import on_simplex, project_simplex, snap_to_simplex, solve_on_faces, solve_small
 
 # Up to this many tasks the min-norm problem is solved exactly by enumerating the simplex's faces.
 EXACT_MAX_TASKS = 12

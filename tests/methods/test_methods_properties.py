@@ -110,7 +110,7 @@ def test_gram_is_accurate_for_a_million_columns(k):
 def test_solve_small_matches_lapack(k, seed):
     """Against ``np.linalg.solve`` (LAPACK gesv) on random, badly scaled systems with several
     right-hand sides: the same algorithm, so agreement to a few ulps times the condition number."""
-    from cogradctl.methods.base import solve_small
+    from cogradctl.methods.linalg import solve_small
 
     rng = np.random.default_rng(seed)
     m = rng.standard_normal((k, k)) * np.exp(2 * rng.standard_normal((k, 1)))
@@ -121,7 +121,7 @@ def test_solve_small_matches_lapack(k, seed):
 
 
 def test_solve_small_pivots_and_reports_exactly_singular():
-    from cogradctl.methods.base import solve_small
+    from cogradctl.methods.linalg import solve_small
 
     # a zero leading entry needs the row swap; without it the first pivot is 0
     assert solve_small([[0.0, 1.0], [1.0, 0.0]], [[2.0, 3.0]]) == [[3.0, 2.0]]
@@ -604,7 +604,7 @@ def test_gdod_closed_form_2x2_eigendecomposition(a, b, c):
     """Residual ‖Mv − λv‖ and orthonormality at float64 resolution, eigenvalues as LAPACK's; a
     diagonal matrix keeps the coordinate axes. The small-b cases are where the eigenvector of the
     larger eigenvalue loses its small component to cancellation if taken from the wrong row."""
-    from cogradctl.methods.base import eigh2
+    from cogradctl.methods.linalg import eigh2
 
     lam, vec = eigh2(a, b, c)
     m = np.array([[a, b], [b, c]])
