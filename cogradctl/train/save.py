@@ -73,8 +73,11 @@ def check_finite(run: Run, together: bool = True) -> None:
     """Non-finite weights are never saved (nor does the run end 0 with them): Diverged naming the
     first such tensor and the state that last.safetensors keeps. ``together``: every process
     checks (the same weights) and raises at once."""
-    for name, tensor in run.inputs.model.state_dict().items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+    weights = {n: t for n, t in run.inputs.model.state_dict().items() if t.is_floating_point()}
+    if not weights or bool(torch.stack([torch.isfinite(t).all() for t in weights.values()]).all()):
+        return  # one device sync for the whole model
+    for name, tensor in weights.items():
+        if not bool(torch.isfinite(tensor).all()):
             if together:
                 run.dist.barrier()
             raise Diverged(
