@@ -52,6 +52,25 @@ def test_bad_train_option_is_exit_2_before_out_exists(flag, value, cli, base_che
     assert not out.exists(), f"{flag} {value}: --out was created"
 
 
+@pytest.mark.parametrize("seed", ["-1", str(2**70)])
+@pytest.mark.parametrize("command", ["init", "import", "sample-data", "bench", "measure-transference"])
+def test_bad_seed_is_exit_2_in_every_command(command, seed, cli, base_checkpoint, sample_dir, tmp_path):
+    """--seed was checked by train alone: elsewhere -1 or 2**70 reached numpy/torch (exit 1)."""
+    out = tmp_path / "out"
+    data = str(sample_dir / "valid.parquet")
+    argv = {
+        "init": ["--model", "mmoe", "--data", data, "--tasks", "click", "--out", out],
+        "import": ["--model", "mmoe", "--weights", tmp_path / "w.pt", "--data", data, "--tasks", "click", "--out", out],
+        "sample-data": ["--out", out],
+        "bench": ["--model", "mmoe", "--synthetic", "--steps", "2"],
+        "measure-transference": ["--checkpoint", base_checkpoint, "--data", data],
+    }[command]
+    result = cli(command, *argv, "--seed", seed)
+    assert result.exit_code == 2, (command, seed, result.exit_code, result.stderr)
+    assert result.stderr.strip().splitlines() == [f"error: --seed must be an integer in [0, {2**63 - 1}], got {seed}"]
+    assert not out.exists()
+
+
 BAD_METHOD_OPTIONS = [
     ("cograd", {"gamma": math.inf}),
     ("cograd", {"gamma": math.nan}),

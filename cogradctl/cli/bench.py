@@ -16,6 +16,7 @@ from cogradctl.cli.options import (
     PluginPath,
     Quiet,
     Seed,
+    count,
     csv_list,
     open_data,
     paths,
@@ -64,6 +65,7 @@ def bench_cmd(
     if not names:
         raise UsageError("--methods: give at least one method")
     per_method = _per_method_options(option or [], names)
+    count("--seed", seed, 0)  # a seed must be a non-negative 64-bit integer (torch and numpy take no other)
     dev = models.resolve_device(device)
     torch.manual_seed(seed)
     log = Log(quiet)

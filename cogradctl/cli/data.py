@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from cogradctl.cli.core import DEBUG, EXIT_CODES, app, command, command_group, error_exit
-from cogradctl.cli.options import Json, Seed
+from cogradctl.cli.options import Json, Seed, count
 from cogradctl.cli.output import emit_json, stdout
 from cogradctl.errors import CogradError, UsageError
 
@@ -29,6 +29,7 @@ def sample_data_cmd(
     """Generate the synthetic multi-task dataset of known task relatedness (sample_data/)."""
     from cogradctl import sample
 
+    count("--seed", seed, 0)  # a seed must be a non-negative 64-bit integer (torch and numpy take no other)
     if rows < 1 or valid_rows < 1:
         raise UsageError("--rows and --valid-rows must be positive")
     if out.exists() and not out.is_dir():

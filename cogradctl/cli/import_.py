@@ -25,7 +25,7 @@ from cogradctl.cli.init import (
     TaskType,
     schema_options,
 )
-from cogradctl.cli.options import Json, PluginPath, Quiet, Seed, paths
+from cogradctl.cli.options import Json, PluginPath, Quiet, Seed, count, paths
 from cogradctl.cli.output import emit_json, stdout
 from cogradctl.console import Log
 
@@ -83,6 +83,7 @@ def import_cmd(
     from cogradctl.importer import ImportRequest, import_weights
     from cogradctl.statedict import parse_rename
 
+    count("--seed", seed, 0)  # a seed must be a non-negative 64-bit integer (torch and numpy take no other)
     log = Log(quiet)
     opts = schema_options(tasks, out, overwrite, features, dense, categorical, task_type, max_vocab, min_count)
     request = ImportRequest(

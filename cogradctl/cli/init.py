@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 
 from cogradctl.cli.core import command
-from cogradctl.cli.options import Json, PluginPath, Quiet, Seed, csv_list, paths
+from cogradctl.cli.options import Json, PluginPath, Quiet, Seed, count, csv_list, paths
 from cogradctl.cli.output import emit_json, stdout
 from cogradctl.console import Log
 from cogradctl.errors import UsageError
@@ -63,6 +63,7 @@ def init_cmd(
     from cogradctl import data as data_io
     from cogradctl.train import now
 
+    count("--seed", seed, 0)  # a seed must be a non-negative 64-bit integer (torch and numpy take no other)
     log = Log(quiet)
     opts = schema_options(tasks, out, overwrite, features, dense, categorical, task_type, max_vocab, min_count)
     model_config = models.parse_config(config or [])

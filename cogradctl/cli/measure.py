@@ -115,6 +115,7 @@ def measure_cmd(
     from cogradctl import transference as tr
     from cogradctl.models import from_checkpoint, resolve_device
 
+    count("--seed", seed, 0)  # a seed must be a non-negative 64-bit integer (torch and numpy take no other)
     _check(batches, batch_size, lookahead, lookahead_lr, baseline, max_regression, max_conflict_rate, min_transference)
     if plot is not None:
         require_matplotlib()
