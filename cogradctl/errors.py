@@ -9,7 +9,7 @@ and exits 1 (with a traceback only under ``--debug`` or ``COGRADCTL_DEBUG=1``).
 | 1    | unexpected failure (a bug: please report it with COGRADCTL_DEBUG=1 output) |
 | 2    | usage or input error: bad option, missing or invalid file, schema mismatch |
 | 3    | a quality gate failed (measure-transference thresholds)                  |
-| 4    | training diverged: a non-finite loss or gradient (the last saved state is kept) |
+| 4    | training diverged: a non-finite loss or gradient, or non-finite weights (never saved; the message names the step whose state last.safetensors keeps) |
 | 5    | the environment refused: disk full, read-only or unwritable location, a path below a file |
 | 130  | stopped by SIGINT (Ctrl-C) after saving the state: rerun the command to resume |
 | 143  | stopped by SIGTERM after saving the state: rerun the command to resume   |
