@@ -15,6 +15,11 @@ the repository.
    data, training the mmoe on the first --steps batches and encoding every later batch; its peak RSS
    is ``resource.getrusage(RUSAGE_CHILDREN).ru_maxrss``, read in a fresh intermediate process per
    size so that the two children do not share one maximum.
+
+``--row-groups 1,16,256`` runs only the small-row-group case instead (issue #21, item 11): the
+sample data (sample_data/train.parquet, 20 000 rows) rewritten with those row-group sizes, each
+timed against the file as shipped over one shuffled epoch (batch 1024, seed 0), interleaved over
+--rounds rounds on one core; the medians are reported.
 """
 
 from __future__ import annotations
@@ -96,6 +101,49 @@ def throughput(root: Path) -> list[dict]:
                 file=sys.stderr,
             )
     return out
+
+
+SAMPLE = Path(__file__).resolve().parent.parent / "sample_data" / "train.parquet"
+
+
+def row_groups(root: Path, sizes: list[int], rounds: int, batch_size: int) -> dict:
+    """Median seconds of one shuffled epoch of the sample data as shipped and rewritten with each
+    row-group size in ``sizes``, the cases interleaved in every round."""
+    import statistics
+
+    import pyarrow.parquet as pq
+
+    from cogradctl import data
+    from cogradctl.stream import ParquetStream
+
+    root.mkdir(parents=True, exist_ok=True)
+    table = pq.read_table(SAMPLE)
+    cases = {"as shipped": SAMPLE}
+    for n in sizes:
+        path = root / f"train-rg{n}.parquet"
+        if not path.exists():
+            pq.write_table(table, path, row_group_size=n)
+        cases[f"row groups of {n}"] = path
+    schema = data.infer_schema(str(SAMPLE), TASKS, {t: "binary" for t in TASKS})[0]
+    times: dict[str, list[float]] = {k: [] for k in cases}
+    for r in range(rounds):
+        for name, path in cases.items():
+            t = time.perf_counter()
+            s = ParquetStream(str(path), schema)
+            rows = sum(len(y) for _, y in s.batches(batch_size, shuffle=True, seed=0))
+            times[name].append(time.perf_counter() - t)
+            assert rows == table.num_rows, (name, rows)
+        print(f"  round {r + 1}: " + ", ".join(f"{k} {v[-1]:.3f} s" for k, v in times.items()), file=sys.stderr)
+    groups = {k: pq.ParquetFile(p).metadata.num_row_groups for k, p in cases.items()}
+    return {
+        "rows": table.num_rows,
+        "batch_size": batch_size,
+        "rounds": rounds,
+        "cases": {
+            k: {"row_groups": groups[k], "median_s": round(statistics.median(v), 3), "min_s": round(min(v), 3)}
+            for k, v in times.items()
+        },
+    }
 
 
 def trainer(schema):
@@ -196,6 +244,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=1024)
     p.add_argument("--skip-rss", action="store_true")
+    p.add_argument("--row-groups", help="only the small-row-group case: comma-separated row-group sizes")
+    p.add_argument("--rounds", type=int, default=5, help="rounds of the --row-groups case")
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args()
     import pyarrow
@@ -206,6 +256,14 @@ def main() -> None:
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs visible, pinned to {core}; "
         f"Python {platform.python_version()}, torch {torch.__version__}, pyarrow {pyarrow.__version__}"
     }
+    if args.row_groups:
+        sizes = [int(x) for x in args.row_groups.split(",")]
+        result["row_groups"] = row_groups(args.dir / "row-groups", sizes, args.rounds, args.batch_size)
+        text = json.dumps(result, indent=2)
+        print(text)
+        if args.json:
+            args.json.write_text(text + "\n")
+        return
     print("generating data …", file=sys.stderr)
     main_dir = make(args.dir / f"rows-{args.rows}", args.rows)
     print("throughput", file=sys.stderr)
