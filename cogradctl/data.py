@@ -10,7 +10,9 @@ in the schema's feature order; labels are a float32 B×K matrix in the schema's 
 from __future__ import annotations
 
 import glob as globlib
+import json
 import math
+import os
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -35,35 +37,79 @@ from cogradctl.schema import (
 
 
 def resolve(spec: str) -> list[Path]:
-    """The Parquet files ``spec`` names, sorted; a clear error when there are none."""
+    """The Parquet files ``spec`` names, sorted; a clear error when there are none, or when an entry
+    that would be read is a broken symbolic link or not a regular file (never skipped silently: the
+    rest of the data would be trained on without it)."""
     path = Path(spec)
     if any(ch in spec for ch in "*?["):
         # a pattern may match directories too (hive partitions: 'events/date=2026-11-*'): their *.parquet
         files = set()
         for p in map(Path, globlib.glob(spec, recursive=True)):
-            if p.is_dir():
-                files.update(q for q in p.rglob("*.parquet") if q.is_file())
-            elif p.is_file():
-                files.add(p)
+            files.update(_below(p) if p.is_dir() else [_regular(p)])
         files = sorted(files)
         if not files:
             raise DataError(f"{spec}: the pattern matches no files")
         return files
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*.parquet") if p.is_file())
+        files = _below(path)
         if not files:
             raise DataError(f"{spec}: directory has no *.parquet files")
         return files
     if path.is_file():
         return [path]
+    if path.is_symlink():
+        _regular(path)
     raise DataError(f"{spec}: no such file or directory")
+
+
+def _below(root: Path) -> list[Path]:
+    """Every ``*.parquet`` below ``root``, sorted (symbolic links to directories are not followed; a
+    directory named ``*.parquet`` contributes its files); an unlistable directory is an error."""
+
+    def fail(exc: OSError) -> None:
+        raise DataError(f"{exc.filename}: cannot list this directory of the data ({os.strerror(exc.errno or 0)})")
+
+    found = []
+    for top, dirs, names in os.walk(root, onerror=fail):
+        for name in names + dirs:
+            p = Path(top, name)
+            if name.endswith(".parquet") and not p.is_dir():
+                found.append(_regular(p))
+    return sorted(found)
+
+
+def _regular(p: Path) -> Path:
+    """``p`` if it is a regular file (or a link to one); else a DataError saying what it is."""
+    if p.is_file():
+        return p
+    if p.is_symlink():
+        raise DataError(
+            f"{p}: a broken symbolic link (to {os.readlink(p)}, which does not exist); fix or remove it, "
+            "the data would be read without it"
+        )
+    raise DataError(f"{p}: not a regular file; a Parquet file was expected")
 
 
 def read_schema(path: Path) -> pa.Schema:
     try:
-        return pq.read_schema(path)
+        arrow = pq.read_schema(path)
     except (pa.ArrowException, OSError) as exc:
         raise DataError(f"{path}: not a readable Parquet file ({_short(exc)})") from exc
+    check_names(path, arrow)
+    return arrow
+
+
+def check_names(path: Path | str, arrow: pa.Schema) -> None:
+    """A file whose columns repeat a name is refused, whichever columns are read: which of the
+    two a name means is ambiguous (Arrow cannot select it), so this is always the writer's mistake."""
+    seen: set[str] = set()
+    for name in arrow.names:
+        if name in seen:
+            raise DataError(
+                f"{path}: column '{name}' appears {arrow.names.count(name)} times; "
+                "column names must be unique (rename or drop the duplicate)"
+            )
+        seen.add(name)
 
 
 def read_file(path: Path, columns: list[str]) -> pa.Table:
@@ -85,6 +131,12 @@ def _short(exc: Exception) -> str:
 # ---------------------------------------------------------------------------- schema inference
 
 
+# The schema (vocabularies included) sits, JSON-escaped, in the checkpoint's safetensors header, which
+# safetensors caps at 100 MB ("header too large" when saving). The rest of the header (model config,
+# history, training state, one entry per tensor) gets the remaining 10 MB.
+SCHEMA_HEADER_BUDGET = 90_000_000
+
+
 def infer_schema(
     spec: str,
     tasks: list[str],
@@ -95,21 +147,35 @@ def infer_schema(
     max_vocab: int = 100_000,
     min_count: int = 1,
 ) -> tuple[Schema, int]:
-    """Read every file once: the feature kinds, vocabularies, normalisation statistics. → (schema, rows)."""
+    """Read every file once: the feature kinds, vocabularies, normalisation statistics. → (schema, rows).
+
+    The first file (in sorted order) decides each column's kind; every other file must store each
+    column with a type of the same family (:func:`_family`: integer and float widths, string and
+    dictionary encodings are interchangeable, numbers and strings are not), else a DataError names
+    both files and both types."""
     files = resolve(spec)
-    kinds = plan_columns(read_schema(files[0]), str(files[0]), tasks, features, list(dense), list(categorical))
+    first = read_schema(files[0])
+    kinds = plan_columns(first, str(files[0]), tasks, features, list(dense), list(categorical))
+    kinds_all = {**kinds, **{t: "label" for t in tasks}}
     counts = {c: Counter() for c, k in kinds.items() if k == "categorical"}
     value_types: dict[str, str] = {}
     moments = {c: [0, 0.0, 0.0] for c, k in kinds.items() if k == "dense"}  # n, sum, sum of squares
     rows = 0
     for path in files:
         table = read_file(path, [*kinds, *tasks])
+        _same_types(table.schema, path, first, files[0], kinds_all)
         rows += table.num_rows
         _validate_labels(table, path, [Task(t, task_types[t]) for t in tasks])
         for col, kind in kinds.items():
             arr = table.column(col)
             if kind == "categorical":
-                arr, vtype = _categorical_values(arr, value_types.get(col))
+                try:
+                    arr, vtype = _categorical_values(arr, value_types.get(col))
+                except (pa.ArrowException, ValueError) as exc:
+                    raise DataError(
+                        f"{path}: categorical column '{col}' is {arr.type}, which cannot be read as a vocabulary "
+                        f"without loss ({_short(exc)}); store it as int64 or as strings"
+                    ) from exc
                 value_types.setdefault(col, vtype)
                 for item in pc.value_counts(arr.drop_null()).to_pylist():
                     counts[col][item["values"]] += item["counts"]
@@ -134,7 +200,58 @@ def infer_schema(
             var = max(ss / n - mean * mean, 0.0) if n else 0.0
             std = math.sqrt(var) if var > 1e-12 else 1.0
             feats.append(Feature(col, "dense", mean=mean, std=std))
-    return Schema(feats, [Task(t, task_types[t]) for t in tasks]), rows
+    schema = Schema(feats, [Task(t, task_types[t]) for t in tasks])
+    _check_header_size(spec, schema)
+    return schema, rows
+
+
+def _family(kind: str, t: pa.DataType) -> str:
+    """What a column of Arrow type ``t`` is read as for ``kind``: dense features and labels are read as
+    float64 (any integer, float or boolean is a number); categorical values as int64 (integers,
+    booleans), as strings (string, large string) or as the string form of a float; a dictionary as
+    its values. Two files agree on a column when its family is the same in both."""
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    numeric = pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)
+    if kind != "categorical":
+        return "number" if numeric else str(t)
+    if pa.types.is_integer(t) or pa.types.is_boolean(t):
+        return "integer"
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return "string"
+    return "float" if pa.types.is_floating(t) else str(t)
+
+
+def _same_types(arrow: pa.Schema, path: Path, first: pa.Schema, first_path: Path, kinds: dict[str, str]) -> None:
+    for col, kind in kinds.items():
+        t, t0 = arrow.field(col).type, first.field(col).type
+        if _family(kind, t) != _family(kind, t0):
+            what = "task column" if kind == "label" else f"{kind} column"
+            raise DataError(
+                f"{path}: {what} '{col}' is {t}, but {first_path} stores it as {t0}; every file must store "
+                f"a column as the same kind of value (here: {_family(kind, t0)}); rewrite one of them"
+            )
+
+
+def _check_header_size(spec: str, schema: Schema) -> None:
+    """Refuse a schema too big for the checkpoint header, naming the largest vocabulary's column."""
+    size = len(json.dumps(schema.to_json()))  # as it sits, escaped, in the header
+    if size <= SCHEMA_HEADER_BUDGET:
+        return
+    cats = schema.categorical or [None]
+    big = max(cats, key=lambda f: len(json.dumps(f.vocab)) if f else 0)
+    detail = ""
+    if big is not None:
+        longest = max((len(str(v)) for v in big.vocab), default=0)
+        detail = (
+            f"; column '{big.name}' has the largest vocabulary ({len(big.vocab)} values, the longest "
+            f"{longest} characters, {len(json.dumps(big.vocab)) / 1e6:.1f} MB)"
+        )
+    raise DataError(
+        f"{spec}: the schema would take {size / 1e6:.1f} MB of the checkpoint header, over the "
+        f"{SCHEMA_HEADER_BUDGET / 1e6:.0f} MB it may use (safetensors caps headers at 100 MB){detail}; "
+        "lower --max-vocab, raise --min-count, or shorten (hash) the values"
+    )
 
 
 @dataclass
