@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cogradctl.data import _short, resolve
+from cogradctl.data import _family, _short, check_names, resolve
 from cogradctl.errors import DataError
 from cogradctl.schema import Schema, is_categorical_type, is_label_type
 
@@ -98,6 +98,7 @@ def open_file(path: Path, start: int, schema: Schema) -> File:
         meta = pf.metadata
     except (pa.ArrowException, OSError, ValueError) as exc:
         raise DataError(f"{path}: not a readable Parquet file ({_short(exc)})") from exc
+    check_names(path, arrow)
     names = set(arrow.names)
     keys = partitions(path)
     missing = [c for c in schema.columns if c not in names and c not in keys]
@@ -128,6 +129,13 @@ def _check_types(path: Path, arrow: pa.Schema, names: set[str], schema: Schema) 
             expected = "numeric" if feat.kind == "dense" else "integer, string or dictionary"
             raise DataError(
                 f"{path}: column '{feat.name}' is {t}; the checkpoint expects a {expected} {feat.kind} feature"
+            )
+        if feat.kind == "categorical" and (_family("categorical", t) == "integer") != (feat.value_type == "int"):
+            # numbers where init saw strings, or strings where it saw integers: cast, they would only
+            # match the vocabulary by accident ("007" → 7); init refuses such a mix between files too
+            holds = "integers" if feat.value_type == "int" else "strings"
+            raise DataError(
+                f"{path}: categorical column '{feat.name}' is {t}; the checkpoint's vocabulary holds {holds}"
             )
     for task in schema.tasks:
         if task.name in names and not is_label_type(arrow.field(task.name).type):
