@@ -29,6 +29,7 @@ from cogradctl.schema import (
     Feature,
     Schema,
     Task,
+    family,
     is_categorical_type,
     is_label_type,
     parse_task_types,
@@ -150,7 +151,7 @@ def infer_schema(
     """Read every file once: the feature kinds, vocabularies, normalisation statistics. → (schema, rows).
 
     The first file (in sorted order) decides each column's kind; every other file must store each
-    column with a type of the same family (:func:`_family`: integer and float widths, string and
+    column with a type of the same family (:func:`cogradctl.schema.family`: integer and float widths, string and
     dictionary encodings are interchangeable, numbers and strings are not), else a DataError names
     both files and both types."""
     files = resolve(spec)
@@ -205,31 +206,14 @@ def infer_schema(
     return schema, rows
 
 
-def _family(kind: str, t: pa.DataType) -> str:
-    """What a column of Arrow type ``t`` is read as for ``kind``: dense features and labels are read as
-    float64 (any integer, float or boolean is a number); categorical values as int64 (integers,
-    booleans), as strings (string, large string) or as the string form of a float; a dictionary as
-    its values. Two files agree on a column when its family is the same in both."""
-    if pa.types.is_dictionary(t):
-        t = t.value_type
-    numeric = pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)
-    if kind != "categorical":
-        return "number" if numeric else str(t)
-    if pa.types.is_integer(t) or pa.types.is_boolean(t):
-        return "integer"
-    if pa.types.is_string(t) or pa.types.is_large_string(t):
-        return "string"
-    return "float" if pa.types.is_floating(t) else str(t)
-
-
 def _same_types(arrow: pa.Schema, path: Path, first: pa.Schema, first_path: Path, kinds: dict[str, str]) -> None:
     for col, kind in kinds.items():
         t, t0 = arrow.field(col).type, first.field(col).type
-        if _family(kind, t) != _family(kind, t0):
+        if family(kind, t) != family(kind, t0):
             what = "task column" if kind == "label" else f"{kind} column"
             raise DataError(
                 f"{path}: {what} '{col}' is {t}, but {first_path} stores it as {t0}; every file must store "
-                f"a column as the same kind of value (here: {_family(kind, t0)}); rewrite one of them"
+                f"a column as the same kind of value (here: {family(kind, t0)}); rewrite one of them"
             )
 
 
@@ -291,13 +275,21 @@ def _categorical_values(arr: pa.ChunkedArray, vtype: str | None) -> tuple[pa.Chu
 
 def _dense_values(arr: pa.ChunkedArray, path: Path, col: str) -> np.ndarray:
     """A dense column as float64 with nulls as NaN; NaN or infinite stored values are an error."""
-    values = arr.cast(pa.float64())
+    values = _as_float(arr, f"{path}: column '{col}'")
     raw = values.to_numpy(zero_copy_only=False)  # nulls → NaN
     stored_nan = np.isnan(raw).sum() - values.null_count
     if stored_nan > 0 or np.isinf(raw).any():
         bad = int(stored_nan + np.isinf(raw).sum())
         raise DataError(f"{path}: column '{col}' has {bad} NaN or infinite value(s); use null for missing values")
     return raw
+
+
+def _as_float(arr: pa.ChunkedArray, what: str) -> pa.ChunkedArray:
+    """float64 values, or a DataError (integers beyond ±2**53 cannot be held exactly: the stream refuses them too)."""
+    try:
+        return arr.cast(pa.float64())
+    except (pa.ArrowException, ValueError) as exc:
+        raise DataError(f"{what} cannot be read as numbers ({_short(exc)})") from exc
 
 
 def _validate_labels(table: pa.Table, path: Path, tasks: list[Task]) -> None:
@@ -307,7 +299,7 @@ def _validate_labels(table: pa.Table, path: Path, tasks: list[Task]) -> None:
             raise DataError(f"{path}: task column '{task.name}' is {arr.type}; labels must be numeric or boolean")
         if arr.null_count:
             raise DataError(f"{path}: task column '{task.name}' has {arr.null_count} missing (null) label(s)")
-        y = arr.cast(pa.float64()).to_numpy(zero_copy_only=False)
+        y = _as_float(arr, f"{path}: task column '{task.name}'").to_numpy(zero_copy_only=False)
         if not np.isfinite(y).all():
             raise DataError(
                 f"{path}: task column '{task.name}' has {int((~np.isfinite(y)).sum())} NaN or infinite label(s)"

@@ -151,6 +151,23 @@ def is_categorical_type(t: pa.DataType) -> bool:
     )
 
 
+def family(kind: str, t: pa.DataType) -> str:
+    """What a column of Arrow type ``t`` is read as for ``kind``: dense features and labels are read as
+    float64 (any integer, float or boolean is a number); categorical values as int64 (integers,
+    booleans), as strings (string, large string) or as the string form of a float; a dictionary as
+    its values. Two files agree on a column when its family is the same in both."""
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    numeric = pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)
+    if kind != "categorical":
+        return "number" if numeric else str(t)
+    if pa.types.is_integer(t) or pa.types.is_boolean(t):
+        return "integer"
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return "string"
+    return "float" if pa.types.is_floating(t) else str(t)
+
+
 def is_label_type(t: pa.DataType) -> bool:
     return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)
 

@@ -153,3 +153,19 @@ def test_categorical_of_another_kind_than_the_vocabulary_refused_by_readers(cli,
     for name, args in readers(checkpoint, data, tmp_path).items():
         if name != "init":
             assert_input_error(cli(*args), "strs.parquet", "'c1'", "integers")
+
+
+@pytest.mark.parametrize("column", ["click", "f1"])
+def test_integers_beyond_float64_refused_at_init(cli, tmp_path, column):
+    """Labels and dense features are read as float64: integers beyond ±2**53 are refused naming the
+    file and column (as the stream does), not an ArrowInvalid exiting 1."""
+    cols = columns()
+    cols[column] = np.full(N, 2**60 + 1, dtype=np.int64)
+    data = write(cols, tmp_path / "big.parquet")
+    args = ["--task-type", "click=regression"] + (["--dense", "f1"] if column == "f1" else [])
+    result = cli(*init_args(data, tmp_path / "m.safetensors"), *args)
+    assert_input_error(result, "big.parquet", f"'{column}'", "numbers")
+
+
+def init_args(data, out):
+    return ("init", "--model", "mmoe", "--data", data, "--tasks", "click", "--out", out, "--quiet")
