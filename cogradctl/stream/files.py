@@ -17,9 +17,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cogradctl.data import _family, _short, check_names, resolve
+from cogradctl.data import _short, check_names, resolve
 from cogradctl.errors import DataError
-from cogradctl.schema import Schema, is_categorical_type, is_label_type
+from cogradctl.schema import Schema, family, is_categorical_type, is_label_type
 
 READ_ROWS = 65_536  # rows per record batch read from a row group
 
@@ -130,7 +130,7 @@ def _check_types(path: Path, arrow: pa.Schema, names: set[str], schema: Schema) 
             raise DataError(
                 f"{path}: column '{feat.name}' is {t}; the checkpoint expects a {expected} {feat.kind} feature"
             )
-        if feat.kind == "categorical" and (_family("categorical", t) == "integer") != (feat.value_type == "int"):
+        if feat.kind == "categorical" and (family("categorical", t) == "integer") != (feat.value_type == "int"):
             # numbers where init saw strings, or strings where it saw integers: cast, they would only
             # match the vocabulary by accident ("007" → 7); init refuses such a mix between files too
             holds = "integers" if feat.value_type == "int" else "strings"
