@@ -8,7 +8,8 @@ only the columns the schema needs, in record batches, and encodes them exactly a
 
 Shuffling (``shuffle=True``) is two-level and deterministic for a given ``(seed, epoch)``:
 
-1. the order of all (file, row group) units is permuted with the seed;
+1. the order of all units (a row group, or a run of consecutive row groups of one file of fewer
+   than ``SMALL_GROUP`` rows each, coalesced into up to READ_ROWS rows) is permuted with the seed;
 2. rows pass through a buffer of ``shuffle_buffer`` rows: once it is full, each batch is
    ``batch_size`` rows drawn uniformly without replacement from the buffer, and their places are
    taken by the next ``batch_size`` rows read. At the end the buffer is permuted and emptied.

@@ -22,6 +22,7 @@ from cogradctl.errors import DataError
 from cogradctl.schema import Schema, family, is_categorical_type, is_label_type
 
 READ_ROWS = 65_536  # rows per record batch read from a row group
+SMALL_GROUP = 256  # row groups of fewer rows, consecutive in a file, are read as one unit (coalesce)
 
 _PARTITION = re.compile(r"^([^=/\\]+)=([^=/\\]*)$")
 
@@ -64,10 +65,47 @@ class Unit:
     rows: int
     skip: int = 0  # a piece of a row group (data shards): rows of the group before this piece
     group_rows: int | None = None  # the whole row group's rows, when this is a piece of it
+    groups: tuple[int, ...] = ()  # coalesced small row groups read as one (group is the first), else ()
 
     def piece(self, lo: int, hi: int) -> Unit:
         """Rows [lo, hi) of this unit."""
-        return Unit(self.file, self.group, self.start + lo, hi - lo, self.skip + lo, self.group_rows or self.rows)
+        return replace(
+            self, start=self.start + lo, rows=hi - lo, skip=self.skip + lo, group_rows=self.group_rows or self.rows
+        )
+
+    @property
+    def row_groups(self) -> list[int]:
+        return list(self.groups or (self.group,))
+
+
+def coalesce(units: list[Unit]) -> list[Unit]:
+    """``units`` (whole row groups, in file order) with every run of consecutive small row groups
+    (fewer than SMALL_GROUP rows) of one file merged into units of at most READ_ROWS rows, so that
+    they are read, encoded and shuffled as one. Units of larger row groups are returned as they are."""
+    out: list[Unit] = []
+    run: list[Unit] = []
+    rows = 0
+
+    def flush() -> None:
+        if len(run) == 1:
+            out.append(run[0])
+        elif run:
+            out.append(Unit(run[0].file, run[0].group, run[0].start, rows, groups=tuple(u.group for u in run)))
+        run.clear()
+
+    for u in units:
+        if u.rows >= SMALL_GROUP:
+            flush()
+            out.append(u)
+            continue
+        if run and (run[0].file != u.file or rows + u.rows > READ_ROWS):
+            flush()
+        if not run:
+            rows = 0
+        run.append(u)
+        rows += u.rows
+    flush()
+    return out
 
 
 def scan(spec: str, schema: Schema) -> tuple[list[File], list[Unit], int]:
@@ -148,19 +186,22 @@ def _check_types(path: Path, arrow: pa.Schema, names: set[str], schema: Schema) 
 
 
 def where(f: File, u: Unit) -> str:
-    """How errors name a unit: its file and row group."""
+    """How errors name a unit: its file and row group (coalesced: the range of row groups)."""
+    if u.groups:
+        return f"{f.path} (row groups {u.groups[0]}-{u.groups[-1]})"
     return f"{f.path} (row group {u.group})"
 
 
 def read_unit(f: File, u: Unit) -> Iterator[tuple[int, pa.Table]]:
-    """(offset in the unit, table of up to READ_ROWS rows) for one row group of ``f``, or the piece
-    of it that ``u`` names."""
+    """(offset in the unit, table of up to READ_ROWS rows) for one row group of ``f`` (or the
+    coalesced row groups of ``u``), or the piece of it that ``u`` names."""
     expected = u.group_rows or u.rows
     lo, hi = u.skip, u.skip + u.rows
     offset = 0  # in the row group
     try:
         pf = pq.ParquetFile(f.path, metadata=f.meta, read_dictionary=f.dictionary or None)
-        for rb in pf.iter_batches(batch_size=READ_ROWS, row_groups=[u.group], columns=f.columns, use_threads=False):
+        batches = pf.iter_batches(batch_size=READ_ROWS, row_groups=u.row_groups, columns=f.columns, use_threads=False)
+        for rb in _merged(batches) if u.groups else batches:
             n = rb.num_rows
             if offset + n > expected:
                 offset += n
@@ -175,12 +216,34 @@ def read_unit(f: File, u: Unit) -> Iterator[tuple[int, pa.Table]]:
             if offset >= hi and u.group_rows:
                 return  # a piece: the rest of the group is another shard's
     except (pa.ArrowException, OSError, ValueError, IndexError) as exc:
-        raise DataError(f"{f.path} (row group {u.group}): not a readable Parquet file ({_short(exc)})") from exc
+        raise DataError(f"{where(f, u)}: not a readable Parquet file ({_short(exc)})") from exc
     if offset != expected:  # a damaged footer or column chunk
         raise DataError(
-            f"{f.path} (row group {u.group}): not a readable Parquet file (the footer says {expected} rows, "
+            f"{where(f, u)}: not a readable Parquet file (the footer says {expected} rows, "
             f"the data has {'at least ' if offset > expected else ''}{offset})"
         )
+
+
+def _merged(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    """Record batches of coalesced row groups merged up to READ_ROWS rows: Arrow yields one per row
+    group when a column is read dictionary-encoded (each group has its own dictionary)."""
+    acc: list[pa.RecordBatch] = []
+    n = 0
+    for rb in batches:
+        if acc and n + rb.num_rows > READ_ROWS:
+            yield _concat(acc)
+            acc, n = [], 0
+        acc.append(rb)
+        n += rb.num_rows
+    if acc:
+        yield _concat(acc)
+
+
+def _concat(batches: list[pa.RecordBatch]) -> pa.RecordBatch:
+    if len(batches) == 1:
+        return batches[0]
+    table = pa.Table.from_batches(batches).unify_dictionaries().combine_chunks()
+    return table.to_batches()[0]
 
 
 def carry_type(f: File, name: str) -> pa.DataType:

@@ -15,7 +15,7 @@ from cogradctl.data import Dataset
 from cogradctl.errors import DataError, UsageError
 from cogradctl.schema import Schema
 from cogradctl.stream.encode import Encoder, UnitEncoder
-from cogradctl.stream.files import Unit, carry_type, cut, read_rows, read_unit, scan, with_carry
+from cogradctl.stream.files import Unit, carry_type, coalesce, cut, read_rows, read_unit, scan, with_carry
 from cogradctl.stream.shuffle import Chunk, Shuffler, shard_batches
 
 ON_INVALID = ("error", "drop")
@@ -38,7 +38,8 @@ class ParquetStream:
         self.labels = labels
         read = schema if labels else Schema(schema.features, [])
         self._encoder = Encoder(read)
-        self.files, self.units, self.num_rows = scan(spec, read)
+        self.files, units, self.num_rows = scan(spec, read)
+        self.units = coalesce(units)  # small row groups read as one unit (docs/data.md)
         if self.num_rows == 0:
             raise DataError(f"{spec}: the data has no rows")
         self._read = UnitEncoder(self._encoder, self.files, self.units, on_invalid, self.stats)

@@ -2,7 +2,8 @@
 
 Shuffling (``shuffle=True``) is two-level and deterministic for a given ``(seed, epoch)``:
 
-1. the order of all (file, row group) units is permuted with the seed;
+1. the order of all units (row groups, small ones coalesced: :func:`.files.coalesce`) is permuted
+   with the seed;
 2. rows pass through a buffer of ``shuffle_buffer`` rows: once it is full, each batch is
    ``batch_size`` rows drawn uniformly without replacement from the buffer, and their places are
    taken by the next ``batch_size`` rows read. At the end the buffer is permuted and emptied.
