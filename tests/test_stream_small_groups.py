@@ -147,3 +147,22 @@ def test_large_row_groups_are_bit_identical(tmp_path, monkeypatch):
             )
             monkeypatch.undo()
         assert all(same(x, y) for x, y in zip(*runs)), spec
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_resume_with_dropped_rows(tmp_path, small, shards):
+    """With --on-invalid-rows drop, skipping reads coalesced units for their valid rows' ids."""
+    _, _, schema = small
+    table = sample.generate(900, seed=3)
+    f0 = table.column("f0").to_pylist()
+    for i in (5, 450, 451, 899):
+        f0[i] = float("nan")
+    table = table.set_column(table.schema.get_field_index("f0"), "f0", [f0])
+    pq.write_table(table, tmp_path / "x.parquet", row_group_size=1)
+    s = ParquetStream(str(tmp_path / "x.parquet"), schema, on_invalid="drop", shuffle_buffer=100)
+    take = tuple(range(shards))
+    full = list(s.batches(32, shuffle=True, seed=2, shards=shards, take=take))
+    assert sum(len(y) for _, y in full) == 896
+    for start in (1, 10, len(full) - 1):
+        tail = list(s.batches(32, shuffle=True, seed=2, shards=shards, take=take, start_batch=start))
+        assert same(full[start:], tail), start
