@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -84,20 +85,34 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 @contextmanager
 def staged_write(path: Path, data: bytes) -> Iterator[Path]:
-    """Write ``data`` to a temporary file beside ``path`` (fsynced) and yield that file's path.
+    """Write ``data`` to a temporary file beside ``path`` and yield that file's path; when the
+    block ends normally it lands on ``path`` (``staged_file``), when it raises nothing does.
+    Checks can so read the very bytes that will land before they do (``cogradctl import`` reloads
+    its checkpoint through the plugin first)."""
+    with staged_file(path) as (f, tmp):
+        try:
+            f.write(data)
+            f.flush()
+        except OSError as exc:
+            raise _naming(exc, path) from exc
+        yield tmp
 
-    When the block ends normally the file is renamed onto ``path``; when it raises, the file is
-    removed and ``path`` is untouched (as are its folders: those this call created are removed
-    again). Checks can so read the very bytes that will land before they do (``cogradctl import``
-    reloads its checkpoint through the plugin first).
+
+@contextmanager
+def staged_file(path: Path) -> Iterator[tuple[BinaryIO, Path]]:
+    """Yield ``(file, its path)``: a temporary file opened for writing beside ``path``. When the
+    block ends normally the file is fsynced and renamed onto ``path`` (then the folder fsynced);
+    when it raises, the file is removed and ``path`` is untouched (as are its folders: those this
+    call created are removed again). Every output of cogradctl is written this way.
 
     The temporary file is ``.<name>.<host>-<pid>-<random>.tmp``: a writer killed mid-write leaves
     one behind, which the next write to the same path removes once that process is gone on this
     host (``remove_stale_temps``); another live writer's file is never touched. An ``OSError``
-    (disk full, read-only or unwritable folder, a path below a regular file) names ``path``.
+    while creating, syncing or renaming the file (disk full, read-only or unwritable folder, a path
+    below a regular file) names ``path``; those raised inside the block are the caller's.
     """
     created = [d for d in [path.parent, *path.parent.parents] if not d.exists()]
-    tmp = None
+    tmp = f = None
     try:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -106,18 +121,20 @@ def staged_write(path: Path, data: bytes) -> Iterator[Path]:
             umask = os.umask(0)
             os.umask(umask)
             os.fchmod(fd, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+            f = os.fdopen(fd, "wb")
         except OSError as exc:
             raise _naming(exc, path) from exc
-        yield Path(tmp)
+        yield f, Path(tmp)
         try:
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
             os.replace(tmp, path)
         except OSError as exc:
             raise _naming(exc, path) from exc
     except BaseException:
+        if f is not None:
+            f.close()
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
         for d in created:  # innermost first

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -31,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from cogradctl.checkpoint import staged_file
 from cogradctl.errors import DataError, PluginError, UsageError
 from cogradctl.schema import Schema, Task
 from cogradctl.stream import ParquetStream
@@ -182,30 +182,12 @@ def _concat(parts: list) -> tuple[np.ndarray, np.ndarray, pa.Table]:
 @contextmanager
 def _atomic_parquet(out: Path, schema: pa.Schema):
     """Yields ``write(table)``: tables appended in order, in row groups of ROW_GROUP rows, to a
-    temporary file beside ``out`` that is fsynced and renamed to ``out`` when the block ends without
-    an error (the pattern of ``checkpoint.atomic_write_bytes``); on any error it is removed."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
-        with os.fdopen(fd, "wb") as fh:
-            with pq.ParquetWriter(fh, schema) as writer:
-                groups = _RowGroups(writer)
-                yield groups.write
-                groups.flush()
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(out.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    temporary file beside ``out`` that lands on ``out`` only when the block ends without an error
+    (``checkpoint.staged_file``, as every output is written)."""
+    with staged_file(out) as (fh, _), pq.ParquetWriter(fh, schema) as writer:
+        groups = _RowGroups(writer)
+        yield groups.write
+        groups.flush()
 
 
 class _RowGroups:
