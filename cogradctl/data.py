@@ -10,8 +10,6 @@ in the schema's feature order; labels are a float32 B×K matrix in the schema's 
 from __future__ import annotations
 
 import glob as globlib
-import json
-import math
 import os
 import warnings
 from collections import Counter
@@ -26,14 +24,10 @@ import torch
 
 from cogradctl.errors import DataError
 from cogradctl.schema import (
-    Feature,
     Schema,
     Task,
-    family,
     is_categorical_type,
     is_label_type,
-    parse_task_types,
-    plan_columns,
 )
 
 
@@ -129,135 +123,7 @@ def _short(exc: Exception) -> str:
     return str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
 
 
-# ---------------------------------------------------------------------------- schema inference
-
-
-# The schema (vocabularies included) sits, JSON-escaped, in the checkpoint's safetensors header, which
-# safetensors caps at 100 MB ("header too large" when saving). The rest of the header (model config,
-# history, training state, one entry per tensor) gets the remaining 10 MB.
-SCHEMA_HEADER_BUDGET = 90_000_000
-
-
-def infer_schema(
-    spec: str,
-    tasks: list[str],
-    task_types: dict[str, str],
-    features: list[str] | None = None,
-    dense: list[str] = (),
-    categorical: list[str] = (),
-    max_vocab: int = 100_000,
-    min_count: int = 1,
-) -> tuple[Schema, int]:
-    """Read every file once: the feature kinds, vocabularies, normalisation statistics. → (schema, rows).
-
-    The first file (in sorted order) decides each column's kind; every other file must store each
-    column with a type of the same family (:func:`cogradctl.schema.family`: integer and float widths, string and
-    dictionary encodings are interchangeable, numbers and strings are not), else a DataError names
-    both files and both types."""
-    files = resolve(spec)
-    first = read_schema(files[0])
-    kinds = plan_columns(first, str(files[0]), tasks, features, list(dense), list(categorical))
-    kinds_all = {**kinds, **{t: "label" for t in tasks}}
-    counts = {c: Counter() for c, k in kinds.items() if k == "categorical"}
-    value_types: dict[str, str] = {}
-    moments = {c: [0, 0.0, 0.0] for c, k in kinds.items() if k == "dense"}  # n, sum, sum of squares
-    rows = 0
-    for path in files:
-        table = read_file(path, [*kinds, *tasks])
-        _same_types(table.schema, path, first, files[0], kinds_all)
-        rows += table.num_rows
-        _validate_labels(table, path, [Task(t, task_types[t]) for t in tasks])
-        for col, kind in kinds.items():
-            arr = table.column(col)
-            if kind == "categorical":
-                try:
-                    arr, vtype = _categorical_values(arr, value_types.get(col))
-                except (pa.ArrowException, ValueError) as exc:
-                    raise DataError(
-                        f"{path}: categorical column '{col}' is {arr.type}, which cannot be read as a vocabulary "
-                        f"without loss ({_short(exc)}); store it as int64 or as strings"
-                    ) from exc
-                value_types.setdefault(col, vtype)
-                for item in pc.value_counts(arr.drop_null()).to_pylist():
-                    counts[col][item["values"]] += item["counts"]
-            else:
-                values = _dense_values(arr, path, col)
-                finite = values[~np.isnan(values)]
-                m = moments[col]
-                m[0] += finite.size
-                m[1] += float(finite.sum())
-                m[2] += float(np.square(finite).sum())
-    if rows == 0:
-        raise DataError(f"{spec}: the data has no rows")
-    feats = []
-    for col, kind in kinds.items():
-        if kind == "categorical":
-            ranked = sorted(counts[col].items(), key=lambda kv: (-kv[1], str(kv[0])))
-            vocab = [v for v, n in ranked if n >= min_count][:max_vocab]
-            feats.append(Feature(col, "categorical", vocab=vocab, value_type=value_types.get(col, "str")))
-        else:
-            n, s, ss = moments[col]
-            mean = s / n if n else 0.0
-            var = max(ss / n - mean * mean, 0.0) if n else 0.0
-            std = math.sqrt(var) if var > 1e-12 else 1.0
-            feats.append(Feature(col, "dense", mean=mean, std=std))
-    schema = Schema(feats, [Task(t, task_types[t]) for t in tasks])
-    _check_header_size(spec, schema)
-    return schema, rows
-
-
-def _same_types(arrow: pa.Schema, path: Path, first: pa.Schema, first_path: Path, kinds: dict[str, str]) -> None:
-    for col, kind in kinds.items():
-        t, t0 = arrow.field(col).type, first.field(col).type
-        if family(kind, t) != family(kind, t0):
-            what = "task column" if kind == "label" else f"{kind} column"
-            raise DataError(
-                f"{path}: {what} '{col}' is {t}, but {first_path} stores it as {t0}; every file must store "
-                f"a column as the same kind of value (here: {family(kind, t0)}); rewrite one of them"
-            )
-
-
-def _check_header_size(spec: str, schema: Schema) -> None:
-    """Refuse a schema too big for the checkpoint header, naming the largest vocabulary's column."""
-    size = len(json.dumps(schema.to_json()))  # as it sits, escaped, in the header
-    if size <= SCHEMA_HEADER_BUDGET:
-        return
-    cats = schema.categorical or [None]
-    big = max(cats, key=lambda f: len(json.dumps(f.vocab)) if f else 0)
-    detail = ""
-    if big is not None:
-        longest = max((len(str(v)) for v in big.vocab), default=0)
-        detail = (
-            f"; column '{big.name}' has the largest vocabulary ({len(big.vocab)} values, the longest "
-            f"{longest} characters, {len(json.dumps(big.vocab)) / 1e6:.1f} MB)"
-        )
-    raise DataError(
-        f"{spec}: the schema would take {size / 1e6:.1f} MB of the checkpoint header, over the "
-        f"{SCHEMA_HEADER_BUDGET / 1e6:.0f} MB it may use (safetensors caps headers at 100 MB){detail}; "
-        "lower --max-vocab, raise --min-count, or shorten (hash) the values"
-    )
-
-
-@dataclass
-class SchemaOptions:
-    """The schema choices ``init`` and ``import`` share, as the command line gives them (lists split)."""
-
-    tasks: list[str]
-    task_types: list[str] = field(default_factory=list)  # TASK=binary|regression
-    features: list[str] | None = None  # None: every non-task column
-    dense: list[str] = field(default_factory=list)
-    categorical: list[str] = field(default_factory=list)
-    max_vocab: int = 100_000
-    min_count: int = 1
-
-
-def infer_from_options(spec: str, opts: SchemaOptions) -> tuple[Schema, int]:
-    """The schema of the data ``spec`` under the choices ``opts``: → (schema, rows). One code path for
-    ``init`` and ``import``, so a checkpoint imported from a team's weights encodes like one made fresh."""
-    types = parse_task_types(opts.task_types, opts.tasks)
-    return infer_schema(
-        spec, opts.tasks, types, opts.features, opts.dense, opts.categorical, opts.max_vocab, opts.min_count
-    )
+# ---------------------------------------------------------------------------- value helpers
 
 
 def _categorical_values(arr: pa.ChunkedArray, vtype: str | None) -> tuple[pa.ChunkedArray, str]:
@@ -381,7 +247,7 @@ def _validate_types(table: pa.Table, path: Path, schema: Schema) -> None:
             else (is_categorical_type(t) or pa.types.is_floating(t))
         )
         if not ok:
-            expected = "numeric" if f.kind == "dense" else "integer, string or dictionary"
+            expected = "numeric" if f.kind == "dense" else "integer, boolean, string or dictionary"
             raise DataError(f"{path}: column '{f.name}' is {t}; the checkpoint expects a {expected} {f.kind} feature")
 
 
@@ -407,3 +273,13 @@ def encode(
         [table.column(t).cast(pa.float32()).to_numpy(zero_copy_only=False) for t in schema.task_names], axis=1
     )
     return (torch.from_numpy(dense), torch.from_numpy(cat), torch.from_numpy(labels.astype(np.float32))), unseen
+
+
+def __getattr__(name: str):
+    """Schema inference lives in :mod:`cogradctl.infer` (it reads partition keys as the stream does);
+    its names stay reachable here for existing callers, imported on first use (no import cycle)."""
+    if name in ("infer_schema", "infer_from_options", "SchemaOptions", "SCHEMA_HEADER_BUDGET"):
+        from cogradctl import infer
+
+        return getattr(infer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

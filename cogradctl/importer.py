@@ -27,8 +27,7 @@ from pathlib import Path
 import torch
 
 from cogradctl import checkpoint as ckpt_io
-from cogradctl import contract, models, registry
-from cogradctl import data as data_io
+from cogradctl import contract, infer, models, registry
 from cogradctl.errors import CheckpointError, PluginError, UsageError
 from cogradctl.schema import Schema
 from cogradctl.statedict import KeyMap, Source, map_keys, read
@@ -43,7 +42,7 @@ class ImportRequest:
     model: str
     weights: Path
     data: str
-    schema: data_io.SchemaOptions
+    schema: infer.SchemaOptions
     out: Path
     config: dict = field(default_factory=dict)
     weights_key: str | None = None
@@ -64,7 +63,7 @@ def import_weights(req: ImportRequest) -> dict:
         raise UsageError(f"--out {req.out}: is the --weights file; the source is never modified, write elsewhere")
     registry.lookup("models", req.model, req.plugin_paths)  # an unknown or broken plugin first: it is cheap
     source = read(req.weights, req.weights_key)
-    schema, rows = data_io.infer_from_options(req.data, req.schema)
+    schema, rows = infer.infer_from_options(req.data, req.schema)
     torch.manual_seed(req.seed)
     net, effective = models.build(req.model, schema, req.config, req.plugin_paths)
     contract.check_output(net, schema, req.model)  # {task: B-vector}, or exit 2 before anything is written
@@ -175,7 +174,7 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.reshape(-1).contiguous().view(torch.uint8), b.reshape(-1).contiguous().view(torch.uint8))
 
 
-def vocabulary_report(spec: str, schema: Schema, opts: data_io.SchemaOptions) -> dict:
+def vocabulary_report(spec: str, schema: Schema, opts: infer.SchemaOptions) -> dict:
     """How many sample values fall outside the vocabulary (index 0), per categorical feature.
 
     None do by construction unless ``--min-count`` or ``--max-vocab`` pruned the vocabulary (then

@@ -11,7 +11,7 @@ column and what was expected, nothing written. The decisions each test pins down
 * a broken symbolic link (or any entry that is not a regular file) among the files ``--data`` names:
   refused naming it, in every command, never skipped;
 * vocabularies too large for the checkpoint's safetensors header (100 MB; the schema may use
-  ``data.SCHEMA_HEADER_BUDGET`` of it): refused at ``init`` naming the column with the largest
+  ``infer.SCHEMA_HEADER_BUDGET`` of it): refused at ``init`` naming the column with the largest
   vocabulary and its longest value's length (issue #23 will move vocabularies into tensors).
 """
 
@@ -26,6 +26,7 @@ import pytest
 from test_cli_errors import assert_input_error  # tests/ is on sys.path (rootdir conftest)
 
 from cogradctl import data as data_io
+from cogradctl import infer
 
 N = 64
 
@@ -136,7 +137,7 @@ def test_uint64_beyond_int64_refused_at_init(cli, tmp_path):
 
 
 def test_vocabulary_too_large_for_the_header_refused_at_init(cli, tmp_path, monkeypatch):
-    monkeypatch.setattr(data_io, "SCHEMA_HEADER_BUDGET", 20_000)
+    monkeypatch.setattr(infer, "SCHEMA_HEADER_BUDGET", 20_000)
     cols = columns()
     cols["c1"] = [f"{i:03d}" + "x" * 997 for i in range(N)]
     data = write(cols, tmp_path / "long.parquet")

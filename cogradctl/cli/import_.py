@@ -15,6 +15,7 @@ from cogradctl.cli.core import command
 from cogradctl.cli.init import (
     Categorical,
     Dense,
+    ExcludeFeatures,
     Features,
     MaxVocab,
     MinCount,
@@ -23,6 +24,7 @@ from cogradctl.cli.init import (
     Overwrite,
     Tasks,
     TaskType,
+    excluded,
     schema_options,
 )
 from cogradctl.cli.options import Json, PluginPath, Quiet, Seed, count, paths
@@ -67,6 +69,7 @@ def import_cmd(
     ] = None,
     config: ModelConfig = None,
     features: Features = None,
+    exclude_features: ExcludeFeatures = "",
     dense: Dense = "",
     categorical: Categorical = "",
     task_type: TaskType = None,
@@ -86,6 +89,7 @@ def import_cmd(
     count("--seed", seed, 0)  # a seed must be a non-negative 64-bit integer (torch and numpy take no other)
     log = Log(quiet)
     opts = schema_options(tasks, out, overwrite, features, dense, categorical, task_type, max_vocab, min_count)
+    opts.exclude = excluded(exclude_features, opts)
     request = ImportRequest(
         model=model,
         weights=weights,

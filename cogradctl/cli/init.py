@@ -26,6 +26,13 @@ ModelConfig = Annotated[
     list[str] | None, typer.Option("--config", help="Model option KEY=VALUE (JSON values), repeatable.")
 ]
 Features = Annotated[str | None, typer.Option(help="Comma-separated feature columns (default: every non-task column).")]
+ExcludeFeatures = Annotated[
+    str,
+    typer.Option(
+        help="Comma-separated columns to leave out of the default feature set (every non-task column), "
+        "e.g. list or timestamp columns."
+    ),
+]
 Dense = Annotated[str, typer.Option(help="Columns to treat as dense, overriding the inference.")]
 Categorical = Annotated[str, typer.Option(help="Columns to treat as categorical, overriding the inference.")]
 TaskType = Annotated[
@@ -44,6 +51,7 @@ def init_cmd(
     out: Out,
     config: ModelConfig = None,
     features: Features = None,
+    exclude_features: ExcludeFeatures = "",
     dense: Dense = "",
     categorical: Categorical = "",
     task_type: TaskType = None,
@@ -59,15 +67,16 @@ def init_cmd(
     import torch
 
     from cogradctl import checkpoint as ckpt_io
-    from cogradctl import contract, models
-    from cogradctl import data as data_io
+    from cogradctl import contract, infer, models
     from cogradctl.train import now
 
     count("--seed", seed, 0)  # a seed must be a non-negative 64-bit integer (torch and numpy take no other)
     log = Log(quiet)
     opts = schema_options(tasks, out, overwrite, features, dense, categorical, task_type, max_vocab, min_count)
+    opts.exclude = excluded(exclude_features, opts)
     model_config = models.parse_config(config or [])
-    schema, rows = data_io.infer_from_options(data, opts)
+    schema, rows = infer.infer_from_options(data, opts)
+    note_partition_keys(log, data, schema, opts)
     torch.manual_seed(seed)
     net, effective = models.build(model, schema, model_config, paths(plugin_path))
     contract.check_output(net, schema, model)  # a plugin's forward must give {task: B-vector}: exit 2 now, not later
@@ -108,7 +117,7 @@ def schema_options(
     min_count: int,
 ):
     """The schema options as the library takes them, after the checks on them and on ``--out``."""
-    from cogradctl.data import SchemaOptions
+    from cogradctl.infer import SchemaOptions
     from cogradctl.schema import parse_task_types
 
     task_list = csv_list(tasks)
@@ -138,3 +147,23 @@ def _check(task_list: list[str], tasks: str, out: Path, overwrite: bool, max_voc
         raise UsageError(f"--out {out}: file exists; pass --overwrite to replace it")
     if max_vocab < 1 or min_count < 1:
         raise UsageError("--max-vocab and --min-count must be at least 1")
+
+
+def excluded(exclude_features: str, opts) -> list[str]:
+    """``--exclude-features`` as a list; it narrows the default feature set, so not with ``--features``."""
+    cols = csv_list(exclude_features)
+    if cols and opts.features is not None:
+        raise UsageError("--exclude-features narrows the default feature set: give it or --features, not both")
+    return cols
+
+
+def note_partition_keys(log: Log, data: str, schema, opts) -> None:
+    """Say which hive partition keys became features (a date key is a new value in every later run)."""
+    from cogradctl.infer import partition_keys
+
+    used = [f.name for f in schema.features if f.name in partition_keys(data)]
+    if used and opts.features is None:
+        log.info(
+            f"partition key(s) {', '.join(used)} of the data's paths are features too; "
+            f"leave them out with --exclude-features {','.join(used)}"
+        )

@@ -164,7 +164,7 @@ def _check_types(path: Path, arrow: pa.Schema, names: set[str], schema: Schema) 
         else:
             ok = is_categorical_type(t) or pa.types.is_floating(t)
         if not ok:
-            expected = "numeric" if feat.kind == "dense" else "integer, string or dictionary"
+            expected = "numeric" if feat.kind == "dense" else "integer, boolean, string or dictionary"
             raise DataError(
                 f"{path}: column '{feat.name}' is {t}; the checkpoint expects a {expected} {feat.kind} feature"
             )
