@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import sys
 import warnings
 from typing import Annotated
 
 import typer
+import typer.core
 
 from cogradctl import __version__
 from cogradctl.allocator import keep_freed_memory
 from cogradctl.console import stderr
-from cogradctl.errors import EXIT_UNEXPECTED, CogradError, EnvironmentFailure
+from cogradctl.errors import EXIT_UNEXPECTED, CogradError, EnvironmentFailure, OutOfMemory
 
 EXIT_CODES = (
     "Exit codes: 0 success; 1 unexpected failure (a bug; rerun with COGRADCTL_DEBUG=1 for a traceback); "
@@ -29,6 +31,79 @@ EXIT_CODES = (
 )
 HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}
 
+
+class Group(typer.core.TyperGroup):
+    """The root command: a command-line parsing error (an unknown option, a missing or mistyped
+    value, an unknown command) is the one ``error:`` line on stderr and exit 2, like every other
+    input error, instead of click's usage block."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            # Not standalone: an Exit comes back as its code, a parsing error is raised to here.
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except typer.core._click.exceptions.NoArgsIsHelpError as exc:
+            exc.show()  # no arguments: the help, as before
+            sys.exit(exc.exit_code)
+        except typer.core._click.exceptions.ClickException as exc:
+            stderr.print(f"error: {usage_message(exc)}", markup=False, style="red")
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            stderr.print("error: aborted", markup=False, style="red")
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) and not isinstance(rv, bool) else 0)
+
+    def format_commands(self, ctx, formatter) -> None:
+        """Each command's whole first sentence: click cut them at 45 characters on 80 columns."""
+        rows = []
+        for name in self.list_commands(ctx):
+            cmd = self.get_command(ctx, name)
+            if cmd is not None and not cmd.hidden:
+                rows.append((name, cmd.get_short_help_str(limit=1000)))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+class Command(typer.core.TyperCommand):
+    """A command whose help names a repeatable option's value as ``<str>`` (not ``<list[str]>``) and
+    leaves out the default of an off-by-default ``--x/--no-x`` flag (``[default: no-x]``)."""
+
+    def format_help(self, ctx, formatter) -> None:
+        for param in self.get_params(ctx):
+            if not isinstance(param, typer.core.TyperOption):
+                continue
+            if param.is_flag and param.secondary_opts and param.default is False:
+                param.show_default = False
+            if param.metavar is None and not param.is_flag:
+                label = re.fullmatch(r"<list\[(\w+)\]>", param.display_type(ctx) or "")
+                if label:
+                    param.metavar = f"<{label.group(1).lower()}>"
+        super().format_help(ctx, formatter)
+
+
+def usage_message(exc) -> str:
+    """A click parsing error as one line: what is wrong, the closest option or command when one is
+    close (click computes it), else where the help is."""
+    ctx = getattr(exc, "ctx", None)
+    where = ctx.command_path if ctx is not None else "cogradctl"
+    see = f"see '{where} --help'"
+    options = typer.core._click.exceptions
+    if isinstance(exc, options.NoSuchOption):
+        close = sorted(exc.possibilities or [])
+        if len(close) == 1:
+            return f"{where}: no such option {exc.option_name}; did you mean {close[0]}?"
+        if close:
+            return f"{where}: no such option {exc.option_name}; did you mean one of {', '.join(close)}?"
+        return f"{where}: no such option {exc.option_name}; {see}"
+    text = " ".join(exc.format_message().split()).rstrip(".")
+    if text[:1].isupper() and text[1:2].islower():
+        text = text[0].lower() + text[1:]
+    text = text.replace(". Did you mean", "; did you mean")
+    return f"{where}: {text}" + ("" if "did you mean" in text else f"; {see}")
+
+
 app = typer.Typer(
     name="cogradctl",
     help="Fine-tune multi-task models with CoGrad, GDOD or a baseline, "
@@ -38,13 +113,24 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     context_settings=HELP_OPTIONS,
+    cls=Group,
+    # Plain help: click wraps each paragraph to the terminal, shows flags without a <bool> placeholder
+    # and required options as [required]; rich's boxed tables squeezed the help to a narrow column.
+    rich_markup_mode=None,
 )
 DEBUG = {"on": os.environ.get("COGRADCTL_DEBUG", "") not in ("", "0")}
 
 
 def command_group(help: str) -> typer.Typer:
     """A command group (``cogradctl data …``) with the root's help options and exit-code epilog."""
-    return typer.Typer(help=help, no_args_is_help=True, context_settings=dict(HELP_OPTIONS), epilog=EXIT_CODES)
+    return typer.Typer(
+        help=help,
+        no_args_is_help=True,
+        context_settings=dict(HELP_OPTIONS),
+        epilog=EXIT_CODES,
+        cls=Group,
+        rich_markup_mode=None,
+    )
 
 
 def command(name: str, **kwargs):
@@ -71,6 +157,8 @@ def command(name: str, **kwargs):
             except Exception as exc:
                 if DEBUG["on"]:
                     raise
+                if type(exc).__name__ == "OutOfMemoryError":  # torch's, raised by a CUDA allocation
+                    raise error_exit(OutOfMemory.from_torch(exc), _rank_prefix()) from None
                 stderr.print(
                     f"unexpected error: {type(exc).__name__}: {exc} (rerun with COGRADCTL_DEBUG=1 for a traceback)",
                     markup=False,
@@ -78,7 +166,7 @@ def command(name: str, **kwargs):
                 )
                 raise typer.Exit(EXIT_UNEXPECTED) from None
 
-        return app.command(name, epilog=EXIT_CODES, **kwargs)(wrapper)
+        return app.command(name, epilog=EXIT_CODES, cls=Command, **kwargs)(wrapper)
 
     return decorate
 

@@ -21,15 +21,23 @@ def train_cmd(
     ctx: typer.Context,
     checkpoint: Annotated[
         Path | None,
-        typer.Option(help="Checkpoint to fine-tune (from 'init' or an earlier 'train').", show_default=False),
+        typer.Option(
+            help="Checkpoint to fine-tune (from 'init' or an earlier 'train').  [required, here or in --config]",
+            show_default=False,
+        ),
     ] = None,
     data: Annotated[
-        str | None, typer.Option(help="Training Parquet: a file, directory or glob.", show_default=False)
+        str | None,
+        typer.Option(
+            help="Training Parquet: a file, directory or glob.  [required, here or in --config]", show_default=False
+        ),
     ] = None,
     out: Annotated[
         str | None,
         typer.Option(
-            help="Output directory: last.safetensors, best.safetensors, metrics.jsonl, config.toml.", show_default=False
+            help="Output directory: last.safetensors, best.safetensors, metrics.jsonl, config.toml.  "
+            "[required, here or in --config]",
+            show_default=False,
         ),
     ] = None,
     method: Annotated[str, typer.Option(help="Gradient method (see 'cogradctl methods').")] = "ew",

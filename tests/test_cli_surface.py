@@ -1,0 +1,122 @@
+"""The command line's surface (issue #25): parsing errors as one ``error:`` line, --help that reads
+well at 80 and 120 columns, and the detail views of ``methods NAME`` / ``models NAME``."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from cogradctl import cli as cli_module
+
+COMMANDS = [
+    [],
+    ["init"],
+    ["import"],
+    ["train"],
+    ["evaluate"],
+    ["predict"],
+    ["export"],
+    ["measure-transference"],
+    ["inspect"],
+    ["models"],
+    ["methods"],
+    ["bench"],
+    ["sample-data"],
+    ["data"],
+    ["data", "prepare"],
+    ["data", "prepare", "census-kdd"],
+]
+
+
+def one_error_line(result, *needles):
+    """Exit 2, nothing on stdout, exactly one line on stderr: ``error: …`` holding every needle."""
+    assert result.exit_code == 2, (result.exit_code, result.output)
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: "), lines[0]
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+# ---------------------------------------------------------------------------- parsing errors (item 5)
+
+
+def test_misspelt_option_is_one_line_with_the_closest_option(cli):
+    line = one_error_line(cli("train", "--epoch", "3"), "--epoch", "did you mean --epochs?")
+    assert "╭" not in line and "Usage" not in line
+
+
+def test_missing_option_is_one_line_naming_it(cli, tmp_path):
+    one_error_line(cli("evaluate", "--checkpoint", tmp_path / "c.safetensors"), "missing option", "--data")
+    one_error_line(cli("inspect"), "missing argument", "CHECKPOINT")
+
+
+def test_bad_value_type_is_one_line_naming_the_option(cli, tmp_path):
+    r = cli("evaluate", "--checkpoint", tmp_path / "c", "--data", tmp_path / "d", "--batch-size", "many")
+    one_error_line(r, "--batch-size", "--help")
+
+
+def test_unknown_command_suggests_the_closest(cli):
+    one_error_line(cli("trian"), "no such command 'trian'", "did you mean 'train'?")
+    one_error_line(cli("frobnicate"), "no such command 'frobnicate'", "--help")
+
+
+def test_option_with_no_close_match_points_to_the_help(cli):
+    one_error_line(cli("inspect", "x", "--zzzzzz"), "no such option --zzzzzz", "inspect --help")
+
+
+# ---------------------------------------------------------------------------- --help (item 5)
+
+
+def _help(cli, command: list[str], columns: int) -> str:
+    r = cli(*command, "--help", env={"COLUMNS": str(columns)})
+    assert r.exit_code == 0, (command, r.output)
+    return r.stdout
+
+
+@pytest.mark.parametrize("columns", [80, 120])
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "root")
+def test_help_has_no_bool_placeholders_boxes_or_hard_breaks(cli, command, columns):
+    text = _help(cli, command, columns)
+    assert "<bool>" not in text and "<list[" not in text
+    assert not set("╭╮╰╯│") & set(text), "rich's boxed panels are gone"
+    assert all(len(line) <= columns for line in text.splitlines())
+    # Every paragraph of prose (the description and the exit codes, indented by two spaces) is
+    # filled: a line is only broken where the next word would not have fitted on it.
+    width = max(len(line) for line in text.splitlines())
+    for line, after in zip(text.splitlines(), text.splitlines()[1:]):
+        prose = line.startswith("  ") and not line.startswith("   ") and not line.lstrip().startswith("-")
+        continued = after.startswith("  ") and not after.startswith("   ") and after.strip()
+        if prose and continued and not after.lstrip().startswith("-"):
+            first_word = after.split()[0]
+            assert len(line) + 1 + len(first_word) > min(width, 78), f"hard line break after {line!r}"
+
+
+def test_train_help_marks_its_required_options(cli):
+    text = " ".join(_help(cli, ["train"], 120).split())
+    for option in ("--checkpoint", "--data", "--out"):
+        entry = text.split(f"{option} <")[1].split(" --")[0]
+        assert "required" in entry, (option, entry)
+
+
+def test_train_help_flags_have_no_placeholder_and_say_what_they_are(cli):
+    text = _help(cli, ["train"], 80)
+    assert re.search(r"^  --resume / --no-resume\s", text, re.M)
+    assert "[default: no-resume]" not in text
+    assert "-o, --option <str>" in text
+
+
+def test_root_help_lists_each_command_with_its_whole_first_sentence(cli):
+    text = " ".join(_help(cli, [], 80).split("Commands:")[1].split())
+    assert "Create a checkpoint with fresh weights: infer the schema from Parquet and build the model." in text
+    assert "..." not in text
+
+
+def test_no_arguments_shows_the_help():
+    from typer.testing import CliRunner
+
+    r = CliRunner().invoke(cli_module.app, [])
+    assert "Usage:" in r.output and "Commands:" in r.output
