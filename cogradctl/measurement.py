@@ -38,8 +38,11 @@ def lookahead_step(ckpt, split, options: Options, source: str | Path):
     return None, tr.DEFAULT_LOOKAHEAD_LR if options.lookahead_lr is None else options.lookahead_lr, None
 
 
-def measure(ckpt, model, split, stream, precond, alpha: float, options: Options, device, dist: Dist = SINGLE):
-    """→ (summarised result, per-batch results) of ``model`` on the batches picked from ``stream``."""
+def measure(
+    ckpt, model, split, stream, precond, alpha: float, options: Options, device, dist: Dist = SINGLE, progress=None
+):
+    """→ (summarised result, per-batch results) of ``model`` on the batches picked from ``stream``;
+    ``progress(done, total)``: called before the batches are read and after each is measured."""
     groups = tr.shared_groups(model, split, ckpt.model) if options.by_module else None
     return tr.measure_full(
         model,
@@ -57,6 +60,7 @@ def measure(ckpt, model, split, stream, precond, alpha: float, options: Options,
         options.normalize_rows,
         options.lookahead,
         dist,
+        progress,
     )
 
 

@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from cogradctl.cli.core import command
-from cogradctl.cli.measure_view import (
-    capped_note,
-    plot_heatmaps,
-    print_measurement,
-    require_matplotlib,
-    untrained_note,
-)
+from cogradctl.cli.measure_plot import plot_heatmaps, require_matplotlib
+from cogradctl.cli.measure_view import capped_note, print_measurement, untrained_note
 from cogradctl.cli.options import (
     Device,
     Json,
@@ -148,27 +144,32 @@ def measure_cmd(
                     f"{', '.join(mine)}; both must have the same tasks"
                 )
 
-        def run(ck, net, sp, path):
+        def run(ck, net, sp, path, label):
             precond, alpha, state = measurement.lookahead_step(ck, sp, options, path)
             stream = open_data(data, ck.schema, log, on_invalid_rows)  # only the picked row ranges are read
-            out = measurement.measure(ck, net, sp, stream, precond, alpha, options, dev, dist)
+            with _batch_progress(log, f"measuring {label}") as progress:
+                out = measurement.measure(ck, net, sp, stream, precond, alpha, options, dev, dist, progress)
             if state is not None:
                 state["untrained_entries_moved"] = out[0].pop("untrained_entries_moved", 0)
                 out[0]["lookahead_state"] = state
                 if untrained_note(out[0]):
                     log.warn(f"{path}: {untrained_note(out[0])}")
-            report_data(stream, log)
-            return out
+            return out, stream
 
         log.info(f"measuring {checkpoint}")
-        result, per_batch = run(ckpt, model, split, checkpoint)
+        (result, per_batch), stream = run(ckpt, model, split, checkpoint, "the checkpoint")
+        report_data(stream, log)
         if capped_note(result):
             log.warn(capped_note(result))
         runs = [("checkpoint", per_batch, result["measured"])]
         if base_ckpt is not None:
             log.info(f"measuring the baseline {baseline} on the same batches")
             _, base_model, base_split = from_checkpoint(baseline, paths(plugin_path), dev)
-            before, before_pb = run(base_ckpt, base_model, base_split, baseline)
+            (before, before_pb), base_stream = run(base_ckpt, base_model, base_split, baseline, "the baseline")
+            if (
+                base_stream.stats != stream.stats
+            ):  # the same rows: said once, unless its vocabulary reads them differently
+                report_data(base_stream, _Prefixed(log, f"--baseline {baseline}: "))
             before_pb = measurement.add_baseline(result, per_batch, before, before_pb, baseline, normalize_rows)
             runs.append(("baseline", before_pb, result["baseline"]["measured"]))
         result["checkpoint"] = str(checkpoint)
@@ -181,6 +182,33 @@ def measure_cmd(
             max_conflict_rate=max_conflict_rate,
             max_regression=max_regression,
         )
+
+
+@contextmanager
+def _batch_progress(log: Log, description: str):
+    """Yields ``progress(done, total)`` for the measurement: a bar on stderr (TTY only, not --quiet),
+    started when the number of batches is known."""
+    with ExitStack() as stack:
+        advance = None
+
+        def progress(done: int, total: int) -> None:
+            nonlocal advance
+            if advance is None:
+                advance = stack.enter_context(log.progress(description, total))
+            if done:
+                advance()
+
+        yield progress
+
+
+class _Prefixed:
+    """A Log whose warnings start with ``prefix`` (the baseline's own data report)."""
+
+    def __init__(self, log: Log, prefix: str) -> None:
+        self.log, self.prefix = log, prefix
+
+    def warn(self, message: str) -> None:
+        self.log.warn(self.prefix + message)
 
 
 def _write_and_print(result: dict, runs: list, raw: Path | None, plot: Path | None, json_out: bool, log: Log) -> None:

@@ -1,51 +1,88 @@
-"""What ``measure-transference`` prints and plots: matrix tables, a plain-language summary, heatmaps."""
+"""What ``measure-transference`` prints: matrix and per-pair tables, a legend, a plain-language summary.
+
+One significance rule everywhere (tables, summary, heatmaps): an effect or a change counts when it is
+more than ``SIGNIFICANT_SE`` (2) standard errors from zero. Text lines stay within the terminal's width
+(at most ``WIDTH`` columns, 80 when piped), wrapped between words, so a terminal never breaks a word.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
+import textwrap
 
 from rich.table import Table
 
 from cogradctl.cli.output import stdout
-from cogradctl.errors import UsageError
+from cogradctl.transference.summary import SIGNIFICANT_SE
+
+WIDTH = 100
+RISE, FALL = "▲", "▼"
+# Symmetric per-pair quantities: (key, title, signed)
+PAIR_QUANTITIES = [
+    ("cosine", "gradient cosine", True),
+    ("conflict_rate", "conflict rate (share of batches with cosine < 0)", False),
+    ("gms", "GMS (gradient magnitude similarity)", False),
+]
 
 
 def print_measurement(result: dict) -> None:
-    tasks, alpha = result["tasks"], result["lookahead_lr"]
-    how = f"{result['lookahead']} lookahead, α={alpha:g}, {batches_text(result)}"
-    how += ", holdout" if result["holdout"] else ""
+    tasks = result["tasks"]
+    base, delta = result.get("baseline"), result.get("delta")
+    if base is not None:
+        _lines(f"checkpoint: {result['checkpoint']}")
+        _lines(f"baseline:   {base['checkpoint']} (measured on the same batches)")
     key = "transference_rel_normalized" if "transference_rel_normalized" in result else "transference_rel"
     title = "relative transference Z_rel" + (" ÷ own progress (row diagonal)" if key != "transference_rel" else "")
-    rel = f"{title} (row → column, {how})"
-
-    def show(title: str, values, errors, diverging: bool = True, **kwargs) -> None:
-        stdout.print(_matrix_table(title, tasks, values, errors, diverging=diverging, **kwargs))
-
-    if "baseline" in result:
-        base = result["baseline"]
-        show(f"before: {rel}", base[key], base["stderr"][key])
-    show(("after: " if "baseline" in result else "") + rel, result[key], result["stderr"][key])
-    if "delta" in result:
-        d = result["delta"]
-        show(
-            "change of Z_rel (after − before; ▲ improved / ▼ worsened beyond its standard error)",
-            d["transference_rel"],
-            d["stderr"]["transference_rel"],
-            marks=d["verdict"],
+    rel = f"{title} (row → column, {how_text(result)})"
+    if base is not None:
+        stdout.print(_matrix_table(f"baseline: {rel}", tasks, base[key], base["stderr"][key]))
+    stdout.print(_matrix_table(("checkpoint: " if base else "") + rel, tasks, result[key], result["stderr"][key]))
+    if delta is not None:
+        d = delta["transference_rel"]
+        stdout.print(
+            _matrix_table(
+                "change of Z_rel (checkpoint − baseline, ± paired standard error)",
+                tasks,
+                d,
+                delta["stderr"]["transference_rel"],
+                marks=True,
+            )
         )
-    show("gradient cosine", result["cosine"], result["stderr"]["cosine"])
-    show("conflict rate (share of batches with cosine < 0)", result["conflict_rate"], None, diverging=False)
-    show("gradient magnitude similarity", result["gms"], None, diverging=False)
+    if base is None:
+        stdout.print(_pairs_table(result))
+    else:
+        for quantity in PAIR_QUANTITIES:
+            stdout.print(_pairs_change_table(result, *quantity))
     for name, m in result.get("modules", {}).items():
-        show(
-            f"module {name} ({m['size']} parameters): Z_rel of a lookahead that moves only this module",
-            m["transference_rel"],
-            m["stderr"]["transference_rel"],
+        who = "checkpoint: " if base is not None else ""
+        stdout.print(
+            _matrix_table(
+                f"{who}module {name} ({m['size']} parameters): Z_rel of a lookahead that moves only this module",
+                tasks,
+                m["transference_rel"],
+                m["stderr"]["transference_rel"],
+            )
         )
-        show(f"module {name}: gradient cosine (conflict rate in brackets)", m["cosine"], None, extra=m["conflict_rate"])
-    stdout.print(transference_summary(result))
+        stdout.print(_pairs_table(m, f"{who}module {name}: gradients per task pair", tasks))
+    _lines(legend(result))
+    _lines(transference_summary(result))
     if untrained_note(result):
-        stdout.print(f"note: {untrained_note(result)}")
+        _lines(f"note: {untrained_note(result)}")
+
+
+def _lines(text: str) -> None:
+    """Print ``text`` wrapped between words at WIDTH columns (existing line breaks kept)."""
+    for line in text.split("\n"):
+        indent = line[: len(line) - len(line.lstrip())]
+        width = max(min(stdout.width, WIDTH), 40)
+        wrapped = textwrap.wrap(line, width, subsequent_indent=indent, break_long_words=False) or [""]
+        stdout.print("\n".join(wrapped), markup=False)
+
+
+def how_text(result: dict) -> str:
+    """How the numbers were measured: "sgd lookahead, α=0.1, 4 batches of 1024 rows[, holdout]"."""
+    text = f"{result['lookahead']} lookahead, α={result['lookahead_lr']:g}, {batches_text(result)}"
+    text += f" of {result['batch_size']} rows" if "batch_size" in result else ""
+    return text + (", holdout" if result.get("holdout") else "")
 
 
 def batches_text(result: dict) -> str:
@@ -83,6 +120,47 @@ def untrained_note(result: dict) -> str | None:
     )
 
 
+def legend(result: dict) -> str:
+    n = result["batches"]
+    text = f"± : standard error of the mean over the {n} batches"
+    if "delta" in result:
+        text += " (of the paired per-batch differences for a change)"
+    text += "; GMS: gradient magnitude similarity 2‖g_i‖‖g_j‖ / (‖g_i‖² + ‖g_j‖²)."
+    if "delta" in result:
+        text += f"\n{RISE} / {FALL} : the change is above / below 0 by more than {SIGNIFICANT_SE} standard errors"
+        text += " (the summary's improved / worsened, and its 'no clear effect', use the same rule)."
+    return text
+
+
+# ---------------------------------------------------------------------------- numbers
+
+
+def number_format(values, signed: bool = True):
+    """→ (value formatter, error formatter) shared by every cell of one table: 4 decimals, or
+    scientific notation when every |value| is below 0.01 (so small effects do not print as 0.0000)."""
+    flat = [abs(v) for v in _flatten(values) if v is not None]
+    small = 0 < max(flat, default=0.0) < 0.01
+    sign = "+" if signed else ""
+    if small:
+        return (lambda v: f"{v:{sign}.2e}"), (lambda e: f"±{e:.1e}")
+    return (lambda v: f"{v:{sign}.4f}"), (lambda e: f"±{e:.4f}")
+
+
+def _flatten(values):
+    for v in values:
+        if isinstance(v, list | tuple):
+            yield from _flatten(v)
+        else:
+            yield v
+
+
+def significance_mark(value: float | None, error: float | None) -> str:
+    """▲ / ▼ when ``value`` is more than SIGNIFICANT_SE standard errors above / below 0, else ""."""
+    if value is None or error is None or abs(value) <= SIGNIFICANT_SE * error:
+        return ""
+    return RISE if value > 0 else FALL
+
+
 def _diverging_style(v: float | None, scale: float) -> str:
     """Positive blue, negative red, intensity by |v| / scale (the table's largest off-diagonal |v|)."""
     if v is None or v == 0 or scale <= 0:
@@ -96,128 +174,148 @@ def _diverging_style(v: float | None, scale: float) -> str:
     return f"{'bold ' if t > 0.5 else ''}rgb({r},{g},{b})"
 
 
-def _matrix_table(title: str, tasks: list[str], values, errors, diverging: bool, marks=None, extra=None) -> Table:
+def _cell(v, e, fmt, fmt_e, style: str = "", mark: bool = False) -> str:
+    if v is None:
+        return "n/a"
+    text = fmt(v) + (f" {fmt_e(e)}" if e is not None else "")
+    if mark:
+        text += f" {significance_mark(v, e) or ' '}"
+    return f"[{style}]{text}[/]" if style else text
+
+
+# ---------------------------------------------------------------------------- tables
+
+
+def _matrix_table(title: str, tasks: list[str], values, errors, marks: bool = False) -> Table:
+    """K×K, rows sources, columns targets; ``marks``: ▲/▼ on off-diagonal cells beyond 2 SE."""
     table = Table(title=title)
     table.add_column("source ↓ / target →")
     for t in tasks:
         table.add_column(t, justify="right")
     k = len(tasks)
-    off = [abs(values[i][j]) for i in range(k) for j in range(k) if i != j and values[i][j] is not None]
-    scale = max(off, default=0.0)
-    # Small effects (|v| < 0.01 everywhere) in scientific notation, so they do not print as +0.0000.
-    small = diverging and 0 < max((abs(v) for row in values for v in row if v is not None), default=0.0) < 0.01
+    off = [values[i][j] for i in range(k) for j in range(k) if i != j]
+    scale = max((abs(v) for v in off if v is not None), default=0.0)
+    fmt, fmt_e = number_format(values)
     for i, src in enumerate(tasks):
         cells = []
         for j in range(k):
-            v = values[i][j]
-            if v is None:
-                cells.append("n/a")
-                continue
-            text = (f"{v:+.2e}" if small else f"{v:+.4f}") if diverging else f"{v:.2f}"
-            if errors is not None and errors[i][j] is not None:
-                text += f" ±{errors[i][j]:.1e}" if small else f" ±{errors[i][j]:.4f}"
-            if extra is not None:
-                text += f" ({extra[i][j]:.2f})"
-            if marks is not None and i != j:
-                text += {"improved": " ▲", "worsened": " ▼"}.get(marks[i][j], "  ")
-            style = "dim" if i == j else (_diverging_style(v, scale) if diverging else "")
-            cells.append(f"[{style}]{text}[/]" if style else text)
+            e = errors[i][j] if errors is not None else None
+            style = "dim" if i == j else _diverging_style(values[i][j], scale)
+            cells.append(_cell(values[i][j], e, fmt, fmt_e, style, mark=marks and i != j))
         table.add_row(src, *cells)
     return table
 
 
+def _pairs(tasks: list[str]) -> list[tuple[int, int]]:
+    return [(i, j) for i in range(len(tasks)) for j in range(i + 1, len(tasks))]
+
+
+def _pairs_table(result: dict, title: str = "gradients per task pair (symmetric)", tasks=None) -> Table:
+    """One row per unordered pair: cosine, conflict rate and GMS, each ± its standard error."""
+    tasks = tasks or result["tasks"]
+    table = Table(title=title)
+    table.add_column("pair")
+    for _, name, _ in PAIR_QUANTITIES:
+        table.add_column(name.split(" (")[0].replace("gradient ", ""), justify="right")
+    pairs = _pairs(tasks)
+    columns = []
+    for key, _, signed in PAIR_QUANTITIES:
+        values = [result[key][i][j] for i, j in pairs]
+        errors = [result["stderr"][key][i][j] for i, j in pairs] if key in result.get("stderr", {}) else None
+        fmt, fmt_e = number_format(values, signed)
+        scale = max((abs(v) for v in values if v is not None), default=0.0)
+        columns.append(
+            [
+                _cell(
+                    v, None if errors is None else errors[n], fmt, fmt_e, _diverging_style(v, scale) if signed else ""
+                )
+                for n, v in enumerate(values)
+            ]
+        )
+    for n, (i, j) in enumerate(pairs):
+        table.add_row(f"{tasks[i]} ↔ {tasks[j]}", *(col[n] for col in columns))
+    return table
+
+
+def _pairs_change_table(result: dict, key: str, title: str, signed: bool) -> Table:
+    """One row per unordered pair: baseline, checkpoint and the change (± paired standard error, ▲/▼)."""
+    tasks, base, delta = result["tasks"], result["baseline"], result["delta"]
+    table = Table(title=f"{title}: baseline → checkpoint")
+    for name in ("pair", "baseline", "checkpoint", "change"):
+        table.add_column(name, justify="left" if name == "pair" else "right")
+    pairs = _pairs(tasks)
+    both = [m[key][i][j] for m in (base, result) for i, j in pairs]
+    fmt, fmt_e = number_format(both, signed)
+    changes = [delta[key][i][j] for i, j in pairs]
+    dfmt, dfmt_e = number_format(changes)
+    scale = max((abs(v) for v in changes if v is not None), default=0.0)
+    for i, j in pairs:
+        d = delta[key][i][j]
+        table.add_row(
+            f"{tasks[i]} ↔ {tasks[j]}",
+            _cell(base[key][i][j], base["stderr"][key][i][j], fmt, fmt_e),
+            _cell(result[key][i][j], result["stderr"][key][i][j], fmt, fmt_e),
+            _cell(d, delta["stderr"][key][i][j], dfmt, dfmt_e, _diverging_style(d, scale), mark=True),
+        )
+    return table
+
+
+# ---------------------------------------------------------------------------- summary
+
+
 def _strength(v: float, e: float, own: float | None) -> str:
-    if abs(v) <= 2 * e:
+    if abs(v) <= SIGNIFICANT_SE * e:
         return "no clear effect"
     strong = "strong " if own and abs(v) >= 0.5 * abs(own) else ("weak " if own and abs(v) < 0.1 * abs(own) else "")
     return f"{strong}{'positive' if v > 0 else 'negative'}"
 
 
 def transference_summary(result: dict) -> str:
-    """One plain-language paragraph: every ordered pair, strongest effect first, with its change
-    after fine-tuning when a baseline was measured, then the most conflicting pair."""
+    """Short lines: every ordered pair, strongest effect first, with its Z_rel and, when a baseline
+    was measured, its change; then the most conflicting pair and what the words mean."""
     tasks, z, err = result["tasks"], result["transference_rel"], result["stderr"]["transference_rel"]
     k = len(tasks)
-    pairs = [(i, j) for i in range(k) for j in range(k) if i != j and z[i][j] is not None]
-    delta = result.get("delta")
-    parts = []
-    for i, j in sorted(pairs, key=lambda p: -abs(z[p[0]][p[1]])):
-        text = f"{tasks[i]} → {tasks[j]}: {_strength(z[i][j], err[i][j], z[i][i])}"
-        if delta is not None:
-            verdict, d = delta["verdict"][i][j], delta["transference_rel"][i][j]
-            if verdict != "unchanged":
-                text += f", {verdict} by {abs(d):.3g} after fine-tuning"
-        parts.append(text)
-    if not parts:
-        return "transference summary: only one task, nothing to compare."
-    head = (
-        "transference summary: a step on the first task of each pair changes the second task's loss "
-        "(relative transference Z_rel, 'strong' when at least half of the source's own progress, "
-        "'no clear effect' within two standard errors): "
+    pairs = sorted(
+        [(i, j) for i in range(k) for j in range(k) if i != j and z[i][j] is not None],
+        key=lambda p: -abs(z[p[0]][p[1]]),
     )
-    text = head + "; ".join(parts) + "."
-    conflict = result["conflict_rate"]
-    worst = max(((conflict[i][j], i, j) for i in range(k) for j in range(i + 1, k)), default=None)
-    if worst is not None and worst[0] > 0:
-        text += (
-            f" Gradients conflict most between {tasks[worst[1]]} and {tasks[worst[2]]} "
-            f"({worst[0]:.0%} of batches have a negative cosine)."
-        )
-    elif worst is not None:
-        text += " No pair's gradients conflicted on any measured batch."
-    return text
+    if not pairs:
+        return "transference summary: only one task, nothing to compare."
+    delta = result.get("delta")
+    fmt, fmt_e = number_format([z[i][j] for i, j in pairs])
+    columns = [
+        ["pair", *(f"{tasks[i]} → {tasks[j]}" for i, j in pairs)],
+        ["Z_rel ± SE", *(f"{fmt(z[i][j])} {fmt_e(err[i][j])}" for i, j in pairs)],
+        ["effect", *(_strength(z[i][j], err[i][j], z[i][i]) for i, j in pairs)],
+    ]
+    if delta is not None:
+        d, verdict = delta["transference_rel"], delta["verdict"]
+        dfmt, _ = number_format([d[i][j] for i, j in pairs])
+        words = {"improved": "improved", "worsened": "worsened", "unchanged": "no clear change"}
+        columns.append(["since baseline", *(f"{words[verdict[i][j]]:<15} {dfmt(d[i][j])}" for i, j in pairs)])
+    who = "the checkpoint's " if delta is not None else ""
+    lines = [
+        f"transference summary ({who}Z_rel, strongest first; a step on the source task changes the target's loss):"
+    ]
+    widths = [max(map(len, col)) for col in columns]
+    for row in zip(*columns):
+        lines.append("  " + "  ".join(f"{cell:<{w}}" for cell, w in zip(row, widths)).rstrip())
+    lines.append(_conflict_line(result))
+    lines.append(
+        f"(strong: at least half of the source's own progress, the row's diagonal; weak: below a tenth of it; "
+        f"no clear effect: within {SIGNIFICANT_SE} standard errors of 0"
+        + (f"; improved / worsened: the change is beyond {SIGNIFICANT_SE} standard errors)" if delta else ")")
+    )
+    return "\n".join(lines)
 
 
-def require_matplotlib() -> None:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise UsageError('--plot needs matplotlib: pip install "cogradctl[plot]"') from None
-
-
-def plot_heatmaps(result: dict, path: Path) -> None:
-    """Heatmaps of Z_rel and cosine (before | after | change when a baseline was measured), diverging
-    colour map centred on zero, written atomically."""
-    import io as _io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    from cogradctl.checkpoint import atomic_write_bytes
-
-    tasks = result["tasks"]
-    rows = [("Z_rel", "transference_rel"), ("cosine", "cosine")]
-    columns = [("after" if "baseline" in result else "", result)]
-    if "baseline" in result:
-        columns = [("before", result["baseline"]), ("after", result), ("change", result["delta"])]
-    k = len(tasks)
-    size = (1.2 + 1.0 * k * len(columns) + 1.5 * len(columns), 0.9 * k * len(rows) + 1.5 * len(rows))
-    fig, axes = plt.subplots(len(rows), len(columns), figsize=size, squeeze=False)
-    for r, (label, key) in enumerate(rows):
-        mats = [
-            np.array([[np.nan if v is None else v for v in row] for row in src[key]], dtype=float) for _, src in columns
-        ]
-        for c, ((name, _), m) in enumerate(zip(columns, mats)):
-            ax = axes[r][c]
-            off = np.abs(m[~np.eye(k, dtype=bool)]) if k > 1 else np.abs(m)
-            lim = float(np.nanmax(off)) if off.size and np.isfinite(off).any() and np.nanmax(off) > 0 else 1.0
-            im = ax.imshow(m, cmap="RdBu", vmin=-lim, vmax=lim)
-            ax.set_xticks(range(k), tasks, rotation=45, ha="right")
-            ax.set_yticks(range(k), tasks)
-            ax.set_xlabel("target")
-            ax.set_ylabel("source")
-            ax.set_title(f"{name} {label}".strip())
-            for i in range(k):
-                for j in range(k):
-                    if np.isfinite(m[i, j]):
-                        color = "black" if i != j else "grey"
-                        ax.text(j, i, f"{m[i, j]:+.3g}", ha="center", va="center", fontsize=8, color=color)
-            fig.colorbar(im, ax=ax, shrink=0.8)
-    fig.tight_layout()
-    buffer = _io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(Path(path), buffer.getvalue())
+def _conflict_line(result: dict) -> str:
+    tasks, conflict, n = result["tasks"], result["conflict_rate"], result["batches"]
+    worst = max(((conflict[i][j], i, j) for i, j in _pairs(tasks)), default=None)
+    if worst is None or worst[0] <= 0:
+        return "No pair's gradients conflicted on any measured batch."
+    rate, i, j = worst
+    return (
+        f"Gradients conflict most between {tasks[i]} and {tasks[j]}: "
+        f"{round(rate * n)} of {n} batches ({rate:.0%}) have a negative cosine."
+    )

@@ -41,10 +41,12 @@ def measure_per_batch(
     groups: dict[str, list[str]] | None = None,
     holdout: bool = False,
     dist: Dist = SINGLE,
+    progress=None,
 ) -> tuple[list[dict], list[dict]]:
     """→ (per-batch results of :func:`measure_batch`, where each came from). Distributed, process r
     measures batches r, r + world, … and every process gets all of them, in order: the same
-    results as one process."""
+    results as one process. ``progress(done, total)``, if given, is called with 0 before this
+    process's batches are read and after each one is measured."""
     was_training = model.training
     model.eval()  # no dropout noise: the lookahead must compare like with like
     grads = SharedGradients(model, split, schema, device)
@@ -56,6 +58,8 @@ def measure_per_batch(
         )
     pairs = list(zip(ranges[:-1], ranges[1:])) if holdout else [(r, None) for r in ranges]
     mine = [k for k in range(len(pairs)) if k % dist.world == dist.rank]
+    progress = progress or (lambda done, total: None)
+    progress(0, len(mine))
     if isinstance(data, Dataset):
 
         def batch(rows):
@@ -81,6 +85,7 @@ def measure_per_batch(
             if ev:
                 entry["evaluated_on"] = {"rows": list(ev), "sources": data.describe(*ev)}
             measured.append(entry)
+            progress(len(measured), len(mine))
     finally:
         model.train(was_training)
     if dist.world > 1:
@@ -105,11 +110,11 @@ def measure_full(
     normalize_rows=False,
     lookahead="sgd",
     dist: Dist = SINGLE,
+    progress=None,
 ) -> tuple[dict, list[dict]]:
     """→ (the summarised result, the per-batch results for --raw and baseline comparison)."""
-    per_batch, measured = measure_per_batch(
-        model, split, schema, data, batches, batch_size, lookahead_lr, seed, device, precond, groups, holdout, dist
-    )
+    args = (model, split, schema, data, batches, batch_size, lookahead_lr, seed, device, precond, groups, holdout)
+    per_batch, measured = measure_per_batch(*args, dist, progress)
     result: dict = {
         "tasks": schema.task_names,
         "lookahead": lookahead,

@@ -12,6 +12,8 @@ import numpy as np
 from cogradctl.errors import GateFailed, UsageError
 from cogradctl.transference.lookahead import MATRICES, UNTRAINED_MOVED
 
+SIGNIFICANT_SE = 2  # an effect or a change counts when it is more than this many standard errors from 0
+
 
 def _stack(per_batch: list[dict], key: str, module: str | None = None) -> np.ndarray:
     return np.stack([(b["modules"][module] if module else b)[key] for b in per_batch])
@@ -78,7 +80,8 @@ def reorder(per_batch: list[dict], order: list[int]) -> list[dict]:
 
 def compare(after: list[dict], before: list[dict]) -> dict:
     """Change after − before on the same batches: mean, paired standard error, and for each pair of
-    Z_rel a verdict: improved / worsened when |change| exceeds its standard error, else unchanged."""
+    Z_rel a verdict: improved / worsened when |change| exceeds SIGNIFICANT_SE (2) standard errors, else
+    unchanged (the rule the summary's "no clear effect" uses too)."""
     delta, err = {}, {}
     for key in MATRICES:
         diff = _stack(after, key) - _stack(before, key)
@@ -87,14 +90,15 @@ def compare(after: list[dict], before: list[dict]) -> dict:
     delta["stderr"] = err
     verdict = []
     for row_d, row_e in zip(delta["transference_rel"], err["transference_rel"]):
-        verdict.append(
-            [
-                "improved" if d > e and d > 0 else "worsened" if -d > e and d < 0 else "unchanged"
-                for d, e in zip(row_d, row_e)
-            ]
-        )
+        verdict.append([_verdict(d, e) for d, e in zip(row_d, row_e)])
     delta["verdict"] = verdict
     return delta
+
+
+def _verdict(change: float | None, stderr: float | None) -> str:
+    if change is None or stderr is None or abs(change) <= SIGNIFICANT_SE * stderr:
+        return "unchanged"
+    return "improved" if change > 0 else "worsened"
 
 
 # ---------------------------------------------------------------------------- gates
