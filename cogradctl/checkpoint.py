@@ -208,10 +208,20 @@ def _alive(pid: int) -> bool:
     return True
 
 
+# What a file that is not a checkpoint starts with, and what to say about it.
+FOREIGN_MAGIC = {
+    b"PAR1": "a Parquet file, not a checkpoint (Parquet data goes to --data; a checkpoint is the "
+    ".safetensors file that init, import or train writes)",
+    b"PK\x03\x04": "not a readable safetensors file: a torch.save (zip) file, not a cogradctl checkpoint; "
+    "make one from its state dict with 'cogradctl import --weights FILE'",
+}
+
+
 def read_metadata(path: str | Path) -> dict[str, str]:
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
+        raise CheckpointError(_not_a_file(path))
+    _refuse_foreign(path)
     try:
         with safe_open(path, framework="pt") as f:
             meta = f.metadata() or {}
@@ -228,6 +238,29 @@ def read_metadata(path: str | Path) -> dict[str, str]:
             f"{path}: checkpoint format version {meta['format_version']}, this cogradctl reads {FORMAT_VERSION}"
         )
     return meta
+
+
+def _not_a_file(path: Path) -> str:
+    """Why ``path`` cannot be read as a checkpoint: missing, or a directory (a run directory: name
+    the checkpoints it holds)."""
+    if not path.is_dir():
+        return f"{path}: no such checkpoint file"
+    inside = [str(path / name) for name in ("best.safetensors", "last.safetensors") if (path / name).is_file()]
+    if inside:
+        return f"{path}: no such checkpoint file (a directory); a run directory's checkpoints: {' or '.join(inside)}"
+    return f"{path}: no such checkpoint file (a directory; expected the .safetensors file of init, import or train)"
+
+
+def _refuse_foreign(path: Path) -> None:
+    """A CheckpointError saying what ``path`` is when its first bytes are another format's magic."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return  # safe_open says why it cannot be read
+    for magic, what in FOREIGN_MAGIC.items():
+        if head.startswith(magic):
+            raise CheckpointError(f"{path}: {what}")
 
 
 @dataclass

@@ -15,6 +15,7 @@ of them gives the import error, not "unknown model" (its file name stands in whe
 from __future__ import annotations
 
 import ast
+import difflib
 import importlib.util
 import os
 import sys
@@ -157,14 +158,24 @@ def _failed_hint(found: dict[str, Entry]) -> str:
     return "; plugins that failed to load (it may be one of them): " + "; ".join(parts) + more
 
 
-def lookup(kind: str, name: str, extra_paths: list[str] | None = None) -> Callable[..., Any]:
-    """The factory registered as ``name``, or a PluginError saying what is known or what broke."""
+def closest(name: str, names) -> str:
+    """``"; did you mean 'x'?"`` for the name closest to a misspelt ``name``, or ``""``."""
+    close = difflib.get_close_matches(name, sorted(names), n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def lookup(kind: str, name: str, extra_paths: list[str] | None = None, hint: str = "") -> Callable[..., Any]:
+    """The factory registered as ``name``, or a PluginError saying what is known or what broke (an
+    unknown name: the closest known one, then ``hint``, then the known names)."""
     found = discover(kind, extra_paths)
     singular = kind[:-1]
     entry = found.get(name)
     if entry is None:
         known = ", ".join(sorted(n for n, e in found.items() if e.error is None)) or "none"
-        raise PluginError(f"unknown {singular} '{name}'; known {kind}: {known}{_failed_hint(found)}")
+        hint = f" ({hint})" if hint else ""
+        raise PluginError(
+            f"unknown {singular} '{name}'{hint}{closest(name, found)}; known {kind}: {known}{_failed_hint(found)}"
+        )
     if entry.duplicates:
         sources = ", ".join([entry.source, *entry.duplicates])
         raise PluginError(f"{singular} '{name}' is registered more than once ({sources}); uninstall or rename one")

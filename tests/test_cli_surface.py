@@ -120,3 +120,43 @@ def test_no_arguments_shows_the_help():
 
     r = CliRunner().invoke(cli_module.app, [])
     assert "Usage:" in r.output and "Commands:" in r.output
+
+
+# ---------------------------------------------------------------------------- misleading errors (item 13)
+
+
+def test_a_run_directory_as_checkpoint_names_its_checkpoints(cli, tmp_path, base_checkpoint):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "best.safetensors").write_bytes(base_checkpoint.read_bytes())
+    (run / "last.safetensors").write_bytes(base_checkpoint.read_bytes())
+    line = one_error_line(cli("inspect", run), str(run), "a directory")
+    assert f"{run / 'best.safetensors'} or {run / 'last.safetensors'}" in line
+    (run / "best.safetensors").unlink()
+    line = one_error_line(cli("inspect", run))
+    assert str(run / "last.safetensors") in line and "best.safetensors" not in line
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    line = one_error_line(cli("inspect", empty), str(empty), "a directory", ".safetensors file of init")
+
+
+def test_a_parquet_file_as_checkpoint_is_named_as_one(cli, sample_dir):
+    path = sample_dir / "valid.parquet"
+    line = one_error_line(cli("inspect", path), str(path), "a Parquet file, not a checkpoint", "--data")
+    assert "header too large" not in line
+
+
+def test_a_torch_save_file_as_checkpoint_points_to_import(cli, tmp_path):
+    import torch
+
+    path = tmp_path / "model.pt"
+    torch.save({"w": torch.zeros(2)}, path)
+    one_error_line(cli("inspect", path), str(path), "torch.save", "cogradctl import --weights")
+
+
+def test_a_misspelt_method_gets_the_closest_one(cli, tmp_path, base_checkpoint, sample_dir):
+    data = sample_dir / "valid.parquet"
+    r = cli("train", "--checkpoint", base_checkpoint, "--data", data, "--out", tmp_path / "r", "--method", "cogard")
+    assert r.exit_code == 2 and r.stdout == "", r.output
+    assert "unknown method 'cogard'; did you mean 'cograd'?; known methods: " in r.stderr.splitlines()[-1]
+    assert not (tmp_path / "r").exists()
