@@ -190,8 +190,9 @@ class Dataset:
     categorical: torch.Tensor  # N×C int64
     labels: torch.Tensor  # N×K float32
     sources: list[tuple[str, int, int]] = field(default_factory=list)  # (file, first row, end row) in N
-    oov: dict[str, int] = field(default_factory=dict)  # unseen categorical values per column
+    oov: dict[str, int] = field(default_factory=dict)  # rows with unseen categorical values, per column
     offsets: list[int] = field(default_factory=list)  # row in its file of each source's first row (default 0)
+    oov_distinct: dict[str, int] = field(default_factory=dict)  # distinct unseen values per column
 
     def __len__(self) -> int:
         return self.labels.shape[0]
@@ -216,26 +217,43 @@ class Dataset:
 def load(spec: str, schema: Schema) -> Dataset:
     """Read, validate and encode every file of ``spec`` against ``schema``."""
     files = resolve(spec)
-    parts, sources, oov, start = [], [], Counter(), 0
+    parts, sources, oov, values, start = [], [], Counter(), {}, 0
     for path in files:
         table = read_file(path, schema.columns)
         _validate_types(table, path, schema)
         _validate_labels(table, path, schema.tasks)
         part, unseen = encode(table, schema, path)
-        oov.update(unseen)
+        for col, (n, distinct) in unseen.items():
+            oov[col] += n
+            values.setdefault(col, set()).update(distinct)
         parts.append(part)
         sources.append((str(path), start, start + table.num_rows))
         start += table.num_rows
     if start == 0:
         raise DataError(f"{spec}: the data has no rows")
     dense, cat, labels = (torch.cat([p[i] for p in parts]) for i in range(3))
-    unseen = {c: n for c, n in oov.items() if n}
-    if unseen:
-        listed = ", ".join(f"{c}: {n}" for c, n in sorted(unseen.items()))
-        warnings.warn(
-            f"{spec}: categorical values not seen at init were mapped to the OOV bucket ({listed})", stacklevel=2
-        )
-    return Dataset(dense, cat, labels, sources, unseen)
+    distinct = {c: len(v) for c, v in values.items()}
+    if oov:
+        warnings.warn(unseen_message(spec, oov, distinct), stacklevel=2)
+    return Dataset(dense, cat, labels, sources, dict(oov), oov_distinct=distinct)
+
+
+def unseen_message(spec: str, rows: dict[str, int], distinct: dict[str, int], capped=()) -> str:
+    """The warning for categorical values not in the vocabulary, per column: the rows that hold one and
+    the distinct values (``capped``: columns whose distinct count is a lower bound)."""
+
+    def plural(n: int, word: str) -> str:
+        return f"{n} {word}{'' if n == 1 else 's'}"
+
+    listed = "; ".join(
+        f"{c}: {plural(n, 'row')}, {'at least ' if c in capped else ''}{plural(distinct.get(c, 0), 'distinct value')}"
+        for c, n in sorted(rows.items())
+        if n
+    )
+    return (
+        f"{spec}: categorical values not seen at init (not in the vocabulary) were mapped to the "
+        f"out-of-vocabulary id 0: {listed}"
+    )
 
 
 def _validate_types(table: pa.Table, path: Path, schema: Schema) -> None:
@@ -253,8 +271,9 @@ def _validate_types(table: pa.Table, path: Path, schema: Schema) -> None:
 
 def encode(
     table: pa.Table, schema: Schema, path: Path | str = "<table>"
-) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], Counter]:
-    """Encode one validated table → ((dense, categorical, labels), unseen values per column)."""
+) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], dict[str, tuple[int, set]]]:
+    """Encode one validated table → ((dense, categorical, labels), {column: (rows with a value not in
+    the vocabulary, those distinct values)} for the columns that have any)."""
     n = table.num_rows
     dense = np.zeros((n, len(schema.dense)), dtype=np.float32)
     for k, f in enumerate(schema.dense):
@@ -262,12 +281,15 @@ def encode(
         x = (x - f.mean) / f.std
         dense[:, k] = np.nan_to_num(x, nan=0.0)
     cat = np.zeros((n, len(schema.categorical)), dtype=np.int64)
-    unseen = Counter()
+    unseen = {}
     for k, f in enumerate(schema.categorical):
         values, _ = _categorical_values(table.column(f.name), f.value_type)
         vocab = pa.array(f.vocab, type=pa.int64() if f.value_type == "int" else pa.string())
         idx = pc.index_in(values, value_set=vocab)
-        unseen[f.name] += idx.null_count - values.null_count
+        missing = idx.null_count - values.null_count
+        if missing:
+            mask = pc.and_(pc.is_null(idx), pc.is_valid(values))
+            unseen[f.name] = (missing, set(pc.unique(values.filter(mask)).to_pylist()))
         cat[:, k] = pc.fill_null(idx, -1).to_numpy(zero_copy_only=False) + 1
     labels = np.stack(
         [table.column(t).cast(pa.float32()).to_numpy(zero_copy_only=False) for t in schema.task_names], axis=1

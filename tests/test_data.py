@@ -247,11 +247,12 @@ def test_encoding_known_oov_and_null_categoricals(mixed, tmp_path):
         }
     )
     other = write(tmp_path / "new.parquet", new)
-    with pytest.warns(UserWarning, match="OOV") as caught:
+    with pytest.warns(UserWarning, match="out-of-vocabulary id 0") as caught:
         ds = data.load(str(other), schema)
     message = str(caught[0].message)
-    assert "d: 1" in message and "i: 1" in message and "s: 1" in message
+    assert "d: 1 row, 1 distinct value; i: 1 row, 1 distinct value; s: 1 row, 1 distinct value" in message
     assert ds.oov == {"i": 1, "s": 1, "d": 1}  # nulls are missing values, not OOV
+    assert ds.oov_distinct == {"i": 1, "s": 1, "d": 1}
     # columns in schema.categorical order: i, s, d, flag; vocab index + 1, 0 = OOV/missing
     assert ds.categorical.tolist() == [[3, 2, 3, 2], [0, 0, 2, 0], [0, 0, 0, 1]]
     assert ds.categorical.dtype == torch.int64

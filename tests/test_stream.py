@@ -202,3 +202,64 @@ def test_no_rows_left_is_an_error_for_a_process_holding_every_shard(tmp_path, pa
             list(s.batches(32, shuffle=True, shards=shards, take=take))
     # One shard of two may be empty: the other process may still hold rows.
     assert list(s.batches(32, shuffle=True, shards=2, take=(1,))) == []
+
+
+def unseen_table(root, seed: int = 0):
+    """60 rows of ``root``'s data with unseen values: device 'fridge' ×7 and 'toaster' ×3 (strings, read
+    dictionary-encoded), user_bucket ids far outside the vocabulary ×5 (3 distinct, nulls beside)."""
+    t = pq.read_table(root / "a.parquet").slice(60 * seed, 60)
+    device = t.column("device").to_pylist()
+    device[:10] = ["fridge"] * 7 + ["toaster"] * 3
+    users = t.column("user_bucket").to_pylist()
+    users[20:27] = [10**9, 10**9, 10**9 + 1, 10**9 + 1, 10**9 + 2, None, None]
+    t = t.set_column(t.schema.get_field_index("device"), "device", pa.array(device))
+    return t.set_column(t.schema.get_field_index("user_bucket"), "user_bucket", pa.array(users, pa.int64()))
+
+
+@pytest.mark.parametrize("wide", [False, True], ids=["lookup-table", "index-in"])
+def test_unseen_values_counted_in_rows_and_distinct_values(parts, tmp_path, wide, monkeypatch):
+    """Rows and distinct values not in the vocabulary, per column, the same in the stream (both ways of
+    encoding integers) and in data.load; the warning says both (issue #25 item 14)."""
+    from cogradctl.stream import encode
+
+    if wide:
+        monkeypatch.setattr(encode, "LUT_SPAN", 0)  # integers through index_in, not the lookup table
+    root, schema = parts
+    pq.write_table(unseen_table(root), tmp_path / "a.parquet", row_group_size=16)
+    pq.write_table(unseen_table(root, seed=1), tmp_path / "b.parquet")  # the same unseen values again
+    s = ParquetStream(str(tmp_path), schema)
+    for _ in s.batches(32, shuffle=True):
+        pass
+    assert s.stats["oov"] == {"device": 20, "user_bucket": 10}
+    assert s.stats["oov_distinct"] == {"device": 2, "user_bucket": 3} and s.stats["oov_distinct_capped"] == []
+    message = s.unseen_warning()
+    assert message == (
+        f"{tmp_path}: categorical values not seen at init (not in the vocabulary) were mapped to the "
+        "out-of-vocabulary id 0: device: 20 rows, 2 distinct values; user_bucket: 10 rows, 3 distinct values"
+    )
+    with pytest.warns(UserWarning) as caught:
+        ds = data.load(str(tmp_path), schema)
+    assert ds.oov == s.stats["oov"] and ds.oov_distinct == s.stats["oov_distinct"]
+    assert str(caught[0].message) == message
+    assert s.rows([(0, 120)]).oov_distinct == {"device": 2, "user_bucket": 3}
+
+
+def test_distinct_unseen_values_are_remembered_up_to_a_cap(parts, tmp_path, monkeypatch):
+    from cogradctl.stream import encode
+
+    monkeypatch.setattr(encode, "DISTINCT_CAP", 2)
+    root, schema = parts
+    pq.write_table(unseen_table(root), tmp_path / "a.parquet", row_group_size=16)
+    s = ParquetStream(str(tmp_path), schema)
+    list(s.batches(64, shuffle=False))
+    assert s.stats["oov_distinct"] == {"device": 2, "user_bucket": 2}
+    assert s.stats["oov_distinct_capped"] == ["user_bucket"]
+    assert "user_bucket: 5 rows, at least 2 distinct values" in s.unseen_warning()
+    assert "device: 10 rows, 2 distinct values" in s.unseen_warning()
+
+
+def test_no_unseen_values_no_warning(parts):
+    root, schema = parts
+    s = ParquetStream(str(root), schema)
+    list(s.batches(512, shuffle=False))
+    assert s.stats["oov"] == {} and s.stats["oov_distinct"] == {} and s.unseen_warning() is None

@@ -84,7 +84,6 @@ def report_data(stream, log: Log) -> None:
             f"{stream.spec}: dropped {dropped} invalid row(s) "
             "(NaN/infinite values or null labels; --on-invalid-rows drop)"
         )
-    unseen = {c: n for c, n in stream.stats.get("oov", {}).items() if n}
+    unseen = stream.unseen_warning()  # per column: rows and distinct values not in the vocabulary
     if unseen:
-        listed = ", ".join(f"{c}: {n}" for c, n in sorted(unseen.items()))
-        log.warn(f"{stream.spec}: categorical values not seen at init were mapped to the OOV bucket ({listed})")
+        log.warn(unseen)

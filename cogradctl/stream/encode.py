@@ -9,7 +9,6 @@ labels outside {0, 1} are always an error (the task type is wrong, not the row).
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Iterator
 
 import numpy as np
@@ -23,6 +22,7 @@ from cogradctl.stream.files import File, Unit, read_rows, read_unit, where
 from cogradctl.stream.shuffle import Chunk
 
 LUT_SPAN = 1 << 22  # integer vocabularies spanning at most this many values use a lookup table
+DISTINCT_CAP = 100_000  # unseen values remembered per column to count distinct ones (bounded memory)
 
 
 class Encoder:
@@ -151,7 +151,8 @@ class Encoder:
     # -- encoding
 
     def encode(self, table: pa.Table, where: str, on_invalid: str):
-        """→ (dense N×D f32, categorical N×C i64, labels N×K f32, keep mask or None, unseen per column)."""
+        """→ (dense N×D f32, categorical N×C i64, labels N×K f32, keep mask or None, unseen per column:
+        {column: (rows, the distinct unseen values of this table)} for columns with any)."""
         n = table.num_rows
         bad = {}
         dense = np.empty((n, len(self.dense)), dtype=np.float32)
@@ -166,11 +167,13 @@ class Encoder:
         bad.update(lbad)
         keep = self._invalid(bad, n, where, on_invalid, set(lbad))
         cat = np.empty((n, len(self.cats)), dtype=np.int64)
-        unseen = Counter()
+        unseen = {}
         for k, (name, vtype, vocab, lut) in enumerate(self.cats):
-            codes, missing = self._codes(table.column(name), vtype, vocab, lut, where, name)
+            arr = table.column(name)
+            codes, missing = self._codes(arr, vtype, vocab, lut, where, name)
             cat[:, k] = codes
-            unseen[name] += missing  # counted over every row read, dropped ones included
+            if missing:  # counted over every row read, dropped ones included
+                unseen[name] = (missing, _distinct(arr, codes))
         return dense, cat, labels, keep, unseen
 
     def _codes(self, arr, vtype: str, vocab: pa.Array, lut, where: str, name: str) -> tuple[np.ndarray, int]:
@@ -209,14 +212,30 @@ class Encoder:
             raise DataError(f"{where}: categorical column '{name}' cannot be encoded ({_short(exc)})") from exc
 
 
+def _distinct(arr, codes: np.ndarray) -> list:
+    """The distinct non-null values of ``arr`` whose code is 0 (not in the vocabulary)."""
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    mask = pa.array(codes == 0)
+    if arr.null_count:
+        mask = pc.and_(mask, arr.is_valid())
+    values = pc.unique(arr.filter(mask))
+    if pa.types.is_dictionary(values.type):
+        values = values.dictionary_decode()
+    return values.to_pylist()
+
+
 class UnitEncoder:
     """The rows of units as chunks for the shuffle buffer: encoded, ids only (while skipping), or
     gathered by global ids. Invalid rows are raised or dropped per ``on_invalid`` and counted in
-    ``stats`` (the stream's dict: ``rows_read``, ``rows_dropped``, ``oov`` per column)."""
+    ``stats`` (the stream's dict: ``rows_read``, ``rows_dropped``, ``oov`` (rows of unseen categorical
+    values per column), ``oov_distinct`` (distinct unseen values per column, at most DISTINCT_CAP),
+    ``oov_distinct_capped`` (columns with more distinct unseen values than that))."""
 
     def __init__(self, encoder: Encoder, files: list[File], units: list[Unit], on_invalid: str, stats: dict) -> None:
         self.encoder, self.files, self.units, self.on_invalid, self.stats = encoder, files, units, on_invalid, stats
         self.starts = np.array([u.start for u in units], dtype=np.int64)  # global row of each unit's first row
+        self.unseen: dict[str, set] = {}  # the distinct unseen values per column (up to DISTINCT_CAP)
 
     def where(self, u: Unit) -> str:
         return where(self.files[u.file], u)
@@ -229,13 +248,20 @@ class UnitEncoder:
             dense, cat, labels = dense[keep], cat[keep], labels[keep]
         return dense, cat, labels
 
-    def count(self, rows: int, keep, oov: Counter) -> None:
+    def count(self, rows: int, keep, oov: dict[str, tuple[int, list]]) -> None:
         self.stats["rows_read"] += rows
         if keep is not None:
             self.stats["rows_dropped"] += int((~keep).sum())
-        for col, n in oov.items():
-            if n:
-                self.stats["oov"][col] = self.stats["oov"].get(col, 0) + n
+        for col, (n, values) in oov.items():
+            self.stats["oov"][col] = self.stats["oov"].get(col, 0) + n
+            seen = self.unseen.setdefault(col, set())
+            new = [v for v in values if v not in seen]
+            if len(seen) + len(new) > DISTINCT_CAP:  # "at least" from here on
+                new = new[: DISTINCT_CAP - len(seen)]
+                if col not in self.stats["oov_distinct_capped"]:
+                    self.stats["oov_distinct_capped"].append(col)
+            seen.update(new)
+            self.stats["oov_distinct"][col] = len(seen)
 
     def encoded(self, u: Unit) -> Iterator[Chunk]:
         """Encoded chunks of one unit (invalid rows raised or dropped)."""

@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from cogradctl.data import Dataset
+from cogradctl.data import Dataset, unseen_message
 from cogradctl.errors import DataError, UsageError
 from cogradctl.schema import Schema
 from cogradctl.stream.encode import Encoder, UnitEncoder
@@ -34,7 +34,7 @@ class ParquetStream:
         if shuffle_buffer < 0:
             raise UsageError(f"--shuffle-buffer must be at least 0, got {shuffle_buffer}")
         self.spec, self.schema, self.on_invalid, self.shuffle_buffer = spec, schema, on_invalid, int(shuffle_buffer)
-        self.stats: dict = {"rows_read": 0, "rows_dropped": 0, "oov": {}}
+        self.stats: dict = {"rows_read": 0, "rows_dropped": 0, "oov": {}, "oov_distinct": {}, "oov_distinct_capped": []}
         self.labels = labels
         read = schema if labels else Schema(schema.features, [])
         self._encoder = Encoder(read)
@@ -180,7 +180,16 @@ class ParquetStream:
             sources,
             dict(self.stats["oov"]),
             offsets,
+            dict(self.stats["oov_distinct"]),
         )
+
+    def unseen_warning(self) -> str | None:
+        """The warning for the categorical values read so far that are not in the vocabulary: per column
+        the rows and the distinct values (None when there were none)."""
+        rows = {c: n for c, n in self.stats["oov"].items() if n}
+        if not rows:
+            return None
+        return unseen_message(self.spec, rows, self.stats["oov_distinct"], self.stats["oov_distinct_capped"])
 
     def describe(self, start: int, stop: int) -> list[dict]:
         """Which files and row ranges global rows [start, stop) come from (as Dataset.describe)."""
