@@ -71,17 +71,27 @@ def plot_heatmaps(result: dict, path: Path) -> None:
     """Write the heatmaps to ``path`` (PNG, atomically)."""
     import io as _io
 
+    import matplotlib.pyplot as plt
+
+    from cogradctl.checkpoint import atomic_write_bytes
+
+    fig = heatmap_figure(result)
+    buffer = _io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write_bytes(Path(path), buffer.getvalue())
+
+
+def heatmap_figure(result: dict):
+    """The matplotlib figure: one row per quantity (Z_rel, cosine), one column per panel."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from cogradctl.checkpoint import atomic_write_bytes
-
     tasks, panels = result["tasks"], _panels(result)
     k = len(tasks)
-    cell_w = 1.25
-    size = (1.6 + (cell_w * k + 1.2) * len(panels), 1.2 + (0.75 * k + 1.4) * len(ROWS))
+    size = (1.6 + (1.25 * k + 1.2) * len(panels), 1.2 + (0.75 * k + 1.4) * len(ROWS))
     fig, axes = plt.subplots(len(ROWS), len(panels), figsize=size, squeeze=False, layout="constrained")
     for r, (label, key) in enumerate(ROWS):
         values = [_matrix(src[key]) for _, src in panels]
@@ -104,10 +114,7 @@ def plot_heatmaps(result: dict, path: Path) -> None:
         "diagonal (a task's own progress, a cosine of 1): grey, off the colour scale",
         fontsize=7.5,
     )
-    buffer = _io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    atomic_write_bytes(Path(path), buffer.getvalue())
+    return fig
 
 
 def _heatmap(ax, tasks, m, e, lim: float, blank_diagonal: bool):

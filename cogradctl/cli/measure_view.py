@@ -34,11 +34,11 @@ def print_measurement(result: dict) -> None:
     title = "relative transference Z_rel" + (" ÷ own progress (row diagonal)" if key != "transference_rel" else "")
     rel = f"{title} (row → column, {how_text(result)})"
     if base is not None:
-        stdout.print(_matrix_table(f"baseline: {rel}", tasks, base[key], base["stderr"][key]))
-    stdout.print(_matrix_table(("checkpoint: " if base else "") + rel, tasks, result[key], result["stderr"][key]))
+        _show(_matrix_table(f"baseline: {rel}", tasks, base[key], base["stderr"][key]))
+    _show(_matrix_table(("checkpoint: " if base else "") + rel, tasks, result[key], result["stderr"][key]))
     if delta is not None:
         d = delta["transference_rel"]
-        stdout.print(
+        _show(
             _matrix_table(
                 "change of Z_rel (checkpoint − baseline, ± paired standard error)",
                 tasks,
@@ -48,13 +48,13 @@ def print_measurement(result: dict) -> None:
             )
         )
     if base is None:
-        stdout.print(_pairs_table(result))
+        _show(_pairs_table(result))
     else:
         for quantity in PAIR_QUANTITIES:
-            stdout.print(_pairs_change_table(result, *quantity))
+            _show(_pairs_change_table(result, *quantity))
     for name, m in result.get("modules", {}).items():
         who = "checkpoint: " if base is not None else ""
-        stdout.print(
+        _show(
             _matrix_table(
                 f"{who}module {name} ({m['size']} parameters): Z_rel of a lookahead that moves only this module",
                 tasks,
@@ -62,11 +62,18 @@ def print_measurement(result: dict) -> None:
                 m["stderr"]["transference_rel"],
             )
         )
-        stdout.print(_pairs_table(m, f"{who}module {name}: gradients per task pair", tasks))
+        _show(_pairs_table(m, f"{who}module {name}: gradients per task pair", tasks))
     _lines(legend(result))
     _lines(transference_summary(result))
     if untrained_note(result):
         _lines(f"note: {untrained_note(result)}")
+
+
+def _show(table: Table) -> None:
+    """A table under its title, the title wrapped like any text line (rich would not wrap it)."""
+    title, table.title = str(table.title), None
+    _lines(title)
+    stdout.print(table)
 
 
 def _lines(text: str) -> None:
