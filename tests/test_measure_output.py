@@ -244,3 +244,12 @@ def test_piped_stderr_gets_no_progress_bar(cli, base_checkpoint, sample_dir):
     result = cli("measure-transference", "--checkpoint", base_checkpoint, *args)
     assert result.exit_code == 0, result.output
     assert result.stderr.splitlines() == [f"measuring {base_checkpoint}"]
+
+
+def test_plot_without_matplotlib_is_an_input_error_naming_the_option(cli, base_checkpoint, sample_dir, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)  # import matplotlib → ImportError
+    args = ["--data", sample_dir / "valid.parquet", "--batches", 1, "--plot", sample_dir / "never.png"]
+    result = cli("measure-transference", "--checkpoint", base_checkpoint, *args)
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1
+    assert "--plot needs matplotlib" in result.stderr and 'pip install -e ".[plot]"' in result.stderr
+    assert not (sample_dir / "never.png").exists()

@@ -88,7 +88,11 @@ def measure_cmd(
         float | None, typer.Option(help="Gate (needs --baseline): exit 3 if any pair's Z_rel fell by more than this.")
     ] = None,
     plot: Annotated[
-        Path | None, typer.Option(help='Write heatmaps to this PNG (needs: pip install "cogradctl[plot]").')
+        Path | None,
+        typer.Option(
+            help="Write heatmaps of Z_rel and the gradient cosine to this PNG, mean ± standard error in "
+            'every cell (needs matplotlib: pip install -e ".[plot]").'
+        ),
     ] = None,
     raw: Annotated[
         Path | None,
