@@ -17,7 +17,9 @@ from __future__ import annotations
 import ast
 import difflib
 import importlib.util
+import inspect
 import os
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,8 +44,9 @@ class Entry:
 
     @property
     def description(self) -> str:
-        doc = getattr(self.factory, "__doc__", None) or ""
-        return doc.strip().splitlines()[0] if doc.strip() else ""
+        """The first line of the factory's docstring, as plain text."""
+        doc = plain(getattr(self.factory, "__doc__", None) or "")
+        return doc.splitlines()[0] if doc else ""
 
 
 def plugin_paths(extra: list[str] | None = None) -> list[Path]:
@@ -182,3 +185,81 @@ def lookup(kind: str, name: str, extra_paths: list[str] | None = None, hint: str
     if entry.error is not None:
         raise PluginError(f"{singular} '{name}' ({entry.source}) failed to load: {entry.error}")
     return entry.factory
+
+
+def plain(doc: str) -> str:
+    """A docstring as plain text: dedented, without its doctest examples; reST/markdown literals
+    (````x````, ```x```) and emphasis (``**x**``) shown as their text; each paragraph and each
+    bulleted item joined into one line (indented blocks, such as formulas, kept as they are)."""
+    paragraphs = []
+    for block in re.split(r"\n\s*\n", inspect.cleandoc(doc or "")):
+        lines = [line.rstrip() for line in block.splitlines() if line.strip()]
+        if not lines or any(line.lstrip().startswith(">>>") for line in lines):
+            continue
+        if all(line.startswith(" ") for line in lines):
+            text = "\n".join(lines)
+        else:
+            items: list[str] = []
+            for line in lines:
+                if not items or line.lstrip().startswith(("* ", "- ")):
+                    items.append(line.strip())
+                else:
+                    items[-1] += " " + line.strip()
+            text = "\n".join(items)
+        paragraphs.append(re.sub(r"\*\*(.+?)\*\*", r"\1", re.sub(r"``?([^`]+?)``?", r"\1", text)))
+    return "\n\n".join(paragraphs)
+
+
+def details(kind: str, name: str, extra_paths: list[str] | None = None) -> dict:
+    """What ``cogradctl methods NAME`` / ``models NAME`` shows: the entry's source, summary and
+    description (plain text), a method's family and paper, and each option with its type, default
+    and meaning (from the factory's signature and its ``options`` descriptions, a method's
+    convention). A PluginError like ``lookup``'s for a name that is unknown, duplicated or broken."""
+    factory = lookup(kind, name, extra_paths)
+    entry = discover(kind, extra_paths)[name]
+    text = plain(getattr(factory, "__doc__", None) or "")
+    summary, _, rest = text.partition("\n\n")
+    module = sys.modules.get(getattr(factory, "__module__", ""))
+    if not rest and kind == "methods" and module is not None:  # a built-in method explains itself there
+        rest = plain(module.__doc__ or "").partition("\n\n")[2]
+    doc = {"name": name, "source": entry.source, "summary": summary, "description": rest}
+    if kind == "methods":
+        doc["family"] = getattr(factory, "family", "")
+        doc["paper"] = getattr(factory, "paper", "")
+    meanings = getattr(factory, "options", None) or {}
+    doc["options"] = [
+        {"name": p.name, "type": _type_name(p), "default": _default(p), "meaning": plain(meanings.get(p.name, ""))}
+        for p in _option_params(factory, skip_first=kind == "models")
+    ]
+    return doc
+
+
+def _option_params(factory, skip_first: bool) -> list[inspect.Parameter]:
+    """The keyword options of a factory: its signature's parameters (a model's after ``schema``),
+    without ``*args``/``**kwargs``."""
+    try:
+        params = list(inspect.signature(factory).parameters.values())
+    except (TypeError, ValueError):
+        return []
+    params = params[1:] if skip_first else params
+    return [p for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+
+def _type_name(p: inspect.Parameter) -> str:
+    """The option's annotation as written, else the type of its default ("" when neither says)."""
+    if p.annotation is not p.empty:
+        return p.annotation if isinstance(p.annotation, str) else getattr(p.annotation, "__name__", str(p.annotation))
+    if p.default is p.empty or p.default is None:
+        return ""
+    return type(p.default).__name__
+
+
+def _default(p: inspect.Parameter):
+    """The default as JSON would hold it (None when there is none; ``required`` is then true)."""
+    if p.default is p.empty:
+        return None
+    return (
+        p.default
+        if isinstance(p.default, (bool, int, float, str, list, dict)) or p.default is None
+        else repr(p.default)
+    )

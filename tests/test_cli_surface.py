@@ -160,3 +160,118 @@ def test_a_misspelt_method_gets_the_closest_one(cli, tmp_path, base_checkpoint, 
     assert r.exit_code == 2 and r.stdout == "", r.output
     assert "unknown method 'cogard'; did you mean 'cograd'?; known methods: " in r.stderr.splitlines()[-1]
     assert not (tmp_path / "r").exists()
+
+
+# ---------------------------------------------------------------------------- methods / models (item 12)
+
+
+def test_methods_list_shows_whole_names_and_no_raw_markup_at_80_columns(cli):
+    from cogradctl import registry
+
+    r = cli("methods", env={"COLUMNS": "80"})
+    assert r.exit_code == 0, r.output
+    assert all(len(line) <= 80 for line in r.stdout.splitlines())
+    names = sorted(registry.discover("methods"))
+    assert "aligned-mtl" in names and "metabalance" in names
+    first_cells = {line.split("│")[1].strip() for line in r.stdout.splitlines() if line.startswith("│")}
+    assert set(names) <= first_cells, set(names) - first_cells
+    assert "`" not in r.stdout and "…" not in r.stdout
+    assert "Σ_i w_i g_i" in " ".join(r.stdout.split())  # weighted's ``Σ_i w_i g_i``, as text
+
+
+def test_methods_name_shows_each_option_with_type_default_and_meaning(cli):
+    r = cli("methods", "cograd", env={"COLUMNS": "80"})
+    assert r.exit_code == 0, r.output
+    text = r.stdout
+    assert "SIGIR 2023" in text and "family: transference" in text
+    for option, default in (
+        ("gamma", "0.1"),
+        ("hessian", '"diag"'),
+        ("normalize", '"relative"'),
+        ("fisher_decay", "0.9"),
+    ):
+        row = next(line for line in text.splitlines() if line.startswith(option + " "))
+        assert row.split()[2] == default, row
+    assert "strength of the transference term" in text
+    assert "`" not in text and ">>>" not in text  # the docstring's literals as text, its doctests left out
+    assert all(len(line) <= 80 for line in text.splitlines() if not line.startswith("    "))
+
+
+def test_methods_name_json(cli):
+    r = cli("methods", "gdod", "--json")
+    assert r.exit_code == 0, r.output
+    import json
+
+    doc = json.loads(r.stdout)
+    assert doc["name"] == "gdod" and doc["source"] == "built-in" and doc["family"] == "gradient manipulation"
+    options = {o["name"]: o for o in doc["options"]}
+    assert list(options) == ["weights", "eps", "beta", "granularity"]
+    assert (
+        options["eps"]
+        == {
+            "name": "eps",
+            "type": "float",
+            "default": 1e-8,
+            "meaning": options["eps"]["meaning"],
+        }
+        and "eigenvalue" in options["eps"]["meaning"]
+    )
+    assert options["granularity"]["default"] == "global" and options["weights"]["type"] == "float"
+
+
+def test_models_name_lists_the_config_keys_with_defaults(cli):
+    import json
+
+    from cogradctl import models, registry
+
+    r = cli("models", "mmoe", "--json")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    expected = models.config_options(registry.lookup("models", "mmoe"))
+    assert {o["name"]: o["default"] for o in doc["options"]} == expected
+    assert {o["name"]: o["type"] for o in doc["options"]}["expert"] == "list[int]"
+    r = cli("models", "mmoe")
+    assert r.exit_code == 0 and "--config KEY=VALUE" in r.stdout and "num_experts" in r.stdout
+
+
+@pytest.mark.parametrize("kind, typo, meant", [("methods", "cogard", "cograd"), ("models", "mmeo", "mmoe")])
+def test_detail_of_a_misspelt_name_suggests_the_closest(cli, kind, typo, meant):
+    one_error_line(cli(kind, typo), f"unknown {kind[:-1]} '{typo}'", f"did you mean '{meant}'?")
+
+
+def test_detail_of_a_plugin_file_method_without_declared_options(cli, tmp_path):
+    d = tmp_path / "plugins"
+    d.mkdir()
+    (d / "mine.py").write_text(
+        'class Halve:\n    """Half the **sum** of the ``task`` gradients.\n\n    More text\n    here.\n    """\n\n'
+        "    def __init__(self, **options):\n        pass\n\n\nMETHODS = {'halve': Halve}\n"
+    )
+    r = cli("methods", "halve", "--plugin-path", d)
+    assert r.exit_code == 0, r.output
+    assert "Half the sum of the task gradients." in r.stdout and "More text here." in r.stdout
+    assert f"file {d / 'mine.py'}" in r.stdout and "no options" in r.stdout
+    r = cli("methods", "--plugin-path", d, env={"COLUMNS": "120"})
+    assert r.exit_code == 0 and "source" in r.stdout and "Half the sum of the task gradients." in r.stdout
+
+
+def test_plain_text_of_a_docstring():
+    from cogradctl.registry import plain
+
+    doc = """Sum: ``Σ_i g_i``, `x` and **bold**.
+
+    A paragraph
+    over two lines.
+
+    * an item
+      continued
+    * another
+
+        indented = formula  # kept
+
+    >>> 1 + 1
+    2
+    """
+    assert plain(doc) == (
+        "Sum: Σ_i g_i, x and bold.\n\nA paragraph over two lines.\n\n* an item continued\n* another\n\n"
+        "    indented = formula  # kept"
+    )

@@ -1,33 +1,67 @@
-"""``cogradctl models`` and ``cogradctl methods``: the registered plugins and where each comes from."""
+"""``cogradctl models`` and ``cogradctl methods``: the registered plugins and where each comes from;
+with a NAME, one of them in detail (its options with type, default and meaning)."""
 
 from __future__ import annotations
 
+import json
+import shutil
+import textwrap
+from typing import Annotated
+
+import typer
 from rich.table import Table
+from rich.text import Text
 
 from cogradctl.cli.core import command
 from cogradctl.cli.options import Json, PluginPath, paths
 from cogradctl.cli.output import emit_json, stdout
 
+# How each kind's options are given on the command line.
+HOW_TO_SET = {
+    "models": "config, set with init/import --config KEY=VALUE (JSON values)",
+    "methods": "options, set with train -o KEY=VALUE (or --gamma / --weights)",
+}
+
+
+def _name(kind: str):
+    return Annotated[
+        str | None,
+        typer.Argument(
+            help=f"Describe this {kind[:-1]}: its options with type, default and meaning.",
+            metavar="NAME",
+            show_default=False,
+        ),
+    ]
+
+
+ModelName = _name("models")
+MethodName = _name("methods")
+
 
 @command("models")
-def models_cmd(plugin_path: PluginPath = None, json_out: Json = False) -> None:
-    """List the registered model plugins and where each comes from."""
+def models_cmd(name: ModelName = None, plugin_path: PluginPath = None, json_out: Json = False) -> None:
+    """List the registered model plugins and where each comes from, or describe one (NAME)."""
+    if name is not None:
+        _detail("models", name, plugin_path, json_out)
+        return
     rows = _registry_doc("models", plugin_path)
     if json_out:
         emit_json({"models": rows})
     else:
-        stdout.print(_registry_table("model plugins", rows, ["name", "description", "config", "source", "status"]))
+        stdout.print(_registry_table("model plugins", "models", rows, ["name", "description"]))
 
 
 @command("methods")
-def methods_cmd(plugin_path: PluginPath = None, json_out: Json = False) -> None:
-    """List the registered gradient methods with family, paper, options and origin."""
+def methods_cmd(name: MethodName = None, plugin_path: PluginPath = None, json_out: Json = False) -> None:
+    """List the registered gradient methods, or describe one (NAME): family, paper, options."""
+    if name is not None:
+        _detail("methods", name, plugin_path, json_out)
+        return
     rows = _registry_doc("methods", plugin_path)
     if json_out:
         emit_json({"methods": rows})
     else:
-        columns = ["name", "family", "description", "paper", "options", "source", "status"]
-        stdout.print(_registry_table("gradient methods", rows, columns))
+        stdout.print(_registry_table("gradient methods", "methods", rows, ["name", "family", "description"]))
 
 
 def _registry_doc(kind: str, plugin_path) -> list[dict]:
@@ -52,22 +86,64 @@ def _registry_doc(kind: str, plugin_path) -> list[dict]:
     return rows
 
 
-def _registry_table(title: str, rows: list[dict], columns: list[str]) -> Table:
-    table = Table(title=title)
+def _registry_table(title: str, kind: str, rows: list[dict], columns: list[str]) -> Table:
+    """The list: names never cut, the description wrapped; a source column when a plugin is not
+    built in and a status column when one is broken (the rest is in ``KIND NAME`` and --json)."""
+    if any(row["source"] != "built-in" for row in rows):
+        columns = [*columns, "source"]
+    if any(row["status"] != "ok" for row in rows):
+        columns = [*columns, "status"]
+    table = Table(title=title, caption=f"options of one: cogradctl {kind} NAME", caption_justify="left")
     for col in columns:
-        table.add_column(col)
+        table.add_column(col, no_wrap=col == "name", overflow="fold")
     for row in rows:
-        cells = []
-        for col in columns:
-            value = row.get(col, "")
-            if isinstance(value, dict):
-                value = ", ".join(f"{k}={v}" if kind_is_config(value) else k for k, v in value.items())
-            style = "red" if col == "status" and value != "ok" else ""
-            cells.append(f"[{style}]{value}[/]" if style else str(value))
+        cells = [
+            Text(str(row.get(col) or ""), style="red" if col == "status" and row[col] != "ok" else "")
+            for col in columns
+        ]
         table.add_row(*cells)
     return table
 
 
-def kind_is_config(d: dict) -> bool:
-    """A dict of defaults (a model's config: printed KEY=VALUE), not of descriptions (a method's options)."""
-    return not all(isinstance(v, str) for v in d.values())
+def _detail(kind: str, name: str, plugin_path, json_out: bool) -> None:
+    from cogradctl import registry
+
+    doc = registry.details(kind, name, paths(plugin_path))
+    if json_out:
+        emit_json(doc)
+        return
+    width = max(40, min(shutil.get_terminal_size((80, 24)).columns, 100))
+    facts = [("family", doc.get("family")), ("paper", doc.get("paper"))]
+    lines = [doc["name"], *_wrap_text(doc["summary"], width)]
+    lines += [line for key, value in facts if value for line in _wrap_text(f"{key}: {value}", width, "  ")]
+    lines.append(f"source: {doc['source']}")  # a path stays on one line
+    if doc["description"]:
+        lines.append("")
+        lines += _wrap_text(doc["description"], width)
+    stdout.print("\n".join(lines), markup=False, highlight=False)
+    if not doc["options"]:
+        stdout.print(f"\nno {HOW_TO_SET[kind].split(',')[0]}", markup=False)
+        return
+    table = Table(title=f"{HOW_TO_SET[kind]}", title_justify="left", box=None, pad_edge=False)
+    for col in ("name", "type", "default", "meaning"):
+        table.add_column(col, no_wrap=col != "meaning", overflow="fold")
+    for option in doc["options"]:
+        default = "" if option["default"] is None else json.dumps(option["default"], ensure_ascii=False)
+        table.add_row(*(Text(str(v)) for v in (option["name"], option["type"], default, option["meaning"])))
+    stdout.print()
+    stdout.print(table)
+
+
+def _wrap_text(text: str, width: int, indent: str = "") -> list[str]:
+    """Plain-text paragraphs wrapped to ``width``: bulleted items with a hanging indent, indented
+    blocks (formulas) as they are."""
+    lines: list[str] = []
+    for paragraph in text.split("\n\n"):
+        for item in paragraph.splitlines():
+            if item.startswith(" "):
+                lines.append(item)
+            else:
+                hanging = "  " if item.startswith(("* ", "- ")) else indent
+                lines += textwrap.wrap(item, width, subsequent_indent=hanging, break_on_hyphens=False) or [""]
+        lines.append("")
+    return lines[:-1]
