@@ -7,6 +7,7 @@ read in order, one batch at a time (only the N×K predictions and labels are kep
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -26,9 +27,15 @@ def _batches(data, batch_size: int, device):
 
 @torch.no_grad()
 def predict_with_labels(
-    model: torch.nn.Module, data, schema: Schema, batch_size: int = 8192, device: torch.device | str = "cpu"
+    model: torch.nn.Module,
+    data,
+    schema: Schema,
+    batch_size: int = 8192,
+    device: torch.device | str = "cpu",
+    progress: Callable[[int], object] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(N×K predictions: probabilities for binary tasks, values for regression; N×K labels)."""
+    """(N×K predictions: probabilities for binary tasks, values for regression; N×K labels).
+    ``progress(rows)`` is called after each batch with its number of rows."""
     was_training = model.training
     model.eval()
     preds, labels = [], []
@@ -41,6 +48,8 @@ def predict_with_labels(
                 block[:, k] = (torch.sigmoid(y) if task.type == "binary" else y).cpu().numpy()
             preds.append(block)
             labels.append(y_true.cpu().numpy())
+            if progress is not None:
+                progress(len(y_true))
     finally:
         model.train(was_training)
     k = len(schema.tasks)
@@ -56,14 +65,15 @@ def evaluate(
     batch_size: int = 8192,
     device: torch.device | str = "cpu",
     standard_errors: bool = False,
+    progress: Callable[[int], object] | None = None,
 ) -> dict:
     """``{"rows": N, "tasks": {task: {"auc": …, "logloss": …} | {"mse": …, "mae": …}}}`` (AUC None if one class).
 
     ``standard_errors``: also each AUC's DeLong standard error, ``"auc_se"`` (None with fewer than
     two rows of a class); three more sorts of the rows per task, so training's periodic validation
-    leaves it out and ``cogradctl evaluate`` reports it.
+    leaves it out and ``cogradctl evaluate`` reports it. ``progress(rows)``: called after each batch.
     """
-    preds, labels = predict_with_labels(model, data, schema, batch_size, device)
+    preds, labels = predict_with_labels(model, data, schema, batch_size, device, progress)
     tasks = {}
     for k, task in enumerate(schema.tasks):
         if task.type == "binary":

@@ -8,6 +8,7 @@ import re
 import pytest
 
 from cogradctl import cli as cli_module
+from tests.conftest import TINY_MMOE, VALID_ROWS
 
 COMMANDS = [
     [],
@@ -275,3 +276,61 @@ def test_plain_text_of_a_docstring():
         "Sum: Σ_i g_i, x and bold.\n\nA paragraph over two lines.\n\n* an item continued\n* another\n\n"
         "    indented = formula  # kept"
     )
+
+
+# ---------------------------------------------------------------------------- evaluate (items 6 and 14)
+
+
+def test_evaluate_shows_only_the_columns_of_the_task_types_present(cli, base_checkpoint, sample_dir):
+    r = cli("evaluate", "--checkpoint", base_checkpoint, "--data", sample_dir / "valid.parquet", "--quiet")
+    assert r.exit_code == 0, r.output
+    header = next(line for line in r.stdout.splitlines() if "task" in line and "auc" in line)
+    assert "logloss" in header and "± se" in header
+    assert "mse" not in header and "mae" not in header  # every task is binary
+
+
+def test_evaluate_mixed_and_regression_only_columns(cli, tmp_path, sample_dir):
+    data = sample_dir / "valid.parquet"
+    for tasks, types, present, absent in (
+        ("click,share", ["--task-type", "share=regression"], ["auc", "logloss", "mse", "mae"], []),
+        ("share", ["--task-type", "share=regression"], ["mse", "mae"], ["auc", "logloss", "± se"]),
+    ):
+        out = tmp_path / f"{tasks.replace(',', '_')}.safetensors"
+        r = cli("init", "--model", "mmoe", *TINY_MMOE, "--data", data, "--tasks", tasks, *types, "--out", out, "-q")
+        assert r.exit_code == 0, r.output
+        r = cli("evaluate", "--checkpoint", out, "--data", data, "--quiet")
+        assert r.exit_code == 0, r.output
+        header = next(line for line in r.stdout.splitlines() if "task" in line)
+        assert all(c in header for c in present) and not any(c in header for c in absent), header
+
+
+def test_evaluate_reports_progress_in_rows(cli, base_checkpoint, sample_dir, monkeypatch):
+    """The bar (drawn only on a terminal, by console.Log.progress) is told the rows and advanced by
+    every batch's rows."""
+    from contextlib import contextmanager
+
+    from cogradctl import console
+
+    seen = {"total": None, "done": 0, "calls": 0}
+
+    @contextmanager
+    def progress(self, description, total):
+        seen["total"], seen["description"] = total, description
+
+        def advance(n=1, **fields):
+            seen["done"] += n
+            seen["calls"] += 1
+
+        yield advance
+
+    monkeypatch.setattr(console.Log, "progress", progress)
+    data = sample_dir / "valid.parquet"
+    r = cli("evaluate", "--checkpoint", base_checkpoint, "--data", data, "--batch-size", "128", "--json")
+    assert r.exit_code == 0, r.output
+    assert seen["total"] == VALID_ROWS and seen["done"] == VALID_ROWS and seen["calls"] == -(-VALID_ROWS // 128)
+    assert "evaluate base.safetensors" == seen["description"]
+
+
+def test_evaluate_without_a_terminal_prints_no_progress(cli, base_checkpoint, sample_dir):
+    r = cli("evaluate", "--checkpoint", base_checkpoint, "--data", sample_dir / "valid.parquet", "--json")
+    assert r.exit_code == 0 and r.stderr == "", r.stderr

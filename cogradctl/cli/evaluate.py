@@ -41,18 +41,31 @@ def evaluate_cmd(
     ckpt, model, _ = from_checkpoint(checkpoint, paths(plugin_path), dev)
     log = Log(quiet)
     stream = open_data(data, ckpt.schema, log, on_invalid_rows)
-    # streamed in order, never materialised
-    result = evaluate(model, stream, ckpt.schema, batch_size, dev, standard_errors=True)
+    # streamed in order, never materialised; a bar on stderr when it is a terminal (not --quiet)
+    with log.progress(f"evaluate {Path(checkpoint).name}", len(stream)) as advance:
+        result = evaluate(model, stream, ckpt.schema, batch_size, dev, standard_errors=True, progress=advance)
     report_data(stream, log)
     if json_out:
         emit_json(result)
         return
-    table = Table(title=f"{checkpoint} on {result['rows']} rows")
-    for col in ("task", "auc", "± se", "logloss", "mse", "mae"):
-        table.add_column(col, justify="left" if col == "task" else "right")
+    stdout.print(_table(f"{checkpoint} on {result['rows']} rows", result, {t.type for t in ckpt.schema.tasks}))
+
+
+# The columns of each task type: (metric key, heading).
+COLUMNS = {
+    "binary": (("auc", "auc"), ("auc_se", "± se"), ("logloss", "logloss")),
+    "regression": (("mse", "mse"), ("mae", "mae")),
+}
+
+
+def _table(title: str, result: dict, types: set[str]) -> Table:
+    """One row per task, with the columns of the task types present only (no empty mse/mae columns
+    when every task is binary, no AUC columns when every task is a regression)."""
+    columns = [c for kind in ("binary", "regression") if kind in types for c in COLUMNS[kind]]
+    table = Table(title=title)
+    table.add_column("task")
+    for _, heading in columns:
+        table.add_column(heading, justify="right")
     for task, m in result["tasks"].items():
-        cells = (
-            fmt(m[k], 5 if k == "auc_se" else 4) if k in m else "" for k in ("auc", "auc_se", "logloss", "mse", "mae")
-        )
-        table.add_row(task, *cells)
-    stdout.print(table)
+        table.add_row(task, *(fmt(m[k], 5 if k == "auc_se" else 4) if k in m else "" for k, _ in columns))
+    return table
