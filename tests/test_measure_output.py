@@ -253,3 +253,19 @@ def test_plot_without_matplotlib_is_an_input_error_naming_the_option(cli, base_c
     assert result.exit_code == 2 and result.stderr.count("\n") == 1
     assert "--plot needs matplotlib" in result.stderr and 'pip install -e ".[plot]"' in result.stderr
     assert not (sample_dir / "never.png").exists()
+
+
+def test_a_baseline_that_reads_the_rows_differently_reports_its_own_counts(cli, base_checkpoint, unseen, tmp_path):
+    """A baseline whose vocabulary was built on the new data maps other values to OOV: said, named as its own."""
+    part = tmp_path / "part.parquet"
+    pq.write_table(pq.read_table(unseen).slice(0, 150), part)
+    other = tmp_path / "other.safetensors"
+    init = ["init", "--model", "mmoe", "--data", part, "--tasks", ",".join(TASKS), "--out", other, "--quiet"]
+    assert cli(*init).exit_code == 0
+    args = ["--data", unseen, "--batches", 2, "--batch-size", 200, "--json"]
+    result = cli("measure-transference", "--checkpoint", base_checkpoint, "--baseline", other, *args)
+    assert result.exit_code == 0, result.output
+    theirs = [line for line in result.stderr.splitlines() if line.startswith(f"warning: --baseline {other}: ")]
+    (mine,) = _oov_lines(result.stderr)  # the checkpoint's: device values unseen at its init
+    assert len(theirs) == 1 and "device" not in theirs[0] and "user_bucket" in theirs[0]
+    assert not mine.startswith("warning: --baseline")
