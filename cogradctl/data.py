@@ -48,13 +48,25 @@ def resolve(spec: str) -> list[Path]:
     if path.is_dir():
         files = _below(path)
         if not files:
-            raise DataError(f"{spec}: directory has no *.parquet files")
+            raise DataError(f"{spec}: directory has no *.parquet files{_csv_hint(path)}")
         return files
     if path.is_file():
         return [path]
     if path.is_symlink():
         _regular(path)
     raise DataError(f"{spec}: no such file or directory")
+
+
+def _csv_hint(root: Path) -> str:
+    """For a directory of CSV files: that CSV is not read, and a command that converts one."""
+    first = next(iter(sorted(root.rglob("*.csv"))), None)
+    if first is None:
+        return ""
+    out = first.with_suffix(".parquet")
+    return (
+        f" (it holds CSV files, e.g. {first}: CSV is not read; convert each to Parquet, e.g. python -c "
+        f"\"import pyarrow.csv as c, pyarrow.parquet as p; p.write_table(c.read_csv('{first}'), '{out}')\")"
+    )
 
 
 def _below(root: Path) -> list[Path]:

@@ -334,3 +334,28 @@ def test_evaluate_reports_progress_in_rows(cli, base_checkpoint, sample_dir, mon
 def test_evaluate_without_a_terminal_prints_no_progress(cli, base_checkpoint, sample_dir):
     r = cli("evaluate", "--checkpoint", base_checkpoint, "--data", sample_dir / "valid.parquet", "--json")
     assert r.exit_code == 0 and r.stderr == "", r.stderr
+
+
+def test_a_directory_of_csv_files_says_csv_is_not_read_and_how_to_convert(cli, tmp_path, base_checkpoint, sample_dir):
+    import subprocess
+    import sys
+
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
+
+    d = tmp_path / "csvs"
+    d.mkdir()
+    pcsv.write_csv(pq.read_table(sample_dir / "valid.parquet"), d / "part-0.csv")
+    r = cli("evaluate", "--checkpoint", base_checkpoint, "--data", d, "--quiet")
+    line = one_error_line(r, str(d), "no *.parquet files", "CSV is not read", str(d / "part-0.csv"))
+    code = line.split('python -c "')[1].rsplit('"', 1)[0]
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)  # the suggested conversion works
+    assert (d / "part-0.parquet").is_file()
+    r = cli("evaluate", "--checkpoint", base_checkpoint, "--data", d, "--json")
+    assert r.exit_code == 0, r.output
+
+
+def test_an_empty_directory_gets_no_csv_hint(cli, tmp_path, base_checkpoint):
+    (tmp_path / "empty").mkdir()
+    line = one_error_line(cli("evaluate", "--checkpoint", base_checkpoint, "--data", tmp_path / "empty"))
+    assert "no *.parquet files" in line and "CSV" not in line
