@@ -170,9 +170,9 @@ def measure_cmd(
             log.info(f"measuring the baseline {baseline} on the same batches")
             _, base_model, base_split = from_checkpoint(baseline, paths(plugin_path), dev)
             (before, before_pb), base_stream = run(base_ckpt, base_model, base_split, baseline, "the baseline")
-            if (
-                base_stream.stats != stream.stats
-            ):  # the same rows: said once, unless its vocabulary reads them differently
+            # The same rows: what reading them dropped or mapped to OOV was said once, above, unless
+            # the baseline's own vocabulary reads them differently.
+            if base_stream.stats != stream.stats:
                 report_data(base_stream, _Prefixed(log, f"--baseline {baseline}: "))
             before_pb = measurement.add_baseline(result, per_batch, before, before_pb, baseline, normalize_rows)
             runs.append(("baseline", before_pb, result["baseline"]["measured"]))
@@ -205,11 +205,15 @@ def _batch_progress(log: Log, description: str):
         yield progress
 
 
-class _Prefixed:
-    """A Log whose warnings start with ``prefix`` (the baseline's own data report)."""
+class _Prefixed(Log):
+    """``log`` with every line starting with ``prefix`` (the baseline's own data report)."""
 
     def __init__(self, log: Log, prefix: str) -> None:
+        super().__init__(log.quiet)
         self.log, self.prefix = log, prefix
+
+    def info(self, message: str) -> None:
+        self.log.info(self.prefix + message)
 
     def warn(self, message: str) -> None:
         self.log.warn(self.prefix + message)
