@@ -7,7 +7,7 @@ and exits 1 (with a traceback only under ``--debug`` or ``COGRADCTL_DEBUG=1``).
 |------|--------------------------------------------------------------------------|
 | 0    | success                                                                  |
 | 1    | unexpected failure (a bug: please report it with COGRADCTL_DEBUG=1 output) |
-| 2    | usage or input error: bad option, missing or invalid file, schema mismatch |
+| 2    | usage or input error: bad option, missing or invalid file, schema mismatch, out of GPU memory |
 | 3    | a quality gate failed (measure-transference thresholds)                  |
 | 4    | training diverged: a non-finite loss or gradient, or non-finite weights (never saved; the message names the step whose state last.safetensors keeps) |
 | 5    | the environment refused: disk full, read-only or unwritable location, a path below a file |
@@ -94,3 +94,25 @@ class Stopped(CogradError):
     def __init__(self, message: str, signum: int) -> None:
         super().__init__(message)
         self.exit_code = 128 + signum
+
+
+class OutOfMemory(CogradError):
+    """The GPU ran out of memory (torch's ``OutOfMemoryError``): the model, the batch or the method's
+    K×P gradient matrix does not fit. An input error (exit 2), not a bug: the remedy is a smaller
+    ``--batch-size`` or model, or a larger GPU. Nothing is lost: the last saved state is intact."""
+
+    exit_code = EXIT_INPUT
+
+    @classmethod
+    def from_torch(cls, exc: BaseException) -> OutOfMemory:
+        """One line from torch's several sentences: how much was asked for, the device's capacity."""
+        import re
+
+        text = str(exc)
+        asked = re.search(r"Tried to allocate ([\d.]+ [KMGT]?i?B)", text)
+        where = re.search(r"GPU (\d+) has a total capacity of ([\d.]+ [KMGT]?i?B)", text)
+        device = f"cuda:{where.group(1)} ({where.group(2)} in all)" if where else "the GPU"
+        need = f" while allocating {asked.group(1)}" if asked else ""
+        return cls(
+            f"out of GPU memory on {device}{need}: use a smaller --batch-size or model config, or a GPU with more memory"
+        )
