@@ -24,7 +24,7 @@ from torch import nn
 
 from cogradctl import checkpoint as ckpt_io
 from cogradctl import registry
-from cogradctl.errors import CheckpointError, PluginError, UsageError
+from cogradctl.errors import CheckpointError, OutOfMemory, PluginError, UsageError
 from cogradctl.schema import Schema
 
 
@@ -166,7 +166,9 @@ def _call(factory, name: str, schema: Schema, config: dict, limit: Budget, sourc
             return factory(schema, **config)
     except TooLarge as exc:
         raise _too_large(name, source, exc) from None
-    except (TypeError, ValueError, OverflowError, torch.OutOfMemoryError) as exc:
+    except torch.OutOfMemoryError as exc:  # built on a GPU too small for it
+        raise OutOfMemory.from_torch(exc) from exc
+    except (TypeError, ValueError, OverflowError) as exc:
         raise UsageError(f"model '{name}' rejected its config: {exc}") from exc
     except RuntimeError as exc:
         if "alloc" not in str(exc).lower():
