@@ -77,7 +77,7 @@ def describe_device(device: torch.device) -> str:
 def synthetic_workload(model: str, num_tasks: int, rows: int, config: dict, plugin_paths: list[str], device, seed=0):
     """A fresh ``model`` plugin on ``rows`` rows of generated sample data with ``num_tasks`` binary
     tasks (task0 the anchor, the others of relatedness 0.5; positive rate 0.2): → (schema, dataset,
-    model on ``device``)."""
+    model built on ``device``)."""
     import tempfile
     from pathlib import Path
 
@@ -90,7 +90,8 @@ def synthetic_workload(model: str, num_tasks: int, rows: int, config: dict, plug
         sample.write(sample.generate(rows, tasks, seed=seed), path)
         schema, _ = data_io.infer_schema(str(path), list(tasks), {t: "binary" for t in tasks})
         dataset = data_io.load(str(path), schema)
-    net, _ = models.build(model, schema, config, plugin_paths)
+    with torch.device(device):  # built where it runs: no host copy of a large model, GPU initialisation
+        net, _ = models.build(model, schema, config, plugin_paths)
     net.to(device)
     return schema, dataset, net
 
