@@ -115,6 +115,14 @@ def bounded(budget: Budget):
             h.remove()
 
 
+# Said when a checkpoint names a model that is not registered here (a plugin file left off, or a
+# package not installed).
+SAVED_WITH = (
+    "{source} was saved with a model plugin that is not registered here: for a plugin file, "
+    "pass --plugin-path DIR or set COGRADCTL_PLUGIN_PATH; for a package, install it"
+)
+
+
 def build(
     name: str,
     schema: Schema,
@@ -133,7 +141,7 @@ def build(
     (``meta_only``: not at all; → ``(None, config)``). A plugin that cannot be built on the meta
     device is built directly, under the same budget.
     """
-    factory = registry.lookup("models", name, plugin_paths)
+    factory = registry.lookup("models", name, plugin_paths, SAVED_WITH.format(source=source) if source else "")
     options = config_options(factory)
     accepts_any = any(p.kind is p.VAR_KEYWORD for p in inspect.signature(factory).parameters.values())
     unknown = sorted(set(config) - set(options))

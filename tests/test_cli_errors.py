@@ -253,7 +253,9 @@ def test_train_evaluate_measure_inspect_leave_inputs_untouched(cli, tmp_path, fi
     r = cli("inspect", files["ckpt"], "--json")
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
-    assert set(doc) == {"checkpoint", "model", "config", "tasks", "features", "parameters", "history"}
+    keys = {"checkpoint", "model", "plugin_error", "config", "tasks", "features", "parameters", "stored_elements"}
+    assert set(doc) == keys | {"history"}
+    assert doc["plugin_error"] is None and doc["parameters"]["total"] == doc["stored_elements"]
     assert doc["model"] == "mmoe" and doc["config"]["num_experts"] == 2
     assert [f["name"] for f in doc["features"]][:2] == ["f0", "f1"]
 

@@ -153,11 +153,25 @@ def test_plugin_model_through_the_cli(tmp_path, sample_dir, cli):
     )
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["config"] == {"width": 5}
-    r = cli("inspect", out)  # the plugin is needed to rebuild the model
-    assert r.exit_code == 2 and "unknown model 'tiny'" in r.stderr and r.stdout == ""
+    # inspect reads the file alone: without the plugin it describes it all the same, with a warning
+    r = cli("inspect", out, "--json")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["tasks"] == {"click": "binary", "like": "binary"} and doc["config"] == {"width": 5}
+    assert doc["parameters"] is None and doc["stored_elements"] > 0 and "unknown model 'tiny'" in doc["plugin_error"]
+    assert "warning:" in r.stderr and "--plugin-path" in r.stderr
+    r = cli("inspect", out)
+    assert r.exit_code == 0 and "stored weight elements" in r.stdout and "click (binary)" in r.stdout, r.output
     r = cli("inspect", out, "--plugin-path", d, "--json")
     assert r.exit_code == 0, r.output
-    assert json.loads(r.stdout)["tasks"] == {"click": "binary", "like": "binary"}
+    doc = json.loads(r.stdout)
+    assert doc["plugin_error"] is None and set(doc["parameters"]["tasks"]) == {"click", "like"}
+    assert doc["parameters"]["total"] == doc["stored_elements"]  # the tiny model has no buffers
+    # a command that needs the model says how to give it the plugin
+    r = cli("evaluate", "--checkpoint", out, "--data", sample_dir / "valid.parquet", "--quiet")
+    assert r.exit_code == 2 and r.stdout == "" and len(r.stderr.splitlines()) == 1, r.output
+    for needle in ("unknown model 'tiny'", str(out), "--plugin-path DIR", "COGRADCTL_PLUGIN_PATH", "known models:"):
+        assert needle in r.stderr, (needle, r.stderr)
 
 
 def test_broken_plugin_is_reported_and_others_still_load(tmp_path, cli):
@@ -274,25 +288,17 @@ def test_duplicate_name_is_an_error_naming_both_sources(tmp_path, sample_dir, ba
     rows = {row["name"]: row for row in json.loads(r.stdout)["models"]}
     assert rows["mmoe"]["status"] == f"duplicate name, also from file {path}"
     assert rows["ple"]["status"] == "ok"
-    for args in (
-        (
-            "init",
-            "--model",
-            "mmoe",
-            "--data",
-            sample_dir / "valid.parquet",
-            "--tasks",
-            "click",
-            "--out",
-            tmp_path / "x.safetensors",
-        ),
-        ("inspect", base_checkpoint),
-    ):
-        r = cli(*args, "--plugin-path", d)
-        assert r.exit_code == 2, r.output
-        assert "registered more than once" in r.stderr and str(path) in r.stderr and "built-in" in r.stderr
-        assert r.stdout == ""
+    args = ("--data", sample_dir / "valid.parquet", "--tasks", "click", "--out", tmp_path / "x.safetensors")
+    r = cli("init", "--model", "mmoe", *args, "--plugin-path", d)
+    assert r.exit_code == 2, r.output
+    assert "registered more than once" in r.stderr and str(path) in r.stderr and "built-in" in r.stderr
+    assert r.stdout == ""
     assert not (tmp_path / "x.safetensors").exists()
+    # inspect needs nothing from the plugin: it describes the checkpoint and warns
+    r = cli("inspect", base_checkpoint, "--plugin-path", d)
+    assert r.exit_code == 0, r.output
+    assert "warning:" in r.stderr and "registered more than once" in r.stderr and str(path) in r.stderr
+    assert "model mmoe" in r.stdout
 
 
 def test_duplicate_between_two_plugin_files(tmp_path):
@@ -432,3 +438,19 @@ def test_categorical_only_schema_satisfies_the_contract(sample_dir):
     schema, _ = data.infer_schema(str(sample_dir / "valid.parquet"), TASKS, BINARY, features=["device", "category"])
     inputs, labels = data.load(str(sample_dir / "valid.parquet"), schema).batch(slice(0, 64))
     check_contract("mmoe", {"num_experts": 2, "expert": [8]}, schema, inputs, labels)
+
+
+@pytest.mark.parametrize(
+    "kind, typo, meant", [("models", "mmeo", "mmoe"), ("methods", "cogard", "cograd"), ("methods", "pc-grad", "pcgrad")]
+)
+def test_a_misspelt_name_gets_the_closest_known_one(kind, typo, meant):
+    with pytest.raises(PluginError) as err:
+        registry.lookup(kind, typo)
+    message = str(err.value)
+    assert f"unknown {kind[:-1]} '{typo}'; did you mean '{meant}'?; known {kind}: " in message
+
+
+def test_a_name_like_no_other_gets_no_suggestion():
+    with pytest.raises(PluginError) as err:
+        registry.lookup("methods", "zzzzzz")
+    assert "did you mean" not in str(err.value) and "known methods: " in str(err.value)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from pathlib import Path
 from typing import Annotated
 
@@ -14,21 +15,37 @@ from rich.text import Text
 from cogradctl.cli.core import command
 from cogradctl.cli.options import Json, PluginPath, paths
 from cogradctl.cli.output import emit_json, stdout
+from cogradctl.console import Log
 
 
 @command("inspect")
 def inspect_cmd(
-    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint file.")],
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint file.", metavar="CHECKPOINT")],
     plugin_path: PluginPath = None,
     json_out: Json = False,
 ) -> None:
-    """Describe a checkpoint: model plugin and config, tasks, features, parameter counts, history."""
-    from cogradctl import models
+    """Describe a checkpoint: model plugin and config, tasks, features, parameter counts, history.
 
-    ckpt, net, split = models.from_checkpoint(checkpoint, paths(plugin_path))
+    Everything but the per-task parameter counts comes from the file itself: a checkpoint whose model
+    plugin is not registered here (a plugin file without --plugin-path) is described all the same,
+    with a warning, and its parameters as the number of stored weight elements.
+    """
+    from cogradctl import checkpoint as ckpt_io
+    from cogradctl import models
+    from cogradctl.errors import PluginError
+
+    ckpt = ckpt_io.read_checked(checkpoint)
+    stored = sum(math.prod(shape) for shape in ckpt_io.stored_shapes(checkpoint).values())
+    try:
+        _, net, split = models.from_checkpoint(checkpoint, paths(plugin_path))
+        parameters, plugin_error = models.parameter_counts(net, split), None
+    except PluginError as exc:
+        parameters, plugin_error = None, str(exc)
+        Log().warn(f"{checkpoint}: {exc}; described without it (per-task parameter counts need the plugin)")
     doc = {
         "checkpoint": str(checkpoint),
         "model": ckpt.model,
+        "plugin_error": plugin_error,
         "config": ckpt.model_config,
         "tasks": {t.name: t.type for t in ckpt.schema.tasks},
         "features": [
@@ -39,7 +56,8 @@ def inspect_cmd(
             }
             for f in ckpt.schema.features
         ],
-        "parameters": models.parameter_counts(net, split),
+        "parameters": parameters,  # None without the plugin
+        "stored_elements": stored,
         "history": ckpt.history,
     }
     if json_out:
@@ -61,9 +79,11 @@ def _print(checkpoint: Path, ckpt, doc: dict) -> None:
     say(f"{checkpoint}: model {ckpt.model} {json.dumps(ckpt.model_config, sort_keys=True)}")
     say(f"tasks: {', '.join(f'{k} ({v})' for k, v in doc['tasks'].items())}")
     p = doc["parameters"]
-    say(
-        f"parameters: {p['total']} total, {p['shared']} shared, " + ", ".join(f"{t} {n}" for t, n in p["tasks"].items())
-    )
+    if p is None:
+        say(f"parameters: {doc['stored_elements']} stored weight elements (model plugin not loaded)")
+    else:
+        counts = ", ".join(f"{t} {n}" for t, n in p["tasks"].items())
+        say(f"parameters: {p['total']} total, {p['shared']} shared, {counts}")
     table = Table(title="features")
     for col in ("feature", "kind", "vocabulary / mean ± std"):
         table.add_column(col)
