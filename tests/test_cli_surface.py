@@ -83,6 +83,7 @@ def _help(cli, command: list[str], columns: int) -> str:
 def test_help_has_no_bool_placeholders_boxes_or_hard_breaks(cli, command, columns):
     text = _help(cli, command, columns)
     assert "<bool>" not in text and "<list[" not in text
+    assert "[default: no-" not in " ".join(text.split()), "an off-by-default --x/--no-x flag says nothing more"
     assert not set("╭╮╰╯│") & set(text), "rich's boxed panels are gone"
     assert all(len(line) <= columns for line in text.splitlines())
     # Every paragraph of prose (the description and the exit codes, indented by two spaces) is

@@ -121,9 +121,16 @@ app = typer.Typer(
 DEBUG = {"on": os.environ.get("COGRADCTL_DEBUG", "") not in ("", "0")}
 
 
+class _Group(typer.Typer):
+    """A Typer whose commands format their help as ``Command`` does."""
+
+    def command(self, *args, cls=None, **kwargs):
+        return super().command(*args, cls=cls or Command, **kwargs)
+
+
 def command_group(help: str) -> typer.Typer:
     """A command group (``cogradctl data …``) with the root's help options and exit-code epilog."""
-    return typer.Typer(
+    return _Group(
         help=help,
         no_args_is_help=True,
         context_settings=dict(HELP_OPTIONS),
