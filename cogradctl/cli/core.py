@@ -32,8 +32,12 @@ EXIT_CODES = (
 HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}
 
 
+# Typer (0.29) vendors its own click: its exceptions, not the click package's, are the ones raised.
+CLICK_ERRORS = typer.core._click.exceptions
+
+
 class Group(typer.core.TyperGroup):
-    """The root command: a command-line parsing error (an unknown option, a missing or mistyped
+    """The root command (and each group's): a command-line parsing error (an unknown option, a missing or mistyped
     value, an unknown command) is the one ``error:`` line on stderr and exit 2, like every other
     input error, instead of click's usage block."""
 
@@ -43,10 +47,10 @@ class Group(typer.core.TyperGroup):
         try:
             # Not standalone: an Exit comes back as its code, a parsing error is raised to here.
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        except typer.core._click.exceptions.NoArgsIsHelpError as exc:
+        except CLICK_ERRORS.NoArgsIsHelpError as exc:
             exc.show()  # no arguments: the help, as before
             sys.exit(exc.exit_code)
-        except typer.core._click.exceptions.ClickException as exc:
+        except CLICK_ERRORS.ClickException as exc:
             stderr.print(f"error: {usage_message(exc)}", markup=False, style="red")
             sys.exit(exc.exit_code)
         except typer.Abort:
@@ -89,8 +93,7 @@ def usage_message(exc) -> str:
     ctx = getattr(exc, "ctx", None)
     where = ctx.command_path if ctx is not None else "cogradctl"
     see = f"see '{where} --help'"
-    options = typer.core._click.exceptions
-    if isinstance(exc, options.NoSuchOption):
+    if isinstance(exc, CLICK_ERRORS.NoSuchOption):
         close = sorted(exc.possibilities or [])
         if len(close) == 1:
             return f"{where}: no such option {exc.option_name}; did you mean {close[0]}?"
@@ -121,8 +124,8 @@ app = typer.Typer(
 DEBUG = {"on": os.environ.get("COGRADCTL_DEBUG", "") not in ("", "0")}
 
 
-class _Group(typer.Typer):
-    """A Typer whose commands format their help as ``Command`` does."""
+class GroupApp(typer.Typer):
+    """A command group's Typer: its commands format their help as ``Command`` does."""
 
     def command(self, *args, cls=None, **kwargs):
         return super().command(*args, cls=cls or Command, **kwargs)
@@ -130,7 +133,7 @@ class _Group(typer.Typer):
 
 def command_group(help: str) -> typer.Typer:
     """A command group (``cogradctl data …``) with the root's help options and exit-code epilog."""
-    return _Group(
+    return GroupApp(
         help=help,
         no_args_is_help=True,
         context_settings=dict(HELP_OPTIONS),
