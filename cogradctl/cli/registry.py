@@ -87,20 +87,17 @@ def _registry_doc(kind: str, plugin_path) -> list[dict]:
 
 
 def _registry_table(title: str, kind: str, rows: list[dict], columns: list[str]) -> Table:
-    """The list: names never cut, the description wrapped; a source column when a plugin is not
-    built in and a status column when one is broken (the rest is in ``KIND NAME`` and --json)."""
-    if any(row["source"] != "built-in" for row in rows):
-        columns = [*columns, "source"]
-    if any(row["status"] != "ok" for row in rows):
-        columns = [*columns, "status"]
+    """The list: names never cut, the description wrapped; under it, for a plugin that is not built
+    in, where it comes from, and for one that is broken, why (the rest is in ``KIND NAME`` and --json)."""
     table = Table(title=title, caption=f"options of one: cogradctl {kind} NAME", caption_justify="left")
     for col in columns:
         table.add_column(col, no_wrap=col == "name", overflow="fold")
     for row in rows:
-        cells = [
-            Text(str(row.get(col) or ""), style="red" if col == "status" and row[col] != "ok" else "")
-            for col in columns
-        ]
+        cells = [Text(str(row.get(col) or "")) for col in columns]
+        if row["source"] != "built-in":
+            cells[-1].append(f"\n({row['source']})", style="dim")
+        if row["status"] != "ok":
+            cells[-1].append(f"\n{row['status']}", style="red")
         table.add_row(*cells)
     return table
 
