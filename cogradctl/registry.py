@@ -226,9 +226,10 @@ def details(kind: str, name: str, extra_paths: list[str] | None = None) -> dict:
     if kind == "methods":
         doc["family"] = getattr(factory, "family", "")
         doc["paper"] = getattr(factory, "paper", "")
-    meanings = getattr(factory, "options", None) or {}
+    meanings = getattr(factory, "options", None)
+    meanings = meanings if isinstance(meanings, dict) else {}
     doc["options"] = [
-        {"name": p.name, "type": _type_name(p), "default": _default(p), "meaning": plain(meanings.get(p.name, ""))}
+        {"name": p.name, "type": _type_name(p), "default": _default(p), "meaning": plain(str(meanings.get(p.name, "")))}
         for p in _option_params(factory, skip_first=kind == "models")
     ]
     return doc

@@ -363,3 +363,20 @@ def test_an_empty_directory_gets_no_csv_hint(cli, tmp_path, base_checkpoint):
     (tmp_path / "empty").mkdir()
     line = one_error_line(cli("evaluate", "--checkpoint", base_checkpoint, "--data", tmp_path / "empty"))
     assert "no *.parquet files" in line and "CSV" not in line
+
+
+def test_detail_of_a_method_whose_options_attribute_is_not_a_dict(cli, tmp_path):
+    import json
+
+    d = tmp_path / "plugins"
+    d.mkdir()
+    (d / "odd.py").write_text(
+        "class Odd:\n    options = ['x']\n\n    def __init__(self, x: int = 3, *, y=None):\n        pass\n\n\n"
+        "METHODS = {'odd': Odd}\n"
+    )
+    r = cli("methods", "odd", "--plugin-path", d, "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["options"] == [
+        {"name": "x", "type": "int", "default": 3, "meaning": ""},
+        {"name": "y", "type": "", "default": None, "meaning": ""},
+    ]
