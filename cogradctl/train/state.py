@@ -59,6 +59,18 @@ def _saved_state(extra: dict[str, torch.Tensor], name: str) -> dict[str, torch.T
     }
 
 
+def _placed(key: str, value: torch.Tensor, param, optimizer, device) -> torch.Tensor:
+    """Where ``Optimizer.load_state_dict`` would put a saved state tensor: the step count stays on
+    the CPU, except for a fused or capturable group, whose kernels read it on the parameter's
+    device as float32 (the fused CUDA Adam refuses a CPU step: a resumed GPU run failed so)."""
+    if key != "step":
+        return value.to(device)
+    group = next(g for g in optimizer.param_groups if any(p is param for p in g["params"]))
+    if group.get("fused") or group.get("capturable"):
+        return value.to(dtype=torch.float32, device=param.device)
+    return value
+
+
 def restore(
     extra: dict[str, torch.Tensor],
     optimizer,
@@ -81,7 +93,7 @@ def restore(
         else:
             entries = _saved_state(extra, name)
         if entries:
-            optimizer.state[param] = {k: (v.to(device) if k != "step" else v) for k, v in entries.items()}
+            optimizer.state[param] = {k: _placed(k, v, param, optimizer, device) for k, v in entries.items()}
     method_state = {k[len("method.") :]: v for k, v in extra.items() if k.startswith("method.")}
     if method_state:
         method.load_state_dict(method_state)
