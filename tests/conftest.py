@@ -7,6 +7,7 @@ session-scoped fixtures are read-only by convention: a test that needs to modify
 from __future__ import annotations
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from cogradctl import cli as cli_module
@@ -20,10 +21,15 @@ TINY_MMOE = ["--config", "num_experts=2", "--config", "expert=[16]", "--config",
 
 @pytest.fixture(scope="session", autouse=True)
 def _hermetic_env():
-    """The user's COGRADCTL_* variables must not change what the tests see."""
+    """The user's COGRADCTL_* variables must not change what the tests see. Every cogradctl process
+    a test starts uses one torch thread, as the tests' own process does (test_allocator sets it when
+    collected): the models are tiny, and on a loaded machine a second thread waiting for a core made
+    a training step several times slower."""
     with pytest.MonkeyPatch.context() as mp:
         for var in ("COGRADCTL_PLUGIN_PATH", "COGRADCTL_DEBUG"):
             mp.delenv(var, raising=False)
+        mp.setenv("OMP_NUM_THREADS", "1")
+        torch.set_num_threads(1)
         yield
 
 

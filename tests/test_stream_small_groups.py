@@ -18,18 +18,25 @@ READ = 400  # READ_ROWS for these tests: several coalesced units per file
 SAMPLE = Path(__file__).resolve().parent.parent / "sample_data" / "train.parquet"
 
 
-@pytest.fixture
-def small(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def small_files(tmp_path_factory):
     """The same 1500 rows twice: as two files of 1-row and 16-row row groups, and as two files of
-    one row group each; and the schema."""
-    monkeypatch.setattr(files_mod, "READ_ROWS", READ)
+    one row group each; and the schema. Written once for the module (read-only)."""
+    root = tmp_path_factory.mktemp("small")
     a, b = sample.generate(700, seed=21), sample.generate(800, seed=22)
     for name, rg in (("tiny", (1, 16)), ("whole", (700, 800))):
-        (tmp_path / name).mkdir()
-        pq.write_table(a, tmp_path / name / "a.parquet", row_group_size=rg[0])
-        pq.write_table(b, tmp_path / name / "b.parquet", row_group_size=rg[1])
-    schema = data.infer_schema(str(tmp_path / "whole"), TASKS, {t: "binary" for t in TASKS})[0]
-    return tmp_path / "tiny", tmp_path / "whole", schema
+        (root / name).mkdir()
+        pq.write_table(a, root / name / "a.parquet", row_group_size=rg[0])
+        pq.write_table(b, root / name / "b.parquet", row_group_size=rg[1])
+    schema = data.infer_schema(str(root / "whole"), TASKS, {t: "binary" for t in TASKS})[0]
+    return root / "tiny", root / "whole", schema
+
+
+@pytest.fixture
+def small(small_files, monkeypatch):
+    """``small_files``, read with READ_ROWS = READ."""
+    monkeypatch.setattr(files_mod, "READ_ROWS", READ)
+    return small_files
 
 
 def rowset(batches) -> list[tuple]:
@@ -149,17 +156,24 @@ def test_large_row_groups_are_bit_identical(tmp_path, monkeypatch):
         assert all(same(x, y) for x, y in zip(*runs)), spec
 
 
-@pytest.mark.parametrize("shards", [1, 2])
-def test_resume_with_dropped_rows(tmp_path, small, shards):
-    """With --on-invalid-rows drop, skipping reads coalesced units for their valid rows' ids."""
-    _, _, schema = small
+@pytest.fixture(scope="module")
+def with_nans(tmp_path_factory):
+    """900 rows in 1-row row groups, f0 NaN in rows 5, 450, 451 and 899 (read-only)."""
     table = sample.generate(900, seed=3)
     f0 = table.column("f0").to_pylist()
     for i in (5, 450, 451, 899):
         f0[i] = float("nan")
     table = table.set_column(table.schema.get_field_index("f0"), "f0", [f0])
-    pq.write_table(table, tmp_path / "x.parquet", row_group_size=1)
-    s = ParquetStream(str(tmp_path / "x.parquet"), schema, on_invalid="drop", shuffle_buffer=100)
+    path = tmp_path_factory.mktemp("nans") / "x.parquet"
+    pq.write_table(table, path, row_group_size=1)
+    return path
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_resume_with_dropped_rows(with_nans, small, shards):
+    """With --on-invalid-rows drop, skipping reads coalesced units for their valid rows' ids."""
+    _, _, schema = small
+    s = ParquetStream(str(with_nans), schema, on_invalid="drop", shuffle_buffer=100)
     take = tuple(range(shards))
     full = list(s.batches(32, shuffle=True, seed=2, shards=shards, take=take))
     assert sum(len(y) for _, y in full) == 896
