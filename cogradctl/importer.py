@@ -183,6 +183,7 @@ def vocabulary_report(spec: str, schema: Schema, opts: infer.SchemaOptions) -> d
     """
     capped = [f.name for f in schema.categorical if len(f.vocab) >= opts.max_vocab]
     oov = {f.name: 0 for f in schema.categorical}
+    distinct = dict(oov)
     if opts.min_count > 1 or capped:
         from cogradctl.stream import ParquetStream
 
@@ -190,8 +191,10 @@ def vocabulary_report(spec: str, schema: Schema, opts: infer.SchemaOptions) -> d
         for _ in stream.batches(65536, shuffle=False):
             pass
         oov.update(stream.stats["oov"])
+        distinct.update(stream.stats["oov_distinct"])
     return {
         "values": {f.name: len(f.vocab) for f in schema.categorical},
-        "sample_oov": oov,
+        "sample_oov": oov,  # rows whose value is outside the vocabulary
+        "sample_oov_distinct": distinct,  # distinct such values
         "capped_by_max_vocab": capped,
     }

@@ -166,15 +166,24 @@ def test_a_stored_column_wins_over_a_partition_key_of_the_same_name(cli, tmp_pat
 
 
 def test_import_takes_exclude_features(cli, tmp_path):
+    """import reads the sample as init does: --exclude-features, and values --min-count prunes counted
+    in rows and in distinct values."""
+    counts = awkward().column("user").value_counts().to_pylist()
+    rare = [c["counts"] for c in counts if c["counts"] < 14]
+    assert rare and len(rare) < len(counts), counts  # the seeded sample has ids seen fewer than 14 times
     pq.write_table(awkward(), tmp_path / "log.parquet")
     made = tmp_path / "made.safetensors"
-    assert init(cli, tmp_path / "log.parquet", made, "--exclude-features", "tags,ts,geo").exit_code == 0
+    schema_opts = ("--exclude-features", "tags,ts,geo", "--min-count", "14")
+    assert init(cli, tmp_path / "log.parquet", made, *schema_opts).exit_code == 0
     weights = tmp_path / "weights.pt"
     assert cli("export", made, "--out", weights).exit_code == 0
     args = ["import", "--model", "mmoe", *TINY_MMOE, "--weights", weights, "--data", tmp_path / "log.parquet"]
-    args += ["--tasks", "click,like", "--out", tmp_path / "imported.safetensors"]
+    args += ["--tasks", "click,like", "--out", tmp_path / "imported.safetensors", "--min-count", "14"]
     line = one_error(cli(*args))
     assert "--exclude-features tags,ts,geo" in line
     result = cli(*args, "--exclude-features", "tags,ts,geo", "--json")
     assert result.exit_code == 0, result.output
     assert list(features(tmp_path / "imported.safetensors")) == ["price", "user", "is_new"]
+    vocab = json.loads(result.stdout)["vocabulary"]
+    assert vocab["sample_oov"]["user"] == sum(rare) and vocab["sample_oov_distinct"]["user"] == len(rare)
+    assert f"outside it: {sum(rare)} sample value(s), {len(rare)} distinct" in result.stderr

@@ -132,9 +132,10 @@ def _log(log: Log, summary: dict) -> None:
     )
     if vocab["values"]:
         counts = ", ".join(f"{f} {n}" for f, n in vocab["values"].items())
-        oov = sum(vocab["sample_oov"].values())
+        oov, distinct = sum(vocab["sample_oov"].values()), sum(vocab["sample_oov_distinct"].values())
         log.info(
-            f"categorical values in the vocabulary: {counts}; {oov} sample value(s) fall outside it. Any value this "
+            f"categorical values in the vocabulary: {counts}; outside it: {oov} sample value(s), {distinct} distinct. "
+            "Any value this "
             "sample lacks (an id the team's model knows but the sample never shows) will reach the plugin as index 0, "
             "the missing bucket, until ids can be kept as the team encodes them (issue #23): import with a sample "
             "that covers the ids you serve"
