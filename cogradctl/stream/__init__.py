@@ -22,7 +22,9 @@ along (``cogradctl predict``), and ``labels=False`` reads data without the label
 
 Invalid rows (NaN or infinite dense features or labels, null labels) are an error naming the file,
 row group and column (``on_invalid="error"``), or are dropped and counted (``"drop"``). Binary
-labels outside {0, 1} are always an error (the task type is wrong, not the row).
+labels outside {0, 1} are always an error (the task type is wrong, not the row). Categorical values
+not in the vocabulary (index 0) are counted per column in ``stats``: ``oov`` (rows), ``oov_distinct``
+(distinct values) and ``oov_distinct_capped``; :meth:`ParquetStream.unseen_warning` says it in words.
 
 Modules:
 
