@@ -85,10 +85,18 @@ def _add(found: dict[str, Entry], entry: Entry) -> None:
         found[entry.name] = entry
 
 
-def discover(kind: str, extra_paths: list[str] | None = None) -> dict[str, Entry]:
-    """All registered entries of ``kind`` ("models" or "methods"), broken ones included."""
+def discover(kind: str, extra_paths: list[str] | None = None, only: str | None = None) -> dict[str, Entry]:
+    """All registered entries of ``kind`` ("models" or "methods"), broken ones included.
+
+    ``only``: of the installed packages' entry points, load only those registered under that name
+    (plugin files are still all read: their names are only known once they run). Loading an entry
+    point imports its module, and the rechub-* bridges import torch-rechub and scikit-learn, seconds
+    that a command using the built-in mmoe should not pay.
+    """
     found: dict[str, Entry] = {}
     for ep in sorted(entry_points(group=GROUPS[kind]), key=lambda e: e.name):
+        if only is not None and ep.name != only:
+            continue
         dist = ep.dist.name if ep.dist is not None else "?"
         source = "built-in" if dist == "cogradctl" else f"package {dist}"
         entry = Entry(ep.name, source)
@@ -170,10 +178,11 @@ def closest(name: str, names) -> str:
 def lookup(kind: str, name: str, extra_paths: list[str] | None = None, hint: str = "") -> Callable[..., Any]:
     """The factory registered as ``name``, or a PluginError saying what is known or what broke (an
     unknown name: the closest known one, then ``hint``, then the known names)."""
-    found = discover(kind, extra_paths)
+    found = discover(kind, extra_paths, only=name)
     singular = kind[:-1]
     entry = found.get(name)
     if entry is None:
+        found = discover(kind, extra_paths)  # every plugin, for the known names and those that failed
         known = ", ".join(sorted(n for n, e in found.items() if e.error is None)) or "none"
         hint = f" ({hint})" if hint else ""
         raise PluginError(
