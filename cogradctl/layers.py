@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from itertools import accumulate
+
 import torch
 from torch import nn
 
@@ -18,9 +20,10 @@ class FeatureInput(nn.Module):
     def __init__(self, schema: Schema, embedding_dim: int = 8) -> None:
         super().__init__()
         cards = [f.cardinality for f in schema.categorical]
-        offsets = (
-            torch.tensor([0, *cards[:-1]], dtype=torch.long).cumsum(0) if cards else torch.zeros(0, dtype=torch.long)
-        )
+        # Summed in Python, not with Tensor.cumsum: on the meta device (where every checkpoint's model
+        # is first built) that goes through torch's Python decompositions, whose first use imports
+        # torch._refs and torch._prims, seconds added to every command's start.
+        offsets = torch.tensor(list(accumulate([0, *cards[:-1]])) if cards else [], dtype=torch.long)
         self.register_buffer("offsets", offsets, persistent=False)
         # No categorical features: no embedding table (an unused parameter would count as shared).
         self.embedding = nn.Embedding(sum(cards), embedding_dim) if cards else None
