@@ -107,19 +107,20 @@ def bench(
     steps: int = 20,
     warmup: int = 3,
     device: torch.device = torch.device("cpu"),
+    progress=None,
 ) -> dict:
     """Time the floor, a plain step, each method's training step and a measure-transference batch.
 
     Runs are interleaved: each round times one step of every candidate in turn, in an order that
     rotates from round to round, so that a noisy, shared machine slows them all alike. The
     optimizer's learning rate is 0, so the weights (and hence every candidate's work) stay
-    identical across rounds.
+    identical across rounds. ``progress(n)``, if given, is called after each round.
     """
     n_batches = max(1, min(len(data) // batch_size, 8))
     batches = [data.batch(slice(b * batch_size, (b + 1) * batch_size), device) for b in range(n_batches)]
     model.train()
     candidates = _candidates(model, split, schema, methods, method_options or {}, device)
-    times, peaks = _time_rounds(candidates, batches, warmup, steps, device)
+    times, peaks = _time_rounds(candidates, batches, warmup, steps, device, progress or (lambda n=1: None))
     return _report(times, peaks, methods, schema, split, batch_size, steps, device)
 
 
@@ -175,7 +176,7 @@ def _candidates(
 
 
 def _time_rounds(
-    candidates: dict, batches: list, warmup: int, steps: int, device: torch.device
+    candidates: dict, batches: list, warmup: int, steps: int, device: torch.device, progress
 ) -> tuple[dict[str, list[float]], dict[str, float]]:
     """Each candidate's time (ms) in each of ``steps`` rounds after ``warmup``, and its peak GPU memory (MiB)."""
     times: dict[str, list[float]] = {c: [] for c in candidates}
@@ -194,6 +195,7 @@ def _time_rounds(
                 times[cand].append(elapsed)
             if device.type == "cuda":
                 peaks[cand] = max(peaks[cand], torch.cuda.max_memory_allocated(device) / 2**20)
+        progress(1)
     return times, peaks
 
 

@@ -146,3 +146,61 @@ def test_bench_warns_when_the_timings_are_too_noisy(monkeypatch):
     assert result.exit_code == 0, result.output
     assert "timings are noisy" in result.stderr and "raise --steps" in result.stderr
     assert json.loads(result.stdout)["methods"]["ew"]["ratio_to_floor_ci95"] == [0.9, 1.3]  # stdout stays pure JSON
+
+
+def _fake_result(peak):
+    method = {
+        "step_ms": 11.0,
+        "spread_ms": [9.0, 14.0],
+        "ratio_to_ew": 1.0,
+        "ratio_to_floor": 1.1,
+        "ratio_to_floor_ci95": [0.9, 1.3],
+        "peak_mem_mb": peak,
+    }
+    return {
+        "device": "x",
+        "tasks": 2,
+        "batch_size": 64,
+        "steps": 3,
+        "shared_parameters": 10,
+        "floor_ms": 10.0,
+        "floor_spread_ms": [8.0, 13.0],
+        "plain_ms": 6.0,
+        "process_peak_rss_mb": 321.0,
+        "methods": {"ew": method},
+        "measure_transference": {
+            "batch_ms": 12.0,
+            "floor_ms": 11.0,
+            "ratio_to_floor": 1.09,
+            "ratio_to_floor_ci95": [1.0, 1.2],
+        },
+    }
+
+
+@pytest.mark.parametrize("peak", [None, 87.6])
+def test_the_peak_memory_column_appears_only_where_it_was_measured(monkeypatch, peak):
+    """Issue #25 item 14: on the CPU there are no per-method memory statistics, so no empty column
+    (the process's peak RSS is said once instead); on CUDA each method's peak is shown."""
+    import cogradctl.bench
+
+    monkeypatch.setattr(cogradctl.bench, "bench", lambda *a, **k: _fake_result(peak))
+    args = ["bench", "--model", "shared-bottom", "--synthetic", "--methods", "ew", "--device", "cpu", "-q"]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert ("peak MB" in result.stdout) == (peak is not None)
+    ew_row = next(line for line in result.stdout.splitlines() if line.startswith("│ ew "))
+    assert ew_row.rstrip(" │").endswith("88") if peak else "process peak RSS: 321 MB" in result.stdout
+
+
+def test_bench_reports_each_round_to_its_progress_callback():
+    """Issue #25 item 6: the bar on a terminal advances once per round (warm-up rounds included)."""
+    import torch
+
+    from cogradctl import bench as bench_mod
+    from cogradctl.models import split_parameters
+
+    schema, data, net = bench_mod.synthetic_workload("mmoe", 2, 256, {"expert": [8]}, [], torch.device("cpu"))
+    split = split_parameters(net, schema.task_names, "mmoe")
+    calls = []
+    bench_mod.bench(net, split, schema, data, ["ew"], batch_size=128, steps=3, warmup=2, progress=calls.append)
+    assert calls == [1] * 5

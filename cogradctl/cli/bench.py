@@ -89,7 +89,10 @@ def bench_cmd(
         f"{steps} steps each, {dev}"
     )
     split = models.split_parameters(net, schema.task_names, plugin)
-    result = bench_mod.bench(net, split, schema, dataset, names, per_method, batch_size, steps, warmup, dev)
+    with log.progress("bench rounds", warmup + steps) as advance:  # a bar on a terminal only
+        result = bench_mod.bench(
+            net, split, schema, dataset, names, per_method, batch_size, steps, warmup, dev, advance
+        )
     result["model"] = plugin
     ci = [r["ratio_to_floor_ci95"] for r in result["methods"].values()]
     widest = max((hi - lo for lo, hi in ci), default=0.0)
@@ -123,12 +126,15 @@ def _print(result: dict, plugin: str, batch_size: int) -> None:
         title=f"{plugin}, K={result['tasks']}, batch {batch_size}, {result['shared_parameters']} shared parameters"
         f" — {result['device']}"
     )
-    for col in ("step", "ms", "p25–p75", "÷ ew", "÷ floor", "95% interval", "peak MB"):
+    on_gpu = next(iter(result["methods"].values()), {}).get("peak_mem_mb") is not None
+    columns = ("step", "ms", "p25–p75", "÷ ew", "÷ floor", "95% interval") + (("peak MB",) if on_gpu else ())
+    for col in columns:  # peak memory per method is measured on CUDA only: no empty column on the CPU
         table.add_column(col, justify="left" if col == "step" else "right")
     lo, hi = result["floor_spread_ms"]
     floor, plain = result["floor_ms"], result["plain_ms"]
-    table.add_row("floor: 1 fwd + K bwd", f"{floor:.2f}", f"{lo:.2f}–{hi:.2f}", "", "1.00", "", "")
-    table.add_row("plain: 1 fwd + 1 bwd", f"{plain:.2f}", "", "", f"{plain / floor:.2f}", "", "")
+    pad = ("",) if on_gpu else ()
+    table.add_row("floor: 1 fwd + K bwd", f"{floor:.2f}", f"{lo:.2f}–{hi:.2f}", "", "1.00", "", *pad)
+    table.add_row("plain: 1 fwd + 1 bwd", f"{plain:.2f}", "", "", f"{plain / floor:.2f}", "", *pad)
     for name, r in result["methods"].items():
         peak = "" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.0f}"
         table.add_row(
@@ -138,7 +144,7 @@ def _print(result: dict, plugin: str, batch_size: int) -> None:
             fmt(r["ratio_to_ew"], 2),
             f"{r['ratio_to_floor']:.2f}",
             "{:.2f}–{:.2f}".format(*r["ratio_to_floor_ci95"]),
-            peak,
+            *((peak,) if on_gpu else ()),
         )
     m = result["measure_transference"]
     table.add_row(
@@ -148,10 +154,10 @@ def _print(result: dict, plugin: str, batch_size: int) -> None:
         "",
         f"{m['ratio_to_floor']:.2f} of its floor ({m['floor_ms']:.2f} ms)",
         "{:.2f}–{:.2f}".format(*m["ratio_to_floor_ci95"]),
-        "",
+        *pad,
     )
     stdout.print(table)
-    if result["methods"] and next(iter(result["methods"].values()))["peak_mem_mb"] is None:
+    if not on_gpu:
         stdout.print(
             f"process peak RSS: {result['process_peak_rss_mb']:.0f} MB (no per-method memory statistics on CPU)"
         )
