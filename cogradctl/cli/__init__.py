@@ -6,7 +6,8 @@ progress go to stderr. Errors are one line on stderr and an exit code from the t
 
 ``core.py`` holds the Typer app, the shared error handling and ``main``; ``options.py`` the options
 that several commands share; ``output.py`` stdout and ``--json``; each other module one command or
-group, except ``measure_view.py``: the tables, summary and heatmaps of measure-transference.
+group, except ``measure_view.py`` and ``measure_plot.py``: the tables and summary, and the heatmaps, of
+measure-transference.
 Importing a command module registers its commands, and ``--help`` lists them in the order of the
 imports below, so that order is kept by hand.
 """
