@@ -121,7 +121,7 @@ def test_sigkill_mid_epoch_then_rerun_gives_bit_identical_weights(dropout_checkp
     assert ckpt_io.load(out / "best.safetensors").state.keys() == want.keys()
 
 
-def test_sigterm_finishes_the_step_saves_and_exits_143(dropout_checkpoint, sample_dir, tmp_path):
+def test_sigterm_finishes_the_step_saves_and_exits_143(dropout_checkpoint, sample_dir, tmp_path, cli):
     out = tmp_path / "term"
     # 320 steps: the signal is sent as soon as the step-0 checkpoint exists (the handlers are in place
     # by then), so the run is at its first steps when it lands and the rerun does nearly all of them
@@ -137,10 +137,8 @@ def test_sigterm_finishes_the_step_saves_and_exits_143(dropout_checkpoint, sampl
     state = ckpt_io.load(out / "last.safetensors").training_state
     assert not state["finished"] and 1 <= state["step"] < 320
     assert not (out / ".lock").exists()
-    done = subprocess.run(
-        train_args(dropout_checkpoint, sample_dir, out, *long_run), cwd=ROOT, timeout=600
-    )  # the same command
-    assert done.returncode == 0
+    done = cli(*train_args(dropout_checkpoint, sample_dir, out, *long_run)[3:])  # the same command, in this process
+    assert done.exit_code == 0, done.output
     assert ckpt_io.load(out / "last.safetensors").training_state["finished"]
 
 
