@@ -39,7 +39,7 @@ try:
     from torch_rechub.models.multi_task import AITM, ESMM, MMOE, PLE, SharedBottom
 except ImportError as exc:  # the optional extra is not installed
     raise ImportError(
-        f'the torch-rechub bridge needs torch-rechub 0.9: pip install "cogradctl[rechub]" ({exc})'
+        f'the torch-rechub bridge needs torch-rechub 0.9: pip install -e ".[rechub]" from the clone ({exc})'
     ) from exc
 
 SPARSE_KEYS = {"name", "type", "vocab_size", "embed_dim", "shared_with", "padding_idx"}

@@ -21,7 +21,7 @@ import torch
 from cogradctl import data, models, taskgrad
 from cogradctl.errors import UsageError
 
-NEEDS = 'torch-rechub is not installed: pip install "cogradctl[rechub]" (CI installs it)'
+NEEDS = 'torch-rechub is not installed: pip install -e ".[rechub]" (CI installs it)'
 ROWS = 256
 TOL = 1e-6
 
@@ -321,7 +321,7 @@ def test_without_the_extra_the_bridge_reports_how_to_install_it():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     errors = json.loads(out)
     for name in ("rechub-shared-bottom", "rechub-mmoe", "rechub-ple", "rechub-aitm", "rechub-esmm"):
-        assert 'pip install "cogradctl[rechub]"' in errors[name]
+        assert 'pip install -e ".[rechub]"' in errors[name]
     assert errors["mmoe"] is None and errors["ple"] is None and errors["shared-bottom"] is None
 
 
