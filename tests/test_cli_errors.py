@@ -206,11 +206,16 @@ def test_train_evaluate_measure_inspect_leave_inputs_untouched(cli, tmp_path, fi
         "best",
         "skipped",
         "stopped_early",
+        "seconds_session",
+        "sessions",
+        "resumed_at_step",
+        "data",
+        "after_step",
     }
     assert doc["method"] == "cograd" and doc["steps"] == 3 and doc["epochs"] == 1 and doc["out"] == str(out)
     for key in ("before", "after"):
         assert doc[key]["rows"] == 500 and set(doc[key]["tasks"]) == set(TASKS)
-    assert set(doc["best"]) == {"auc", "score", "step"}
+    assert set(doc["best"]) == {"auc", "score", "step", "valid", "averaged", "without_auc"}
     assert sorted(os.listdir(out)) == sorted(OUTPUTS)
     last = ckpt_io.load(out / "last.safetensors")
     assert [h["run"] for h in last.history] == ["init", "train"]

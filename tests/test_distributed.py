@@ -299,4 +299,5 @@ def test_no_valid_rows_on_any_process_is_an_error(base_checkpoint, tmp_path):
         )
     )
     assert proc.returncode != 0
-    assert "no rows left in epoch 1 on any of the 2 processes after dropping invalid rows" in proc.stderr
+    # counted before the run starts (train.report.count_rows), by every process
+    assert "bad.parquet: no rows left after dropping 300 invalid row(s)" in proc.stderr

@@ -12,8 +12,9 @@ from rich.table import Table
 from cogradctl.cli.core import command
 from cogradctl.cli.options import Device, Json, OnInvalid, PluginPath, Quiet, Seed, csv_list, paths
 from cogradctl.cli.output import emit_json, fmt, stdout
-from cogradctl.console import Log
-from cogradctl.errors import UsageError
+from cogradctl.console import Log, stderr
+from cogradctl.errors import Stopped, UsageError
+from cogradctl.train.report import counted
 
 
 @command("train")
@@ -158,7 +159,14 @@ def train_cmd(
     cfg.check()
     _check_method(cfg, tasks, paths(plugin_path))
     main = env_rank() == 0  # under torchrun, rank 0 alone logs and prints
-    result = train(cfg, Log(quiet or not main), paths(plugin_path))
+    try:
+        result = train(cfg, Log(quiet or not main), paths(plugin_path))
+    except Stopped as exc:
+        # Not an error: the run did what SIGINT/SIGTERM ask (the step finished, the state saved); one
+        # line saying so, and the exit code of the table (130/143). Printed even with --quiet.
+        if main:
+            stderr.print(str(exc), markup=False)
+        raise typer.Exit(exc.exit_code) from None
     if not main:
         return
     if json_out:
@@ -236,30 +244,118 @@ def _per_task_table(key: str, table: dict, tasks: list[str]) -> list[float]:
 
 
 def _print_result(result: dict) -> None:
-    extra = f", {result['skipped']} skipped" if result["skipped"] else ""
+    extra = f", {counted(result['skipped'], 'step')} skipped" if result["skipped"] else ""
     extra += ", stopped early" if result["stopped_early"] else ""
     stdout.print(
-        f"{result['method']}: {result['steps']} steps, {result['epochs']} epoch(s), {result['seconds']:.1f}s{extra}"
-        f" → {result['out']}"
+        f"{result['method']}: {counted(result['steps'], 'step')}, {counted(result['epochs'], 'epoch')}, "
+        f"{_time(result)}{extra} → {result['out']}"
     )
-    if result["before"] is not None:
-        stdout.print(_before_after_table(result["before"], result["after"]))
-        label = "mean AUC" if result["best"]["auc"] is not None else "score (-mean MSE)"
-        stdout.print(
-            f"best {label} {fmt(result['best']['score'])} at step {result['best']['step']}"
-            f" → {Path(result['out']) / 'best.safetensors'}"
-        )
+    if result["before"] is None:
+        return
+    stdout.print(_before_after_table(result))
+    for line in _best_lines(result):
+        stdout.print(line)
 
 
-def _before_after_table(before: dict, after: dict) -> Table:
-    table = Table(title="validation: before → after")
-    for col in ("task", "metric", "before", "after", "change"):
+def _time(result: dict) -> str:
+    """The training time; after a resume, of every session and of this one."""
+    if result["sessions"] <= 1:
+        return f"{result['seconds']:.1f}s"
+    return (
+        f"{result['seconds']:.1f}s of training in {result['sessions']} sessions (this one, resumed at step "
+        f"{result['resumed_at_step']}: {result['seconds_session']:.1f}s)"
+    )
+
+
+def _before_after_table(result: dict) -> Table:
+    """Per task and metric: before (step 0), after (the last step: last.safetensors) and the
+    change, and best.safetensors' values when it is from another step; under each AUC its
+    standard error (DeLong)."""
+    before, after, best = result["before"], result["after"], result["best"]
+    last_step, best_step = result["after_step"], best["step"]
+    best_eval = best.get("valid") if best_step != last_step else None
+    table = Table(title="validation: before → after", caption=_caption(result, best_eval is not None))
+    columns = ["task", "metric", "before\nstep 0"]
+    if best_eval is None:
+        same = " = best" if best_step == last_step and best["score"] is not None else ""
+        columns += [f"after\nstep {last_step}\n(last{same})", "change"]
+    else:
+        columns += [f"last\nstep {last_step}", "change", f"best\nstep {best_step}", "change"]
+    for col in columns:
         table.add_column(col, justify="left" if col in ("task", "metric") else "right")
+    evaluations = (after, best_eval) if best_eval is not None else (after,)
     for task, metrics in before["tasks"].items():
         for name, value in metrics.items():
-            new = after["tasks"][task][name]
-            change = None if value is None or new is None else new - value
-            better = change is not None and ((change > 0) == (name == "auc")) and change != 0
-            style = "" if change is None or change == 0 else ("green" if better else "red")
-            table.add_row(task, name, fmt(value), fmt(new), f"[{style}]{change:+.4f}[/]" if style else fmt(change))
+            if name == "auc_se":
+                continue
+            row = [task, name, fmt(value)]
+            for evaluation in evaluations:
+                new = evaluation["tasks"][task].get(name)
+                row += [fmt(new), _change(name, value, new)]
+            table.add_row(*row)
+            if name == "auc" and "auc_se" in metrics:
+                row = ["", "± se", fmt(metrics["auc_se"])]
+                for evaluation in evaluations:
+                    row += [fmt(evaluation["tasks"][task].get("auc_se")), ""]
+                table.add_row(*row)
     return table
+
+
+def _change(name: str, old, new) -> str:
+    change = None if old is None or new is None else new - old
+    better = change is not None and ((change > 0) == (name == "auc")) and change != 0
+    style = "" if change is None or change == 0 else ("green" if better else "red")
+    return f"[{style}]{change:+.4f}[/]" if style else fmt(change)
+
+
+def _caption(result: dict, both: bool) -> str:
+    after = (
+        "last: the final weights (last.safetensors); best: best.safetensors"
+        if both
+        else "after: the final weights (last.safetensors)"
+    )
+    rows = result.get("data", {}) or {}
+    valid = rows.get("valid")
+    on = f" on {counted(valid['rows_used'], 'row')} of --valid" if valid else ""
+    return f"{after}; ± se: the AUC's standard error (DeLong){on}"
+
+
+def _best_lines(result: dict) -> list[str]:
+    """Which weights best.safetensors holds and what its score averages; and, when every task's
+    AUC fell, that plainly."""
+    best, after = result["best"], result["after"]
+    path = Path(result["out"]) / "best.safetensors"
+    averaged, without = best.get("averaged", []), best.get("without_auc", [])
+    lines = []
+    if best["score"] is None:
+        lines.append(
+            "no validation score: no task has an AUC on --valid (one class only)"
+            + (f" ({', '.join(without)})" if without else "")
+            + "; best.safetensors was not written"
+        )
+        return lines
+    if without and not averaged:
+        label = f"score (-mean MSE; {', '.join(without)} {'has' if len(without) == 1 else 'have'} no AUC on --valid)"
+    else:
+        label = "mean AUC" if best["auc"] is not None else "score (-mean MSE)"
+    where = "the starting point (no evaluation beat it)" if best["step"] == 0 else f"step {best['step']}"
+    note = ""
+    if best["auc"] is not None and without:
+        note = (
+            f" (the mean of {', '.join(averaged)}: {', '.join(without)} "
+            f"{'has' if len(without) == 1 else 'have'} no AUC on --valid)"
+        )
+    lines.append(f"best {label} {fmt(best['score'])} at {where} → {path}{note}")
+    changes = [
+        after["tasks"][t]["auc"] - m["auc"]
+        for t, m in result["before"]["tasks"].items()
+        if m.get("auc") is not None and after["tasks"][t].get("auc") is not None
+    ]
+    if changes and all(c < 0 for c in changes):
+        lines.append(
+            f"every task's AUC fell from step 0 to the last step ({result['after_step']}): "
+            f"best.safetensors is from step {best['step']}"
+            + (" (the starting point)" if best["step"] == 0 else "")
+            + ", last.safetensors from the last step"
+        )
+    return lines

@@ -13,7 +13,10 @@ One module per concern:
 - ``batches``: this process's training batches and data shards;
 - ``guard``: the output directory, created and locked (an OS file lock) before it is read, and the
   SIGTERM/SIGINT stop flag;
-- ``logs``: ``metrics.jsonl``, TensorBoard and the per-step record.
+- ``logs``: ``metrics.jsonl``, TensorBoard and the per-step record;
+- ``report``: what the run tells its user about its data (rows dropped by ``--on-invalid-rows drop``,
+  counted before it starts; unseen categorical values) and its progress (a periodic line on a
+  stderr that is not a terminal).
 
 Example (a two-step fine-tune of a fresh sample model)::
 

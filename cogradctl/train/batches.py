@@ -33,16 +33,30 @@ class Batches:
     position) read up front to check the data before anything is written."""
 
     def __init__(
-        self, stream: ParquetStream, cfg: TrainConfig, shards: int, dist: Dist, position: tuple[int, int], device
+        self,
+        stream: ParquetStream,
+        cfg: TrainConfig,
+        shards: int,
+        dist: Dist,
+        position: tuple[int, int],
+        device,
+        rows_used: int | None = None,
     ) -> None:
         self.stream, self.cfg, self.shards, self.device = stream, cfg, shards, device
         self.take = dist.shards(shards)
         self.shard_batch = cfg.batch_size * dist.world // shards
-        self.num_rows = stream.num_rows
-        self.steps_per_epoch = math.ceil(math.ceil(self.num_rows / shards) / self.shard_batch)
+        self.num_rows = stream.num_rows  # every row of the files (global row numbers)
+        self.rows_used = stream.num_rows if rows_used is None else rows_used  # less the rows dropped
+        # Steps per epoch: exact with one shard; with several, a shard holding more than its share
+        # of the rows left after dropping can make an epoch a step longer than this.
+        self.steps_per_epoch = self.steps(self.rows_used)
         self.position = position
         self.rest = self._read(*position)
         self.first = next(self.rest, None)
+
+    def steps(self, rows: int) -> int:
+        """Steps of an epoch of ``rows`` rows."""
+        return math.ceil(math.ceil(rows / self.shards) / self.shard_batch)
 
     def _read(self, epoch: int, start_batch: int):
         return self.stream.batches(

@@ -37,8 +37,9 @@ from cogradctl.train.config import OUTPUTS, TrainConfig
 from cogradctl.train.guard import StopFlag, run_dir, stop_signals
 from cogradctl.train.logs import step_record
 from cogradctl.train.optim import lr_at
+from cogradctl.train.report import duration, oov_text
 from cogradctl.train.run import Inputs, Run
-from cogradctl.train.save import evaluate_now, kept_state, record_evaluation, save_last
+from cogradctl.train.save import evaluate_now, kept_state, record_evaluation, save_last, score_tasks
 from cogradctl.train.setup import MEASURE_BATCH_SIZE, MEASURE_BATCHES, prepare, read_inputs
 from cogradctl.train.state import check_out
 from cogradctl.train.step import train_step
@@ -82,6 +83,7 @@ def _train(
         warnings.simplefilter("always")
         run.method_warnings = caught
         _loop(run)
+    _report_oov(run, epoch_end=False)  # if no epoch was read in full: over the rows read
     dist.barrier()  # the last save is done before any process leaves
     run.metrics.close()
     if run.tensorboard:
@@ -96,11 +98,12 @@ def _loop(run: Run) -> None:
     with run.log.progress(f"train {cfg.method}", run.total) as advance:
         advance(p.step)
         while p.epoch <= cfg.epochs and not (p.finished_steps or p.stopped_early):
+            run.oov.epoch_begins(p.batch)
             for inputs, labels in _epoch_batches(run):
                 result = _step(run, inputs, labels)
                 if result is None:  # distributed: every process's data ran out
                     break
-                _after_step(run, *result, advance)
+                _after_step(run, *result, advance, rows=0 if labels is None else len(labels))
                 p.finished_steps = cfg.max_steps is not None and p.step >= cfg.max_steps
                 if run.has_valid and (p.finished_steps or _every(p.step, cfg.eval_every)):
                     evaluate_now(run)
@@ -161,9 +164,10 @@ def _step(run: Run, inputs, labels) -> tuple | None:
     return result
 
 
-def _after_step(run: Run, losses: torch.Tensor | None, g: torch.Tensor | None, advance) -> None:
+def _after_step(run: Run, losses: torch.Tensor | None, g: torch.Tensor | None, advance, rows: int = 0) -> None:
     """Count the step; log it (every --log-every steps, the first and the last), measure
-    transference (--measure-every), move the progress bar and pass on the method's warnings."""
+    transference (--measure-every), move the progress bar (or write the periodic progress line)
+    and pass on the method's warnings."""
     cfg, p = run.cfg, run.progress
     p.step += 1
     p.batch += 1
@@ -180,7 +184,9 @@ def _after_step(run: Run, losses: torch.Tensor | None, g: torch.Tensor | None, a
     if run.measure_rows is not None and p.step % cfg.measure_every == 0:
         run.metrics.write({"step": p.step, "epoch": p.epoch, "transference": _measure(run)})
         run.inputs.model.train()
-    advance(loss=f"{float(losses.sum()):.4f}" if losses is not None else "skipped")
+    loss = float(losses.sum()) if losses is not None else None
+    advance(loss=f"{loss:.4f}" if loss is not None else "skipped")
+    run.line.step(p.step, p.epoch, rows, loss)
     for w in run.method_warnings:
         run.log.warn(str(w.message))
     run.method_warnings.clear()
@@ -189,12 +195,30 @@ def _after_step(run: Run, losses: torch.Tensor | None, g: torch.Tensor | None, a
 def _end_epoch(run: Run) -> None:
     """The epoch's data ran out: evaluate, then move on (and save) at the epoch boundary."""
     p = run.progress
+    run.line.epoch_end(p.step, p.epoch)
     if run.has_valid:
         evaluate_now(run)
+    _report_oov(run, epoch_end=True)
     p.epoch += 1
     p.batch = 0
     save_last(run, finished=p.epoch > run.cfg.epochs or p.stopped_early)
     _raise_if_stopped(run)
+
+
+def _report_oov(run: Run, epoch_end: bool) -> None:
+    """The training data's categorical values unseen at init, once counted (report.OovCount): a
+    warning if there are any, a ``data`` record in metrics.jsonl either way."""
+    p = run.progress
+    counts = run.oov.take(run.dist, p.epoch, epoch_end)
+    if counts is None or not run.dist.main:
+        return
+    entry = run.inputs.data["train"]
+    entry["oov"] = counts
+    when = f" in epoch {counts['epoch']}" if counts["epoch"] is not None else "; no epoch was read whole"
+    text = oov_text(entry["path"], "--data", entry["oov"], when)
+    if text:
+        run.log.warn(text)
+    run.metrics.write({"step": p.step, "epoch": p.epoch, "data": {"train": {"oov": entry["oov"]}}})
 
 
 def _every(step: int, every: int | None) -> bool:
@@ -215,12 +239,16 @@ def _raise_if_stopped(run: Run) -> None:
         return
     run.stop.signum = run.stop.signum or signal.SIGTERM  # another process was asked to stop
     run.dist.barrier()  # rank 0 has saved: no process exits before
-    name = signal.Signals(run.stop.signum).name
+    name = signal.Signals(run.stop.signum).name + (" (Ctrl-C)" if run.stop.signum == signal.SIGINT else "")
     raise Stopped(
-        f"stopped by {name} at step {run.progress.step}; state saved in {run.out / 'last.safetensors'}; "
-        "rerun the same command to resume",
+        f"stopped by {name} at step {run.progress.step} of {run.total} after {duration(_session_seconds(run))}; "
+        f"state saved in {run.out / 'last.safetensors'}; rerun the same command to resume",
         run.stop.signum,
     )
+
+
+def _session_seconds(run: Run) -> float:
+    return time.time() - run.session_started
 
 
 def _measure(run: Run) -> dict:
@@ -243,19 +271,31 @@ def _measure(run: Run) -> dict:
 
 
 def _result(run: Run) -> dict:
-    """The run's summary (``train --json``)."""
+    """The run's summary (``train --json``). ``after`` is the last evaluation, of the final weights
+    (``last.safetensors``; ``after_step``); ``best`` the best one (``best.safetensors``), with the
+    tasks its mean AUC averages and those without an AUC on --valid."""
     p, has_valid = run.progress, run.has_valid
     binary = any(t.type == "binary" for t in run.inputs.source.schema.tasks)
-    best = {"score": p.best_score, "auc": p.best_score if binary else None, "step": p.best_step}
+    best = {"score": p.best_score, "auc": p.best_score if binary else None, "step": p.best_step, "valid": p.best_eval}
+    if has_valid and p.last_eval is not None:
+        best["averaged"], best["without_auc"] = score_tasks(p.last_eval)
+        if not best["averaged"]:  # no AUC on --valid: the score is -mean MSE (or there is none)
+            best["auc"] = None
+    now = time.time()
     return {
         "method": run.cfg.method,
         "steps": p.step,
         "epochs": p.epoch - (1 if p.batch == 0 else 0),
-        "seconds": round(time.time() - run.started, 3),
+        "seconds": round(now - run.started, 3),  # training time of every session of the run
+        "seconds_session": round(now - run.session_started, 3),  # this session's, from its start
+        "sessions": run.sessions,
+        "resumed_at_step": run.resumed_at,
         "out": str(run.out),
         "skipped": p.skipped,
         "stopped_early": p.stopped_early,
+        "data": run.inputs.data if run.dist.main else None,
         "before": p.before,
         "after": p.last_eval if has_valid else None,
+        "after_step": p.evaluated_step if has_valid else None,
         "best": best if has_valid else None,
     }

@@ -23,6 +23,7 @@ from cogradctl.train.batches import Batches
 from cogradctl.train.config import TrainConfig
 from cogradctl.train.guard import StopFlag
 from cogradctl.train.logs import MetricsLog, NoLog, TensorBoard
+from cogradctl.train.report import OovCount, ProgressLine
 from cogradctl.train.step import Autocast, LossScaler
 
 
@@ -42,6 +43,7 @@ class Progress:
     evaluated_step: int | None = None
     before: dict | None = None  # the evaluation before training
     last_eval: dict | None = None
+    best_eval: dict | None = None  # the evaluation of best.safetensors (None in states saved before it was kept)
 
     @classmethod
     def saved(cls, state: dict) -> Progress:
@@ -60,6 +62,7 @@ class Inputs:
     batches: Batches
     valid: ParquetStream | None  # rank 0 only
     before: dict | None  # the evaluation of the starting point (a new run with --valid)
+    data: dict  # {"train": report.count_rows(...), "valid": ... (rank 0, with --valid)}
 
 
 @dataclass
@@ -82,12 +85,18 @@ class Run:
     metrics: MetricsLog | NoLog
     tensorboard: TensorBoard | None
     measure_rows: data_io.Dataset | None  # --measure-every's fixed batches
-    total: int  # steps this run will take in all
+    total: int  # steps this run will take in all (fixed at its start: the learning-rate schedule's length)
     history_entry: dict
-    started: float
+    started: float  # time.time() less the training seconds of earlier sessions of this run
     progress: Progress
     method_warnings: list  # warnings the method raised during the last step
     saved_step: int | None = None  # the step of the state in last.safetensors (None: none saved yet)
+    session_started: float = 0.0  # time.time() when this session (this process's part of the run) began
+    sessions: int = 1  # sessions of the run that saved progress, this one included (resumes + 1)
+    resumed_at: int | None = None  # the step this session resumed at (None: a new run)
+    oov: OovCount | None = None  # the training data's unseen categorical values, once counted
+    line: ProgressLine | None = None  # the periodic progress line (stderr not a terminal)
+    valid_reported: bool = False  # --valid's unseen values and tasks without an AUC were reported
 
     @property
     def has_valid(self) -> bool:

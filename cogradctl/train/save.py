@@ -12,6 +12,7 @@ from cogradctl import checkpoint as ckpt_io
 from cogradctl.errors import Diverged
 from cogradctl.evaluate import evaluate, mean_auc
 from cogradctl.train.logs import summary
+from cogradctl.train.report import counted, oov_text, stream_oov
 from cogradctl.train.run import Run
 from cogradctl.train.state import optimizer_tensors
 
@@ -24,26 +25,35 @@ def evaluate_now(run: Run) -> None:
         return
     p.evaluated_step = p.step
     if run.dist.main:
-        record_evaluation(
-            run, evaluate(run.inputs.model, run.inputs.valid, run.inputs.source.schema, device=run.device)
+        result = evaluate(
+            run.inputs.model, run.inputs.valid, run.inputs.source.schema, device=run.device, standard_errors=True
         )
+        record_evaluation(run, result)
         run.inputs.model.train()
     if run.dist.from_main(bool(cfg.early_stopping) and p.bad_evals >= (cfg.early_stopping or 0)):
         p.stopped_early = True
-        run.log.info(f"early stopping at step {p.step}: no better validation score in {cfg.early_stopping} evaluations")
+        run.log.info(
+            f"early stopping at step {p.step}: no better validation score in "
+            f"{counted(cfg.early_stopping, 'evaluation')}"
+        )
 
 
 def record_evaluation(run: Run, result: dict) -> dict:
     """Log an evaluation; save ``best.safetensors`` when its score is the best so far."""
     p = run.progress
+    if not run.valid_reported:
+        report_valid(run, result)
     score = validation_score(result)
     run.metrics.write({"step": p.step, "epoch": p.epoch, "valid": result["tasks"], "score": score})
     if run.tensorboard:
-        run.tensorboard.scalars(p.step, {f"valid/{t}/{k}": v for t, m in result["tasks"].items() for k, v in m.items()})
+        run.tensorboard.scalars(
+            p.step,
+            {f"valid/{t}/{k}": v for t, m in result["tasks"].items() for k, v in m.items() if k != "auc_se"},
+        )
     run.log.info(f"step {p.step} (epoch {p.epoch}): valid " + summary(result))
     if score is not None and (p.best_score is None or score > p.best_score):
         check_finite(run, together=False)  # rank 0 alone evaluates
-        p.best_score, p.best_step, p.bad_evals = score, p.step, 0
+        p.best_score, p.best_step, p.bad_evals, p.best_eval = score, p.step, 0, result
         ckpt_io.save(snapshot(run, finished=False), run.out / "best.safetensors")
     else:
         p.bad_evals += 1
@@ -51,8 +61,45 @@ def record_evaluation(run: Run, result: dict) -> dict:
     return result
 
 
+def report_valid(run: Run, result: dict) -> None:
+    """After this session's first evaluation (a whole pass over --valid): the categorical values
+    unseen at init that it met, and the tasks without an AUC (one class only in --valid's rows
+    used), which the validation score leaves out; a warning each, and a ``data`` record."""
+    run.valid_reported = True
+    entry = run.inputs.data.get("valid")
+    if entry is None:
+        return
+    entry["oov"] = stream_oov(run.inputs.valid)
+    text = oov_text(entry["path"], "--valid", entry["oov"])
+    if text:
+        run.log.warn(text)
+    averaged, no_auc = score_tasks(result)
+    entry["tasks_without_auc"] = no_auc
+    if no_auc:
+        run.log.warn(
+            f"--valid {entry['path']}: {_listed(no_auc, 'task')} {'has' if len(no_auc) == 1 else 'have'} no AUC "
+            f"(the labels in its {entry['rows_used']} rows used are all of one class); the validation score "
+            "(best.safetensors, --early-stopping) is the mean AUC of "
+            + (_listed(averaged, "task") + " only" if averaged else "no task: there is none")
+        )
+    p = run.progress
+    run.metrics.write({"step": p.step, "epoch": p.epoch, "data": {"valid": entry}})
+
+
+def score_tasks(result: dict) -> tuple[list[str], list[str]]:
+    """(binary tasks the mean AUC averages, binary tasks without an AUC) of an evaluation."""
+    binary = {t: m for t, m in result["tasks"].items() if "auc" in m}
+    return [t for t, m in binary.items() if m["auc"] is not None], [t for t, m in binary.items() if m["auc"] is None]
+
+
+def _listed(names: list[str], noun: str) -> str:
+    return f"{noun}{'s' if len(names) != 1 else ''} " + ", ".join(names)
+
+
 def validation_score(result: dict) -> float | None:
-    """Higher is better: the mean AUC of the binary tasks, or minus the mean MSE if there are none."""
+    """Higher is better: the mean AUC of the binary tasks that have one (a task whose --valid labels
+    are all of one class has none: left out, and named by ``report_valid``), or minus the mean MSE
+    of the regression tasks if no task has an AUC."""
     auc = mean_auc(result)
     if auc is not None:
         return auc
@@ -99,7 +146,14 @@ def snapshot(run: Run, finished: bool, initial: bool = False) -> ckpt_io.Checkpo
     seconds = time.time() - run.started
     entry = {**run.history_entry, "steps": p.step, "epochs": p.epoch, "seconds": round(seconds, 3), "time": now()}
     identity = run.cfg.identity(run.dist.world, run.inputs.batches.shards)
-    training_state = {**asdict(p), "finished": finished, "seconds": seconds, "config": identity}
+    training_state = {
+        **asdict(p),
+        "finished": finished,
+        "seconds": seconds,  # training time over every session of the run
+        "sessions": run.sessions,
+        "total_steps": run.total,
+        "config": identity,
+    }
     if initial:
         training_state["initial"] = True
     extra = {

@@ -3,6 +3,7 @@ made ready (from the saved state when the run resumes)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 import warnings
@@ -26,6 +27,7 @@ from cogradctl.train.config import TrainConfig, plain, write_config
 from cogradctl.train.guard import StopFlag
 from cogradctl.train.logs import MetricsLog, NoLog, TensorBoard
 from cogradctl.train.optim import make_optimizer, trainable
+from cogradctl.train.report import OovCount, ProgressLine, count_rows, counted, warn_dropped
 from cogradctl.train.run import Inputs, Progress, Run
 from cogradctl.train.save import save_last
 from cogradctl.train.state import check_resume_tensors, previous_state, restore
@@ -55,20 +57,31 @@ def read_inputs(cfg: TrainConfig, out: Path, log: Log, plugin_paths, dist: Dist,
     if state is None and not cfg.overwrite and (out / "last.safetensors").exists():
         log.info(f"{out}: its run stopped before its first step; starting it again")
     shards = data_shards(cfg, state, dist.world)
+    labels = source.schema.task_names
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         stream = ParquetStream(
             cfg.data, source.schema, on_invalid=cfg.on_invalid_rows, shuffle_buffer=cfg.shuffle_buffer
         )
+        data = {"train": count_rows(stream, cfg.on_invalid_rows)}  # --on-invalid-rows drop: read once, counted
         valid = None
         if cfg.valid and dist.main:
             valid = ParquetStream(cfg.valid, source.schema, on_invalid=cfg.on_invalid_rows)
+            data["valid"] = count_rows(valid, cfg.on_invalid_rows)
+        if dist.main:
+            warn_dropped(log, data["train"], labels, "--data", "training on")
+            if valid is not None:
+                warn_dropped(log, data["valid"], labels, "--valid", "evaluating on")
         position = (state["epoch"], state["batch"]) if state else (1, 0)
-        batches = Batches(stream, cfg, shards, dist, position, device)
-        before = evaluate(model, valid, source.schema, device=device) if valid is not None and not state else None
+        batches = Batches(stream, cfg, shards, dist, position, device, rows_used=data["train"]["rows_used"])
+        before = (
+            evaluate(model, valid, source.schema, device=device, standard_errors=True)
+            if valid is not None and not state
+            else None
+        )
     for w in caught:
         log.warn(str(w.message))
-    return Inputs(source, model, split, method, state, batches, valid, before)
+    return Inputs(source, model, split, method, state, batches, valid, before, data)
 
 
 def prepare(
@@ -97,7 +110,7 @@ def prepare(
         # Dropout draws differ between processes; the methods' own generators are buffers, the
         # same everywhere. (Distributed resume therefore re-seeds: it is exact only without dropout.)
         torch.manual_seed(cfg.seed * 1_000_003 + dist.rank * 7_919 + (state["step"] if state else 0))
-    total = _total_steps(cfg, batches)
+    total = _total_steps(cfg, batches, state)
     _log_start(cfg, log, inputs, dist, device, total)
     measure_rows = _measure_rows(cfg, batches) if cfg.measure_every and dist.main else None
     run = Run(
@@ -123,31 +136,46 @@ def prepare(
         progress=Progress.saved(state) if state else Progress(),
         method_warnings=[],
         saved_step=state["step"] if state else None,
+        session_started=time.time(),
+        sessions=state.get("sessions", 1) + 1 if state else 1,
+        resumed_at=state["step"] if state else None,
+        oov=OovCount(inputs.batches.stream),
+        line=ProgressLine(log, total, cfg.epochs, dist.world),
     )
     if not state:  # the first write: --out now holds this run (at step 0), restarted by the same command
         save_last(run, initial=True)
     if dist.main:
         run.metrics = MetricsLog(out / "metrics.jsonl", keep_until=state["step"] if state else None)
+        run.metrics.write({"step": run.progress.step, "epoch": run.progress.epoch, "data": inputs.data})
         run.tensorboard = TensorBoard(out / "tensorboard") if cfg.tensorboard else None
         write_config(out / "config.toml", cfg)
     return run
 
 
-def _total_steps(cfg: TrainConfig, batches: Batches) -> int:
-    per_epoch = batches.steps_per_epoch  # fewer if invalid rows are dropped
+def _total_steps(cfg: TrainConfig, batches: Batches, state: dict | None) -> int:
+    """The run's length in steps, fixed when it starts (the learning-rate schedule decays to 0 at
+    it): a resumed run keeps its saved one. Rows --on-invalid-rows drop leaves out do not count;
+    states saved before ``total_steps`` was kept counted every row, as their run did."""
+    if state and "total_steps" in state:
+        return state["total_steps"]
+    per_epoch = batches.steps(batches.num_rows) if state else batches.steps_per_epoch
     return min(cfg.max_steps or per_epoch * cfg.epochs, per_epoch * cfg.epochs)
 
 
 def _log_start(cfg: TrainConfig, log: Log, inputs: Inputs, dist: Dist, device: torch.device, total: int) -> None:
-    batches = inputs.batches
+    batches, rows = inputs.batches, inputs.data["train"]
+    used = counted(rows["rows_used"], "row")
+    if rows["rows_dropped"]:
+        used += f" ({rows['rows_dropped']} of {rows['rows']} dropped as invalid)"
     log.info(
-        f"training {inputs.source.model} on {batches.num_rows} rows ({', '.join(inputs.source.schema.task_names)}) "
-        f"with {cfg.method}; {inputs.split.num_shared} shared parameters; {total} steps; device {device}"
+        f"training {inputs.source.model} on {used} ({', '.join(inputs.source.schema.task_names)}) "
+        f"with {cfg.method}; {inputs.split.num_shared} shared parameters; {counted(total, 'step')}; device {device}"
     )
     if dist.world > 1 or batches.shards > 1:
         log.info(
-            f"{dist.world} process(es) × batch {cfg.batch_size} = global batch {cfg.batch_size * dist.world} "
-            f"({batches.shards} data shard(s) of {batches.shard_batch} rows per step); learning rate {cfg.lr:g} "
+            f"{counted(dist.world, 'process', 'processes')} × batch {cfg.batch_size} = global batch "
+            f"{cfg.batch_size * dist.world} ({counted(batches.shards, 'data shard')} of "
+            f"{counted(batches.shard_batch, 'row')} per step); learning rate {cfg.lr:g} "
             "as given (the gradients are means over the global batch; it is not scaled with the number of processes)"
         )
 
@@ -174,4 +202,8 @@ def _measure_rows(cfg: TrainConfig, batches: Batches) -> data_io.Dataset:
     from cogradctl.transference import pick_batches
 
     size = min(MEASURE_BATCH_SIZE, cfg.batch_size)
-    return batches.stream.rows(pick_batches(batches.num_rows, MEASURE_BATCHES, size, cfg.seed))
+    stats = copy.deepcopy(batches.stream.stats)
+    rows = batches.stream.rows(pick_batches(batches.num_rows, MEASURE_BATCHES, size, cfg.seed))
+    batches.stream.stats.clear()  # the stream's counts stay those of the epochs read (report.OovCount)
+    batches.stream.stats.update(stats)
+    return rows

@@ -193,8 +193,9 @@ def check_training_state(state, path: Path) -> dict:
     for key in _COUNTS:
         if key in state and not (_is_int(state[key]) and state[key] >= 0):
             raise bad(key, "an integer ≥ 0")
-    if not (_is_int(state["epoch"]) and state["epoch"] >= 1):
-        raise bad("epoch", "an integer ≥ 1")
+    for key in ("epoch", "sessions", "total_steps"):  # the last two: states saved since issue #25
+        if (key == "epoch" or key in state) and not (_is_int(state[key]) and state[key] >= 1):
+            raise bad(key, "an integer ≥ 1")
     for key in _FLAGS:
         if key in state and not isinstance(state[key], bool):
             raise bad(key, "true or false")
@@ -209,7 +210,7 @@ def check_training_state(state, path: Path) -> dict:
         raise bad("seconds", "a number ≥ 0")
     if not isinstance(state["config"], dict):
         raise bad("config", "a JSON object (the run's settings)")
-    for key in ("before", "last_eval"):
+    for key in ("before", "last_eval", "best_eval"):
         if state.get(key) is not None and not _is_evaluation(state[key]):
             raise bad(key, 'null or an evaluation ({"tasks": {task: {metric: number or null}}})')
     for key in ("batch", "best_step", "evaluated_step", "skipped"):
