@@ -66,7 +66,7 @@ class TensorBoard:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             raise UsageError(
-                '--tensorboard needs the tensorboard package: pip install "cogradctl[tensorboard]"'
+                '--tensorboard needs the tensorboard package: pip install -e ".[tensorboard]" from the clone'
             ) from None
         self.writer = SummaryWriter(str(logdir))
 
