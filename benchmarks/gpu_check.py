@@ -455,16 +455,12 @@ def timed(fn, device: torch.device) -> float:
 
 def check_torchjd(c: Check) -> list[str]:
     try:
-        import torchjd.aggregation as agg
-        from torchjd.autojac import jac_to_grad, mtl_backward
+        from benchmarks.speed import cograd_and_upgrad_steps  # imports torchjd
     except ImportError as exc:
         c.verdict("torchjd", "import", False, f"torchjd is needed for this area: {exc}")
         return []
     from cogradctl.bench import synthetic_workload
-    from cogradctl.methods import get_method
     from cogradctl.models import split_parameters
-    from cogradctl.taskgrad import TaskGradients, task_losses
-    from cogradctl.train import train_step
 
     device, batch = torch.device(c.device), c.size.bench_batches[1]
     lines = ["| K | batch | cogradctl cograd step ms | torchjd UPGrad step ms | cogradctl ÷ torchjd (95% interval) |"]
@@ -474,41 +470,14 @@ def check_torchjd(c: Check) -> list[str]:
         schema, data, net = synthetic_workload("mmoe", k, batch, {"expert": c.size.wide}, [], device)
         split = split_parameters(net, schema.task_names, "mmoe")
         inputs, labels = data.batch(slice(0, batch), device)
-        opt = torch.optim.Adam(net.parameters(), lr=0.0)
-        method = get_method("cograd").to(device)
-        method.setup(k)
-        method.segments = [p.numel() for p in split.shared]
-        grads = TaskGradients(net, split, schema, device)
-        features: list[torch.Tensor] = []
-        hooks = [m.register_forward_hook(lambda m, i, o: features.append(o)) for m in (net.input, *net.experts)]
-        upgrad, own = agg.UPGrad(), [split.tasks[t] for t in schema.task_names]
-
-        def ours():
-            features.clear()
-            train_step(grads, method, opt, inputs, labels)
-
-        def theirs():
-            features.clear()
-            opt.zero_grad(set_to_none=True)
-            task_loss = task_losses(net(inputs), labels, schema)
-            mtl_backward(
-                list(task_loss),
-                features=list(features),
-                tasks_params=own,
-                shared_params=split.shared,
-                retain_graph=True,
-            )
-            jac_to_grad(split.shared, upgrad)
-            opt.step()
-
+        ours, theirs, remove = cograd_and_upgrad_steps(net, split, schema, inputs, labels, device)
         times: dict[str, list[float]] = {"ours": [], "torchjd": []}
         for round_ in range(c.size.jd_rounds + 2):
             for name, fn in (("ours", ours), ("torchjd", theirs))[:: 1 if round_ % 2 else -1]:
                 elapsed = timed(fn, device)
                 if round_ >= 2:
                     times[name].append(elapsed)
-        for h in hooks:
-            h.remove()
+        remove()
         lo, hi = ratio_interval(times["ours"], times["torchjd"])
         med = {n: sorted(t)[len(t) // 2] for n, t in times.items()}
         point = med["ours"] / med["torchjd"]

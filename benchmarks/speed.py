@@ -224,7 +224,11 @@ def _mmoe(k: int, rows: int = 4096):
     return net, models.split_parameters(net, schema.task_names, "mmoe"), schema, data
 
 
-def section_full_step(rounds: int) -> list[str]:
+def cograd_and_upgrad_steps(net, split, schema, inputs, labels, device=None):
+    """Two training steps on the same mmoe, batch and Adam (lr 0: identical weights every call):
+    cogradctl's CoGrad step and torchjd's ``mtl_backward`` + ``jac_to_grad(UPGrad)`` step. torchjd's
+    features are the outputs of the shared modules the task heads read (the input layer and each
+    expert), captured with forward hooks. → (ours, theirs, remove): ``remove()`` drops the hooks."""
     import torchjd.aggregation as agg
     from torchjd.autojac import jac_to_grad, mtl_backward
 
@@ -232,6 +236,42 @@ def section_full_step(rounds: int) -> list[str]:
     from cogradctl.taskgrad import TaskGradients, task_losses
     from cogradctl.train import train_step
 
+    device = device or torch.device("cpu")
+    k = len(schema.task_names)
+    opt = torch.optim.Adam(net.parameters(), lr=0.0)
+    method = get_method("cograd").to(device)
+    method.setup(k)
+    method.segments = [p.numel() for p in split.shared]
+    grads = TaskGradients(net, split, schema, device)
+    features: list[torch.Tensor] = []
+    hooks = [m.register_forward_hook(lambda m, i, o: features.append(o)) for m in (net.input, *net.experts)]
+    upgrad = agg.UPGrad()
+    own = [split.tasks[t] for t in schema.task_names]
+
+    def ours():
+        features.clear()
+        train_step(grads, method, opt, inputs, labels)
+
+    def theirs():
+        features.clear()
+        opt.zero_grad(set_to_none=True)
+        losses = task_losses(net(inputs), labels, schema)
+        # retain_graph: the features overlap (the experts read the input layer), which torchjd
+        # differentiates in separate passes.
+        mtl_backward(
+            list(losses), features=list(features), tasks_params=own, shared_params=split.shared, retain_graph=True
+        )
+        jac_to_grad(split.shared, upgrad)
+        opt.step()
+
+    def remove():
+        for h in hooks:
+            h.remove()
+
+    return ours, theirs, remove
+
+
+def section_full_step(rounds: int) -> list[str]:
     lines = [
         "## 3. Full training step: CoGrad against torchjd `mtl_backward` + `jac_to_grad(UPGrad)`",
         "",
@@ -245,35 +285,9 @@ def section_full_step(rounds: int) -> list[str]:
     for k in (2, 4):
         net, split, schema, data = _mmoe(k)
         inputs, labels = data.batch(slice(0, 2048))
-        opt = torch.optim.Adam(net.parameters(), lr=0.0)
-        method = get_method("cograd")
-        method.setup(k)
-        grads = TaskGradients(net, split, schema)
-        features: list[torch.Tensor] = []
-        hooks = [net.input.register_forward_hook(lambda m, i, o: features.append(o))]
-        hooks += [e.register_forward_hook(lambda m, i, o: features.append(o)) for e in net.experts]
-        upgrad = agg.UPGrad()
-        own = [split.tasks[t] for t in schema.task_names]
-
-        def ours():
-            features.clear()
-            train_step(grads, method, opt, inputs, labels)
-
-        def theirs():
-            features.clear()
-            opt.zero_grad(set_to_none=True)
-            losses = task_losses(net(inputs), labels, schema)
-            # retain_graph: the features overlap (the experts read the input layer), which torchjd
-            # differentiates in separate passes.
-            mtl_backward(
-                list(losses), features=list(features), tasks_params=own, shared_params=split.shared, retain_graph=True
-            )
-            jac_to_grad(split.shared, upgrad)
-            opt.step()
-
+        ours, theirs, remove = cograd_and_upgrad_steps(net, split, schema, inputs, labels)
         times = interleaved({"ours": ours, "torchjd": theirs}, rounds)
-        for h in hooks:
-            h.remove()
+        remove()
         lines.append(
             f"| {k} | {med(times, 'ours'):.2f} | {med(times, 'torchjd'):.2f} | {ratio(times, 'ours', 'torchjd')} |"
         )
