@@ -32,6 +32,8 @@ It runs the real commands (``python -m cogradctl …``) and prints one table, a 
 - ``torchjd``: a CoGrad step against torchjd's ``mtl_backward`` + ``jac_to_grad(UPGrad)`` step on the
   wide model (target on CUDA: CoGrad faster).
 
+On a GPU the areas run one at a time (the out-of-memory check and the timings need the GPU to
+themselves); on the CPU independent areas share the cores. Target rows come last, as a summary.
 A target row reads MET when the whole 95% interval is within it, MISSED when the whole interval is
 outside, UNCLEAR otherwise. Exit status: 1 if any check FAILED, else 3 if a target was MISSED, else 0.
 Needs torchjd for the last area (``pip install -e ".[dev]"``).
@@ -60,6 +62,14 @@ from cogradctl import checkpoint as ckpt_io  # noqa: E402
 from cogradctl.bench import describe_device, ratio_interval  # noqa: E402
 
 AREAS = ["train", "resume", "measure", "torchrun", "oom", "bench", "torchjd"]
+CHAINS = [
+    ["train", "measure"],
+    ["resume"],
+    ["torchrun"],
+    ["oom"],
+    ["bench", "torchjd"],
+]  # measure reads a trained model
+ROW_ORDER = ["setup", "train", "measure", "resume", "torchrun", "oom", "bench", "torchjd", "target"]
 METHODS = ["ew", "cograd", "gdod", "pcgrad"]
 PRECISIONS = ["fp32", "bf16", "fp16"]
 BENCH_METHODS = "ew,cograd,gdod,pcgrad,mgda,cagrad,imtl-g,aligned-mtl,gradvac,nash-mtl"
@@ -513,12 +523,20 @@ def run(c: Check, areas: list[str]) -> dict[str, list[str]]:
     }
     if "measure" in areas and "train" not in areas:
         one_training(c, ckpt, data, "ew", "fp32")
-    for area in AREAS:
-        if area in areas:
+
+    def chain(names: list[str]) -> None:
+        for area in names:
             try:
                 steps[area]()
             except Exception as exc:
                 c.verdict(area, "ran", False, f"{type(exc).__name__}: {exc}")
+
+    # On a GPU one area at a time: the out-of-memory check must have the GPU to itself, and the
+    # timings too. On the CPU (the test's small run) independent chains share the cores.
+    chains = [[a for a in names if a in areas] for names in CHAINS]
+    with ThreadPoolExecutor(1 if c.device == "cuda" else c.size.parallel) as pool:
+        list(pool.map(chain, [names for names in chains if names]))
+    c.rows.sort(key=lambda r: ROW_ORDER.index(r.area))  # threads append in any order; stable within an area
     return tables
 
 
