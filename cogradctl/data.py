@@ -44,14 +44,14 @@ def resolve(spec: str) -> list[Path]:
         files = sorted(files)
         if not files:
             raise DataError(f"{spec}: the pattern matches no files")
-        return files
+        return _not_csv(files)
     if path.is_dir():
         files = _below(path)
         if not files:
             raise DataError(f"{spec}: directory has no *.parquet files{_csv_hint(path)}")
         return files
     if path.is_file():
-        return [path]
+        return _not_csv([path])
     if path.is_symlink():
         _regular(path)
     raise DataError(f"{spec}: no such file or directory")
@@ -60,12 +60,22 @@ def resolve(spec: str) -> list[Path]:
 def _csv_hint(root: Path) -> str:
     """For a directory of CSV files: that CSV is not read, and a command that converts one."""
     first = next(iter(sorted(root.rglob("*.csv"))), None)
-    if first is None:
-        return ""
-    out = first.with_suffix(".parquet")
+    return "" if first is None else f" (it holds CSV files, e.g. {first}: {_convert(first)})"
+
+
+def _not_csv(files: list[Path]) -> list[Path]:
+    """A ``.csv`` file named directly or by a pattern is refused as CSV, not as unreadable Parquet."""
+    first = next((f for f in files if f.suffix.lower() == ".csv"), None)
+    if first is not None:
+        raise DataError(f"{first}: a CSV file: {_convert(first)}")
+    return files
+
+
+def _convert(csv: Path) -> str:
+    out = csv.with_suffix(".parquet")
     return (
-        f" (it holds CSV files, e.g. {first}: CSV is not read; convert each to Parquet, e.g. python -c "
-        f"\"import pyarrow.csv as c, pyarrow.parquet as p; p.write_table(c.read_csv('{first}'), '{out}')\")"
+        "CSV is not read; convert each to Parquet, e.g. python -c "
+        f"\"import pyarrow.csv as c, pyarrow.parquet as p; p.write_table(c.read_csv('{csv}'), '{out}')\""
     )
 
 

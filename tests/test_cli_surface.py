@@ -359,6 +359,15 @@ def test_a_directory_of_csv_files_says_csv_is_not_read_and_how_to_convert(cli, t
     assert r.exit_code == 0, r.output
 
 
+@pytest.mark.parametrize("spec", ["part-0.csv", "*.csv"])
+def test_a_csv_file_named_or_matched_is_refused_as_csv(cli, tmp_path, base_checkpoint, spec):
+    """Not as an unreadable Parquet file (pyarrow's 'magic bytes not found in footer')."""
+    (tmp_path / "part-0.csv").write_text("click,like\n1,0\n")
+    r = cli("evaluate", "--checkpoint", base_checkpoint, "--data", str(tmp_path / spec), "--quiet")
+    line = one_error_line(r, str(tmp_path / "part-0.csv"), "a CSV file", "CSV is not read", "p.write_table")
+    assert "magic bytes" not in line
+
+
 def test_an_empty_directory_gets_no_csv_hint(cli, tmp_path, base_checkpoint):
     (tmp_path / "empty").mkdir()
     line = one_error_line(cli("evaluate", "--checkpoint", base_checkpoint, "--data", tmp_path / "empty"))
