@@ -269,3 +269,23 @@ def test_a_baseline_that_reads_the_rows_differently_reports_its_own_counts(cli, 
     (mine,) = _oov_lines(result.stderr)  # the checkpoint's: device values unseen at its init
     assert len(theirs) == 1 and "device" not in theirs[0] and "user_bucket" in theirs[0]
     assert not mine.startswith("warning: --baseline")
+
+
+def test_a_task_against_itself_is_exactly_one_so_a_baseline_change_there_is_exactly_zero():
+    """The cosine and GMS diagonal are 1 by definition (0 for a zero gradient): rounding left them at
+    1 ± 1e-16, and --json's delta showed that noise. Off the diagonal: a float64 reference."""
+    import numpy as np
+    import torch
+
+    from cogradctl.transference.lookahead import _matrices
+
+    g = torch.randn(4, 1000, generator=torch.Generator().manual_seed(0)) * torch.tensor([[1e-3], [1.0], [1e3], [0.0]])
+    m = _matrices(torch.ones(4), torch.ones(4, 4) * 0.9, g)
+    assert m["cosine"].diagonal().tolist() == [1.0, 1.0, 1.0, 0.0]
+    assert m["gms"].diagonal().tolist() == [1.0, 1.0, 1.0, 0.0]
+    ref = g.double().numpy()
+    norms = np.linalg.norm(ref, axis=1)
+    for i in range(3):
+        for j in range(3):
+            if i != j:
+                assert m["cosine"][i, j] == pytest.approx(ref[i] @ ref[j] / (norms[i] * norms[j]), abs=1e-12)

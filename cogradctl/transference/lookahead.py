@@ -106,6 +106,11 @@ def _matrices(before: torch.Tensor, after: torch.Tensor, g: torch.Tensor) -> dic
     cosine = torch.where(denom > 0, gram / denom.clamp_min(1e-300), torch.zeros_like(gram))
     sq = norms[:, None] ** 2 + norms[None, :] ** 2
     gms = torch.where(sq > 0, 2 * denom / sq.clamp_min(1e-300), torch.zeros_like(sq))
+    # A task against itself is 1 by definition (0 for a zero gradient), not 1 ± rounding: otherwise a
+    # --baseline change of the diagonal is float noise (±1e-16) that reads like a measurement.
+    nonzero = (norms > 0).to(gram.dtype)
+    cosine.diagonal().copy_(nonzero)
+    gms.diagonal().copy_(nonzero)
     return {
         "transference": (before[None, :] - after).cpu().numpy(),
         "transference_rel": (1.0 - after / before[None, :]).cpu().numpy(),
