@@ -24,7 +24,6 @@ from cogradctl.cli.init import (
     Overwrite,
     Tasks,
     TaskType,
-    excluded,
     schema_options,
 )
 from cogradctl.cli.options import Json, PluginPath, Quiet, Seed, count, paths
@@ -88,8 +87,9 @@ def import_cmd(
 
     count("--seed", seed, 0)  # a seed must be a non-negative 64-bit integer (torch and numpy take no other)
     log = Log(quiet)
-    opts = schema_options(tasks, out, overwrite, features, dense, categorical, task_type, max_vocab, min_count)
-    opts.exclude = excluded(exclude_features, opts)
+    opts = schema_options(
+        tasks, out, overwrite, features, dense, categorical, task_type, max_vocab, min_count, exclude_features
+    )
     request = ImportRequest(
         model=model,
         weights=weights,

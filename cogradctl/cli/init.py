@@ -72,8 +72,9 @@ def init_cmd(
 
     count("--seed", seed, 0)  # a seed must be a non-negative 64-bit integer (torch and numpy take no other)
     log = Log(quiet)
-    opts = schema_options(tasks, out, overwrite, features, dense, categorical, task_type, max_vocab, min_count)
-    opts.exclude = excluded(exclude_features, opts)
+    opts = schema_options(
+        tasks, out, overwrite, features, dense, categorical, task_type, max_vocab, min_count, exclude_features
+    )
     model_config = models.parse_config(config or [])
     schema, rows = infer.infer_from_options(data, opts)
     note_partition_keys(log, data, schema, opts)
@@ -115,18 +116,24 @@ def schema_options(
     task_type: list[str] | None,
     max_vocab: int,
     min_count: int,
+    exclude_features: str = "",
 ):
-    """The schema options as the library takes them, after the checks on them and on ``--out``."""
+    """The schema options as the library takes them, after the checks on them and on ``--out``.
+    ``--exclude-features`` narrows the default feature set, so it is refused with ``--features``."""
     from cogradctl.infer import SchemaOptions
     from cogradctl.schema import parse_task_types
 
     task_list = csv_list(tasks)
     _check(task_list, tasks, out, overwrite, max_vocab, min_count)
     parse_task_types(task_type or [], task_list)  # a bad --task-type is reported before --config
+    exclude = csv_list(exclude_features)
+    if exclude and features:
+        raise UsageError("--exclude-features narrows the default feature set: give it or --features, not both")
     return SchemaOptions(
         tasks=task_list,
         task_types=list(task_type or []),
         features=csv_list(features) if features else None,
+        exclude=exclude,
         dense=csv_list(dense),
         categorical=csv_list(categorical),
         max_vocab=max_vocab,
@@ -147,14 +154,6 @@ def _check(task_list: list[str], tasks: str, out: Path, overwrite: bool, max_voc
         raise UsageError(f"--out {out}: file exists; pass --overwrite to replace it")
     if max_vocab < 1 or min_count < 1:
         raise UsageError("--max-vocab and --min-count must be at least 1")
-
-
-def excluded(exclude_features: str, opts) -> list[str]:
-    """``--exclude-features`` as a list; it narrows the default feature set, so not with ``--features``."""
-    cols = csv_list(exclude_features)
-    if cols and opts.features is not None:
-        raise UsageError("--exclude-features narrows the default feature set: give it or --features, not both")
-    return cols
 
 
 def note_partition_keys(log: Log, data: str, schema, opts) -> None:
