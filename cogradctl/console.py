@@ -44,3 +44,8 @@ class Log:
             yield lambda n=1, **fields: bar.update(
                 task, advance=n, info=" ".join(f"{k}={v}" for k, v in fields.items())
             )
+
+
+def counted(n: int, noun: str, plural: str | None = None) -> str:
+    """``n`` and the noun, singular for 1: "1 step", "5 steps", "1 epoch"."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"

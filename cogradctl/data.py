@@ -263,12 +263,10 @@ def load(spec: str, schema: Schema) -> Dataset:
 def unseen_message(spec: str, rows: dict[str, int], distinct: dict[str, int], capped=()) -> str:
     """The warning for categorical values not in the vocabulary, per column: the rows that hold one and
     the distinct values (``capped``: columns whose distinct count is a lower bound)."""
-
-    def plural(n: int, word: str) -> str:
-        return f"{n} {word}{'' if n == 1 else 's'}"
+    from cogradctl.console import counted
 
     listed = "; ".join(
-        f"{c}: {plural(n, 'row')}, {'at least ' if c in capped else ''}{plural(distinct.get(c, 0), 'distinct value')}"
+        f"{c}: {counted(n, 'row')}, {'at least ' if c in capped else ''}{counted(distinct.get(c, 0), 'distinct value')}"
         for c, n in sorted(rows.items())
         if n
     )

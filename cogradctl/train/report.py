@@ -8,7 +8,7 @@
   first epoch this process reads in full (or over the rows read, if the run ends before one);
 * :class:`ProgressLine`: a periodic log line on stderr when it is not a terminal (cron, CI, a pipe),
   where the progress bar is not drawn;
-* :func:`counted`, :func:`duration`: numbers as text ("1 step", "2m05s").
+* :func:`duration`: seconds as text ("2m05s").
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from dataclasses import replace
 import numpy as np
 import pyarrow as pa
 
-from cogradctl.console import Log
+from cogradctl.console import Log, counted
 from cogradctl.data import unseen_message
 from cogradctl.errors import DataError
 from cogradctl.stream import ParquetStream
@@ -30,11 +30,6 @@ from cogradctl.stream.files import read_unit, where
 
 PROGRESS_EVERY_S = 30.0  # a progress line on a non-terminal stderr at most this often …
 PROGRESS_GAP_S = 5.0  # … and at each epoch end, unless the last line is more recent than this
-
-
-def counted(n: int, noun: str, plural: str | None = None) -> str:
-    """``n`` and the noun, singular for 1: "1 step", "5 steps", "1 epoch"."""
-    return f"{n} {noun if n == 1 else plural or noun + 's'}"
 
 
 def duration(seconds: float) -> str:

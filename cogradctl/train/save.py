@@ -9,10 +9,11 @@ from dataclasses import asdict
 import torch
 
 from cogradctl import checkpoint as ckpt_io
+from cogradctl.console import counted
 from cogradctl.errors import Diverged
 from cogradctl.evaluate import evaluate, mean_auc
 from cogradctl.train.logs import summary
-from cogradctl.train.report import counted, oov_text, stream_oov
+from cogradctl.train.report import oov_text, stream_oov
 from cogradctl.train.run import Run
 from cogradctl.train.state import optimizer_tensors
 

@@ -13,7 +13,7 @@ import torch
 
 from cogradctl import checkpoint as ckpt_io
 from cogradctl import data as data_io
-from cogradctl.console import Log
+from cogradctl.console import Log, counted
 from cogradctl.contract import check_output
 from cogradctl.distributed import Dist, StepReducer
 from cogradctl.errors import CheckpointError
@@ -27,7 +27,7 @@ from cogradctl.train.config import TrainConfig, plain, write_config
 from cogradctl.train.guard import StopFlag
 from cogradctl.train.logs import MetricsLog, NoLog, TensorBoard
 from cogradctl.train.optim import make_optimizer, trainable
-from cogradctl.train.report import OovCount, ProgressLine, count_rows, counted, warn_dropped
+from cogradctl.train.report import OovCount, ProgressLine, count_rows, warn_dropped
 from cogradctl.train.run import Inputs, Progress, Run
 from cogradctl.train.save import save_last
 from cogradctl.train.state import check_resume_tensors, previous_state, restore
