@@ -138,15 +138,20 @@ class Check:
 # --- running the CLI ------------------------------------------------------------------------------
 
 
-def cli(*args, deterministic: bool = False, env: dict | None = None, timeout: float = 300):
-    """``cogradctl ARGS`` in a subprocess → CompletedProcess (text)."""
-    head = [sys.executable, "-c", DETERMINISTIC] if deterministic else [sys.executable, "-m", "cogradctl"]
+def command(args, deterministic: bool = False, env: dict | None = None, launcher: list[str] = ()):
+    """The argv and environment of ``cogradctl ARGS``: through DETERMINISTIC (with cuBLAS's fixed
+    workspace), or ``python [LAUNCHER] -m cogradctl`` (``launcher``: e.g. torch.distributed.run's)."""
+    head = [sys.executable, "-c", DETERMINISTIC] if deterministic else [sys.executable, *launcher, "-m", "cogradctl"]
     full_env = {**os.environ, "COGRADCTL_DEBUG": "", "PYTHONUNBUFFERED": "1", **(env or {})}
     if deterministic:
         full_env["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
-    return subprocess.run(
-        [*head, *map(str, args)], cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout
-    )
+    return [*head, *map(str, args)], full_env
+
+
+def cli(*args, deterministic: bool = False, env: dict | None = None, timeout: float = 300):
+    """``cogradctl ARGS`` in a subprocess → CompletedProcess (text)."""
+    argv, full_env = command(args, deterministic, env)
+    return subprocess.run(argv, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
 def tail(proc, lines: int = 2) -> str:
@@ -281,11 +286,8 @@ def check_resume(c: Check, data: Path, ckpt: Path) -> None:
 
 def kill_mid_run(c: Check, args: list, out: Path) -> int:
     """Start the run, SIGKILL it once it has saved step ``kill_after`` → the last saved step (-1: none)."""
-    head = [sys.executable, "-c", DETERMINISTIC]
-    env = {**os.environ, "COGRADCTL_DEBUG": "", "CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
-    proc = subprocess.Popen(
-        [*head, *map(str, args)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    argv, env = command(args, deterministic=True)
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while saved_step(out) < c.size.kill_after and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
@@ -342,12 +344,10 @@ def check_torchrun(c: Check, data: Path, ckpt: Path) -> None:
     per_rank, steps = 64, 20
     extra = ["--method", "cograd", "--max-steps", steps, "--data-shards", n]
     many, one = c.work / f"torchrun-{n}", c.work / "torchrun-ref"
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n)]
+    launch = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n)]
     args = train_args(c, ckpt, data, many, *extra, "--batch-size", per_rank)
-    env = {**os.environ, "COGRADCTL_DEBUG": "", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [*launch, "-m", "cogradctl", *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
-    )
+    argv, env = command(args, env={"OMP_NUM_THREADS": "1"}, launcher=launch)
+    proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     backend = "NCCL" if c.device == "cuda" else "gloo"
     if proc.returncode != 0:
         c.verdict("torchrun", f"{n} process(es), {backend}", False, f"exit {proc.returncode}: {tail(proc)}")
