@@ -225,7 +225,7 @@ def details(kind: str, name: str, extra_paths: list[str] | None = None) -> dict:
     and meaning (from the factory's signature and its ``options`` descriptions, a method's
     convention). A PluginError like ``lookup``'s for a name that is unknown, duplicated or broken."""
     factory = lookup(kind, name, extra_paths)
-    entry = discover(kind, extra_paths)[name]
+    entry = discover(kind, extra_paths, only=name)[name]  # lookup found it: load no other plugin
     text = plain(getattr(factory, "__doc__", None) or "")
     summary, _, rest = text.partition("\n\n")
     module = sys.modules.get(getattr(factory, "__module__", ""))
