@@ -22,7 +22,7 @@ import socket
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import BinaryIO
 
@@ -33,6 +33,7 @@ from safetensors.torch import save as st_save
 from cogradctl import __version__
 from cogradctl.errors import CheckpointError
 from cogradctl.schema import Schema
+from cogradctl.vocab_tensors import VOCAB_PREFIX, vocab_tensors, with_vocab
 
 FORMAT = "cogradctl-checkpoint"
 FORMAT_VERSION = "1"
@@ -63,13 +64,15 @@ def serialize(ckpt: Checkpoint) -> bytes:
     """
     tensors = {MODEL_PREFIX + k: v.detach().to("cpu").contiguous().clone() for k, v in ckpt.state.items()}
     tensors.update({k: v.detach().to("cpu").contiguous().clone() for k, v in ckpt.extra.items()})
+    schema, vocab = vocab_tensors(ckpt.schema)
+    tensors.update(vocab)
     metadata = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "cogradctl_version": __version__,
         "model": ckpt.model,
         "model_config": json.dumps(ckpt.model_config),
-        "schema": ckpt.schema.to_json(),
+        "schema": schema.to_json(),
         "history": json.dumps(ckpt.history),
     }
     if ckpt.training_state is not None:
@@ -312,8 +315,10 @@ def _short(text: str, limit: int = 200) -> str:
 
 
 def read_checked(path: str | Path) -> Metadata:
-    """The validated metadata of the checkpoint at ``path``, without reading its tensors."""
-    return parse_metadata(read_metadata(path), path)
+    """The validated metadata of the checkpoint at ``path``, without reading its weights (a
+    vocabulary stored as tensors is read)."""
+    meta = parse_metadata(read_metadata(path), path)
+    return replace(meta, schema=with_vocab(meta.schema, path))
 
 
 def load(path: str | Path) -> Checkpoint:
@@ -324,8 +329,9 @@ def load(path: str | Path) -> Checkpoint:
     except (SafetensorError, OSError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{path}: corrupt checkpoint ({exc})") from exc
     state = {k[len(MODEL_PREFIX) :]: v for k, v in tensors.items() if k.startswith(MODEL_PREFIX)}
-    extra = {k: v for k, v in tensors.items() if not k.startswith(MODEL_PREFIX)}
-    return Checkpoint(meta.model, meta.model_config, meta.schema, state, meta.history, extra, meta.training_state)
+    extra = {k: v for k, v in tensors.items() if not k.startswith((MODEL_PREFIX, VOCAB_PREFIX))}
+    schema = with_vocab(meta.schema, path)
+    return Checkpoint(meta.model, meta.model_config, schema, state, meta.history, extra, meta.training_state)
 
 
 def stored_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:

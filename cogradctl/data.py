@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
+from cogradctl.encodings import Lookup, plain_values
 from cogradctl.errors import DataError
 from cogradctl.schema import (
     Schema,
@@ -271,8 +272,8 @@ def unseen_message(spec: str, rows: dict[str, int], distinct: dict[str, int], ca
         if n
     )
     return (
-        f"{spec}: categorical values not seen at init (not in the vocabulary) were mapped to the "
-        f"out-of-vocabulary id 0: {listed}"
+        f"{spec}: categorical values without a row of their own (not in the vocabulary, or outside the "
+        f"encoding's range) were mapped to their column's out-of-vocabulary row: {listed}"
     )
 
 
@@ -303,14 +304,15 @@ def encode(
     cat = np.zeros((n, len(schema.categorical)), dtype=np.int64)
     unseen = {}
     for k, f in enumerate(schema.categorical):
-        values, _ = _categorical_values(table.column(f.name), f.value_type)
-        vocab = pa.array(f.vocab, type=pa.int64() if f.value_type == "int" else pa.string())
-        idx = pc.index_in(values, value_set=vocab)
-        missing = idx.null_count - values.null_count
-        if missing:
-            mask = pc.and_(pc.is_null(idx), pc.is_valid(values))
-            unseen[f.name] = (missing, set(pc.unique(values.filter(mask)).to_pylist()))
-        cat[:, k] = pc.fill_null(idx, -1).to_numpy(zero_copy_only=False) + 1
+        values = table.column(f.name)
+        try:
+            rows, unmapped = Lookup(f).rows(values)
+        except ValueError as exc:
+            raise DataError(f"{path}: categorical column '{f.name}': {exc}") from None
+        if unmapped.any():
+            plain = plain_values(values, f.value_type)
+            unseen[f.name] = (int(unmapped.sum()), set(pc.unique(plain.filter(pa.array(unmapped))).to_pylist()))
+        cat[:, k] = rows
     labels = np.stack(
         [table.column(t).cast(pa.float32()).to_numpy(zero_copy_only=False) for t in schema.task_names], axis=1
     )

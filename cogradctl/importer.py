@@ -63,7 +63,7 @@ def import_weights(req: ImportRequest) -> dict:
         raise UsageError(f"--out {req.out}: is the --weights file; the source is never modified, write elsewhere")
     registry.lookup("models", req.model, req.plugin_paths)  # an unknown or broken plugin first: it is cheap
     source = read(req.weights, req.weights_key)
-    schema, rows = infer.infer_from_options(req.data, req.schema)
+    schema, rows, encoded = infer.infer_from_options(req.data, req.schema)
     torch.manual_seed(req.seed)
     net, effective = models.build(req.model, schema, req.config, req.plugin_paths)
     contract.check_output(net, schema, req.model)  # {task: B-vector}, or exit 2 before anything is written
@@ -99,7 +99,7 @@ def import_weights(req: ImportRequest) -> dict:
         "mapping": _mapping_summary(keys, source),
         "converted_dtypes": converted,
         "self_check": check,
-        "vocabulary": vocabulary_report(req.data, schema, req.schema),
+        "vocabulary": vocabulary_report(schema, encoded),
     }
 
 
@@ -174,27 +174,25 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.reshape(-1).contiguous().view(torch.uint8), b.reshape(-1).contiguous().view(torch.uint8))
 
 
-def vocabulary_report(spec: str, schema: Schema, opts: infer.SchemaOptions) -> dict:
-    """How many sample values fall outside the vocabulary (index 0), per categorical feature.
-
-    None do by construction unless ``--min-count`` or ``--max-vocab`` pruned the vocabulary (then
-    the sample is read again to count them). The risk lies elsewhere: a value the team's model
-    knows but the sample lacks reaches the plugin as index 0 (see ``layers.OriginalIds``).
+def vocabulary_report(schema: Schema, encoded: dict[str, dict]) -> dict:
+    """How many sample rows took a categorical feature's OOV row, per feature, from inference's
+    report (``encoded``): for ``vocab`` the values ``--min-count`` or ``--max-vocab`` cut, for the
+    other encodings the values without a row of their own. With ``vocab`` a value the team's model
+    knows but the sample lacks reaches the plugin as index 0 (see ``layers.OriginalIds``); the
+    ``identity``, ``hash`` and ``vocab-file`` encodings keep the team's ids whatever the sample holds.
     """
-    capped = [f.name for f in schema.categorical if len(f.vocab) >= opts.max_vocab]
-    oov = {f.name: 0 for f in schema.categorical}
-    distinct = dict(oov)
-    if opts.min_count > 1 or capped:
-        from cogradctl.stream import ParquetStream
-
-        stream = ParquetStream(spec, schema)
-        for _ in stream.batches(65536, shuffle=False):
-            pass
-        oov.update(stream.stats["oov"])
-        distinct.update(stream.stats["oov_distinct"])
+    oov, distinct = {}, {}
+    for f in schema.categorical:
+        r = encoded[f.name]
+        if f.encoding == "vocab":
+            cut = (r["cut_by_max_vocab"], r["cut_by_min_count"])
+            oov[f.name], distinct[f.name] = sum(c["rows"] for c in cut), sum(c["values"] for c in cut)
+        else:
+            oov[f.name], distinct[f.name] = r["unmapped_rows"], None
     return {
-        "values": {f.name: len(f.vocab) for f in schema.categorical},
-        "sample_oov": oov,  # rows whose value is outside the vocabulary
-        "sample_oov_distinct": distinct,  # distinct such values
-        "capped_by_max_vocab": capped,
+        "values": {f.name: len(f.vocab) for f in schema.categorical if f.encoding == "vocab"},
+        "sample_oov": oov,  # rows whose value took the OOV row
+        "sample_oov_distinct": distinct,  # distinct such values (vocab encoding)
+        "capped_by_max_vocab": [c for c, r in encoded.items() if r.get("cut_by_max_vocab", {}).get("values")],
+        "encodings": encoded,
     }

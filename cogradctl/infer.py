@@ -27,7 +27,8 @@ from cogradctl.data import (
     read_schema,
     resolve,
 )
-from cogradctl.errors import DataError
+from cogradctl.encodings import Lookup, Spec, read_vocab_file
+from cogradctl.errors import DataError, UsageError
 from cogradctl.schema import Feature, Schema, Task, family, parse_task_types, plan_columns
 from cogradctl.stream.files import partition_array, partitions
 
@@ -49,23 +50,35 @@ class SchemaOptions:
     max_vocab: int = 100_000
     min_count: int = 1
     exclude: list[str] = field(default_factory=list)  # columns left out of the default (every non-task column)
+    encodings: dict[str, Spec] = field(default_factory=dict)  # column → its --encoding (default vocab)
+    scaling: dict[str, str] = field(default_factory=dict)  # dense column → standard|none ("*": every one)
 
 
-def infer_from_options(spec: str, opts: SchemaOptions) -> tuple[Schema, int]:
-    """The schema of the data ``spec`` under the choices ``opts``: → (schema, rows). One code path for
-    ``init`` and ``import``, so a checkpoint imported from a team's weights encodes like one made fresh."""
+def infer_from_options(spec: str, opts: SchemaOptions) -> tuple[Schema, int, dict]:
+    """The schema of the data ``spec`` under the choices ``opts``: → (schema, rows, report: per
+    categorical column, its encoding and what it did to the data — values cut from a vocabulary,
+    values without a row). One code path for ``init`` and ``import``, so a checkpoint imported from
+    a team's weights encodes like one made fresh."""
     types = parse_task_types(opts.task_types, opts.tasks)
-    return infer_schema(
-        spec,
-        opts.tasks,
-        types,
-        opts.features,
-        opts.dense,
-        opts.categorical,
-        opts.max_vocab,
-        opts.min_count,
-        exclude=opts.exclude,
-    )
+    return _infer(spec, opts.tasks, types, opts.features, opts.dense, opts.categorical, opts)
+
+
+def infer_schema(
+    spec: str,
+    tasks: list[str],
+    task_types: dict[str, str],
+    features: list[str] | None = None,
+    dense: list[str] = (),
+    categorical: list[str] = (),
+    max_vocab: int = 100_000,
+    min_count: int = 1,
+    *,
+    exclude: list[str] = (),
+) -> tuple[Schema, int]:
+    """The schema with the default encodings (vocabularies, standardised dense features): → (schema, rows)."""
+    opts = SchemaOptions(list(tasks), max_vocab=max_vocab, min_count=min_count, exclude=list(exclude))
+    schema, rows, _ = _infer(spec, tasks, task_types, features, dense, categorical, opts)
+    return schema, rows
 
 
 def columns_of(path: Path) -> tuple[pa.Schema, dict[str, str]]:
@@ -98,19 +111,9 @@ def _read(path: Path, columns: list[str]) -> pa.Table:
     return table.select(columns)
 
 
-def infer_schema(
-    spec: str,
-    tasks: list[str],
-    task_types: dict[str, str],
-    features: list[str] | None = None,
-    dense: list[str] = (),
-    categorical: list[str] = (),
-    max_vocab: int = 100_000,
-    min_count: int = 1,
-    *,
-    exclude: list[str] = (),
-) -> tuple[Schema, int]:
-    """Read every file once: the feature kinds, vocabularies, normalisation statistics. → (schema, rows).
+def _infer(spec, tasks, task_types, features, dense, categorical, opts: SchemaOptions) -> tuple[Schema, int, dict]:
+    """Read every file once: the feature kinds, vocabularies, normalisation statistics, and what each
+    categorical encoding makes of the data. → (schema, rows, report).
 
     The first file (in sorted order) decides each column's kind; every other file must store each
     column with a type of the same family (:func:`cogradctl.schema.family`: integer and float widths, string and
@@ -118,10 +121,14 @@ def infer_schema(
     both files and both types."""
     files = resolve(spec)
     first, _ = columns_of(files[0])
-    kinds = plan_columns(first, str(files[0]), tasks, features, list(dense), list(categorical), list(exclude))
+    kinds = plan_columns(first, str(files[0]), tasks, features, list(dense), list(categorical), list(opts.exclude))
+    _check_choices(kinds, opts)
     kinds_all = {**kinds, **{t: "label" for t in tasks}}
-    counts = {c: Counter() for c, k in kinds.items() if k == "categorical"}
-    value_types: dict[str, str] = {}
+    cats = {
+        c: _Column(c, opts.encodings.get(c, Spec("vocab")), first.field(c).type)
+        for c, k in kinds.items()
+        if k == "categorical"
+    }
     moments = {c: [0, 0.0, 0.0] for c, k in kinds.items() if k == "dense"}  # n, sum, sum of squares
     rows = 0
     for path in files:
@@ -131,26 +138,134 @@ def infer_schema(
         _validate_labels(table, path, [Task(t, task_types[t]) for t in tasks])
         for col, kind in kinds.items():
             if kind == "categorical":
-                _count_values(table.column(col), path, col, counts[col], value_types)
+                cats[col].read(table.column(col), path)
             else:
                 _add_moments(_dense_values(table.column(col), path, col), moments[col])
     if rows == 0:
         raise DataError(f"{spec}: the data has no rows")
-    feats = [_feature(col, kind, counts, value_types, moments, max_vocab, min_count) for col, kind in kinds.items()]
+    feats = [
+        cats[col].feature(opts.max_vocab, opts.min_count)
+        if kind == "categorical"
+        else _dense(col, moments[col], opts.scaling.get(col, opts.scaling.get("*", "standard")))
+        for col, kind in kinds.items()
+    ]
     schema = Schema(feats, [Task(t, task_types[t]) for t in tasks])
     _check_header_size(spec, schema)
-    return schema, rows
+    return schema, rows, {c: cats[c].report for c in cats}
 
 
-def _count_values(arr: pa.ChunkedArray, path: Path, col: str, counts: Counter, value_types: dict[str, str]) -> None:
+def _check_choices(kinds: dict[str, str], opts: SchemaOptions) -> None:
+    """Every --encoding names a categorical feature and every --dense-scaling column a dense one."""
+    for col in opts.encodings:
+        if kinds.get(col) != "categorical":
+            what = "not a feature" if col not in kinds else "a dense feature"
+            raise UsageError(f"--encoding {col}=…: '{col}' is {what}; encodings are for categorical features")
+    for col in opts.scaling:
+        if col != "*" and kinds.get(col) != "dense":
+            what = "not a feature" if col not in kinds else "a categorical feature"
+            raise UsageError(f"--dense-scaling {col}=…: '{col}' is {what}; scaling is for dense features")
+
+
+class _Column:
+    """One categorical column while inference reads the files: its value type (from the first file),
+    its value counts (vocab encoding) or its rows under the encoding (the others), and the report."""
+
+    def __init__(self, name: str, spec: Spec, arrow_type: pa.DataType) -> None:
+        self.name, self.spec = name, spec
+        self.value_type = _value_type(arrow_type)
+        self.counts: Counter = Counter()
+        self.report: dict = {"encoding": spec.kind}
+        self.lookup = None
+        if spec.kind != "vocab":
+            if spec.kind == "identity" and self.value_type != "int":
+                raise UsageError(
+                    f"--encoding {name}=identity:…: column '{name}' holds {arrow_type} values; "
+                    "identity needs integer row indices (use hash:N or vocab-file for other values)"
+                )
+            self.lookup = Lookup(self.feature(0, 1))
+            self.report.update(rows=self.lookup.feature.cardinality, unmapped_rows=0, null_rows=0)
+
+    def read(self, arr: pa.ChunkedArray, path: Path) -> None:
+        if self.lookup is None:
+            _count_values(arr, path, self.name, self.counts, self.value_type)
+            return
+        try:
+            _, unmapped = self.lookup.rows(arr)
+        except ValueError as exc:
+            raise DataError(f"{path}: categorical column '{self.name}': {exc}") from None
+        except (pa.ArrowException, TypeError) as exc:
+            raise DataError(f"{path}: categorical column '{self.name}' cannot be encoded ({_short(exc)})") from exc
+        self.report["unmapped_rows"] += int(unmapped.sum())
+        self.report["null_rows"] += arr.null_count
+
+    def feature(self, max_vocab: int, min_count: int) -> Feature:
+        spec, name = self.spec, self.name
+        if spec.kind == "vocab":
+            return self._vocab(max_vocab, min_count)
+        pad = spec.pad if spec.pad is not None else (spec.oov or 0)
+        if spec.kind == "vocab-file":
+            if self.lookup is not None:
+                return self.lookup.feature
+            values = read_vocab_file(spec.path, self.value_type, name)
+            rows = max(len(values), spec.oov + 1, pad + 1)
+            return Feature(
+                name,
+                "categorical",
+                vocab=values,
+                value_type=self.value_type,
+                encoding=spec.kind,
+                buckets=rows,
+                oov=spec.oov,
+                pad=pad,
+            )
+        return Feature(
+            name,
+            "categorical",
+            value_type=self.value_type,
+            encoding=spec.kind,
+            buckets=spec.buckets,
+            oov=spec.oov,
+            pad=pad,
+        )
+
+    def _vocab(self, max_vocab: int, min_count: int) -> Feature:
+        ranked = sorted(self.counts.items(), key=lambda kv: (-kv[1], str(kv[0])))
+        frequent = [(v, n) for v, n in ranked if n >= min_count]
+        vocab = [v for v, _ in frequent[:max_vocab]]
+        rare, cut = ranked[len(frequent) :], frequent[max_vocab:]
+        self.report.update(
+            values=len(vocab),
+            distinct=len(ranked),
+            cut_by_max_vocab={"values": len(cut), "rows": sum(n for _, n in cut)},
+            cut_by_min_count={"values": len(rare), "rows": sum(n for _, n in rare)},
+        )
+        return Feature(self.name, "categorical", vocab=vocab, value_type=self.value_type)
+
+
+def _value_type(t: pa.DataType) -> str:
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    return "int" if (pa.types.is_integer(t) or pa.types.is_boolean(t)) else "str"
+
+
+def _dense(col: str, m: list, scaling: str) -> Feature:
+    if scaling == "none":
+        return Feature(col, "dense", mean=0.0, std=1.0, scaling="none")
+    n, s, ss = m
+    mean = s / n if n else 0.0
+    var = max(ss / n - mean * mean, 0.0) if n else 0.0
+    std = math.sqrt(var) if var > 1e-12 else 1.0
+    return Feature(col, "dense", mean=mean, std=std)
+
+
+def _count_values(arr: pa.ChunkedArray, path: Path, col: str, counts: Counter, value_type: str) -> None:
     try:
-        values, vtype = _categorical_values(arr, value_types.get(col))
+        values, _ = _categorical_values(arr, value_type)
     except (pa.ArrowException, ValueError) as exc:
         raise DataError(
             f"{path}: categorical column '{col}' is {arr.type}, which cannot be read as a vocabulary "
             f"without loss ({_short(exc)}); store it as int64 or as strings"
         ) from exc
-    value_types.setdefault(col, vtype)
     for item in pc.value_counts(values.drop_null()).to_pylist():
         counts[item["values"]] += item["counts"]
 
@@ -160,18 +275,6 @@ def _add_moments(values: np.ndarray, m: list) -> None:
     m[0] += finite.size
     m[1] += float(finite.sum())
     m[2] += float(np.square(finite).sum())
-
-
-def _feature(col, kind, counts, value_types, moments, max_vocab: int, min_count: int) -> Feature:
-    if kind == "categorical":
-        ranked = sorted(counts[col].items(), key=lambda kv: (-kv[1], str(kv[0])))
-        vocab = [v for v, n in ranked if n >= min_count][:max_vocab]
-        return Feature(col, "categorical", vocab=vocab, value_type=value_types.get(col, "str"))
-    n, s, ss = moments[col]
-    mean = s / n if n else 0.0
-    var = max(ss / n - mean * mean, 0.0) if n else 0.0
-    std = math.sqrt(var) if var > 1e-12 else 1.0
-    return Feature(col, "dense", mean=mean, std=std)
 
 
 def _same_types(arrow: pa.Schema, path: Path, first: pa.Schema, first_path: Path, kinds: dict[str, str]) -> None:

@@ -107,8 +107,10 @@ class OriginalIds(nn.Module):
     → B×C long ids in the same order; ``index[name]`` is a feature's column, so a plugin can pick
     its model's inputs by name, in its model's order.
 
-    Until ids are kept as the team encodes them (issue #23), a value that was not in the import
-    sample reaches the model as ``missing_id``, whatever the team's pipeline would have made of it.
+    With the ``vocab`` encoding a value that was not in the import sample reaches the model as
+    ``missing_id``, whatever the team's pipeline would have made of it. A feature encoded with
+    ``identity``, ``hash`` or ``vocab-file`` (``--encoding`` at import) already arrives as the team's
+    row: it passes through unchanged (``to_id`` and ``missing_id`` do not apply to it).
     """
 
     def __init__(self, schema: Schema, to_id=None, missing_id: int | dict[str, int] = 0) -> None:
@@ -117,6 +119,9 @@ class OriginalIds(nn.Module):
         self.index = {f.name: k for k, f in enumerate(feats)}
         tables = []
         for f in feats:
+            if f.encoding != "vocab":
+                tables.append(torch.arange(f.cardinality, dtype=torch.long))
+                continue
             if to_id is None and f.value_type != "int":
                 raise ValueError(f"feature '{f.name}' has {f.value_type} values: give to_id(name, value) → int id")
             missing = missing_id.get(f.name, 0) if isinstance(missing_id, dict) else missing_id

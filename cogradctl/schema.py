@@ -2,37 +2,56 @@
 which are tasks (and of what type). ``init`` infers it from Parquet; every other command validates
 data against it.
 
-Encoding: a categorical feature maps its vocabulary to indices 1..V; index 0 is the bucket for
-missing and out-of-vocabulary values. A dense feature is standardised with the mean and standard
-deviation seen at ``init``; a missing (null) value becomes 0, the mean.
+Encoding: a categorical feature's values become embedding rows by its ``encoding``
+(:mod:`cogradctl.encodings`: ``vocab``, the default, maps its vocabulary to rows 1..V and missing and
+out-of-vocabulary values to row 0; ``identity``, ``hash`` and ``vocab-file`` keep a team's own ids).
+A dense feature is standardised with the mean and standard deviation seen at ``init``
+(``scaling="standard"``; a missing (null) value becomes 0, the mean), or fed as stored
+(``scaling="none"``: mean 0 and std 1; a missing value becomes 0).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from cogradctl.errors import DataError, UsageError
 
 TASK_TYPES = ("binary", "regression")
 
 
+ENCODINGS = ("vocab", "identity", "hash", "vocab-file")
+SCALINGS = ("standard", "none")
+
+
 @dataclass
 class Feature:
     name: str
     kind: str  # "dense" or "categorical"
-    vocab: list = field(default_factory=list)  # categorical: values (int or str), index i+1
+    # categorical: values (int or str; a list, or an Arrow array when read from checkpoint tensors):
+    # vocab encoding: value i is row i + 1; vocab-file: value i is row i
+    vocab: list = field(default_factory=list)
     value_type: str = ""  # categorical: "int" or "str", the type vocab values are compared as
     mean: float = 0.0  # dense
     std: float = 1.0  # dense
+    encoding: str = "vocab"  # categorical: one of ENCODINGS (see cogradctl.encodings)
+    buckets: int = 0  # identity/hash: N; vocab-file: the table's rows
+    oov: int | None = None  # identity/hash/vocab-file: the row of values without one (None: an error)
+    pad: int = 0  # the row that pads list features
+    scaling: str = "standard"  # dense: one of SCALINGS ("none": mean 0, std 1)
+    vocab_stored: int | None = None  # a vocabulary kept in checkpoint tensors, not yet read: its size
 
     @property
     def cardinality(self) -> int:
-        """Number of embedding rows: the vocabulary plus the OOV/missing bucket 0."""
-        return len(self.vocab) + 1
+        """Number of embedding rows: ``vocab``: the vocabulary plus the OOV/missing row 0; else ``buckets``."""
+        if self.encoding != "vocab":
+            return self.buckets
+        return (len(self.vocab) if self.vocab_stored is None else self.vocab_stored) + 1
 
 
 @dataclass
@@ -63,7 +82,7 @@ class Schema:
         return [f.name for f in self.features] + self.task_names
 
     def to_json(self) -> str:
-        return json.dumps({"features": [asdict(f) for f in self.features], "tasks": [asdict(t) for t in self.tasks]})
+        return json.dumps({"features": [_as_dict(f) for f in self.features], "tasks": [asdict(t) for t in self.tasks]})
 
     @classmethod
     def from_json(cls, text: str) -> Schema:
@@ -93,6 +112,12 @@ class Schema:
         return cls(features, tasks)
 
 
+def _as_dict(f: Feature) -> dict:
+    """A feature's JSON form: an Arrow vocabulary as a list."""
+    vocab = f.vocab.to_pylist() if isinstance(f.vocab, (pa.Array, pa.ChunkedArray)) else f.vocab
+    return {**asdict(replace(f, vocab=[])), "vocab": vocab}
+
+
 def _fields_of(kind, d, where: str) -> dict:
     if not isinstance(d, dict):
         raise ValueError(f"schema: {where} is not an object")
@@ -115,19 +140,71 @@ def _feature(d, i: int) -> Feature:
     if f.kind == "dense":
         if not _number(f.mean) or not _number(f.std) or not f.std > 0:
             raise ValueError(f"{where}: mean and std must be finite numbers, std > 0 (got {f.mean!r}, {f.std!r})")
+        if f.scaling not in SCALINGS or (f.scaling == "none" and (f.mean, f.std) != (0, 1)):
+            raise ValueError(f"{where}: scaling must be 'standard' or 'none' (with mean 0, std 1), got {f.scaling!r}")
     elif f.kind == "categorical":
         if f.value_type not in ("int", "str"):
             raise ValueError(f"{where}: value_type must be 'int' or 'str', got {f.value_type!r}")
-        if not isinstance(f.vocab, list):
-            raise ValueError(f"{where}: vocab is not a list")
-        want = str if f.value_type == "str" else int
-        if not all(isinstance(v, want) and not isinstance(v, bool) for v in f.vocab):
-            raise ValueError(f"{where}: vocab values must all be {f.value_type}")
-        if len(set(f.vocab)) != len(f.vocab):
-            raise ValueError(f"{where}: vocab lists a value twice")
+        check_vocab(f, where)
+        _check_rows(f, where)
     else:
         raise ValueError(f"{where}: kind must be 'dense' or 'categorical', got {f.kind!r}")
     return f
+
+
+def check_vocab(f: Feature, where: str) -> None:
+    """A vocabulary holds values of the feature's value type, each once (a list, or an Arrow array)."""
+    if isinstance(f.vocab, (pa.Array, pa.ChunkedArray)):
+        want = pa.int64() if f.value_type == "int" else pa.string()
+        if f.vocab.type != want:
+            raise ValueError(f"{where}: vocab values must all be {f.value_type}")
+        if f.vocab.null_count or not _distinct(f.vocab):
+            raise ValueError(f"{where}: vocab lists a value twice (or a null)")
+        return
+    if not isinstance(f.vocab, list):
+        raise ValueError(f"{where}: vocab is not a list")
+    want = str if f.value_type == "str" else int
+    if not all(isinstance(v, want) and not isinstance(v, bool) for v in f.vocab):
+        raise ValueError(f"{where}: vocab values must all be {f.value_type}")
+    if len(set(f.vocab)) != len(f.vocab):
+        raise ValueError(f"{where}: vocab lists a value twice")
+
+
+def _distinct(values: pa.Array) -> bool:
+    """Whether no value repeats (integers by sorting: cheaper than hashing ten million of them)."""
+    if pa.types.is_integer(values.type):
+        v = np.sort(values.to_numpy(zero_copy_only=False))
+        return not (v[1:] == v[:-1]).any()
+    return pc.count_distinct(values).as_py() == len(values)
+
+
+def _row(value, rows: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < rows
+
+
+def _check_rows(f: Feature, where: str) -> None:
+    """The encoding's fields agree: its rows, OOV row and padding row (see ``cogradctl.encodings``)."""
+    if f.encoding not in ENCODINGS:
+        raise ValueError(f"{where}: encoding must be one of {', '.join(ENCODINGS)}, got {f.encoding!r}")
+    stored = f.vocab_stored
+    if stored is not None and (not _row(stored, 1 << 62) or len(f.vocab)):
+        raise ValueError(f"{where}: vocab_stored must be a size ≥ 0 with an empty inline vocab")
+    if f.encoding == "vocab":
+        if f.buckets != 0 or f.oov not in (None, 0) or f.pad != 0:
+            raise ValueError(f"{where}: the vocab encoding has no buckets and OOV and padding row 0")
+        return
+    if not _row(f.buckets, 1 << 62) or f.buckets < 1:
+        raise ValueError(f"{where}: buckets must be a positive integer, got {f.buckets!r}")
+    if f.oov is not None and not _row(f.oov, f.buckets) or not _row(f.pad, f.buckets):
+        raise ValueError(f"{where}: oov and pad must be rows 0..{f.buckets - 1} (got {f.oov!r}, {f.pad!r})")
+    size = len(f.vocab) if stored is None else stored
+    if f.encoding == "vocab-file":
+        if f.oov is None or size < 1 or size > f.buckets:
+            raise ValueError(f"{where}: a vocab-file encoding needs values, an OOV row and buckets ≥ its values")
+    elif size:
+        raise ValueError(f"{where}: the {f.encoding} encoding keeps no vocabulary")
+    if f.encoding == "identity" and f.value_type != "int":
+        raise ValueError(f"{where}: the identity encoding needs integer values")
 
 
 def _task(d, i: int) -> Task:

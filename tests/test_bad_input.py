@@ -209,7 +209,7 @@ def test_unseen_categories_are_counted_and_warned(cli, tmp_path, base_checkpoint
     )
     r = cli("evaluate", "--checkpoint", base_checkpoint, "--data", path, "--json")
     assert r.exit_code == 0, r.output
-    assert "mapped to the out-of-vocabulary id 0: device: 7 rows, 1 distinct value" in r.stderr
+    assert "mapped to their column's out-of-vocabulary row: device: 7 rows, 1 distinct value" in r.stderr
     assert r.stdout.startswith("{")
 
 

@@ -247,7 +247,7 @@ def test_encoding_known_oov_and_null_categoricals(mixed, tmp_path):
         }
     )
     other = write(tmp_path / "new.parquet", new)
-    with pytest.warns(UserWarning, match="out-of-vocabulary id 0") as caught:
+    with pytest.warns(UserWarning, match="out-of-vocabulary row") as caught:
         ds = data.load(str(other), schema)
     message = str(caught[0].message)
     assert "d: 1 row, 1 distinct value; i: 1 row, 1 distinct value; s: 1 row, 1 distinct value" in message

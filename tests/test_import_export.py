@@ -191,7 +191,7 @@ def test_round_trip_import_predict_train_measure_export(team, sample_dir, tmp_pa
     assert doc["mapping"]["renamed"] == 24 and doc["mapping"]["rename"] == ["=net."]
     assert list(doc["config"]["features"]) == ["user_bucket", "device", "category"]  # the config's order kept
     assert doc["vocabulary"]["sample_oov"] == {"device": 0, "category": 0, "user_bucket": 0}
-    assert "self-check" in r.stderr and "issue #23" in r.stderr
+    assert "self-check" in r.stderr and "--encoding COLUMN=identity:N" in r.stderr
     ckpt = ckpt_io.load(imported)
     assert str(weights) not in json.dumps(ckpt.model_config)  # provenance lives in the history only
     (entry,) = ckpt.history

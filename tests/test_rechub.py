@@ -270,7 +270,7 @@ def test_unseen_ids_map_to_oov_id(rechub, rows, tmp_path):
     new = team_rows(8, 1)
     new["user"][:4] = [35, 36, 0, 29]  # 35 and 36 were never seen at init
     pq.write_table(pa.table(new), tmp_path / "new.parquet")
-    with pytest.warns(UserWarning, match="not seen at init"):
+    with pytest.warns(UserWarning, match="without a row of their own"):
         inputs, _ = data.load(str(tmp_path / "new.parquet"), schema).batch(slice(0, None))
     x = net.rechub_inputs(inputs)
     assert x["user"][:4].tolist() == [7, 7, 0, 29]

@@ -220,10 +220,10 @@ def unseen_table(root, seed: int = 0):
 def test_unseen_values_counted_in_rows_and_distinct_values(parts, tmp_path, wide, monkeypatch):
     """Rows and distinct values not in the vocabulary, per column, the same in the stream (both ways of
     encoding integers) and in data.load; the warning says both (issue #25 item 14)."""
-    from cogradctl.stream import encode
+    from cogradctl import encodings
 
     if wide:
-        monkeypatch.setattr(encode, "LUT_SPAN", 0)  # integers through index_in, not the lookup table
+        monkeypatch.setattr(encodings, "LUT_SPAN", 0)  # integers through index_in, not the lookup table
     root, schema = parts
     pq.write_table(unseen_table(root), tmp_path / "a.parquet", row_group_size=16)
     pq.write_table(unseen_table(root, seed=1), tmp_path / "b.parquet")  # the same unseen values again
@@ -234,8 +234,8 @@ def test_unseen_values_counted_in_rows_and_distinct_values(parts, tmp_path, wide
     assert s.stats["oov_distinct"] == {"device": 2, "user_bucket": 3} and s.stats["oov_distinct_capped"] == []
     message = s.unseen_warning()
     assert message == (
-        f"{tmp_path}: categorical values not seen at init (not in the vocabulary) were mapped to the "
-        "out-of-vocabulary id 0: device: 20 rows, 2 distinct values; user_bucket: 10 rows, 3 distinct values"
+        f"{tmp_path}: categorical values without a row of their own (not in the vocabulary, or outside the "
+        "encoding's range) were mapped to their column's out-of-vocabulary row: device: 20 rows, 2 distinct values; user_bucket: 10 rows, 3 distinct values"
     )
     with pytest.warns(UserWarning) as caught:
         ds = data.load(str(tmp_path), schema)

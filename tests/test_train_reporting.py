@@ -126,12 +126,12 @@ def test_unseen_categorical_values_are_reported_for_data_and_valid(cli, base_che
     assert r.exit_code == 0, r.output
     # counted over every row read, dropped ones included, and worded as evaluate words it
     assert (
-        f"--data {dirty['train']}: categorical values not seen at init (not in the vocabulary) were mapped to "
-        "the out-of-vocabulary id 0: user_bucket: 40 rows, 40 distinct values (of 2000 rows read in epoch 1)"
+        f"--data {dirty['train']}: categorical values without a row of their own (not in the vocabulary, or outside "
+        "the encoding's range) were mapped to their column's out-of-vocabulary row: user_bucket: 40 rows, 40 distinct values (of 2000 rows read in epoch 1)"
     ) in r.stderr
     assert (
-        f"--valid {dirty['valid']}: categorical values not seen at init (not in the vocabulary) were mapped to "
-        "the out-of-vocabulary id 0: user_bucket: 40 rows, 40 distinct values (of 500 rows read)"
+        f"--valid {dirty['valid']}: categorical values without a row of their own (not in the vocabulary, or outside "
+        "the encoding's range) were mapped to their column's out-of-vocabulary row: user_bucket: 40 rows, 40 distinct values (of 500 rows read)"
     ) in r.stderr
     doc = json.loads(r.stdout)
     unseen = {"columns": {"user_bucket": 40}, "distinct": {"user_bucket": 40}, "distinct_at_least": []}

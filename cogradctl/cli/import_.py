@@ -15,6 +15,8 @@ from cogradctl.cli.core import command
 from cogradctl.cli.init import (
     Categorical,
     Dense,
+    DenseScaling,
+    Encoding,
     ExcludeFeatures,
     Features,
     MaxVocab,
@@ -74,6 +76,8 @@ def import_cmd(
     task_type: TaskType = None,
     max_vocab: MaxVocab = 100_000,
     min_count: MinCount = 1,
+    encoding: Encoding = None,
+    dense_scaling: DenseScaling = None,
     check_rows: Annotated[int, typer.Option(help="Sample rows the self-check predicts on.")] = 64,
     overwrite: Overwrite = False,
     seed: Seed = 0,
@@ -88,7 +92,18 @@ def import_cmd(
     count("--seed", seed, 0)  # a seed must be a non-negative 64-bit integer (torch and numpy take no other)
     log = Log(quiet)
     opts = schema_options(
-        tasks, out, overwrite, features, dense, categorical, task_type, max_vocab, min_count, exclude_features
+        tasks,
+        out,
+        overwrite,
+        features,
+        dense,
+        categorical,
+        task_type,
+        max_vocab,
+        min_count,
+        exclude_features,
+        encoding,
+        dense_scaling,
     )
     request = ImportRequest(
         model=model,
@@ -132,13 +147,14 @@ def _log(log: Log, summary: dict) -> None:
     )
     if vocab["values"]:
         counts = ", ".join(f"{f} {n}" for f, n in vocab["values"].items())
-        oov, distinct = sum(vocab["sample_oov"].values()), sum(vocab["sample_oov_distinct"].values())
+        oov = sum(vocab["sample_oov"].values())
+        distinct = sum(n or 0 for n in vocab["sample_oov_distinct"].values())
         log.info(
             f"categorical values in the vocabulary: {counts}; outside it: {oov} sample value(s), {distinct} distinct. "
             "Any value this "
             "sample lacks (an id the team's model knows but the sample never shows) will reach the plugin as index 0, "
-            "the missing bucket, until ids can be kept as the team encodes them (issue #23): import with a sample "
-            "that covers the ids you serve"
+            "the missing bucket: import with a sample that covers the ids you serve, or keep the team's ids with "
+            "--encoding COLUMN=identity:N, hash:N or vocab-file:PATH:oov=R"
         )
     if vocab["capped_by_max_vocab"]:
         log.warn(f"--max-vocab cut the vocabulary of {', '.join(vocab['capped_by_max_vocab'])}")

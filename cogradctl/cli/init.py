@@ -40,6 +40,25 @@ TaskType = Annotated[
 ]
 MaxVocab = Annotated[int, typer.Option(help="Keep at most this many most frequent values per categorical feature.")]
 MinCount = Annotated[int, typer.Option(help="Drop categorical values seen fewer times (they map to the OOV bucket).")]
+Encoding = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--encoding",
+        help="COLUMN=ENCODING, repeatable: how a categorical column's values become embedding rows: vocab "
+        "(default: a vocabulary of the data, row 0 for missing and unseen values), identity:N (the values are "
+        "rows 0..N-1 already), hash:N (a stable hash mod N) or vocab-file:PATH:oov=R (the team's file, line i = "
+        "row i); identity and hash take :oov=R for values without a row (else they are an error), and any "
+        "encoding :pad=P, the row padding list features.",
+    ),
+]
+DenseScaling = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--dense-scaling",
+        help="standard (default: (x - mean) / std of the data, missing as the mean) or none (as stored, missing "
+        "as 0), for every dense column, or COLUMN=standard|none for one; repeatable.",
+    ),
+]
 Overwrite = Annotated[bool, typer.Option(help="Replace an existing --out file.")]
 
 
@@ -57,6 +76,8 @@ def init_cmd(
     task_type: TaskType = None,
     max_vocab: MaxVocab = 100_000,
     min_count: MinCount = 1,
+    encoding: Encoding = None,
+    dense_scaling: DenseScaling = None,
     overwrite: Overwrite = False,
     seed: Seed = 0,
     plugin_path: PluginPath = None,
@@ -73,11 +94,23 @@ def init_cmd(
     count("--seed", seed, 0)  # a seed must be a non-negative 64-bit integer (torch and numpy take no other)
     log = Log(quiet)
     opts = schema_options(
-        tasks, out, overwrite, features, dense, categorical, task_type, max_vocab, min_count, exclude_features
+        tasks,
+        out,
+        overwrite,
+        features,
+        dense,
+        categorical,
+        task_type,
+        max_vocab,
+        min_count,
+        exclude_features,
+        encoding,
+        dense_scaling,
     )
     model_config = models.parse_config(config or [])
-    schema, rows = infer.infer_from_options(data, opts)
+    schema, rows, encoded = infer.infer_from_options(data, opts)
     note_partition_keys(log, data, schema, opts)
+    note_encodings(log, encoded, rows)
     torch.manual_seed(seed)
     net, effective = models.build(model, schema, model_config, paths(plugin_path))
     contract.check_output(net, schema, model)  # a plugin's forward must give {task: B-vector}: exit 2 now, not later
@@ -95,6 +128,7 @@ def init_cmd(
         "rows": rows,
         "tasks": {t.name: t.type for t in schema.tasks},
         "features": {f.name: f.kind for f in schema.features},
+        "encodings": encoded,
         "parameters": models.parameter_counts(net, split),
     }
     if json_out:
@@ -117,6 +151,8 @@ def schema_options(
     max_vocab: int,
     min_count: int,
     exclude_features: str = "",
+    encoding: list[str] | None = None,
+    dense_scaling: list[str] | None = None,
 ):
     """The schema options as the library takes them, after the checks on them and on ``--out``.
     ``--exclude-features`` narrows the default feature set, so it is refused with ``--features``."""
@@ -127,6 +163,7 @@ def schema_options(
     _check(task_list, tasks, out, overwrite, max_vocab, min_count)
     parse_task_types(task_type or [], task_list)  # a bad --task-type is reported before --config
     exclude = csv_list(exclude_features)
+    encodings, scaling = encoding_options(encoding, dense_scaling)
     if exclude and features:
         raise UsageError("--exclude-features narrows the default feature set: give it or --features, not both")
     return SchemaOptions(
@@ -138,6 +175,8 @@ def schema_options(
         categorical=csv_list(categorical),
         max_vocab=max_vocab,
         min_count=min_count,
+        encodings=encodings,
+        scaling=scaling,
     )
 
 
@@ -166,3 +205,42 @@ def note_partition_keys(log: Log, data: str, schema, opts) -> None:
             f"partition key(s) {', '.join(used)} of the data's paths are features too; "
             f"leave them out with --exclude-features {','.join(used)}"
         )
+
+
+def encoding_options(encoding: list[str] | None, dense_scaling: list[str] | None) -> tuple[dict, dict]:
+    """``--encoding`` and ``--dense-scaling`` as SchemaOptions takes them: ({column: Spec}, {column or
+    "*": standard|none})."""
+    from cogradctl.encodings import parse_specs
+    from cogradctl.schema import SCALINGS
+
+    scaling = {}
+    for item in dense_scaling or []:
+        column, sep, value = item.rpartition("=")
+        column = column if sep else "*"
+        if value not in SCALINGS or (sep and not column):
+            raise UsageError(f"--dense-scaling {item!r}: expected standard, none, or COLUMN=standard|none")
+        if column in scaling:
+            raise UsageError(f"--dense-scaling: {'every column' if column == '*' else column} is given twice")
+        scaling[column] = value
+    return parse_specs(list(encoding or [])), scaling
+
+
+def note_encodings(log: Log, encoded: dict[str, dict], rows: int) -> None:
+    """Say what each categorical encoding did to the data: the values a vocabulary cut (they share
+    the OOV row 0) and the values without a row that took the OOV row."""
+    from cogradctl.console import counted
+
+    for col, r in encoded.items():
+        for option, key in (("--max-vocab", "cut_by_max_vocab"), ("--min-count", "cut_by_min_count")):
+            cut = r.get(key, {})
+            if cut.get("values"):
+                log.warn(
+                    f"{option} cut {counted(cut['values'], 'value')} from the vocabulary of '{col}' (kept "
+                    f"{r['values']} of {r['distinct']}); {counted(cut['rows'], 'row')} of {rows} hold one and "
+                    "share the OOV row 0"
+                )
+        if r.get("unmapped_rows"):
+            log.warn(
+                f"'{col}' ({r['encoding']}): {counted(r['unmapped_rows'], 'row')} of {rows} hold a value without "
+                "a row of its own and take the OOV row"
+            )

@@ -52,7 +52,7 @@ def inspect_cmd(
             {
                 "name": f.name,
                 "kind": f.kind,
-                **({"vocab_size": len(f.vocab)} if f.kind == "categorical" else {"mean": f.mean, "std": f.std}),
+                **(_categorical(f) if f.kind == "categorical" else _dense(f)),
             }
             for f in ckpt.schema.features
         ],
@@ -64,6 +64,21 @@ def inspect_cmd(
         emit_json(doc)
         return
     _print(checkpoint, ckpt, doc)
+
+
+def _categorical(f) -> dict:
+    """A categorical feature's encoding: its spec as ``--encoding`` writes it, its rows, its vocabulary size."""
+    spec = f.encoding
+    if f.encoding in ("identity", "hash"):
+        spec += f":{f.buckets}"
+    if f.encoding != "vocab":
+        spec += "".join(f":{k}={v}" for k, v in (("oov", f.oov), ("pad", f.pad)) if v is not None)
+    vocab = {"vocab_size": len(f.vocab)} if f.encoding in ("vocab", "vocab-file") else {}
+    return {"encoding": spec, "rows": f.cardinality, **vocab}
+
+
+def _dense(f) -> dict:
+    return {"mean": f.mean, "std": f.std, "scaling": f.scaling}
 
 
 def _cell(value) -> Text:
@@ -85,11 +100,14 @@ def _print(checkpoint: Path, ckpt, doc: dict) -> None:
         counts = ", ".join(f"{t} {n}" for t, n in p["tasks"].items())
         say(f"parameters: {p['total']} total, {p['shared']} shared, {counts}")
     table = Table(title="features")
-    for col in ("feature", "kind", "vocabulary / mean ± std"):
+    for col in ("feature", "kind", "encoding", "rows / mean ± std"):
         table.add_column(col)
     for f in doc["features"]:
-        spread = str(f["vocab_size"]) if f["kind"] == "categorical" else f"{f['mean']:.4g} ± {f['std']:.4g}"
-        table.add_row(_cell(f["name"]), f["kind"], spread)
+        if f["kind"] == "categorical":
+            table.add_row(_cell(f["name"]), f["kind"], _cell(f["encoding"]), str(f["rows"]))
+        else:
+            spread = f"{f['mean']:.4g} ± {f['std']:.4g}" if f["scaling"] == "standard" else "as stored"
+            table.add_row(_cell(f["name"]), f["kind"], f"scaling {f['scaling']}", spread)
     stdout.print(table)
     table = Table(title="history")
     for col in ("run", "method", "steps", "data", "seed", "time"):

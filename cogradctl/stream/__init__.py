@@ -42,7 +42,8 @@ The names of the former module ``cogradctl/stream.py`` still import from here: `
 the package, without the leading underscore (``_Unit`` → :class:`Unit`, ``_cut`` → :func:`cut`, …).
 """
 
-from cogradctl.stream.encode import LUT_SPAN, Encoder, UnitEncoder
+from cogradctl.encodings import LUT_SPAN
+from cogradctl.stream.encode import Encoder, UnitEncoder
 from cogradctl.stream.files import READ_ROWS, File, Unit, cut, partition_array, partitions
 from cogradctl.stream.parquet import ON_INVALID, ParquetStream
 from cogradctl.stream.shuffle import Chunk, Shuffler, shard_batches

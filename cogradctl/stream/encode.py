@@ -15,13 +15,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from cogradctl.data import _categorical_values, _short
+from cogradctl.data import _short
+from cogradctl.encodings import Lookup
 from cogradctl.errors import DataError
 from cogradctl.schema import Schema
 from cogradctl.stream.files import File, Unit, read_rows, read_unit, where
 from cogradctl.stream.shuffle import Chunk
 
-LUT_SPAN = 1 << 22  # integer vocabularies spanning at most this many values use a lookup table
 DISTINCT_CAP = 100_000  # unseen values remembered per column to count distinct ones (bounded memory)
 
 
@@ -31,19 +31,7 @@ class Encoder:
     def __init__(self, schema: Schema) -> None:
         self.schema = schema
         self.dense = [(f.name, float(f.mean), float(f.std)) for f in schema.dense]
-        self.cats = []
-        for f in schema.categorical:
-            lut = None
-            if f.value_type == "int" and f.vocab:
-                vals = np.asarray(f.vocab, dtype=np.int64)
-                lo, hi = int(vals.min()), int(vals.max())
-                if hi - lo <= LUT_SPAN:
-                    lut = np.zeros(hi - lo + 1, dtype=np.int64)
-                    # data.encode's index_in returns the first match: keep the first index of a duplicate
-                    lut[vals[::-1] - lo] = np.arange(len(vals), 0, -1, dtype=np.int64)
-                    lut = (lo, lut)
-            vocab = pa.array(f.vocab, type=pa.int64() if f.value_type == "int" else pa.string())
-            self.cats.append((f.name, f.value_type, vocab, lut))
+        self.cats = [(f.name, Lookup(f)) for f in schema.categorical]
         self.tasks = [(t.name, t.type) for t in schema.tasks]
 
         c, d, k = len(self.cats), len(self.dense), len(self.tasks)
@@ -168,58 +156,24 @@ class Encoder:
         keep = self._invalid(bad, n, where, on_invalid, set(lbad))
         cat = np.empty((n, len(self.cats)), dtype=np.int64)
         unseen = {}
-        for k, (name, vtype, vocab, lut) in enumerate(self.cats):
+        for k, (name, lookup) in enumerate(self.cats):
             arr = table.column(name)
-            codes, missing = self._codes(arr, vtype, vocab, lut, where, name)
-            cat[:, k] = codes
-            if missing:  # counted over every row read, dropped ones included
-                unseen[name] = (missing, _distinct(arr, codes))
+            try:
+                cat[:, k], unmapped = lookup.rows(arr)
+            except ValueError as exc:
+                raise DataError(f"{where}: categorical column '{name}': {exc}") from None
+            except (pa.ArrowException, TypeError, IndexError) as exc:
+                raise DataError(f"{where}: categorical column '{name}' cannot be encoded ({_short(exc)})") from exc
+            if unmapped.any():  # counted over every row read, dropped ones included
+                unseen[name] = (int(unmapped.sum()), _distinct(arr, unmapped))
         return dense, cat, labels, keep, unseen
 
-    def _codes(self, arr, vtype: str, vocab: pa.Array, lut, where: str, name: str) -> tuple[np.ndarray, int]:
-        """Vocabulary indices + 1 (0: null or unseen) and the number of unseen non-null values."""
-        try:
-            if isinstance(arr, pa.ChunkedArray):
-                arr = arr.combine_chunks()
-            if pa.types.is_dictionary(arr.type):
-                dict_codes, _ = self._codes(arr.dictionary, vtype, vocab, lut, where, name)
-                idx = arr.indices
-                codes = (
-                    dict_codes[idx.fill_null(0).to_numpy(zero_copy_only=False)]
-                    if len(dict_codes)
-                    else np.zeros(len(arr), np.int64)
-                )
-                if idx.null_count:
-                    codes = np.where(idx.is_valid().to_numpy(zero_copy_only=False), codes, 0)
-                unseen = int((codes == 0).sum()) - arr.null_count
-                return codes.astype(np.int64, copy=False), unseen
-            if lut is not None and (pa.types.is_integer(arr.type) or pa.types.is_boolean(arr.type)):
-                lo, table = lut
-                values = (
-                    arr.cast(pa.int64()) if not pa.types.is_boolean(arr.type) else arr.cast(pa.int8()).cast(pa.int64())
-                )
-                v = values.fill_null(lo - 1).to_numpy(zero_copy_only=False) - lo
-                inside = (v >= 0) & (v < len(table))
-                codes = np.where(inside, table[np.clip(v, 0, len(table) - 1)], 0)
-                if values.null_count:
-                    codes = np.where(values.is_valid().to_numpy(zero_copy_only=False), codes, 0)
-                return codes, int((codes == 0).sum()) - values.null_count
-            values, _ = _categorical_values(pa.chunked_array([arr]), vtype)
-            idx = pc.index_in(values, value_set=vocab)
-            codes = pc.fill_null(idx, -1).to_numpy(zero_copy_only=False).astype(np.int64) + 1
-            return codes, idx.null_count - values.null_count
-        except (pa.ArrowException, ValueError, TypeError, IndexError) as exc:
-            raise DataError(f"{where}: categorical column '{name}' cannot be encoded ({_short(exc)})") from exc
 
-
-def _distinct(arr, codes: np.ndarray) -> list:
-    """The distinct non-null values of ``arr`` whose code is 0 (not in the vocabulary)."""
+def _distinct(arr, unmapped: np.ndarray) -> list:
+    """The distinct values of ``arr`` that had no row of their own (``unmapped``: never a null)."""
     if isinstance(arr, pa.ChunkedArray):
         arr = arr.combine_chunks()
-    mask = pa.array(codes == 0)
-    if arr.null_count:
-        mask = pc.and_(mask, arr.is_valid())
-    values = pc.unique(arr.filter(mask))
+    values = pc.unique(arr.filter(pa.array(unmapped)))
     if pa.types.is_dictionary(values.type):
         values = values.dictionary_decode()
     return values.to_pylist()
