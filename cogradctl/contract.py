@@ -1,7 +1,7 @@
 """The output contract of a model (built-in or plugin), checked once before anything is written.
 
 Every command calls ``model(batch)`` with ``batch = {"dense": B×D float32, "categorical": B×C
-int64}`` and reads ``outputs[task]`` as the B-vector of that task's logits (binary) or values
+int64}`` (and the list features' parts, :mod:`cogradctl.batch`) and reads ``outputs[task]`` as the B-vector of that task's logits (binary) or values
 (regression): ``taskgrad.task_losses`` feeds it to ``binary_cross_entropy_with_logits``/``mse_loss``
 against the B-vector of labels, ``evaluate`` writes it into one column of an N×K array. A plugin
 that returns B×1 (or a list, or misses a task) would otherwise pass ``init`` and fail later as a
@@ -15,6 +15,7 @@ from collections.abc import Mapping
 
 import torch
 
+from cogradctl.batch import split, widths
 from cogradctl.errors import PluginError
 from cogradctl.schema import Schema
 
@@ -22,12 +23,17 @@ ROWS = 4  # rows of the probe batch
 
 
 def probe_batch(schema: Schema, device: torch.device | str, rows: int = ROWS) -> dict[str, torch.Tensor]:
-    """A small batch of the model's input form: standardised dense values, categorical index 0 (the
-    missing/OOV bucket every embedding has)."""
+    """A small batch of the model's input form: standardised dense values and vectors, each categorical
+    and sequence feature's padding row (row 0 unless its encoding names another; every table has
+    it), sequence lengths 0, 1, 2, … up to each feature's max_len."""
     gen = torch.Generator().manual_seed(0)
-    dense = torch.randn(rows, len(schema.dense), generator=gen)
-    categorical = torch.zeros(rows, len(schema.categorical), dtype=torch.long)
-    return {"dense": dense.to(device), "categorical": categorical.to(device)}
+    floats, _ = widths(schema)
+    pads = [f.pad for f in schema.categorical]
+    pads += [f.pad for f in schema.sequences for _ in range(f.max_len)]
+    lengths = [[min(r, f.max_len) for f in schema.sequences] for r in range(rows)]
+    block = torch.tensor(pads, dtype=torch.long).repeat(rows, 1)
+    block = torch.cat([block, torch.tensor(lengths, dtype=torch.long).reshape(rows, -1)], dim=1)
+    return split(torch.randn(rows, floats, generator=gen).to(device), block.to(device), schema)
 
 
 def check_output(model: torch.nn.Module, schema: Schema, plugin: str, rows: int = ROWS) -> None:

@@ -22,13 +22,15 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
+from cogradctl.batch import split, widths
 from cogradctl.encodings import Lookup, plain_values
 from cogradctl.errors import DataError
+from cogradctl.lists import sequence_rows, vector_values
 from cogradctl.schema import (
     Schema,
     Task,
-    is_categorical_type,
     is_label_type,
+    type_problem,
 )
 
 
@@ -209,13 +211,14 @@ def _validate_labels(table: pa.Table, path: Path, tasks: list[Task]) -> None:
 class Dataset:
     """Encoded rows in memory, with where each came from (file and row range)."""
 
-    dense: torch.Tensor  # N×D float32
-    categorical: torch.Tensor  # N×C int64
+    dense: torch.Tensor  # N×(D + vector values) float32: the float block (cogradctl.batch)
+    categorical: torch.Tensor  # N×(C + sequence positions + S) int64: the integer block
     labels: torch.Tensor  # N×K float32
     sources: list[tuple[str, int, int]] = field(default_factory=list)  # (file, first row, end row) in N
     oov: dict[str, int] = field(default_factory=dict)  # rows with unseen categorical values, per column
     offsets: list[int] = field(default_factory=list)  # row in its file of each source's first row (default 0)
     oov_distinct: dict[str, int] = field(default_factory=dict)  # distinct unseen values per column
+    schema: Schema | None = None  # how the blocks split into a batch (None: dense and categorical only)
 
     def __len__(self) -> int:
         return self.labels.shape[0]
@@ -223,8 +226,12 @@ class Dataset:
     def batch(
         self, index: torch.Tensor | slice, device: torch.device | str = "cpu"
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        inputs = {"dense": self.dense[index].to(device), "categorical": self.categorical[index].to(device)}
-        return inputs, self.labels[index].to(device)
+        return self.inputs(index, device), self.labels[index].to(device)
+
+    def inputs(self, index: torch.Tensor | slice, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """The model's batch of some rows (:mod:`cogradctl.batch`)."""
+        dense, ints = self.dense[index].to(device), self.categorical[index].to(device)
+        return {"dense": dense, "categorical": ints} if self.schema is None else split(dense, ints, self.schema)
 
     def describe(self, start: int, stop: int) -> list[dict]:
         """Which files and row ranges rows [start, stop) of this dataset come from."""
@@ -258,7 +265,7 @@ def load(spec: str, schema: Schema) -> Dataset:
     distinct = {c: len(v) for c, v in values.items()}
     if oov:
         warnings.warn(unseen_message(spec, oov, distinct), stacklevel=2)
-    return Dataset(dense, cat, labels, sources, dict(oov), oov_distinct=distinct)
+    return Dataset(dense, cat, labels, sources, dict(oov), oov_distinct=distinct, schema=schema)
 
 
 def unseen_message(spec: str, rows: dict[str, int], distinct: dict[str, int], capped=()) -> str:
@@ -279,29 +286,36 @@ def unseen_message(spec: str, rows: dict[str, int], distinct: dict[str, int], ca
 
 def _validate_types(table: pa.Table, path: Path, schema: Schema) -> None:
     for f in schema.features:
-        t = table.schema.field(f.name).type
-        ok = (
-            (pa.types.is_floating(t) or pa.types.is_integer(t) or pa.types.is_boolean(t))
-            if f.kind == "dense"
-            else (is_categorical_type(t) or pa.types.is_floating(t))
-        )
-        if not ok:
-            expected = "numeric" if f.kind == "dense" else "integer, boolean, string or dictionary"
-            raise DataError(f"{path}: column '{f.name}' is {t}; the checkpoint expects a {expected} {f.kind} feature")
+        problem = type_problem(f, table.schema.field(f.name).type)
+        if problem:
+            raise DataError(f"{path}: column '{f.name}' {problem}")
 
 
 def encode(
     table: pa.Table, schema: Schema, path: Path | str = "<table>"
 ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], dict[str, tuple[int, set]]]:
-    """Encode one validated table → ((dense, categorical, labels), {column: (rows with a value not in
-    the vocabulary, those distinct values)} for the columns that have any)."""
+    """Encode one validated table → ((floats, integers, labels), {column: (rows with a value that has no
+    row of its own, those distinct values)} for the columns that have any). ``floats`` and
+    ``integers`` are the two blocks :func:`cogradctl.batch.split` cuts into a model's batch."""
     n = table.num_rows
-    dense = np.zeros((n, len(schema.dense)), dtype=np.float32)
+    nf, ni = widths(schema)
+    floats = np.zeros((n, nf), dtype=np.float32)
     for k, f in enumerate(schema.dense):
         x = _dense_values(table.column(f.name), Path(path), f.name)
         x = (x - f.mean) / f.std
-        dense[:, k] = np.nan_to_num(x, nan=0.0)
-    cat = np.zeros((n, len(schema.categorical)), dtype=np.int64)
+        floats[:, k] = np.nan_to_num(x, nan=0.0)
+    at = len(schema.dense)
+    for f in schema.vectors:
+        try:
+            x, bad = vector_values(table.column(f.name), f.size, f.name)
+        except ValueError as exc:
+            raise DataError(f"{path}: {exc}") from None
+        if bad is not None:
+            raise DataError(
+                f"{path}: vector column '{f.name}' has {int(bad.sum())} row(s) with a NaN or infinite value"
+            )
+        floats[:, at : at + f.size], at = x, at + f.size
+    ints = np.zeros((n, ni), dtype=np.int64)
     unseen = {}
     for k, f in enumerate(schema.categorical):
         values = table.column(f.name)
@@ -312,11 +326,41 @@ def encode(
         if unmapped.any():
             plain = plain_values(values, f.value_type)
             unseen[f.name] = (int(unmapped.sum()), set(pc.unique(plain.filter(pa.array(unmapped))).to_pylist()))
-        cat[:, k] = rows
+        ints[:, k] = rows
+    _encode_sequences(table, schema, path, ints, unseen)
     labels = np.stack(
         [table.column(t).cast(pa.float32()).to_numpy(zero_copy_only=False) for t in schema.task_names], axis=1
     )
-    return (torch.from_numpy(dense), torch.from_numpy(cat), torch.from_numpy(labels.astype(np.float32))), unseen
+    return (torch.from_numpy(floats), torch.from_numpy(ints), torch.from_numpy(labels.astype(np.float32))), unseen
+
+
+def _encode_sequences(table: pa.Table, schema: Schema, path, ints: np.ndarray, unseen: dict) -> None:
+    """Each sequence feature's rows and lengths into ``ints`` (after the categorical columns); a list
+    longer than the feature's ``max_len`` keeps its first values, counted in a warning."""
+    at = len(schema.categorical)
+    lengths_at = at + sum(f.max_len for f in schema.sequences)
+    cut = {}
+    for s, f in enumerate(schema.sequences):
+        try:
+            rows, lengths, flagged, values, truncated = sequence_rows(table.column(f.name), Lookup(f), f.max_len)
+        except ValueError as exc:
+            raise DataError(f"{path}: sequence column '{f.name}': {exc}") from None
+        ints[:, at : at + f.max_len], at = rows, at + f.max_len
+        ints[:, lengths_at + s] = lengths
+        if flagged.any():
+            unseen[f.name] = (int(flagged.sum()), set(pc.unique(plain_values(values, f.value_type)).to_pylist()))
+        if truncated:
+            cut[f.name] = (truncated, f.max_len)
+    if cut:
+        warnings.warn(truncation_message(str(path), cut), stacklevel=3)
+
+
+def truncation_message(where: str, cut: dict[str, tuple[int, int]]) -> str:
+    """The warning for lists longer than their feature's ``max_len``: {column: (rows, max_len)}."""
+    from cogradctl.console import counted
+
+    listed = "; ".join(f"{c}: {counted(n, 'row')} (max_len {m})" for c, (n, m) in sorted(cut.items()))
+    return f"{where}: lists longer than their feature's max_len were cut to their first values: {listed}"
 
 
 def __getattr__(name: str):

@@ -125,11 +125,10 @@ def _mapping_summary(keys: KeyMap, source: Source) -> dict:
 
 
 def sample_rows(spec: str, schema: Schema, n: int) -> dict[str, torch.Tensor]:
-    """The first ``n`` rows of the sample, encoded as a batch ({"dense", "categorical"})."""
+    """The first ``n`` rows of the sample, encoded as a batch (:mod:`cogradctl.batch`)."""
     from cogradctl.stream import ParquetStream
 
-    rows = ParquetStream(spec, schema).rows([(0, n)])
-    return {"dense": rows.dense, "categorical": rows.categorical}
+    return ParquetStream(spec, schema).rows([(0, n)]).inputs(slice(None))
 
 
 def self_check(

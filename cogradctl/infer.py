@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +52,7 @@ class SchemaOptions:
     exclude: list[str] = field(default_factory=list)  # columns left out of the default (every non-task column)
     encodings: dict[str, Spec] = field(default_factory=dict)  # column → its --encoding (default vocab)
     scaling: dict[str, str] = field(default_factory=dict)  # dense column → standard|none ("*": every one)
+    max_len: dict[str, int] = field(default_factory=dict)  # sequence column → positions kept (default: the longest)
 
 
 def infer_from_options(spec: str, opts: SchemaOptions) -> tuple[Schema, int, dict]:
@@ -125,10 +126,11 @@ def _infer(spec, tasks, task_types, features, dense, categorical, opts: SchemaOp
     _check_choices(kinds, opts)
     kinds_all = {**kinds, **{t: "label" for t in tasks}}
     cats = {
-        c: _Column(c, opts.encodings.get(c, Spec("vocab")), first.field(c).type)
+        c: _Column(c, opts.encodings.get(c, Spec("vocab")), first.field(c).type, k, opts.max_len.get(c))
         for c, k in kinds.items()
-        if k == "categorical"
+        if k in ("categorical", "sequence")
     }
+    vectors = {c: _Vector(c, first.field(c).type) for c, k in kinds.items() if k == "vector"}
     moments = {c: [0, 0.0, 0.0] for c, k in kinds.items() if k == "dense"}  # n, sum, sum of squares
     rows = 0
     for path in files:
@@ -136,16 +138,20 @@ def _infer(spec, tasks, task_types, features, dense, categorical, opts: SchemaOp
         _same_types(table.schema, path, first, files[0], kinds_all)
         rows += table.num_rows
         _validate_labels(table, path, [Task(t, task_types[t]) for t in tasks])
-        for col, kind in kinds.items():
-            if kind == "categorical":
+        for col in kinds:
+            if col in cats:
                 cats[col].read(table.column(col), path)
+            elif col in vectors:
+                vectors[col].read(table.column(col), path)
             else:
                 _add_moments(_dense_values(table.column(col), path, col), moments[col])
     if rows == 0:
         raise DataError(f"{spec}: the data has no rows")
     feats = [
         cats[col].feature(opts.max_vocab, opts.min_count)
-        if kind == "categorical"
+        if col in cats
+        else vectors[col].feature()
+        if col in vectors
         else _dense(col, moments[col], opts.scaling.get(col, opts.scaling.get("*", "standard")))
         for col, kind in kinds.items()
     ]
@@ -157,9 +163,15 @@ def _infer(spec, tasks, task_types, features, dense, categorical, opts: SchemaOp
 def _check_choices(kinds: dict[str, str], opts: SchemaOptions) -> None:
     """Every --encoding names a categorical feature and every --dense-scaling column a dense one."""
     for col in opts.encodings:
-        if kinds.get(col) != "categorical":
-            what = "not a feature" if col not in kinds else "a dense feature"
-            raise UsageError(f"--encoding {col}=…: '{col}' is {what}; encodings are for categorical features")
+        if kinds.get(col) not in ("categorical", "sequence"):
+            what = "not a feature" if col not in kinds else f"a {kinds[col]} feature"
+            raise UsageError(
+                f"--encoding {col}=…: '{col}' is {what}; encodings are for categorical and sequence features"
+            )
+    for col in opts.max_len:
+        if kinds.get(col) != "sequence":
+            what = "not a feature" if col not in kinds else f"a {kinds[col]} feature"
+            raise UsageError(f"--max-len {col}=…: '{col}' is {what}; a maximum length is for sequence (list) features")
     for col in opts.scaling:
         if col != "*" and kinds.get(col) != "dense":
             what = "not a feature" if col not in kinds else "a categorical feature"
@@ -167,14 +179,17 @@ def _check_choices(kinds: dict[str, str], opts: SchemaOptions) -> None:
 
 
 class _Column:
-    """One categorical column while inference reads the files: its value type (from the first file),
-    its value counts (vocab encoding) or its rows under the encoding (the others), and the report."""
+    """One categorical or sequence column while inference reads the files: its value type (from the
+    first file), its value counts (vocab encoding) or its rows under the encoding (the others), for
+    a sequence its longest list, and the report."""
 
-    def __init__(self, name: str, spec: Spec, arrow_type: pa.DataType) -> None:
-        self.name, self.spec = name, spec
-        self.value_type = _value_type(arrow_type)
+    def __init__(self, name: str, spec: Spec, arrow_type: pa.DataType, kind: str, max_len: int | None) -> None:
+        self.name, self.spec, self.kind, self.max_len = name, spec, kind, max_len
+        self.value_type = _value_type(arrow_type.value_type if kind == "sequence" else arrow_type)
         self.counts: Counter = Counter()
         self.report: dict = {"encoding": spec.kind}
+        if kind == "sequence":
+            self.report.update(longest=0, cut_rows=0)
         self.lookup = None
         if spec.kind != "vocab":
             if spec.kind == "identity" and self.value_type != "int":
@@ -182,23 +197,40 @@ class _Column:
                     f"--encoding {name}=identity:…: column '{name}' holds {arrow_type} values; "
                     "identity needs integer row indices (use hash:N or vocab-file for other values)"
                 )
-            self.lookup = Lookup(self.feature(0, 1))
-            self.report.update(rows=self.lookup.feature.cardinality, unmapped_rows=0, null_rows=0)
+            self.lookup = Lookup(self._feature(0, 1))
+            # a sequence's values are counted one by one (a row holds many)
+            unit = "values" if kind == "sequence" else "rows"
+            self.report.update({"rows": self.lookup.feature.cardinality, f"unmapped_{unit}": 0, f"null_{unit}": 0})
 
     def read(self, arr: pa.ChunkedArray, path: Path) -> None:
+        if self.kind == "sequence":
+            lengths = pc.fill_null(pc.list_value_length(arr), 0).to_numpy(zero_copy_only=False)
+            self.report["longest"] = max(self.report["longest"], int(lengths.max()) if len(lengths) else 0)
+            if self.max_len is not None:
+                self.report["cut_rows"] += int((lengths > self.max_len).sum())
+            arr = pc.list_flatten(arr)
         if self.lookup is None:
             _count_values(arr, path, self.name, self.counts, self.value_type)
             return
         try:
             _, unmapped = self.lookup.rows(arr)
         except ValueError as exc:
-            raise DataError(f"{path}: categorical column '{self.name}': {exc}") from None
+            raise DataError(f"{path}: {self.kind} column '{self.name}': {exc}") from None
         except (pa.ArrowException, TypeError) as exc:
-            raise DataError(f"{path}: categorical column '{self.name}' cannot be encoded ({_short(exc)})") from exc
-        self.report["unmapped_rows"] += int(unmapped.sum())
-        self.report["null_rows"] += arr.null_count
+            raise DataError(f"{path}: {self.kind} column '{self.name}' cannot be encoded ({_short(exc)})") from exc
+        unit = "values" if self.kind == "sequence" else "rows"
+        self.report[f"unmapped_{unit}"] += int(unmapped.sum())
+        self.report[f"null_{unit}"] += arr.null_count
 
     def feature(self, max_vocab: int, min_count: int) -> Feature:
+        feature = self._feature(max_vocab, min_count)
+        if self.kind == "sequence":
+            max_len = self.max_len or max(self.report["longest"], 1)
+            self.report["max_len"] = max_len
+            feature = replace(feature, kind="sequence", max_len=max_len)
+        return feature
+
+    def _feature(self, max_vocab: int, min_count: int) -> Feature:
         spec, name = self.spec, self.name
         if spec.kind == "vocab":
             return self._vocab(max_vocab, min_count)
@@ -240,6 +272,29 @@ class _Column:
             cut_by_min_count={"values": len(rare), "rows": sum(n for _, n in rare)},
         )
         return Feature(self.name, "categorical", vocab=vocab, value_type=self.value_type)
+
+
+class _Vector:
+    """One vector column while inference reads the files: its length, the same in every row."""
+
+    def __init__(self, name: str, arrow_type: pa.DataType) -> None:
+        self.name = name
+        self.size = arrow_type.list_size if pa.types.is_fixed_size_list(arrow_type) else None
+
+    def read(self, arr: pa.ChunkedArray, path: Path) -> None:
+        lengths = pc.list_value_length(arr).drop_null().to_numpy(zero_copy_only=False)
+        found = set(np.unique(lengths).tolist()) | ({self.size} if self.size is not None else set())
+        if len(found) > 1:
+            raise DataError(
+                f"{path}: vector column '{self.name}' holds lists of {', '.join(map(str, sorted(found)))} values; "
+                "a vector feature has one length in every row (pad it, or give it as a sequence with --categorical)"
+            )
+        self.size = found.pop() if found else self.size
+
+    def feature(self) -> Feature:
+        if not self.size:
+            raise DataError(f"vector column '{self.name}': no row holds a value, so its length is unknown")
+        return Feature(self.name, "vector", size=self.size, scaling="none")
 
 
 def _value_type(t: pa.DataType) -> str:

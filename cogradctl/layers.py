@@ -9,37 +9,67 @@ from torch import nn
 
 from cogradctl.schema import Schema
 
+POOLINGS = ("mean", "sum")
+
 
 class FeatureInput(nn.Module):
-    """Embeds every categorical feature and concatenates the standardised dense features.
+    """Embeds every categorical and sequence feature and concatenates them with the dense features
+    and vectors (the batch of :mod:`cogradctl.batch`).
 
-    All categorical features share one embedding table with per-feature row offsets (one lookup
-    per batch instead of one per feature). Output: B × (C·embedding_dim + D).
+    All features share one embedding table with per-feature row offsets (one lookup per batch
+    instead of one per feature). A sequence feature's embeddings are pooled over its row's valid
+    positions (``pooling``: their mean, or their sum; an empty list gives zeros). Output:
+    B × ((C + S)·embedding_dim + D + vector values).
     """
 
-    def __init__(self, schema: Schema, embedding_dim: int = 8) -> None:
+    def __init__(self, schema: Schema, embedding_dim: int = 8, pooling: str = "mean") -> None:
         super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
         cards = [f.cardinality for f in schema.categorical]
+        seq_cards = [f.cardinality for f in schema.sequences]
         # Summed in Python, not with Tensor.cumsum: on the meta device (where every checkpoint's model
         # is first built) that goes through torch's Python decompositions, whose first use imports
         # torch._refs and torch._prims, seconds added to every command's start.
-        offsets = torch.tensor(list(accumulate([0, *cards[:-1]])) if cards else [], dtype=torch.long)
-        self.register_buffer("offsets", offsets, persistent=False)
+        starts = list(accumulate([0, *cards, *seq_cards]))
+        self.register_buffer("offsets", torch.tensor(starts[: len(cards)], dtype=torch.long), persistent=False)
+        # each sequence position's feature offset, position by position
+        positions = [starts[len(cards) + s] for s, f in enumerate(schema.sequences) for _ in range(f.max_len)]
+        self.register_buffer("seq_offsets", torch.tensor(positions, dtype=torch.long), persistent=False)
+        self.max_lens = [f.max_len for f in schema.sequences]
         # No categorical features: no embedding table (an unused parameter would count as shared).
-        self.embedding = nn.Embedding(sum(cards), embedding_dim) if cards else None
+        rows = sum(cards) + sum(seq_cards)
+        self.embedding = nn.Embedding(rows, embedding_dim) if rows else None
         if self.embedding is not None:
             nn.init.normal_(self.embedding.weight, std=0.05)
+        self.pooling = pooling
         self.num_categorical = len(cards)
         self.num_dense = len(schema.dense)
-        self.out_dim = self.num_categorical * embedding_dim + self.num_dense
+        self.num_vector = sum(f.size for f in schema.vectors)
+        self.out_dim = (len(cards) + len(seq_cards)) * embedding_dim + self.num_dense + self.num_vector
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         parts = []
         if self.num_categorical:
             parts.append(self.embedding(batch["categorical"] + self.offsets).flatten(1))
+        if self.max_lens:
+            parts.append(self._pooled(batch["sequence"], batch["sequence_lengths"]))
         if self.num_dense:
             parts.append(batch["dense"])
+        if self.num_vector:
+            parts.append(batch["vector"])
         return torch.cat(parts, dim=1)
+
+    def _pooled(self, rows: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """B × S·embedding_dim: each sequence feature's embeddings pooled over its valid positions."""
+        emb = self.embedding(rows + self.seq_offsets)  # B × ΣL × dim
+        out = []
+        for s, piece in enumerate(torch.split(emb, self.max_lens, dim=1)):
+            n = lengths[:, s : s + 1]
+            valid = torch.arange(piece.shape[1], device=rows.device) < n  # B × L
+            total = (piece * valid.unsqueeze(-1).to(piece.dtype)).sum(dim=1)
+            out.append(total / n.clamp(min=1).to(piece.dtype) if self.pooling == "mean" else total)
+        return torch.cat(out, dim=1)
 
 
 def mlp(in_dim: int, hidden: list[int], dropout: float = 0.0) -> nn.Sequential:
@@ -70,10 +100,14 @@ class Tower(nn.Module):
 
 
 def check_config(**values) -> None:
-    """Validate plugin options: sizes are positive integers (or lists of them), dropout in [0, 1).
+    """Validate plugin options: sizes are positive integers (or lists of them), dropout in [0, 1),
+    pooling one of POOLINGS.
     A ValueError names the key; ``cogradctl init`` reports it as a usage error (exit 2)."""
     for key, value in values.items():
-        if key == "dropout":
+        if key == "pooling":
+            if value not in POOLINGS:
+                raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {value!r}")
+        elif key == "dropout":
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value < 1.0:
                 raise ValueError(f"{key} must be a number in [0, 1), got {value!r}")
         elif isinstance(value, (list, tuple)):

@@ -30,9 +30,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from cogradctl.batch import split
 from cogradctl.checkpoint import staged_file
 from cogradctl.errors import DataError, PluginError, UsageError
-from cogradctl.schema import Schema, Task
+from cogradctl.schema import Schema
 from cogradctl.stream import ParquetStream
 
 ROW_GROUP = 65_536  # rows per output row group (independent of the batch size)
@@ -109,7 +110,7 @@ def predict(
     try:
         with _atomic_parquet(out, out_schema) as write:
             for dense, cat, kept in _rebatch(stream.in_order(keep), batch_size):
-                columns = _forward(model, dense, cat, schema.tasks, device)
+                columns = _forward(model, dense, cat, schema, device)
                 for task, values in zip(schema.tasks, columns):
                     stats[task.name].add(values)
                 write(pa.Table.from_arrays([*kept.columns, *map(pa.array, columns)], schema=out_schema))
@@ -133,14 +134,13 @@ def predict(
 
 
 @torch.inference_mode()
-def _forward(model: torch.nn.Module, dense: np.ndarray, cat: np.ndarray, tasks: list[Task], device) -> list:
+def _forward(model: torch.nn.Module, dense: np.ndarray, cat: np.ndarray, schema: Schema, device) -> list:
     """One forward pass → one float64 array per task: sigmoid(logit) for binary tasks, the raw
     output for regression (computed as ``evaluate.predict_with_labels`` computes them)."""
-    inputs = {"dense": torch.from_numpy(dense).to(device), "categorical": torch.from_numpy(cat).to(device)}
-    outputs = model(inputs)
+    outputs = model(split(torch.from_numpy(dense).to(device), torch.from_numpy(cat).to(device), schema))
     n = len(dense)
     columns = []
-    for task in tasks:
+    for task in schema.tasks:
         y = outputs.get(task.name) if isinstance(outputs, Mapping) else None
         if not isinstance(y, torch.Tensor) or y.numel() != n:
             got = "nothing" if y is None else f"{type(y).__name__} of shape {tuple(getattr(y, 'shape', ()))}"

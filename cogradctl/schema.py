@@ -45,6 +45,8 @@ class Feature:
     pad: int = 0  # the row that pads list features
     scaling: str = "standard"  # dense: one of SCALINGS ("none": mean 0, std 1)
     vocab_stored: int | None = None  # a vocabulary kept in checkpoint tensors, not yet read: its size
+    max_len: int = 0  # sequence: the positions kept per row (a longer list keeps its first max_len)
+    size: int = 0  # vector: the values per row
 
     @property
     def cardinality(self) -> int:
@@ -72,6 +74,16 @@ class Schema:
     @property
     def categorical(self) -> list[Feature]:
         return [f for f in self.features if f.kind == "categorical"]
+
+    @property
+    def sequences(self) -> list[Feature]:
+        """List columns of categorical values (click histories, tags), encoded like categorical ones."""
+        return [f for f in self.features if f.kind == "sequence"]
+
+    @property
+    def vectors(self) -> list[Feature]:
+        """Fixed-length list columns of numbers, fed as stored."""
+        return [f for f in self.features if f.kind == "vector"]
 
     @property
     def task_names(self) -> list[str]:
@@ -142,13 +154,22 @@ def _feature(d, i: int) -> Feature:
             raise ValueError(f"{where}: mean and std must be finite numbers, std > 0 (got {f.mean!r}, {f.std!r})")
         if f.scaling not in SCALINGS or (f.scaling == "none" and (f.mean, f.std) != (0, 1)):
             raise ValueError(f"{where}: scaling must be 'standard' or 'none' (with mean 0, std 1), got {f.scaling!r}")
-    elif f.kind == "categorical":
+    elif f.kind in ("categorical", "sequence"):
         if f.value_type not in ("int", "str"):
             raise ValueError(f"{where}: value_type must be 'int' or 'str', got {f.value_type!r}")
         check_vocab(f, where)
         _check_rows(f, where)
+        if (f.kind == "sequence") != _row(f.max_len - 1, 1 << 31):
+            raise ValueError(
+                f"{where}: max_len must be a positive integer for a sequence feature (only), got {f.max_len!r}"
+            )
+    elif f.kind == "vector":
+        if not _row(f.size - 1, 1 << 31) or (f.mean, f.std, f.scaling) != (0, 1, "none"):
+            raise ValueError(f"{where}: a vector feature has a size ≥ 1 and is fed as stored (scaling none)")
     else:
-        raise ValueError(f"{where}: kind must be 'dense' or 'categorical', got {f.kind!r}")
+        raise ValueError(f"{where}: kind must be dense, categorical, sequence or vector, got {f.kind!r}")
+    if f.kind != "sequence" and f.max_len or f.kind != "vector" and f.size:
+        raise ValueError(f"{where}: max_len is for sequence features and size for vector features")
     return f
 
 
@@ -232,7 +253,12 @@ def family(kind: str, t: pa.DataType) -> str:
     """What a column of Arrow type ``t`` is read as for ``kind``: dense features and labels are read as
     float64 (any integer, float or boolean is a number); categorical values as int64 (integers,
     booleans), as strings (string, large string) or as the string form of a float; a dictionary as
-    its values. Two files agree on a column when its family is the same in both."""
+    its values; a list column as ``list<…>`` of its values' family. Two files agree on a column
+    when its family is the same in both."""
+    if kind in ("sequence", "vector"):
+        if not is_list_type(t):
+            return str(t)
+        return f"list<{family('categorical' if kind == 'sequence' else 'dense', t.value_type)}>"
     if pa.types.is_dictionary(t):
         t = t.value_type
     numeric = pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)
@@ -243,6 +269,41 @@ def family(kind: str, t: pa.DataType) -> str:
     if pa.types.is_string(t) or pa.types.is_large_string(t):
         return "string"
     return "float" if pa.types.is_floating(t) else str(t)
+
+
+def is_list_type(t: pa.DataType) -> bool:
+    return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
+
+
+def is_numeric_type(t: pa.DataType) -> bool:
+    return pa.types.is_floating(t) or pa.types.is_integer(t) or pa.types.is_boolean(t)
+
+
+# What a column of each feature kind may hold, in words, and the test of an Arrow type.
+ACCEPTS = {
+    "dense": ("numeric", is_numeric_type),
+    "categorical": (
+        "integer, boolean, string or dictionary",
+        lambda t: is_categorical_type(t) or pa.types.is_floating(t),
+    ),
+    "sequence": ("list of integers or strings", lambda t: is_list_type(t) and is_categorical_type(t.value_type)),
+    "vector": ("list of numbers", lambda t: is_list_type(t) and is_numeric_type(t.value_type)),
+}
+
+
+def type_problem(f: Feature, t: pa.DataType) -> str | None:
+    """What is wrong with a column of Arrow type ``t`` for feature ``f``, or None: the kind's types
+    (``ACCEPTS``), and for categorical and sequence values the value type the vocabulary or hash
+    was made for (numbers where init saw strings would only match by accident: "007" → 7)."""
+    expected, ok = ACCEPTS[f.kind]
+    if not ok(t):
+        return f"is {t}; the checkpoint expects a {expected} {f.kind} feature"
+    if f.kind in ("categorical", "sequence"):
+        values = t.value_type if f.kind == "sequence" else t
+        if (family("categorical", values) == "integer") != (f.value_type == "int"):
+            holds = "integers" if f.value_type == "int" else "strings"
+            return f"is {t}; the checkpoint's {f.kind} feature holds {holds}"
+    return None
 
 
 def is_label_type(t: pa.DataType) -> bool:
@@ -264,7 +325,10 @@ def parse_task_types(specs: list[str], tasks: list[str]) -> dict[str, str]:
 
 
 # Arrow types a feature column may have, in words, for messages.
-FEATURE_TYPES = "float (dense), or integer, boolean, string or dictionary (categorical)"
+FEATURE_TYPES = (
+    "float (dense), integer, boolean, string or dictionary (categorical), a list of those (sequence) or a "
+    "list of floats (vector)"
+)
 
 
 def plan_columns(
@@ -323,6 +387,8 @@ def _check_exclude(names, source, exclude, tasks, features, dense, categorical) 
 def _kind(t: pa.DataType, as_dense: bool, as_categorical: bool) -> tuple[str, str]:
     """(kind, "") for a usable column of type ``t``, else ("", what an override asked that it cannot give)."""
     numeric = pa.types.is_floating(t) or pa.types.is_integer(t) or pa.types.is_boolean(t)
+    if is_list_type(t):
+        return _list_kind(t.value_type, as_dense, as_categorical)
     if as_dense:
         return ("dense", "") if numeric else ("", "--dense needs a numeric column")
     if as_categorical or is_categorical_type(t):
@@ -334,14 +400,24 @@ def _kind(t: pa.DataType, as_dense: bool, as_categorical: bool) -> tuple[str, st
     return "", ""
 
 
+def _list_kind(v: pa.DataType, as_dense: bool, as_categorical: bool) -> tuple[str, str]:
+    """A list column: lists of integers or strings are sequence features (``--dense``: integers as
+    a vector), lists of floats vector features (``--categorical``: not possible)."""
+    if as_dense or (pa.types.is_floating(v) and not as_categorical):
+        return ("vector", "") if is_numeric_type(v) else ("", "--dense needs a list of numbers")
+    if is_categorical_type(v):
+        return "sequence", ""
+    if as_categorical:
+        return "", "a sequence feature needs lists of integers, booleans or strings"
+    return "", f"lists of {v} are not read (lists of integers or strings, or of floats, are)"
+
+
 def _unusable_message(source: str, unusable: list, chosen: bool) -> str:
     listed = "; ".join(f"'{c}' is {t}{f' ({p})' if p else ''}" for c, t, p in unusable)
     cols = ",".join(c for c, _, _ in unusable)
     hints = []
     if any(pa.types.is_temporal(t) for _, t, _ in unusable):
         hints.append("a number derived from a timestamp (e.g. the hour of day) can be stored as its own column")
-    if any(pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t) for _, t, _ in unusable):
-        hints.append("list columns are not read (store one value per column)")
     todo = f"drop {cols} from --features" if chosen else f"leave them out with --exclude-features {cols}"
     return (
         f"{source}: {len(unusable)} column(s) cannot be features: {listed}. A feature is {FEATURE_TYPES}; "

@@ -15,11 +15,18 @@ from cogradctl.schema import Schema
 
 class MMoE(nn.Module):
     def __init__(
-        self, schema: Schema, embedding_dim: int, num_experts: int, expert: list[int], tower: list[int], dropout: float
+        self,
+        schema: Schema,
+        embedding_dim: int,
+        num_experts: int,
+        expert: list[int],
+        tower: list[int],
+        dropout: float,
+        pooling: str = "mean",
     ) -> None:
         super().__init__()
         self.tasks = schema.task_names
-        self.input = FeatureInput(schema, embedding_dim)
+        self.input = FeatureInput(schema, embedding_dim, pooling)
         d = self.input.out_dim
         self.experts = nn.ModuleList([mlp(d, expert, dropout) for _ in range(num_experts)])
         width = out_dim(d, expert)
@@ -46,7 +53,15 @@ def build(
     expert: list[int] = [64],
     tower: list[int] = [32],
     dropout: float = 0.0,
+    pooling: str = "mean",
 ) -> nn.Module:
     """Multi-gate Mixture-of-Experts (Ma et al. 2018): shared experts, a gate and a tower per task."""
-    check_config(embedding_dim=embedding_dim, num_experts=num_experts, expert=expert, tower=tower, dropout=dropout)
-    return MMoE(schema, embedding_dim, num_experts, list(expert), list(tower), dropout)
+    check_config(
+        embedding_dim=embedding_dim,
+        num_experts=num_experts,
+        expert=expert,
+        tower=tower,
+        dropout=dropout,
+        pooling=pooling,
+    )
+    return MMoE(schema, embedding_dim, num_experts, list(expert), list(tower), dropout, pooling)

@@ -67,12 +67,13 @@ class PLE(nn.Module):
         expert: list[int],
         tower: list[int],
         dropout: float,
+        pooling: str = "mean",
     ) -> None:
         super().__init__()
         if num_levels < 1:
             raise ValueError("num_levels must be at least 1")
         self.tasks = schema.task_names
-        self.input = FeatureInput(schema, embedding_dim)
+        self.input = FeatureInput(schema, embedding_dim, pooling)
         dim = self.input.out_dim
         self.levels = nn.ModuleList()
         for level in range(num_levels):
@@ -112,6 +113,7 @@ def build(
     expert: list[int] = [64],
     tower: list[int] = [32],
     dropout: float = 0.0,
+    pooling: str = "mean",
 ) -> nn.Module:
     """Progressive Layered Extraction (Tang et al. 2020): CGC levels of shared and task experts."""
     check_config(
@@ -122,5 +124,8 @@ def build(
         expert=expert,
         tower=tower,
         dropout=dropout,
+        pooling=pooling,
     )
-    return PLE(schema, embedding_dim, num_levels, shared_experts, task_experts, list(expert), list(tower), dropout)
+    return PLE(
+        schema, embedding_dim, num_levels, shared_experts, task_experts, list(expert), list(tower), dropout, pooling
+    )

@@ -150,7 +150,7 @@ def test_init_table_and_json(cli, tmp_path, files):
     assert r.exit_code == 0, r.output
     assert r.stderr == ""  # --quiet
     doc = json.loads(r.stdout)
-    assert set(doc) == {"checkpoint", "model", "config", "rows", "tasks", "features", "parameters"}
+    assert set(doc) == {"checkpoint", "model", "config", "rows", "tasks", "features", "encodings", "parameters"}
     assert doc["checkpoint"] == str(out2) and doc["model"] == "mmoe" and doc["rows"] == 500
     assert doc["tasks"] == {t: "binary" for t in TASKS}
     assert doc["config"]["num_experts"] == 2 and doc["config"]["expert"] == [8] and doc["config"]["tower"] == [32]

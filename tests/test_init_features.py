@@ -37,10 +37,11 @@ def table(seed: int = 0, **extra) -> pa.Table:
 
 
 def awkward() -> pa.Table:
-    """A table with a list, a timestamp and a struct column, none of which can be a feature."""
+    """A table with a list of timestamps, a timestamp and a struct column, none of which can be a
+    feature (lists of integers, strings or floats can: sequence and vector features)."""
     start = dt.datetime(2026, 11, 1)
     return table(
-        tags=pa.array([["a", "b"]] * ROWS),
+        tags=pa.array([[start, start]] * ROWS, type=pa.list_(pa.timestamp("us"))),
         ts=pa.array([start + dt.timedelta(minutes=i) for i in range(ROWS)], type=pa.timestamp("us")),
         geo=pa.array([{"lat": 1.0, "lon": 2.0}] * ROWS),
     )
@@ -71,7 +72,7 @@ def test_every_unusable_column_is_named_in_one_error(cli, tmp_path):
         assert f"'{col}' is {typ}" in line, line
     assert "boolean" in line  # booleans are accepted (categorical): the list of types says so
     assert "--exclude-features tags,ts,geo" in line
-    assert "hour of day" in line and "list columns are not read" in line
+    assert "hour of day" in line and "lists of timestamp[us] are not read" in line
     assert not (tmp_path / "m.safetensors").exists()
 
 

@@ -407,3 +407,23 @@ def test_round_trip_with_a_model_trained_by_torch_rechub(rechub, rows, tmp_path,
     moved = max((state[k].float() - v.float()).abs().max().item() for k, v in theirs.state_dict().items())
     assert moved > 1e-4, "cogradctl's training changed the weights"
     assert max_diff(run / "last.safetensors", trained, team, path) <= TOL
+
+
+def test_identity_encoded_ids_reach_the_model_as_they_are(rechub, rows, tmp_path):
+    """With --encoding COL=identity:N (issue #23) an id the import sample lacks keeps its own row."""
+    from cogradctl.encodings import parse_spec
+    from cogradctl.infer import SchemaOptions, infer_from_options
+
+    _, path = rows
+    sizes = {"user": 40, "item": 25, "prev_item": 25}
+    specs = {c: parse_spec(c, f"identity:{n}") for c, n in sizes.items()}
+    opts = SchemaOptions(["click", "like"], categorical=["user", "item", "prev_item"], encodings=specs)
+    schema, _, _ = infer_from_options(str(path), opts)
+    cfg = case_config("MMOE", ["click", "like"], CASES[1][3])
+    net, _ = models.build("rechub-mmoe", schema, {**cfg, "oov_id": 7})
+    new = team_rows(8, 1)
+    new["user"][:4] = [35, 36, 0, 29]  # 35 and 36 never occur in the sample
+    pq.write_table(pa.table(new), tmp_path / "new.parquet")
+    inputs, _ = data.load(str(tmp_path / "new.parquet"), schema).batch(slice(0, None))
+    x = net.rechub_inputs(inputs)
+    assert x["user"].tolist() == new["user"].tolist() and x["item"].tolist() == new["item"].tolist()

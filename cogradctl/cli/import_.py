@@ -19,6 +19,7 @@ from cogradctl.cli.init import (
     Encoding,
     ExcludeFeatures,
     Features,
+    MaxLen,
     MaxVocab,
     MinCount,
     Model,
@@ -78,6 +79,7 @@ def import_cmd(
     min_count: MinCount = 1,
     encoding: Encoding = None,
     dense_scaling: DenseScaling = None,
+    max_len: MaxLen = None,
     check_rows: Annotated[int, typer.Option(help="Sample rows the self-check predicts on.")] = 64,
     overwrite: Overwrite = False,
     seed: Seed = 0,
@@ -104,6 +106,7 @@ def import_cmd(
         exclude_features,
         encoding,
         dense_scaling,
+        max_len,
     )
     request = ImportRequest(
         model=model,

@@ -59,6 +59,14 @@ DenseScaling = Annotated[
         "as 0), for every dense column, or COLUMN=standard|none for one; repeatable.",
     ),
 ]
+MaxLen = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--max-len",
+        help="COLUMN=N, repeatable: the positions a sequence (list) feature keeps per row; a longer list keeps "
+        "its first N values, counted (default: the longest list in --data).",
+    ),
+]
 Overwrite = Annotated[bool, typer.Option(help="Replace an existing --out file.")]
 
 
@@ -78,6 +86,7 @@ def init_cmd(
     min_count: MinCount = 1,
     encoding: Encoding = None,
     dense_scaling: DenseScaling = None,
+    max_len: MaxLen = None,
     overwrite: Overwrite = False,
     seed: Seed = 0,
     plugin_path: PluginPath = None,
@@ -106,6 +115,7 @@ def init_cmd(
         exclude_features,
         encoding,
         dense_scaling,
+        max_len,
     )
     model_config = models.parse_config(config or [])
     schema, rows, encoded = infer.infer_from_options(data, opts)
@@ -153,6 +163,7 @@ def schema_options(
     exclude_features: str = "",
     encoding: list[str] | None = None,
     dense_scaling: list[str] | None = None,
+    max_len: list[str] | None = None,
 ):
     """The schema options as the library takes them, after the checks on them and on ``--out``.
     ``--exclude-features`` narrows the default feature set, so it is refused with ``--features``."""
@@ -177,6 +188,7 @@ def schema_options(
         min_count=min_count,
         encodings=encodings,
         scaling=scaling,
+        max_len=_max_lens(max_len),
     )
 
 
@@ -225,6 +237,18 @@ def encoding_options(encoding: list[str] | None, dense_scaling: list[str] | None
     return parse_specs(list(encoding or [])), scaling
 
 
+def _max_lens(items: list[str] | None) -> dict[str, int]:
+    out = {}
+    for item in items or []:
+        column, _, n = item.partition("=")
+        if not column or not n.isdigit() or int(n) < 1:
+            raise UsageError(f"--max-len {item!r}: expected COLUMN=N with N ≥ 1")
+        if column in out:
+            raise UsageError(f"--max-len: column '{column}' is given twice")
+        out[column] = int(n)
+    return out
+
+
 def note_encodings(log: Log, encoded: dict[str, dict], rows: int) -> None:
     """Say what each categorical encoding did to the data: the values a vocabulary cut (they share
     the OOV row 0) and the values without a row that took the OOV row."""
@@ -239,8 +263,18 @@ def note_encodings(log: Log, encoded: dict[str, dict], rows: int) -> None:
                     f"{r['values']} of {r['distinct']}); {counted(cut['rows'], 'row')} of {rows} hold one and "
                     "share the OOV row 0"
                 )
+        if r.get("cut_rows"):
+            log.warn(
+                f"--max-len {col}={r['max_len']}: {counted(r['cut_rows'], 'row')} of {rows} hold a longer list "
+                f"(the longest: {r['longest']}), cut to its first {r['max_len']} values"
+            )
         if r.get("unmapped_rows"):
             log.warn(
                 f"'{col}' ({r['encoding']}): {counted(r['unmapped_rows'], 'row')} of {rows} hold a value without "
                 "a row of its own and take the OOV row"
+            )
+        if r.get("unmapped_values"):
+            log.warn(
+                f"'{col}' ({r['encoding']}): {counted(r['unmapped_values'], 'list value')} have no row of their own "
+                "and take the OOV row"
             )

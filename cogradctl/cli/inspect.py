@@ -52,7 +52,7 @@ def inspect_cmd(
             {
                 "name": f.name,
                 "kind": f.kind,
-                **(_categorical(f) if f.kind == "categorical" else _dense(f)),
+                **(_categorical(f) if f.kind in ("categorical", "sequence") else _dense(f)),
             }
             for f in ckpt.schema.features
         ],
@@ -74,11 +74,13 @@ def _categorical(f) -> dict:
     if f.encoding != "vocab":
         spec += "".join(f":{k}={v}" for k, v in (("oov", f.oov), ("pad", f.pad)) if v is not None)
     vocab = {"vocab_size": len(f.vocab)} if f.encoding in ("vocab", "vocab-file") else {}
-    return {"encoding": spec, "rows": f.cardinality, **vocab}
+    lists = {"max_len": f.max_len} if f.kind == "sequence" else {}
+    return {"encoding": spec, "rows": f.cardinality, **vocab, **lists}
 
 
 def _dense(f) -> dict:
-    return {"mean": f.mean, "std": f.std, "scaling": f.scaling}
+    size = {"size": f.size} if f.kind == "vector" else {}
+    return {"mean": f.mean, "std": f.std, "scaling": f.scaling, **size}
 
 
 def _cell(value) -> Text:
@@ -103,8 +105,11 @@ def _print(checkpoint: Path, ckpt, doc: dict) -> None:
     for col in ("feature", "kind", "encoding", "rows / mean ± std"):
         table.add_column(col)
     for f in doc["features"]:
-        if f["kind"] == "categorical":
-            table.add_row(_cell(f["name"]), f["kind"], _cell(f["encoding"]), str(f["rows"]))
+        if f["kind"] in ("categorical", "sequence"):
+            length = f" × max_len {f['max_len']}" if "max_len" in f else ""
+            table.add_row(_cell(f["name"]), f["kind"], _cell(f["encoding"]), f"{f['rows']}{length}")
+        elif f["kind"] == "vector":
+            table.add_row(_cell(f["name"]), f["kind"], f"{f['size']} values", "as stored")
         else:
             spread = f"{f['mean']:.4g} ± {f['std']:.4g}" if f["scaling"] == "standard" else "as stored"
             table.add_row(_cell(f["name"]), f["kind"], f"scaling {f['scaling']}", spread)

@@ -87,3 +87,6 @@ def report_data(stream, log: Log) -> None:
     unseen = stream.unseen_warning()  # per column: rows and distinct values not in the vocabulary
     if unseen:
         log.warn(unseen)
+    cut = stream.truncation_warning()
+    if cut:
+        log.warn(cut)

@@ -10,14 +10,17 @@ labels outside {0, 1} are always an error (the task type is wrong, not the row).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from cogradctl.batch import widths
 from cogradctl.data import _short
 from cogradctl.encodings import Lookup
 from cogradctl.errors import DataError
+from cogradctl.lists import sequence_rows, vector_values
 from cogradctl.schema import Schema
 from cogradctl.stream.files import File, Unit, read_rows, read_unit, where
 from cogradctl.stream.shuffle import Chunk
@@ -32,14 +35,18 @@ class Encoder:
         self.schema = schema
         self.dense = [(f.name, float(f.mean), float(f.std)) for f in schema.dense]
         self.cats = [(f.name, Lookup(f)) for f in schema.categorical]
+        self.sequences = [(f.name, Lookup(f), f.max_len) for f in schema.sequences]
+        self.vectors = [(f.name, f.size) for f in schema.vectors]
         self.tasks = [(t.name, t.type) for t in schema.tasks]
 
-        c, d, k = len(self.cats), len(self.dense), len(self.tasks)
+        d, c = widths(schema)  # the float and the integer block (cogradctl.batch)
+        self.widths = (d, c)
+        k = len(self.tasks)
         self.offsets = (0, 8 * c, 8 * c + 4 * d, 8 * c + 4 * d + 4 * k)
         self.width = max(8, -(-self.offsets[3] // 8) * 8)  # bytes per packed row, a multiple of 8
 
     def pack(self, dense: np.ndarray, cat: np.ndarray, labels: np.ndarray) -> np.ndarray:
-        """N×width bytes: categorical int64, dense float32, labels float32 side by side."""
+        """N×width bytes: the integer block int64, the float block float32, labels float32 side by side."""
         out = np.zeros((len(labels), self.width), dtype=np.uint8)
         o = self.offsets
         for part, (a, b), dtype in ((cat, o[0:2], np.int64), (dense, o[1:3], np.float32), (labels, o[2:4], np.float32)):
@@ -52,16 +59,16 @@ class Encoder:
         return tuple(
             np.ascontiguousarray(rows[:, a:b]).view(dtype).reshape(len(rows), n)
             for (a, b), dtype, n in (
-                (o[1:3], np.float32, len(self.dense)),
-                (o[0:2], np.int64, len(self.cats)),
+                (o[1:3], np.float32, self.widths[0]),
+                (o[0:2], np.int64, self.widths[1]),
                 (o[2:4], np.float32, len(self.tasks)),
             )
         )
 
     def empty(self):
         return (
-            np.zeros((0, len(self.dense)), np.float32),
-            np.zeros((0, len(self.cats)), np.int64),
+            np.zeros((0, self.widths[0]), np.float32),
+            np.zeros((0, self.widths[1]), np.int64),
             np.zeros((0, len(self.tasks)), np.float32),
         )
 
@@ -132,6 +139,11 @@ class Encoder:
             _, m = self._dense_raw(table.column(name), where, name)
             if m is not None:
                 bad[name] = m
+        for name, size in self.vectors:
+            with _naming(where, "vector", name):
+                _, m = vector_values(table.column(name), size, name)
+            if m is not None:
+                bad[name] = m
         _, lbad = self._labels(table, where)
         bad.update(lbad)
         return self._invalid(bad, table.num_rows, where, "drop", set(lbad))
@@ -139,11 +151,12 @@ class Encoder:
     # -- encoding
 
     def encode(self, table: pa.Table, where: str, on_invalid: str):
-        """→ (dense N×D f32, categorical N×C i64, labels N×K f32, keep mask or None, unseen per column:
-        {column: (rows, the distinct unseen values of this table)} for columns with any)."""
+        """→ (float block N×F f32, integer block N×I i64 (:mod:`cogradctl.batch`), labels N×K f32, keep
+        mask or None, unseen per column: {column: (rows, the distinct unseen values of this table)} for
+        columns with any, truncated: {sequence column: rows whose list was cut to max_len})."""
         n = table.num_rows
         bad = {}
-        dense = np.empty((n, len(self.dense)), dtype=np.float32)
+        dense = np.empty((n, self.widths[0]), dtype=np.float32)
         for k, (name, mean, std) in enumerate(self.dense):
             raw, m = self._dense_raw(table.column(name), where, name)
             if m is not None:
@@ -151,22 +164,55 @@ class Encoder:
             x = (raw - mean) / std
             np.nan_to_num(x, copy=False, nan=0.0, posinf=0.0, neginf=0.0)  # inf only in rows that get dropped
             dense[:, k] = x
+        self._vectors(table, where, dense, bad)
         labels, lbad = self._labels(table, where)
         bad.update(lbad)
         keep = self._invalid(bad, n, where, on_invalid, set(lbad))
-        cat = np.empty((n, len(self.cats)), dtype=np.int64)
+        cat = np.empty((n, self.widths[1]), dtype=np.int64)
         unseen = {}
         for k, (name, lookup) in enumerate(self.cats):
             arr = table.column(name)
-            try:
+            with _naming(where, "categorical", name):
                 cat[:, k], unmapped = lookup.rows(arr)
-            except ValueError as exc:
-                raise DataError(f"{where}: categorical column '{name}': {exc}") from None
-            except (pa.ArrowException, TypeError, IndexError) as exc:
-                raise DataError(f"{where}: categorical column '{name}' cannot be encoded ({_short(exc)})") from exc
             if unmapped.any():  # counted over every row read, dropped ones included
                 unseen[name] = (int(unmapped.sum()), _distinct(arr, unmapped))
-        return dense, cat, labels, keep, unseen
+        truncated = self._sequences(table, where, cat, unseen)
+        return dense, cat, labels, keep, unseen, truncated
+
+    def _vectors(self, table: pa.Table, where: str, dense: np.ndarray, bad: dict) -> None:
+        at = len(self.dense)
+        for name, size in self.vectors:
+            with _naming(where, "vector", name):
+                x, m = vector_values(table.column(name), size, name)
+            dense[:, at : at + size], at = x, at + size
+            if m is not None:
+                bad[name] = m
+
+    def _sequences(self, table: pa.Table, where: str, cat: np.ndarray, unseen: dict) -> dict[str, int]:
+        at = len(self.cats)
+        lengths_at = at + sum(m for _, _, m in self.sequences)
+        truncated = {}
+        for s, (name, lookup, max_len) in enumerate(self.sequences):
+            with _naming(where, "sequence", name):
+                rows, lengths, flagged, values, cut = sequence_rows(table.column(name), lookup, max_len)
+            cat[:, at : at + max_len], at = rows, at + max_len
+            cat[:, lengths_at + s] = lengths
+            if flagged.any():
+                unseen[name] = (int(flagged.sum()), _distinct(values, np.ones(len(values), dtype=bool)))
+            if cut:
+                truncated[name] = cut
+        return truncated
+
+
+@contextmanager
+def _naming(where: str, kind: str, name: str):
+    """A value without a row (ValueError) or an unreadable column as a DataError naming both."""
+    try:
+        yield
+    except ValueError as exc:
+        raise DataError(f"{where}: {kind} column '{name}': {exc}") from None
+    except (pa.ArrowException, TypeError, IndexError) as exc:
+        raise DataError(f"{where}: {kind} column '{name}' cannot be encoded ({_short(exc)})") from exc
 
 
 def _distinct(arr, unmapped: np.ndarray) -> list:
@@ -196,14 +242,16 @@ class UnitEncoder:
 
     def encode(self, table: pa.Table, at: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(dense, categorical, labels) of ``table``, invalid rows raised or dropped, and counted."""
-        dense, cat, labels, keep, oov = self.encoder.encode(table, at, self.on_invalid)
-        self.count(table.num_rows, keep, oov)
+        dense, cat, labels, keep, oov, truncated = self.encoder.encode(table, at, self.on_invalid)
+        self.count(table.num_rows, keep, oov, truncated)
         if keep is not None:
             dense, cat, labels = dense[keep], cat[keep], labels[keep]
         return dense, cat, labels
 
-    def count(self, rows: int, keep, oov: dict[str, tuple[int, list]]) -> None:
+    def count(self, rows: int, keep, oov: dict[str, tuple[int, list]], truncated: dict[str, int] | None = None) -> None:
         self.stats["rows_read"] += rows
+        for col, n in (truncated or {}).items():
+            self.stats["truncated"][col] = self.stats["truncated"].get(col, 0) + n
         if keep is not None:
             self.stats["rows_dropped"] += int((~keep).sum())
         for col, (n, values) in oov.items():
@@ -249,7 +297,7 @@ class UnitEncoder:
             u = self.units[int(k)]
             local = sorted_ids[which == k] - u.start
             table = read_rows(self.files[u.file], u)
-            dense, cat, labels, _, _ = self.encoder.encode(table.take(pa.array(local)), self.where(u), "drop")
+            dense, cat, labels, *_ = self.encoder.encode(table.take(pa.array(local)), self.where(u), "drop")
             parts.append(Chunk(self.encoder.pack(dense, cat, labels), True))
         merged = Chunk.concat(parts)
         inverse = np.empty_like(order)

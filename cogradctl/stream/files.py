@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from cogradctl.data import _short, check_names, resolve
 from cogradctl.errors import DataError
-from cogradctl.schema import Schema, family, is_categorical_type, is_label_type
+from cogradctl.schema import Schema, is_label_type, type_problem
 
 READ_ROWS = 65_536  # rows per record batch read from a row group
 SMALL_GROUP = 256  # row groups of fewer rows, consecutive in a file, are read as one unit (coalesce)
@@ -156,25 +156,9 @@ def open_file(path: Path, start: int, schema: Schema) -> File:
 
 def _check_types(path: Path, arrow: pa.Schema, names: set[str], schema: Schema) -> None:
     for feat in schema.features:
-        if feat.name not in names:
-            continue
-        t = arrow.field(feat.name).type
-        if feat.kind == "dense":
-            ok = pa.types.is_floating(t) or pa.types.is_integer(t) or pa.types.is_boolean(t)
-        else:
-            ok = is_categorical_type(t) or pa.types.is_floating(t)
-        if not ok:
-            expected = "numeric" if feat.kind == "dense" else "integer, boolean, string or dictionary"
-            raise DataError(
-                f"{path}: column '{feat.name}' is {t}; the checkpoint expects a {expected} {feat.kind} feature"
-            )
-        if feat.kind == "categorical" and (family("categorical", t) == "integer") != (feat.value_type == "int"):
-            # numbers where init saw strings, or strings where it saw integers: cast, they would only
-            # match the vocabulary by accident ("007" → 7); init refuses such a mix between files too
-            holds = "integers" if feat.value_type == "int" else "strings"
-            raise DataError(
-                f"{path}: categorical column '{feat.name}' is {t}; the checkpoint's vocabulary holds {holds}"
-            )
+        problem = type_problem(feat, arrow.field(feat.name).type) if feat.name in names else None
+        if problem:
+            raise DataError(f"{path}: column '{feat.name}' {problem}")
     for task in schema.tasks:
         if task.name in names and not is_label_type(arrow.field(task.name).type):
             raise DataError(

@@ -11,7 +11,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from cogradctl.data import Dataset, unseen_message
+from cogradctl.batch import split
+from cogradctl.data import Dataset, truncation_message, unseen_message
 from cogradctl.errors import DataError, UsageError
 from cogradctl.schema import Schema
 from cogradctl.stream.encode import Encoder, UnitEncoder
@@ -34,7 +35,14 @@ class ParquetStream:
         if shuffle_buffer < 0:
             raise UsageError(f"--shuffle-buffer must be at least 0, got {shuffle_buffer}")
         self.spec, self.schema, self.on_invalid, self.shuffle_buffer = spec, schema, on_invalid, int(shuffle_buffer)
-        self.stats: dict = {"rows_read": 0, "rows_dropped": 0, "oov": {}, "oov_distinct": {}, "oov_distinct_capped": []}
+        self.stats: dict = {
+            "rows_read": 0,
+            "rows_dropped": 0,
+            "oov": {},
+            "oov_distinct": {},
+            "oov_distinct_capped": [],
+            "truncated": {},  # sequence column → rows whose list was cut to max_len
+        }
         self.labels = labels
         read = schema if labels else Schema(schema.features, [])
         self._encoder = Encoder(read)
@@ -108,7 +116,7 @@ class ParquetStream:
 
     def _tensors(self, c: Chunk, device) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         dense, cat, labels = self._encoder.unpack(c.a)
-        inputs = {"dense": torch.from_numpy(dense).to(device), "categorical": torch.from_numpy(cat).to(device)}
+        inputs = split(torch.from_numpy(dense).to(device), torch.from_numpy(cat).to(device), self.schema)
         return inputs, torch.from_numpy(labels).to(device)
 
     # ------------------------------------------------------------------ in order, with columns carried
@@ -137,8 +145,8 @@ class ParquetStream:
             f = with_carry(self.files[u.file], carry) if carry else self.files[u.file]
             at = self._read.where(u)
             for _, table in read_unit(f, u):
-                dense, cat, _, keep, oov = self._encoder.encode(table, at, self.on_invalid)
-                self._read.count(table.num_rows, keep, oov)
+                dense, cat, _, keep, oov, truncated = self._encoder.encode(table, at, self.on_invalid)
+                self._read.count(table.num_rows, keep, oov, truncated)
                 kept = table.select(carry).cast(types)  # a categorical string feature is read dictionary-encoded
                 if keep is not None:
                     dense, cat, kept = dense[keep], cat[keep], kept.filter(keep)
@@ -181,6 +189,7 @@ class ParquetStream:
             dict(self.stats["oov"]),
             offsets,
             dict(self.stats["oov_distinct"]),
+            self.schema,
         )
 
     def unseen_warning(self) -> str | None:
@@ -190,6 +199,11 @@ class ParquetStream:
         if not rows:
             return None
         return unseen_message(self.spec, rows, self.stats["oov_distinct"], self.stats["oov_distinct_capped"])
+
+    def truncation_warning(self) -> str | None:
+        """The warning for the sequence lists read so far that were cut to their feature's max_len."""
+        cut = {f.name: (n, f.max_len) for f in self.schema.sequences if (n := self.stats["truncated"].get(f.name, 0))}
+        return truncation_message(self.spec, cut) if cut else None
 
     def describe(self, start: int, stop: int) -> list[dict]:
         """Which files and row ranges global rows [start, stop) come from (as Dataset.describe)."""

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from cogradctl.console import Log
+from cogradctl.data import truncation_message
 from cogradctl.distributed import Dist, process_group
 from cogradctl.errors import DataError, Diverged, Stopped
 from cogradctl.train.config import OUTPUTS, TrainConfig
@@ -213,12 +214,21 @@ def _report_oov(run: Run, epoch_end: bool) -> None:
     if counts is None or not run.dist.main:
         return
     entry = run.inputs.data["train"]
+    counts = dict(counts)
+    truncated = counts.pop("truncated")
     entry["oov"] = counts
+    if truncated:
+        entry["truncated"] = truncated
     when = f" in epoch {counts['epoch']}" if counts["epoch"] is not None else "; no epoch was read whole"
     text = oov_text(entry["path"], "--data", entry["oov"], when)
     if text:
         run.log.warn(text)
-    run.metrics.write({"step": p.step, "epoch": p.epoch, "data": {"train": {"oov": entry["oov"]}}})
+    if truncated:
+        max_len = {f.name: f.max_len for f in run.inputs.source.schema.sequences}
+        cut = {c: (n, max_len[c]) for c, n in truncated.items()}
+        run.log.warn(f"{truncation_message('--data ' + entry['path'], cut)} (of {counts['rows_read']} rows read{when})")
+    record = {"oov": entry["oov"], **({"truncated": truncated} if truncated else {})}
+    run.metrics.write({"step": p.step, "epoch": p.epoch, "data": {"train": record}})
 
 
 def _every(step: int, every: int | None) -> bool:

@@ -20,10 +20,12 @@ from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from cogradctl.console import Log, counted
 from cogradctl.data import unseen_message
 from cogradctl.errors import DataError
+from cogradctl.schema import is_list_type
 from cogradctl.stream import ParquetStream
 from cogradctl.stream.encode import Encoder
 from cogradctl.stream.files import read_unit, where
@@ -59,7 +61,7 @@ def count_rows(stream: ParquetStream, on_invalid: str) -> dict:
         return out
     schema = stream.schema
     encoder = Encoder(schema)
-    dense = [f.name for f in schema.dense]
+    dense = [f.name for f in schema.dense + schema.vectors]
     labels = [t.name for t in schema.tasks]
     needed = set(dense) | set(labels)
     invalid: dict[str, dict[str, int]] = {}
@@ -93,6 +95,8 @@ def _bad_values(column, label: bool) -> dict[str, int]:
     feature is a missing value, which is fine)."""
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
+    if is_list_type(column.type):  # a vector: its values
+        column = pc.list_flatten(column)
     raw = column.cast(pa.float64()).to_numpy(zero_copy_only=False)  # nulls → NaN
     nulls = column.null_count
     counts = {"null": nulls if label else 0, "nan": int(np.isnan(raw).sum()) - nulls, "inf": int(np.isinf(raw).sum())}
@@ -134,7 +138,7 @@ class OovCount:
 
     def __init__(self, stream: ParquetStream) -> None:
         self.stream = stream
-        self.base = (0, {})  # (rows read, oov rows per column) when the epoch being counted began
+        self.base = (0, {}, {})  # (rows read, oov rows, truncated rows per column) when the counted epoch began
         self.full = False  # the epoch being counted began at its first batch
         self.first = True  # the epoch being counted is this process's first
         self.result: dict | None = None
@@ -145,7 +149,8 @@ class OovCount:
         if self.result is not None:
             return
         if not self.first:
-            self.base = (self.stream.stats["rows_read"], dict(self.stream.stats["oov"]))
+            stats = self.stream.stats
+            self.base = (stats["rows_read"], dict(stats["oov"]), dict(stats.get("truncated", {})))
         self.full, self.first = batch == 0, False
 
     def take(self, dist, epoch: int, epoch_end: bool) -> dict | None:
@@ -158,11 +163,15 @@ class OovCount:
         stats = self.stream.stats
         rows = stats["rows_read"] - self.base[0]
         oov = {c: n - self.base[1].get(c, 0) for c, n in stats["oov"].items()}
-        parts = dist.gather([(rows, oov, dict(stats["oov_distinct"]), list(stats["oov_distinct_capped"]))])
+        cut = {c: n - self.base[2].get(c, 0) for c, n in stats.get("truncated", {}).items()}
+        parts = dist.gather([(rows, oov, dict(stats["oov_distinct"]), list(stats["oov_distinct_capped"]), cut)])
         total: dict[str, int] = {}
         distinct: dict[str, int] = {}
+        truncated: dict[str, int] = {}
         at_least = set()
-        for _, counts, seen, capped in parts:
+        for _, counts, seen, capped, cuts in parts:
+            for c, n in cuts.items():
+                truncated[c] = truncated.get(c, 0) + n
             for c, n in counts.items():
                 total[c] = total.get(c, 0) + n
             for c, n in seen.items():
@@ -177,6 +186,7 @@ class OovCount:
             "columns": columns,
             "distinct": {c: distinct.get(c, 0) for c in columns},
             "distinct_at_least": sorted(c for c in at_least if c in columns),
+            "truncated": {c: n for c, n in sorted(truncated.items()) if n},  # sequence lists cut to max_len
         }
         return self.result
 
