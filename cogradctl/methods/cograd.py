@@ -192,9 +192,8 @@ class CoGrad(Method):
             raise ValueError("cograd with hessian='exact' needs Hessian-vector products: call it with hvp=fn")
         rows = []
         for i in range(grads.shape[0]):
-            if self.observed_rows is not None and not bool(
-                self.observed[i]
-            ):  # no product for an unobserved task (its loss has no graph)
+            # no product for an unobserved task (in the loop its loss has no graph)
+            if self.observed_rows is not None and not bool(self.observed[i]):
                 rows.append(torch.zeros_like(grads[i]))
                 continue
             hv = hvp(i, others[i]).detach().reshape(-1).to(grads)

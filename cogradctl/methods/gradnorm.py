@@ -84,7 +84,8 @@ class GradNorm(Method):
         k = grads.shape[0]
         with torch.no_grad():
             w = self.weights.detach().clone()
-            budget = float(k - w.sum() + w[rows].sum())  # K minus the unobserved tasks' weights
+            # K minus the unobserved tasks' weights (in float64: exactly K − 1 for one weight 1)
+            budget = k - float(w[~self.observed.to(w.device)].double().sum())
             if budget > 0:
                 sub = w[rows].clamp_min(1e-6)
                 w[rows] = sub * (budget / sub.sum())
