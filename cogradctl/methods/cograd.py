@@ -238,7 +238,8 @@ class CoGrad(Method):
             g_norm = grads.norm(dim=1)
             rel = torch.where(g_norm > 0, corr.norm(dim=1) / g_norm.clamp_min(1e-30), torch.zeros_like(g_norm)).tolist()
         self.stats = {"relative_correction": rel}
-        self._warn_if_invisible(max(rel))
+        if self.observed_rows is None or len(self.observed_rows) > 1:  # one task alone: nothing to correct
+            self._warn_if_invisible(max(rel))
         return update
 
     def task_weights(self) -> torch.Tensor | None:

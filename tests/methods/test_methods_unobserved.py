@@ -10,6 +10,8 @@ without the keyword (every task observed: bit for bit).
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -397,3 +399,18 @@ def test_observed_zero_gradient_and_unobserved_task_differ_for_mgda():
     update = get_method("mgda")(g, l, observed=MASK)
     assert close(update, get_method("mgda")(grads[ROWS]))
     assert all(float(update @ grads[i]) > 0 for i in ROWS)  # a common descent direction of the others
+
+
+def test_cograd_steps_with_one_observed_task_do_not_count_as_invisible_corrections():
+    """With one task observed there is no other task to correct towards: such steps (however many)
+    are no sign of a too small gamma, so they neither warn nor count towards the warning."""
+    m = get_method("cograd")
+    gen = torch.Generator().manual_seed(13)
+    only_first = torch.tensor([True, False])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(30):
+            g = torch.randn(2, P, generator=gen, dtype=F64)
+            g[1] = 0
+            assert close(m(g, torch.tensor([0.5, 0.0], dtype=F64), observed=only_first), g[0], 1e-15)
+    assert m.stats["relative_correction"] == [0.0, 0.0]
