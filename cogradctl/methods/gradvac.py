@@ -92,7 +92,7 @@ class GradVac(Method):
         if rows is None:
             self.targets[self.block] = targets
         else:
-            index = torch.tensor(rows)
+            index = torch.tensor(rows, device=self.targets.device)
             self.targets[self.block, index[:, None], index[None, :]] = targets.to(self.targets)
         if shuffle:
             self.rng_state = gen.get_state()
