@@ -95,6 +95,7 @@ class Method(torch.nn.Module):
         # Which tasks the current step observed (see the module docstring): set by ``forward``.
         self.observed: torch.Tensor | None = None
         self.observed_rows: list[int] | None = None
+        self._all_observed = 0  # K when self.observed is the all-True K-vector ``forward`` made
         # Diagnostics of the last call, logged to metrics.jsonl by the training loop.
         self.stats: dict[str, float | list[float]] = {}
 
@@ -161,17 +162,17 @@ class Method(torch.nn.Module):
         return torch.cat(updates)
 
     def _set_observed(self, observed, num_tasks: int) -> None:
-        if observed is None:
-            if self.observed_rows is not None or self.observed is None or self.observed.numel() != num_tasks:
+        if observed is None:  # the common case: plain reads, no assignment (nn.Module's costs µs)
+            if self.observed_rows is not None or self._all_observed != num_tasks:
                 self.observed = torch.ones(num_tasks, dtype=torch.bool)
-            self.observed_rows = None
+                self.observed_rows, self._all_observed = None, num_tasks
             return
         mask = torch.as_tensor(observed)
         if mask.dtype != torch.bool or mask.shape != (num_tasks,):
             raise ValueError(
                 f"observed must be a K-vector of bools (K={num_tasks}), got {mask.dtype} of shape {tuple(mask.shape)}"
             )
-        self.observed = mask.detach().cpu().clone()
+        self.observed, self._all_observed = mask.detach().cpu().clone(), 0
         rows = self.observed.nonzero().flatten().tolist()
         self.observed_rows = None if len(rows) == num_tasks else rows
 
