@@ -205,7 +205,7 @@ def test_unobserved_after_observed_steps_is_the_method_on_the_others(name):
         sgd(alone)
 
 
-# Per-task state: (the unobserved task's slice, the observed tasks' slice) of each stateful method.
+# The per-task state tensors of each stateful method.
 STATE = {
     "uw": lambda m: [m.log_vars.detach()],
     "dwa": lambda m: [m.history, m.accum],
@@ -219,8 +219,8 @@ STATE = {
 
 
 def task_slice(t: torch.Tensor, i: int) -> torch.Tensor:
-    """Task i's entries of a state tensor: its last dimension of size K (``history``: 2×K, ``alpha``:
-    blocks×K, ``fisher``: K×P is the one whose first dimension is the task)."""
+    """Task i's entries of a state tensor: along its last dimension (``history`` 2×K, ``alpha``
+    blocks×K, ``targets`` blocks×K×K), except ``fisher`` (K×P), whose first dimension is the task."""
     if t.dim() == 2 and t.shape[0] == K and t.shape[1] != K:
         return t[i].clone()
     return t[..., i].clone()
