@@ -252,7 +252,7 @@ def test_unobserved_task_state_is_not_moved(name, gran):
 
 
 def test_an_unobserved_task_is_not_read_even_if_its_row_is_not_zero():
-    """The contract says the row is zero; a method still must not read it (nor its loss)."""
+    """The contract says the row is zero; what it holds (and its loss) must not change the step."""
     for name in VARIANTS:
         grads, losses = batches(1, seed=4)[0]
         g, l = unobserved(grads, losses)
