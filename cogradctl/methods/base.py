@@ -29,9 +29,9 @@ What the training loop provides (the contract, read by the loop's author):
   when the keyword is left out) and ``self.observed_rows`` (the observed tasks' indices, ``None``
   when every task is observed, so a method keeps its unchanged path with one ``is None`` test)
   before ``aggregate``, for every block with ``granularity="tensor"``. The rule every method
-  follows: an unobserved task contributes nothing to the update (neither its row nor its loss affects it) and its
-  per-task state (moving averages, loss history, learnable weights and their ``.grad``) is not
-  moved by the step; when no task is observed, ``forward`` returns a zero update without calling
+  follows: an unobserved task contributes nothing to the update (neither its row nor its loss
+  affects it) and its per-task state (moving averages, loss history, learnable weights and their
+  ``.grad``) is not moved by the step; when no task is observed, ``forward`` returns a zero update without calling
   ``aggregate``. ``observed_gram`` and ``spread`` are the helpers of the Gram-based methods.
   A task that is observed but whose gradient is exactly zero is a different case: the method's own
   definition decides (MGDA: a stationary task, so a zero update).
