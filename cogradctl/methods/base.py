@@ -31,8 +31,8 @@ What the training loop provides (the contract, read by the loop's author):
   before ``aggregate``, for every block with ``granularity="tensor"``. The rule every method
   follows: an unobserved task contributes nothing to the update (neither its row nor its loss
   affects it) and its per-task state (moving averages, loss history, learnable weights and their
-  ``.grad``) is not moved by the step; when no task is observed, ``forward`` returns a zero update without calling
-  ``aggregate``. ``observed_gram`` and ``spread`` are the helpers of the Gram-based methods.
+  ``.grad``) is not moved by the step; when no task is observed, ``forward`` returns a zero update
+  without calling ``aggregate``. ``observed_gram`` and ``spread`` are the Gram-based methods' helpers.
   A task that is observed but whose gradient is exactly zero is a different case: the method's own
   definition decides (MGDA: a stationary task, so a zero update).
 * ``task_weights()``: the K weights the loop applies to each task's gradient on its own
