@@ -15,7 +15,7 @@ import warnings
 import pytest
 import torch
 
-from cogradctl.methods import get_method, list_methods
+from cogradctl.methods import list_methods
 
 F64 = torch.float64
 K, P, OFF = 4, 9, 2  # four tasks, nine shared parameters, task 2 unobserved
@@ -34,7 +34,9 @@ PER_TASK = {
 }
 COGRAD = [f"cograd:{h}" for h in ("diag", "fisher-ema", "outer", "exact")]
 COGRAD += [f"cograd:{h}/{n}" for h in ("diag", "fisher-ema", "exact") for n in ("none", "curvature")]
-REGISTERED = sorted(list_methods())
+# The registry's factories, looked up once (``get_method`` reads the entry points on every call).
+FACTORIES = {name: entry.factory for name, entry in list_methods().items()}
+REGISTERED = sorted(FACTORIES)
 VARIANTS = [n for n in REGISTERED if n != "cograd"] + COGRAD
 TENSOR = ["mgda", "pcgrad", "gradvac", "cagrad", "imtl-g", "nash-mtl", "aligned-mtl", "metabalance", "gdod"]
 # Methods whose update with a task unobserved is the method built for the observed tasks alone.
@@ -59,8 +61,7 @@ def options(name: str, keep: list[int] | None = None) -> dict:
 
 
 def build(name: str, keep: list[int] | None = None, **extra):
-    base = name.partition(":")[0]
-    m = get_method(base, **options(name, keep), **extra)
+    m = FACTORIES[name.partition(":")[0]](**options(name, keep), **extra)
     if extra.get("granularity") == "tensor":
         m.segments = SEGMENTS
     return m
@@ -274,7 +275,7 @@ def test_an_unobserved_task_is_not_read_even_if_its_row_is_not_zero():
 def test_ew_mean_divides_by_every_task():
     grads, losses = batches(1, seed=5)[0]
     g, l = unobserved(grads, losses)
-    m = get_method("ew", reduction="mean")
+    m = FACTORIES["ew"](reduction="mean")
     assert close(m(g, l, observed=MASK), grads[ROWS].sum(0) / K, 1e-15)
     assert torch.equal(m.task_weights(), torch.full((K,), 1.0 / K))
 
@@ -315,7 +316,7 @@ def test_dwa_keeps_an_unobserved_task_history_and_the_k_task_weights(period):
         losses = (torch.rand(K, generator=gen, dtype=F64) + 0.2).tolist()
         steps.append((losses, [on or i != OFF for i in range(K)]))
     weights, history = _dwa_oracle(steps, period)
-    m = get_method("dwa", period=period)
+    m = FACTORIES["dwa"](period=period)
     for (losses, observed), want in zip(steps, weights):
         grads = torch.randn(K, P, generator=gen, dtype=F64)
         l = torch.tensor(losses, dtype=F64)
@@ -331,7 +332,7 @@ def test_dwa_keeps_an_unobserved_task_history_and_the_k_task_weights(period):
 
 def test_gradnorm_first_loss_of_a_task_unobserved_at_the_start_is_its_first_observed_loss():
     data = batches(3, seed=8)
-    m = get_method("gradnorm")
+    m = FACTORIES["gradnorm"]()
     g, l = unobserved(*data[0])
     m(g, l, observed=MASK)
     assert torch.isneginf(m.initial_losses[OFF]) and torch.equal(m.initial_losses[ROWS], l[ROWS])
@@ -345,7 +346,7 @@ def test_gradnorm_first_loss_of_a_task_unobserved_at_the_start_is_its_first_obse
 
 def test_metabalance_with_the_target_task_unobserved():
     data = batches(3, seed=9)
-    m = get_method("metabalance", main_task=OFF, relax=0.7, beta=0.9)
+    m = FACTORIES["metabalance"](main_task=OFF, relax=0.7, beta=0.9)
     g, l = unobserved(*data[0])  # the target never seen yet: the auxiliary tasks are left unscaled
     assert close(m(g, l, observed=MASK), g[ROWS].sum(0), 1e-15)
     assert float(m.norm_avg[0, OFF]) == 0.0
@@ -387,7 +388,7 @@ def test_no_task_observed_gives_a_zero_update_and_moves_nothing(name):
 def test_a_malformed_mask_is_refused(bad):
     grads, losses = batches(1)[0]
     with pytest.raises(ValueError, match=r"observed must be a K-vector of bools \(K=4\)"):
-        get_method("mgda")(grads, losses, observed=bad)
+        FACTORIES["mgda"]()(grads, losses, observed=bad)
 
 
 def test_observed_zero_gradient_and_unobserved_task_differ_for_mgda():
@@ -395,16 +396,16 @@ def test_observed_zero_gradient_and_unobserved_task_differ_for_mgda():
     zero row flagged unobserved is left out, and the update is MGDA on the others."""
     grads, losses = batches(1, seed=11)[0]
     g, l = unobserved(grads, losses)
-    assert torch.count_nonzero(get_method("mgda")(g, l)) == 0
-    update = get_method("mgda")(g, l, observed=MASK)
-    assert close(update, get_method("mgda")(grads[ROWS]))
+    assert torch.count_nonzero(FACTORIES["mgda"]()(g, l)) == 0
+    update = FACTORIES["mgda"]()(g, l, observed=MASK)
+    assert close(update, FACTORIES["mgda"]()(grads[ROWS]))
     assert all(float(update @ grads[i]) > 0 for i in ROWS)  # a common descent direction of the others
 
 
 def test_cograd_steps_with_one_observed_task_do_not_count_as_invisible_corrections():
     """With one task observed there is no other task to correct towards: such steps (however many)
     are no sign of a too small gamma, so they neither warn nor count towards the warning."""
-    m = get_method("cograd")
+    m = FACTORIES["cograd"]()
     gen = torch.Generator().manual_seed(13)
     only_first = torch.tensor([True, False])
     with warnings.catch_warnings():
