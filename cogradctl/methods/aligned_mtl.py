@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from cogradctl.methods.base import GRANULARITY_OPTION, Method, combine, gram, numbers, per_task
+from cogradctl.methods.base import GRANULARITY_OPTION, Method, combine, numbers, per_task
 
 
 class AlignedMTL(Method):
@@ -15,7 +15,9 @@ class AlignedMTL(Method):
     balance transform B = √λ_s V_r Λ_r^{-1/2} V_rᵀ turns G into aligned, orthogonal components of
     equal norm √λ_s (λ_s: the smallest kept eigenvalue by default, ``scale='min'``; 'median' or
     'mean' as variants); the update is (B w)ᵀ G with the task preferences w (``weights``, default
-    1 per task: the sum convention of ``ew``). All-zero gradients give a zero update.
+    1 per task: the sum convention of ``ew``). All-zero gradients give a zero update. An
+    unobserved task (``observed``) is left out: the transform is built from the observed tasks'
+    Gram matrix and preferences, and the unobserved task gets weight 0.
 
     >>> import torch
     >>> AlignedMTL()(torch.tensor([[2.0, 0.0], [0.0, 1.0]]))   # both components rescaled to norm 1
@@ -43,13 +45,15 @@ class AlignedMTL(Method):
         self.weights = per_task(self.weights_option, num_tasks, "weights")
 
     def aggregate(self, grads: torch.Tensor, losses: torch.Tensor | None) -> torch.Tensor:
-        m = gram(grads).numpy()  # the K×K algebra in numpy: a torch op on a K×K matrix costs µs each
+        m = self.observed_gram(grads).numpy()  # the K×K algebra in numpy: a torch op on a K×K matrix costs µs each
         k = m.shape[0]
         lam, vec = np.linalg.eigh(m)
         tol = float(lam.max()) * k * torch.finfo(grads.dtype).eps
         keep = lam > tol
         rank = int(keep.sum())
         w = self.weights.detach().cpu().double().numpy()
+        if self.observed_rows is not None:
+            w = w[self.observed_rows]
         if rank == 0:
             alpha = np.zeros(k)
         else:
@@ -62,8 +66,9 @@ class AlignedMTL(Method):
                 s = lam_r.mean()
             balance = np.sqrt(s) * (vec_r / np.sqrt(lam_r)) @ vec_r.T
             alpha = balance @ w
+        alpha = self.spread(alpha)
         self.stats = {"weights": alpha.tolist(), "rank": float(rank)}
-        return combine(torch.from_numpy(alpha), grads)
+        return combine(alpha, grads)
 
     def task_weights(self) -> torch.Tensor | None:
         return self.weights

@@ -23,6 +23,18 @@ What the training loop provides (the contract, read by the loop's author):
   Hessian of task ``i``'s loss with respect to the shared parameters (flattened like the rows of
   ``grads``) with the P-vector ``v`` (one double backward through task ``i``'s graph, so the loop
   keeps the graphs with ``create_graph=True``). Methods that do not need it ignore ``hvp``.
+* ``observed``: ``method(grads, losses, observed=mask)`` with ``mask`` a K-vector of bools when
+  some task had no labelled row in the batch (partial labels): such a task's row of ``grads`` is
+  zero and its loss 0. ``forward`` sets ``self.observed`` (the K bool tensor, on the CPU; all True
+  when the keyword is left out) and ``self.observed_rows`` (the observed tasks' indices, ``None``
+  when every task is observed, so a method keeps its unchanged path with one ``is None`` test)
+  before ``aggregate``, for every block with ``granularity="tensor"``. The rule every method
+  follows: an unobserved task contributes nothing to the update (neither its row nor its loss
+  affects it) and its per-task state (moving averages, loss history, learnable weights and their
+  ``.grad``) is not moved by the step; when no task is observed, ``forward`` returns a zero update
+  without calling ``aggregate``. ``observed_gram`` and ``spread`` are the Gram-based methods' helpers.
+  A task that is observed but whose gradient is exactly zero is a different case: the method's own
+  definition decides (MGDA: a stationary task, so a zero update).
 * ``task_weights()``: the K weights the loop applies to each task's gradient on its own
   task-specific parameters (``None``: all 1).
 * ``stats``: diagnostics of the last call (floats, bools or lists of floats), logged per step.
@@ -80,6 +92,10 @@ class Method(torch.nn.Module):
         self.num_blocks: int = 1
         self.block: int = 0
         self._segments: list[int] | None = None
+        # Which tasks the current step observed (see the module docstring): set by ``forward``.
+        self.observed: torch.Tensor | None = None
+        self.observed_rows: list[int] | None = None
+        self._all_observed = 0  # K when self.observed is the all-True K-vector ``forward`` made
         # Diagnostics of the last call, logged to metrics.jsonl by the training loop.
         self.stats: dict[str, float | list[float]] = {}
 
@@ -118,6 +134,7 @@ class Method(torch.nn.Module):
         grads: torch.Tensor,
         losses: torch.Tensor | None = None,
         hvp: HVP | None = None,
+        observed: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if grads.dim() != 2:
             raise ValueError(f"grads must be a K×P matrix, got shape {tuple(grads.shape)}")
@@ -125,6 +142,10 @@ class Method(torch.nn.Module):
             raise ValueError(f"losses must be a K-vector, got shape {tuple(losses.shape)} for K={grads.shape[0]}")
         if self.num_tasks != grads.shape[0] or self.num_blocks != self._blocks():
             self.setup(grads.shape[0])
+        self._set_observed(observed, grads.shape[0])
+        if self.observed_rows == []:  # no task observed: nothing to do, no state moves
+            self.stats = {}
+            return grads.new_zeros(grads.shape[1])
         extra = {"hvp": hvp} if self.requires_hvp else {}
         if self.num_blocks == 1:
             self.block = 0
@@ -139,6 +160,38 @@ class Method(torch.nn.Module):
         self.block = 0
         self.stats = _mean_stats(all_stats)
         return torch.cat(updates)
+
+    def _set_observed(self, observed, num_tasks: int) -> None:
+        if observed is None:  # the common case: plain reads, no assignment (nn.Module's costs µs)
+            if self.observed_rows is not None or self._all_observed != num_tasks:
+                self.observed = torch.ones(num_tasks, dtype=torch.bool)
+                self.observed_rows, self._all_observed = None, num_tasks
+            return
+        mask = torch.as_tensor(observed)
+        if mask.dtype != torch.bool or mask.shape != (num_tasks,):
+            raise ValueError(
+                f"observed must be a K-vector of bools (K={num_tasks}), got {mask.dtype} of shape {tuple(mask.shape)}"
+            )
+        self.observed, self._all_observed = mask.detach().cpu().clone(), 0
+        rows = self.observed.nonzero().flatten().tolist()
+        self.observed_rows = None if len(rows) == num_tasks else rows
+
+    def observed_gram(self, grads: torch.Tensor) -> torch.Tensor:
+        """``gram(grads)`` restricted to the observed tasks' rows and columns (K'×K', float64, CPU):
+        a Gram-based method solves its problem on it as if the model had only those tasks."""
+        m = gram(grads)
+        rows = self.observed_rows
+        return m if rows is None else m[rows][:, rows]
+
+    def spread(self, values) -> torch.Tensor:
+        """Per-task values of the observed tasks (a K'-sequence, as ``observed_gram``'s order) as a
+        float64 K-vector with 0 for the unobserved tasks (the identity when every task is observed)."""
+        values = torch.as_tensor(values, dtype=torch.float64).cpu()
+        if self.observed_rows is None:
+            return values
+        out = torch.zeros(self.observed.numel(), dtype=torch.float64)
+        out[self.observed_rows] = values
+        return out
 
     def aggregate(self, grads: torch.Tensor, losses: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError

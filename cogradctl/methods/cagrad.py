@@ -173,6 +173,9 @@ class CAGrad(Method):
     d = g0 + (c‖g0‖/‖g_w‖) g_w, g_w = Σ_i w_i g_i for w minimising g_wᵀg0 + c‖g0‖‖g_w‖ on the
     simplex (solved on the K×K Gram matrix, float64). ``rescale=True`` divides d by 1 + c² (the
     official code's ``rescale=1``). c = 0 gives the mean gradient. Mean scale (as the paper).
+    An unobserved task (``observed``) is left out: the problem is solved over the observed tasks
+    (g0 their mean, the worst task among them), as if the model had only those; the warm start
+    keeps the unobserved task's entry.
 
     >>> import torch
     >>> CAGrad(c=0.0)(torch.tensor([[2.0, 0.0], [0.0, 4.0]]))
@@ -198,10 +201,28 @@ class CAGrad(Method):
         self.register_buffer("warm", torch.full((num_tasks,), 1.0 / num_tasks, dtype=torch.float64))
 
     def aggregate(self, grads: torch.Tensor, losses: torch.Tensor | None) -> torch.Tensor:
+        rows = self.observed_rows
+        if rows is not None:
+            return self._aggregate_observed(grads, rows)
         weights, no_common_descent, w = cagrad_weights(gram(grads), self.c, start=self.warm)
         if w is not None:
             self.warm = w
         if self.rescale:
             weights = weights / (1.0 + self.c**2)
+        self.stats = {"weights": weights.tolist(), "no_common_descent": no_common_descent}
+        return combine(weights, grads)
+
+    def _aggregate_observed(self, grads: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        """``aggregate`` over the observed tasks ``rows`` (the unobserved ones get weight 0)."""
+        mass = float(self.warm[rows].sum())
+        start = self.warm[rows] / mass if mass > 0 else None
+        weights, no_common_descent, w = cagrad_weights(self.observed_gram(grads), self.c, start=start)
+        if w is not None:
+            warm = self.warm.clone()
+            warm[rows] = w.to(warm) * (mass if mass > 0 else 1.0)
+            self.warm = warm
+        if self.rescale:
+            weights = weights / (1.0 + self.c**2)
+        weights = self.spread(weights)
         self.stats = {"weights": weights.tolist(), "no_common_descent": no_common_descent}
         return combine(weights, grads)

@@ -38,6 +38,12 @@ depending on the model. Option ``normalize`` makes γ scale-free:
 
 A zero scale (zero gradient, or no curvature along it) means no correction for that task.
 ``"none"`` (or ``False``) gives the paper's raw form.
+
+An unobserved task (``observed``: no labelled row in the batch) takes no part in the step: its row
+is read as zero (no w_i g_i, and it is in no other task's Σ_{j≠i} g_j), its own correction is zero
+(γ_i taken as 0: a ``fisher-ema`` v_i is not applied, no ``exact`` product H_i v is asked for), and
+its ``fisher-ema`` row v_i is not moved. The update is then CoGrad over the observed tasks. (A task
+unobserved at the very first step starts its v_i from 0 rather than from its first g_i ⊙ g_i.)
 """
 
 from __future__ import annotations
@@ -131,10 +137,14 @@ class CoGrad(Method):
         mean = h.mean(dim=1, keepdim=True)
         return torch.where(mean > 0, h / mean.clamp_min(torch.finfo(h.dtype).tiny), torch.zeros_like(h))
 
+    def _gamma(self) -> torch.Tensor:
+        """γ, with 0 for the tasks this step did not observe."""
+        return self.gamma if self.observed_rows is None else torch.where(self.observed, self.gamma, 0.0)
+
     def corrections(self, grads: torch.Tensor, hvp=None) -> torch.Tensor:
         """The K×P matrix of auxiliary terms γ_i Σ_{j≠i} H_i g_j."""
         if self.normalize != "relative":
-            return self._terms(grads, hvp, self.gamma.to(grads), self.normalize == "curvature")
+            return self._terms(grads, hvp, self._gamma().to(grads), self.normalize == "curvature")
         terms, coef, _ = self._relative(grads, hvp)
         return torch.tensor(coef, dtype=grads.dtype, device=grads.device)[:, None] * terms
 
@@ -159,7 +169,7 @@ class CoGrad(Method):
             terms = self._terms(grads, hvp, torch.ones_like(self.gamma).to(grads), self.hessian != "exact")
         size = torch.linalg.vector_norm(terms, dim=1).tolist()
         active = [t > 0 and n > 0 for t, n in zip(size, g_norm)]
-        coef = [gamma * n / t if on else 0.0 for gamma, n, t, on in zip(self.gamma.tolist(), g_norm, size, active)]
+        coef = [gamma * n / t if on else 0.0 for gamma, n, t, on in zip(self._gamma().tolist(), g_norm, size, active)]
         return terms, coef, active
 
     def _terms(self, grads: torch.Tensor, hvp, gamma: torch.Tensor, normalize: bool) -> torch.Tensor:
@@ -182,6 +192,10 @@ class CoGrad(Method):
             raise ValueError("cograd with hessian='exact' needs Hessian-vector products: call it with hvp=fn")
         rows = []
         for i in range(grads.shape[0]):
+            # no product for an unobserved task (in the loop its loss has no graph)
+            if self.observed_rows is not None and not bool(self.observed[i]):
+                rows.append(torch.zeros_like(grads[i]))
+                continue
             hv = hvp(i, others[i]).detach().reshape(-1).to(grads)
             if normalize:
                 g_norm = float(grads[i].norm())
@@ -197,13 +211,18 @@ class CoGrad(Method):
         fisher = self.fisher.to(sq)
         if int(self.fisher_steps) == 0:
             fisher = sq.clone()
-        else:
+        elif self.observed_rows is None:
             fisher = self.fisher_decay * fisher + (1.0 - self.fisher_decay) * sq
+        else:  # an unobserved task's v_i stays as it is
+            moved = self.fisher_decay * fisher + (1.0 - self.fisher_decay) * sq
+            fisher = torch.where(self.observed.to(sq.device)[:, None], moved, fisher)
         self.fisher = fisher.detach().to(self.fisher.dtype)
         self.fisher_steps += 1
         return fisher
 
     def aggregate(self, grads: torch.Tensor, losses: torch.Tensor | None, hvp=None) -> torch.Tensor:
+        if self.observed_rows is not None:  # the unobserved rows read as zero
+            grads = torch.where(self.observed.to(grads.device)[:, None], grads, 0.0)
         if self.normalize == "relative":
             terms, coef, active = self._relative(grads, hvp)
             # w @ grads − coef @ terms: the weights scale the task gradients, not the corrections
@@ -219,7 +238,8 @@ class CoGrad(Method):
             g_norm = grads.norm(dim=1)
             rel = torch.where(g_norm > 0, corr.norm(dim=1) / g_norm.clamp_min(1e-30), torch.zeros_like(g_norm)).tolist()
         self.stats = {"relative_correction": rel}
-        self._warn_if_invisible(max(rel))
+        if self.observed_rows is None or len(self.observed_rows) > 1:  # one task alone: nothing to correct
+            self._warn_if_invisible(max(rel))
         return update
 
     def task_weights(self) -> torch.Tensor | None:

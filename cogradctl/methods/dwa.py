@@ -15,6 +15,13 @@ class DWA(Method):
     (default 1: the ratio of the last two steps' losses). The first two periods use w = 1. A ratio
     whose denominator is not positive is taken as 1.
 
+    An unobserved task (``observed``) is left out of the update and its loss history is not moved:
+    a period's mean loss of a task is over the steps that observed it, and a task no step of the
+    period observed keeps its history (its weight still comes from it, so an observed task's weight
+    does not depend on which others a batch labels). The per-task count of observed steps in the
+    current period is not part of the saved state: a run resumed within a period counts that
+    period's earlier steps as observed for every task.
+
     >>> import torch
     >>> m = DWA()
     >>> g = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
@@ -45,6 +52,12 @@ class DWA(Method):
         # steps: total calls; periods: completed periods.
         self.register_buffer("counts", torch.zeros(2, dtype=torch.long))
         self.register_buffer("weights", torch.ones(num_tasks, dtype=torch.float64))
+        # Steps of the current period that observed each task (only read when some step did not).
+        self._seen: list[int] | None = None
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._seen = None  # not saved: the restored period's earlier steps count as observed
 
     def aggregate(self, grads: torch.Tensor, losses: torch.Tensor | None) -> torch.Tensor:
         if losses is None:
@@ -57,7 +70,18 @@ class DWA(Method):
             self.weights.copy_(k * torch.softmax(ratio / self.temperature, dim=0))
         else:
             self.weights.fill_(1.0)
-        # Record this step's losses for the next steps' weights.
+        self.stats = {"weights": self.weights.tolist()}
+        rows = self.observed_rows
+        if rows is None and self._seen is None:
+            self._record(losses)
+            return self.weights.to(grads) @ grads
+        self._record_observed(losses)
+        if rows is None:
+            return self.weights.to(grads) @ grads
+        return self.weights[rows].to(grads) @ grads[rows]
+
+    def _record(self, losses: torch.Tensor) -> None:
+        """Record this step's losses (every task observed) for the next steps' weights."""
         self.accum += losses.detach().to(self.accum)
         self.counts[0] += 1
         if self.counts[0] % self.period == 0:
@@ -65,8 +89,25 @@ class DWA(Method):
             self.history[1] = self.accum / self.period
             self.accum.zero_()
             self.counts[1] += 1
-        self.stats = {"weights": self.weights.tolist()}
-        return self.weights.to(grads) @ grads
+
+    def _record_observed(self, losses: torch.Tensor) -> None:
+        """``_record`` for the observed tasks only: each task's period mean is over its observed
+        steps, and a task that no step of the period observed keeps its history."""
+        k = self.observed.numel()
+        if self._seen is None:
+            self._seen = [int(self.counts[0]) % self.period] * k
+        mask = self.observed.to(self.accum.device)
+        self.accum += torch.where(mask, losses.detach().to(self.accum), 0.0)
+        self._seen = [n + bool(o) for n, o in zip(self._seen, self.observed.tolist())]
+        self.counts[0] += 1
+        if self.counts[0] % self.period == 0:
+            seen = torch.tensor(self._seen, dtype=self.accum.dtype, device=self.accum.device)
+            moved = seen > 0
+            self.history[0] = torch.where(moved, self.history[1], self.history[0])
+            self.history[1] = torch.where(moved, self.accum / seen.clamp_min(1.0), self.history[1])
+            self.accum.zero_()
+            self.counts[1] += 1
+            self._seen = None
 
     def task_weights(self) -> torch.Tensor | None:
         return None if self.num_tasks is None else self.weights.float()

@@ -10,6 +10,10 @@ from cogradctl.methods.base import Method
 class EW(Method):
     """Equal weighting: sum (default) or mean of the task gradients.
 
+    An unobserved task (``observed``) is left out of the sum; the mean still divides by K, the
+    number of tasks, so an observed task's weight 1/K does not depend on which others a batch
+    labels (the objective (1/K) Σ_i L_i simply lacks the absent term), as ``task_weights`` says.
+
     >>> import torch
     >>> EW()(torch.tensor([[1.0, -1.0], [3.0, 1.0]]))
     tensor([4., 0.])
@@ -28,7 +32,8 @@ class EW(Method):
         self.reduction = reduction
 
     def aggregate(self, grads: torch.Tensor, losses: torch.Tensor | None) -> torch.Tensor:
-        update = grads.sum(dim=0)
+        rows = self.observed_rows
+        update = grads.sum(dim=0) if rows is None else grads[rows].sum(dim=0)
         return update / grads.shape[0] if self.reduction == "mean" else update
 
     def task_weights(self) -> torch.Tensor | None:

@@ -24,7 +24,8 @@ class GDOD(Method):
     Σ_{k shared} (Σ_i w_i c_ik) u_k + β Σ_{k conflict} (Σ_i w_i c_ik) u_k = Σ_k gain_k (wᵀv_k) Gᵀv_k,
     weights on G (no P-wide SVD, and no division by σ_k). With β = 0 (default) and w ≥ 0 the update
     has a non-negative inner product with every g_i. No shared direction → zero update, reported
-    in ``stats['no_shared_direction']``. Zero gradients take no part (weight 0).
+    in ``stats['no_shared_direction']``. Zero gradients take no part (weight 0), nor do unobserved
+    tasks (``observed``): GDOD over the observed tasks.
 
     >>> import torch
     >>> GDOD()(torch.tensor([[2.0, 1.0], [2.0, -1.0]]))   # the conflicting 2nd axis is dropped
@@ -57,7 +58,8 @@ class GDOD(Method):
     def aggregate(self, grads: torch.Tensor, losses: torch.Tensor | None) -> torch.Tensor:
         # After the Gram matrix, everything is K×K: plain Python floats (see eigh_small).
         full = gram(grads).tolist()
-        active = [i for i in range(len(full)) if full[i][i] > 0]
+        tasks = range(len(full)) if self.observed_rows is None else self.observed_rows
+        active = [i for i in tasks if full[i][i] > 0]
         m = full if len(active) == len(full) else [[full[i][j] for j in active] for i in active]
         norms = [math.sqrt(m[a][a]) for a in range(len(m))]  # ‖g_i‖
         w_all = self.weights.tolist()

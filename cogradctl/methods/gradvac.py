@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from cogradctl.methods.base import GRANULARITY_OPTION, Method, combine, gram, integer, number
+from cogradctl.methods.base import GRANULARITY_OPTION, Method, combine, integer, number
 
 
 class GradVac(Method):
@@ -17,7 +17,8 @@ class GradVac(Method):
 
     then φ̂_ij ← (1−β) φ̂_ij + β φ_ij. Update: Σ_i g_i^GV. With ``granularity='tensor'`` each block
     keeps its own targets (the paper's per-layer variant). A pair with a zero gradient is skipped
-    and its target left unchanged.
+    and its target left unchanged. An unobserved task (``observed``) is left out: GradVac over the
+    observed tasks, and every target of a pair it belongs to is left unchanged.
 
     >>> import torch
     >>> GradVac()(torch.tensor([[1.0, 0.0], [-1.0, 1.0]]))   # first step: targets 0 = PCGrad
@@ -53,9 +54,11 @@ class GradVac(Method):
         self.register_buffer("targets", torch.zeros(self.num_blocks, num_tasks, num_tasks, dtype=torch.float64))
 
     def aggregate(self, grads: torch.Tensor, losses: torch.Tensor | None) -> torch.Tensor:
-        m = gram(grads).tolist()  # the K×K loop in Python floats (see base.eigh_small on why)
+        m = self.observed_gram(grads).tolist()  # the K×K loop in Python floats (see base.eigh_small on why)
         k = len(m)
-        targets = self.targets[self.block].tolist()
+        rows = self.observed_rows
+        everyone = self.targets[self.block]
+        targets = (everyone if rows is None else everyone[rows][:, rows]).tolist()
         # With two tasks each has one other, so the order is moot: no draws (the generator's
         # state, a buffer the checkpoint keeps, then stays as it is).
         shuffle = self.order == "random" and k > 2
@@ -85,8 +88,13 @@ class GradVac(Method):
                     cm = [c + w * x for c, x in zip(cm, m[j])]
                     corrections += 1
                 targets[i][j] = (1.0 - self.beta) * phi_hat + self.beta * phi
-        self.targets[self.block] = torch.tensor(targets, dtype=torch.float64)
+        targets = torch.tensor(targets, dtype=torch.float64)
+        if rows is None:
+            self.targets[self.block] = targets
+        else:
+            index = torch.tensor(rows, device=self.targets.device)
+            self.targets[self.block, index[:, None], index[None, :]] = targets.to(self.targets)
         if shuffle:
             self.rng_state = gen.get_state()
         self.stats = {"corrections": float(corrections)}
-        return combine(torch.tensor([sum(col) for col in zip(*coef)], dtype=torch.float64), grads)
+        return combine(self.spread([sum(col) for col in zip(*coef)]), grads)

@@ -27,7 +27,9 @@ class IMTLG(Method):
     eigenvalues of C below 10·K·eps·λ_max(C) (the least-squares fit of equal projections, each task
     counted equally). If Σα is not positive (possible for K ≥ 3 with very unequal norms)
     α = β/‖g‖ normalised by its L1 norm keeps the equal-projection direction (stats
-    ``fallback_l1``); zero gradients get α_i = 0, all-zero gradients give a zero update.
+    ``fallback_l1``); zero gradients get α_i = 0, all-zero gradients give a zero update. An
+    unobserved task (``observed``) is left out like a zero gradient (α_i = 0): IMTL-G over the
+    observed tasks.
 
     >>> import torch
     >>> IMTLG()(torch.tensor([[1.0, 0.0], [0.0, 3.0]]))   # equal projections 0.75 on both
@@ -43,7 +45,8 @@ class IMTLG(Method):
 
     def aggregate(self, grads: torch.Tensor, losses: torch.Tensor | None) -> torch.Tensor:
         m = gram(grads).tolist()  # the K×K algebra in Python floats (see eigh_small)
-        active = [i for i in range(len(m)) if m[i][i] > 0]
+        tasks = range(len(m)) if self.observed_rows is None else self.observed_rows
+        active = [i for i in tasks if m[i][i] > 0]
         norms = [math.sqrt(m[i][i]) for i in active]  # n_i = ‖g_i‖
         cos = [[m[i][j] / norms[a] / norms[b] for b, j in enumerate(active)] for a, i in enumerate(active)]
         beta = _solve_direct(cos)

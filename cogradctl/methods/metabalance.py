@@ -19,6 +19,10 @@ class MetaBalance(Method):
     ('enlarge') or always ('adapt', default). Update: g_t + Σ_{i≠t} g_i (rescaled). An auxiliary
     task whose average norm is 0 is left unscaled.
 
+    An unobserved task (``observed``) is left out of the update and its moving average is not
+    moved. When the target task is the unobserved one, the observed auxiliary tasks are scaled
+    towards its moving average as it stands (left unscaled if it is still 0: no target seen yet).
+
     >>> import torch
     >>> MetaBalance(relax=1.0)(torch.tensor([[1.0, 0.0], [0.0, 4.0]]))   # aux rescaled to norm 1
     tensor([1., 1.])
@@ -61,10 +65,16 @@ class MetaBalance(Method):
     def aggregate(self, grads: torch.Tensor, losses: torch.Tensor | None) -> torch.Tensor:
         norms = grads.detach().to(torch.float64).norm(dim=1).cpu()
         avg = self.norm_avg[self.block]
-        avg.mul_(self.beta).add_((1.0 - self.beta) * norms.to(avg))
+        rows = self.observed_rows
+        if rows is None:
+            avg.mul_(self.beta).add_((1.0 - self.beta) * norms.to(avg))
+        else:  # the unobserved tasks' averages stay as they are
+            avg[rows] = self.beta * avg[rows] + (1.0 - self.beta) * norms[rows].to(avg)
         avg = avg.cpu()
         t = self.main_task
         ok = avg > 0
+        if rows is not None and not bool(self.observed[t]) and not bool(ok[t]):
+            ok = torch.zeros_like(ok)  # the target task not seen yet: nothing to scale towards
         ratio = torch.where(ok, avg[t] / torch.where(ok, avg, 1.0), torch.ones_like(avg))
         factor = self.relax * ratio + (1.0 - self.relax)
         if self.strategy == "reduce":
@@ -73,5 +83,9 @@ class MetaBalance(Method):
             factor = torch.where(avg < avg[t], factor, torch.ones_like(factor))
         factor = torch.where(ok, factor, torch.ones_like(factor))
         factor[t] = 1.0
+        if rows is not None:
+            factor = torch.where(self.observed, factor, 0.0)
+            self.stats = {"scales": factor.tolist()}
+            return factor[rows].to(grads) @ grads[rows]
         self.stats = {"scales": factor.tolist()}
         return factor.to(grads) @ grads

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import torch
 
-from cogradctl.methods.base import GRANULARITY_OPTION, Method, combine, gram, integer, number
+from cogradctl.methods.base import GRANULARITY_OPTION, Method, combine, integer, number
 from cogradctl.methods.linalg import on_simplex, project_simplex, snap_to_simplex, solve_on_faces, solve_small
 
 # Up to this many tasks the min-norm problem is solved exactly by enumerating the simplex's faces.
@@ -113,6 +113,9 @@ class MGDA(Method):
     K ≤ 12, accelerated projected gradient beyond). Option ``normalize='l2'``
     first scales every gradient to unit norm (the paper's normalisation option); the weights are
     then applied to the raw gradients divided by their norms. All-zero gradients give a zero update.
+    An unobserved task (``observed``) is left out of the hull (weight 0): its zero row would
+    otherwise be the min-norm point. An observed task with a zero gradient is Pareto-stationary,
+    and the update is zero, as the definition says.
 
     >>> import torch
     >>> MGDA()(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
@@ -139,7 +142,7 @@ class MGDA(Method):
         self.tol = number("tol", tol)
 
     def aggregate(self, grads: torch.Tensor, losses: torch.Tensor | None) -> torch.Tensor:
-        m = gram(grads).numpy()
+        m = self.observed_gram(grads).numpy()
         if self.normalize == "l2":
             norms = np.sqrt(np.maximum(m.diagonal(), 0.0))
             scale = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
@@ -148,5 +151,7 @@ class MGDA(Method):
         else:
             alpha, iters = _min_norm(m, self.max_iter, self.tol)
             weights = alpha
+        if self.observed_rows is not None:
+            alpha, weights = self.spread(alpha).numpy(), self.spread(weights).numpy()
         self.stats = {"weights": alpha.tolist(), "iterations": float(iters)}
         return combine(torch.from_numpy(weights), grads)

@@ -109,7 +109,9 @@ class NashMTL(Method):
     met the tolerance (a warning is given the first time they do not). ``update_every`` reuses α for
     that many steps. The update
     is clipped to norm ``max_norm`` (0: no clipping), as the official code does. Zero gradients get
-    weight 0; all-zero gradients give a zero update.
+    weight 0; all-zero gradients give a zero update. An unobserved task (``observed``) is left out:
+    α is solved over the observed tasks (from their previous α) and the unobserved task's α is kept
+    for the steps that observe it again; a step that reuses α (``update_every``) gives it weight 0.
 
     >>> import torch
     >>> NashMTL(max_norm=0)(torch.tensor([[1.0, 0.0], [0.0, 2.0]]))   # α = (1, 1/2): dᵀg_i = 1/α_i
@@ -142,13 +144,21 @@ class NashMTL(Method):
     def aggregate(self, grads: torch.Tensor, losses: torch.Tensor | None) -> torch.Tensor:
         b = self.block
         iters, res, converged = 0, 0.0, True
+        rows = self.observed_rows
         if int(self.steps[b]) % self.update_every == 0:
             start = self.alpha[b] if int(self.steps[b]) > 0 else None  # the previous step's α
-            alpha, iters, res, converged = nash_weights(gram(grads), start, self.max_iter)
-            self.alpha[b] = alpha.to(self.alpha)
+            if rows is None:
+                alpha, iters, res, converged = nash_weights(gram(grads), start, self.max_iter)
+                self.alpha[b] = alpha.to(self.alpha)
+            else:  # over the observed tasks; the unobserved ones keep their α
+                start = None if start is None else start[rows]
+                alpha, iters, res, converged = nash_weights(self.observed_gram(grads), start, self.max_iter)
+                self.alpha[b, rows] = alpha.to(self.alpha)
             self._warn_if_unconverged(converged, res, iters)
         self.steps[b] += 1
         alpha = self.alpha[b].to(torch.float64).cpu()
+        if rows is not None:
+            alpha = self.spread(alpha[rows])
         update = combine(alpha, grads)
         clipped = False
         if self.max_norm > 0:

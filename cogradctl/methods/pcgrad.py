@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from cogradctl.methods.base import GRANULARITY_OPTION, Method, combine, gram, integer
+from cogradctl.methods.base import GRANULARITY_OPTION, Method, combine, integer
 
 
 class PCGrad(Method):
@@ -14,7 +14,8 @@ class PCGrad(Method):
     seeded generator whose state is a buffer) or in index order (``order='fixed'``):
     if g_i^PC · g_j < 0 then g_i^PC ← g_i^PC − (g_i^PC·g_j / ‖g_j‖²) g_j (projection against the
     ORIGINAL g_j). Update: Σ_i g_i^PC (sum, as in the paper). Computed as coefficients on the Gram
-    matrix: g_i^PC = Σ_k C_ik g_k. A zero g_j never triggers a projection.
+    matrix: g_i^PC = Σ_k C_ik g_k. A zero g_j never triggers a projection. An unobserved task
+    (``observed``) is left out: PCGrad over the observed tasks (the random order is drawn over them).
 
     >>> import torch
     >>> PCGrad()(torch.tensor([[1.0, 0.0], [-1.0, 1.0]]))
@@ -39,7 +40,7 @@ class PCGrad(Method):
         self.register_buffer("rng_state", gen.get_state())
 
     def aggregate(self, grads: torch.Tensor, losses: torch.Tensor | None) -> torch.Tensor:
-        m = gram(grads).tolist()  # the K×K loop in Python floats (see base.eigh_small on why)
+        m = self.observed_gram(grads).tolist()  # the K×K loop in Python floats (see base.eigh_small on why)
         k = len(m)
         # With two tasks each has one other to project onto, so the order is moot: no draws (the
         # generator's state, a buffer the checkpoint keeps, then stays as it is).
@@ -61,4 +62,4 @@ class PCGrad(Method):
         if shuffle:
             self.rng_state = gen.get_state()
         self.stats = {"projections": float(conflicts)}
-        return combine(torch.tensor([sum(col) for col in zip(*coef)], dtype=torch.float64), grads)
+        return combine(self.spread([sum(col) for col in zip(*coef)]), grads)

@@ -13,6 +13,7 @@ class UW(Method):
 
     The shared update is Σ_i exp(−s_i) g_i; the method sets ``s.grad = 1 − exp(−s) ⊙ L`` (the
     gradient of the objective above) so that the loop's optimizer trains s. Needs the losses.
+    An unobserved task (``observed``) is left out of the sum and gets ``s.grad`` 0.
 
     >>> import torch
     >>> m = UW()
@@ -42,8 +43,13 @@ class UW(Method):
         # exp(−s) in float64, then the gradients' dtype: a float32 exp would round every weight by
         # up to 6e-8, which float64 gradients would then carry.
         w = torch.exp(-s.double())
-        self.log_vars.grad = (1.0 - w * losses.detach().double()).to(self.log_vars)
+        grad = 1.0 - w * losses.detach().double()
         self.stats = {"weights": w.tolist(), "log_vars": s.tolist()}
+        rows = self.observed_rows
+        if rows is not None:  # no term of the objective for an unobserved task: no gradient either
+            self.log_vars.grad = torch.where(self.observed.to(grad.device), grad, 0.0).to(self.log_vars)
+            return w[rows].to(grads) @ grads[rows]
+        self.log_vars.grad = grad.to(self.log_vars)
         return w.to(grads) @ grads
 
     def task_weights(self) -> torch.Tensor | None:

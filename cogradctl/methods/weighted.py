@@ -8,7 +8,8 @@ from cogradctl.methods.base import Method, numbers, per_task
 
 
 class Weighted(Method):
-    """Weighted sum of the task gradients, ``Σ_i w_i g_i``, with fixed user weights.
+    """Weighted sum of the task gradients, ``Σ_i w_i g_i``, with fixed user weights (over the
+    observed tasks: an unobserved task's term is left out).
 
     >>> import torch
     >>> Weighted(weights=[1.0, 0.5])(torch.tensor([[2.0, 0.0], [0.0, 4.0]]))
@@ -30,6 +31,9 @@ class Weighted(Method):
 
     def aggregate(self, grads: torch.Tensor, losses: torch.Tensor | None) -> torch.Tensor:
         self.stats = {"weights": self.weights.tolist()}
+        rows = self.observed_rows
+        if rows is not None:
+            return self.weights[rows].to(grads) @ grads[rows]
         return self.weights.to(grads) @ grads  # the weights are float64: cast to the gradients' dtype
 
     def task_weights(self) -> torch.Tensor | None:
