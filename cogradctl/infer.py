@@ -31,10 +31,12 @@ from cogradctl.encodings import Lookup, Spec, read_vocab_file
 from cogradctl.errors import DataError, UsageError
 from cogradctl.schema import Feature, Schema, Task, family, parse_task_types, plan_columns
 from cogradctl.stream.files import partition_array, partitions
+from cogradctl.vocab_tensors import vocab_tensors
 
-# The schema (vocabularies included) sits, JSON-escaped, in the checkpoint's safetensors header, which
-# safetensors caps at 100 MB ("header too large" when saving). The rest of the header (model config,
-# history, training state, one entry per tensor) gets the remaining 10 MB.
+# The schema (vocabularies of up to vocab_tensors.INLINE_VOCAB values included) sits, JSON-escaped, in
+# the checkpoint's safetensors header, which safetensors caps at 100 MB ("header too large" when
+# saving). The rest of the header (model config, history, training state, one entry per tensor) gets
+# the remaining 10 MB.
 SCHEMA_HEADER_BUDGET = 90_000_000
 
 
@@ -344,11 +346,14 @@ def _same_types(arrow: pa.Schema, path: Path, first: pa.Schema, first_path: Path
 
 
 def _check_header_size(spec: str, schema: Schema) -> None:
-    """Refuse a schema too big for the checkpoint header, naming the largest vocabulary's column."""
-    size = len(json.dumps(schema.to_json()))  # as it sits, escaped, in the header
+    """Refuse a schema too big for the checkpoint header, naming the largest vocabulary's column. The
+    header holds vocabularies of up to INLINE_VOCAB values (larger ones are tensors): many long
+    values can still overflow it."""
+    inline, _ = vocab_tensors(schema)
+    size = len(json.dumps(inline.to_json()))  # as it sits, escaped, in the header
     if size <= SCHEMA_HEADER_BUDGET:
         return
-    cats = schema.categorical or [None]
+    cats = [f for f in inline.features if f.kind in ("categorical", "sequence")] or [None]
     big = max(cats, key=lambda f: len(json.dumps(f.vocab)) if f else 0)
     detail = ""
     if big is not None:

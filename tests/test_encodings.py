@@ -303,3 +303,19 @@ def test_inconsistent_encoding_fields_are_refused(change, message):
     d = {"name": "d", "kind": "categorical", "vocab": [1, 2], "value_type": "int", **change}
     with pytest.raises(ValueError, match=message):
         Schema.from_dict({"features": [d], "tasks": [{"name": "t"}]})
+
+
+def test_a_vocabulary_stored_as_tensors_does_not_count_against_the_header_budget(cli, ids, monkeypatch):
+    """The header budget applies to what stays in the header: a 12,000-line vocabulary file of long
+    values (about 1.3 MB as JSON) passes a 20 kB budget, since its values are tensors."""
+    from cogradctl import infer
+
+    root, table = ids
+    monkeypatch.setattr(infer, "SCHEMA_HEADER_BUDGET", 20_000)
+    lines = [f"{'x' * 100}{i}" for i in range(12_000)] + ["red", "green", "blue", "black"]
+    (root / "long.txt").write_text("\n".join(lines) + "\n")
+    out = root / "long.safetensors"
+    r = init(cli, root, out, "--encoding", f"tag=vocab-file:{root}/long.txt:oov=0")
+    assert r.exit_code == 0, r.output
+    tag = next(f for f in ckpt_io.load(out).schema.features if f.name == "tag")
+    assert tag.vocab.to_pylist() == lines and tag.cardinality == len(lines)
