@@ -7,6 +7,7 @@ from itertools import accumulate
 import torch
 from torch import nn
 
+from cogradctl.encodings import vocab_array
 from cogradctl.schema import Schema
 
 POOLINGS = ("mean", "sum")
@@ -159,7 +160,8 @@ class OriginalIds(nn.Module):
             if to_id is None and f.value_type != "int":
                 raise ValueError(f"feature '{f.name}' has {f.value_type} values: give to_id(name, value) → int id")
             missing = missing_id.get(f.name, 0) if isinstance(missing_id, dict) else missing_id
-            ids = [int(missing)] + [int(v if to_id is None else to_id(f.name, v)) for v in f.vocab]
+            values = vocab_array(f).to_pylist()  # plain Python values (a large vocabulary is an Arrow array)
+            ids = [int(missing)] + [int(v if to_id is None else to_id(f.name, v)) for v in values]
             tables.append(torch.tensor(ids, dtype=torch.long))
         sizes = [len(t) for t in tables]
         offsets = (

@@ -319,3 +319,15 @@ def test_a_vocabulary_stored_as_tensors_does_not_count_against_the_header_budget
     assert r.exit_code == 0, r.output
     tag = next(f for f in ckpt_io.load(out).schema.features if f.name == "tag")
     assert tag.vocab.to_pylist() == lines and tag.cardinality == len(lines)
+
+
+def test_original_ids_read_a_vocabulary_held_as_an_arrow_array():
+    """A vocabulary over 10,000 values comes back from a checkpoint as an Arrow array: OriginalIds
+    maps its rows to the plain values (and to_id receives plain Python values)."""
+    from cogradctl.layers import OriginalIds
+
+    f = Feature("u", "categorical", vocab=pa.array([5, 7, 9]), value_type="int")
+    seen = []
+    ids = OriginalIds(Schema([f], [Task("t")]), to_id=lambda name, v: seen.append(v) or v * 10, missing_id=-1)
+    assert ids(torch.tensor([[0], [1], [3]])).tolist() == [[-1], [50], [90]] and seen == [5, 7, 9]
+    assert all(type(v) is int for v in seen)
