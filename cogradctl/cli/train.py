@@ -10,7 +10,18 @@ import typer
 from rich.table import Table
 
 from cogradctl.cli.core import command
-from cogradctl.cli.options import Device, Json, OnInvalid, PluginPath, Quiet, Seed, csv_list, paths
+from cogradctl.cli.options import (
+    Device,
+    Json,
+    MissingLabels,
+    OnInvalid,
+    PluginPath,
+    Quiet,
+    Seed,
+    WeightColumn,
+    csv_list,
+    paths,
+)
 from cogradctl.cli.output import emit_json, fmt, stdout
 from cogradctl.console import Log, stderr
 from cogradctl.errors import Stopped, UsageError
@@ -94,6 +105,8 @@ def train_cmd(
         str, typer.Option(help="abort (exit 4, keep the last saved state) or skip the batch.")
     ] = "abort",
     on_invalid_rows: OnInvalid = "error",
+    missing_labels: MissingLabels = "mask",
+    weight_column: WeightColumn = None,
     shuffle_buffer: Annotated[
         int, typer.Option(help="Rows held in the shuffle buffer (files and row groups are also shuffled each epoch).")
     ] = 65536,

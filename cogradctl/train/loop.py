@@ -37,7 +37,7 @@ from cogradctl.train.config import OUTPUTS, TrainConfig
 from cogradctl.train.guard import StopFlag, run_dir, stop_signals
 from cogradctl.train.logs import step_record
 from cogradctl.train.optim import lr_at
-from cogradctl.train.report import duration, oov_text
+from cogradctl.train.report import duration, masked_text, oov_text
 from cogradctl.train.run import Inputs, Run
 from cogradctl.train.save import evaluate_now, kept_state, record_evaluation, save_last, score_tasks
 from cogradctl.train.setup import MEASURE_BATCH_SIZE, MEASURE_BATCHES, prepare, read_inputs
@@ -213,12 +213,18 @@ def _report_oov(run: Run, epoch_end: bool) -> None:
     if counts is None or not run.dist.main:
         return
     entry = run.inputs.data["train"]
+    masked = counts.pop("labels_masked", {})
     entry["oov"] = counts
+    entry["labels_masked"] = masked  # per task, in the rows read that oov counts (--missing-labels mask)
     when = f" in epoch {counts['epoch']}" if counts["epoch"] is not None else "; no epoch was read whole"
     text = oov_text(entry["path"], "--data", entry["oov"], when)
     if text:
         run.log.warn(text)
-    run.metrics.write({"step": p.step, "epoch": p.epoch, "data": {"train": {"oov": entry["oov"]}}})
+    text = masked_text(entry["path"], "--data", masked, counts["rows_read"], when)
+    if text:
+        run.log.info(text)
+    record = {"oov": entry["oov"], "labels_masked": masked}
+    run.metrics.write({"step": p.step, "epoch": p.epoch, "data": {"train": record}})
 
 
 def _every(step: int, every: int | None) -> bool:
