@@ -299,7 +299,7 @@ def _before_after_table(result: dict) -> Table:
     evaluations = (after, best_eval) if best_eval is not None else (after,)
     for task, metrics in before["tasks"].items():
         for name, value in metrics.items():
-            if name == "auc_se":
+            if name in ("auc_se", "rows", "weight"):  # not scores (the rows each task was scored on)
                 continue
             row = [task, name, fmt(value)]
             for evaluation in evaluations:

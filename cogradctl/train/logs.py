@@ -104,5 +104,5 @@ def summary(result: dict) -> str:
         if "auc" in m:
             parts.append(f"{task} auc={m['auc']:.4f}" if m["auc"] is not None else f"{task} auc=n/a")
         else:
-            parts.append(f"{task} mse={m['mse']:.4f}")
+            parts.append(f"{task} mse={m['mse']:.4f}" if m["mse"] is not None else f"{task} mse=n/a")
     return ", ".join(parts)

@@ -49,7 +49,12 @@ def record_evaluation(run: Run, result: dict) -> dict:
     if run.tensorboard:
         run.tensorboard.scalars(
             p.step,
-            {f"valid/{t}/{k}": v for t, m in result["tasks"].items() for k, v in m.items() if k != "auc_se"},
+            {
+                f"valid/{t}/{k}": v
+                for t, m in result["tasks"].items()
+                for k, v in m.items()
+                if k not in ("auc_se", "rows", "weight")
+            },
         )
     run.log.info(f"step {p.step} (epoch {p.epoch}): valid " + summary(result))
     if score is not None and (p.best_score is None or score > p.best_score):
@@ -104,7 +109,7 @@ def validation_score(result: dict) -> float | None:
     auc = mean_auc(result)
     if auc is not None:
         return auc
-    mses = [m["mse"] for m in result["tasks"].values() if "mse" in m]
+    mses = [m["mse"] for m in result["tasks"].values() if m.get("mse") is not None]
     return -sum(mses) / len(mses) if mses else None
 
 
