@@ -64,16 +64,17 @@ def _ratio_of_means(num: np.ndarray, den: np.ndarray) -> tuple[np.ndarray, np.nd
 def summarise(per_batch: list[dict], module: str | None = None, normalize_rows: bool = False) -> dict:
     """Mean and standard error over batches of every matrix (``"stderr"``). An entry a batch gives
     no value (NaN: its source or target task had no observed row there) is averaged over the other
-    batches; ``"batches_used"`` (only when some entry missed a batch) counts them per entry of the
-    transference matrix, and an entry no batch gives is None."""
+    batches; ``"batches_used"`` (only when some entry missed a batch) counts them per entry, for
+    the losses' matrices (``"transference"``: source and target observed) and the gradients'
+    (``"cosine"``: both tasks observed), and an entry no batch gives is None."""
     out, err = {}, {}
     for key in MATRICES:
         stack = _stack(per_batch, key, module)
         out[key] = _clean(_mean(stack))
         err[key] = _clean(_stderr(stack))
-    used = _used(_stack(per_batch, "transference", module))
-    if (used < len(per_batch)).any():
-        out["batches_used"] = used.astype(int).tolist()
+    used = {key: _used(_stack(per_batch, key, module)) for key in ("transference", "cosine")}
+    if any((u < len(per_batch)).any() for u in used.values()):
+        out["batches_used"] = {key: u.astype(int).tolist() for key, u in used.items()}
     if normalize_rows:
         for key in ("transference", "transference_rel"):
             stack = _stack(per_batch, key, module)
