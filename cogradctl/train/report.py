@@ -20,7 +20,9 @@ from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
+from cogradctl import labels as label_io
 from cogradctl.console import Log, counted
 from cogradctl.data import unseen_message
 from cogradctl.errors import DataError
@@ -59,6 +61,7 @@ def count_rows(stream: ParquetStream, on_invalid: str) -> dict:
     schema, options = stream.schema, stream.label_options
     encoder = Encoder(schema, options)
     if not encoder.drops(on_invalid):
+        check_weights(stream)
         return out
     dense = [f.name for f in schema.dense]
     labels = [t.name for t in schema.tasks]
@@ -88,6 +91,28 @@ def count_rows(stream: ParquetStream, on_invalid: str) -> dict:
     if not out["rows_used"]:
         raise DataError(f"{stream.spec}: no rows left after dropping {dropped} invalid row(s)")
     return out
+
+
+def check_weights(stream: ParquetStream) -> None:
+    """Read the weight column (--weight-column) of every row once, before the run: a null, NaN,
+    infinite or negative weight is a DataError naming the file, row group and column before
+    anything is written (otherwise it would stop the run where the stream meets it)."""
+    weight = stream.label_options.weight
+    if weight is None:
+        return
+    for u in stream.units:
+        f = stream.files[u.file]
+        f = replace(
+            f,
+            columns=[c for c in f.columns if c == weight],
+            constants={k: v for k, v in f.constants.items() if k == weight},
+            dictionary=[],
+        )
+        for _, table in read_unit(f, u):
+            column = table.column(weight)
+            values = column.cast(pa.float64())
+            valid = pc.is_valid(values).to_numpy(zero_copy_only=False) if values.null_count else None
+            label_io.weights(values.to_numpy(zero_copy_only=False), valid, where(f, u), weight)
 
 
 def _bad_values(column, label: bool) -> dict[str, int]:
