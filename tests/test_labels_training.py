@@ -25,6 +25,7 @@ from cogradctl.methods.base import Method
 from cogradctl.models import build, split_parameters
 from cogradctl.taskgrad import TaskGradients
 from cogradctl.train import train_step
+from cogradctl.train.logs import step_record
 
 TINY = ["--config", "num_experts=2", "--config", "expert=[16]", "--config", "tower=[8]"]
 WEIGHTED = LabelOptions(weight="weight")
@@ -80,6 +81,9 @@ def test_a_step_where_a_task_has_no_observed_row(ctr):
     k = schema.task_names.index("purchase")
     assert losses[k] == 0 and not g[k].any() and g[1 - k].any()
     assert method.seen.tolist() == [t != "purchase" for t in schema.task_names]
+    record = step_record(1, 1, schema.task_names, losses, g, (grads.denominators > 0).tolist())
+    assert record["loss"]["purchase"] is None and record["loss"]["click"] == pytest.approx(float(losses[1 - k]))
+    assert record["cosine"] == {"|".join(schema.task_names): None}  # metrics.jsonl: null, not the step's 0
     assert all(torch.equal(p, q) for p, q in zip(split.tasks["purchase"], own["purchase"]))  # no gradient: unmoved
     assert not all(torch.equal(p, q) for p, q in zip(split.tasks["click"], own["click"]))
     # a batch where every task is observed: the method is called as before, without observed

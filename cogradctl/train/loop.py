@@ -171,8 +171,10 @@ def _after_step(run: Run, losses: torch.Tensor | None, g: torch.Tensor | None, a
     cfg, p = run.cfg, run.progress
     p.step += 1
     p.batch += 1
+    d = run.reduce.denominators if run.reduce is not None else getattr(run.grads, "denominators", None)
+    observed = None if d is None else (d > 0).tolist()  # a task without a labelled row: its loss is not logged
     if losses is not None and (p.step % cfg.log_every == 0 or p.step == 1 or p.step == run.total):
-        record = step_record(p.step, p.epoch, run.inputs.source.schema.task_names, losses, g)
+        record = step_record(p.step, p.epoch, run.inputs.source.schema.task_names, losses, g, observed)
         record["lr"] = run.optimizer.param_groups[0]["lr"]
         if run.inputs.method.stats:
             record["method"] = run.inputs.method.stats
@@ -180,7 +182,7 @@ def _after_step(run: Run, losses: torch.Tensor | None, g: torch.Tensor | None, a
             record["skipped_total"] = p.skipped
         run.metrics.write(record)
         if run.tensorboard:
-            run.tensorboard.scalars(p.step, {f"loss/{t}": v for t, v in record["loss"].items()})
+            run.tensorboard.scalars(p.step, {f"loss/{t}": v for t, v in record["loss"].items() if v is not None})
     if run.measure_rows is not None and p.step % cfg.measure_every == 0:
         run.metrics.write({"step": p.step, "epoch": p.epoch, "transference": _measure(run)})
         run.inputs.model.train()
