@@ -61,7 +61,8 @@ def evaluate_cmd(
     with log.progress(f"evaluate {Path(checkpoint).name}", len(stream)) as advance:
         result = evaluate(model, stream, ckpt.schema, batch_size, dev, standard_errors=True, progress=advance)
     report_data(stream, log)
-    result["labels_masked"] = dict(stream.stats["labels_masked"])  # per task: null labels left out
+    if stream.stats["labels_masked"]:  # per task: null labels left out (the key only when there are some)
+        result["labels_masked"] = dict(stream.stats["labels_masked"])
     if json_out:
         emit_json(result)
         return

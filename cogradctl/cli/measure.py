@@ -170,7 +170,8 @@ def measure_cmd(
         log.info(f"measuring {checkpoint}")
         (result, per_batch), stream = run(ckpt, model, split, checkpoint, "the checkpoint")
         report_data(stream, log)
-        result["labels_masked"] = dict(stream.stats["labels_masked"])  # per task, in the rows measured
+        if stream.stats["labels_masked"]:  # per task, in the rows measured (the key only when there are some)
+            result["labels_masked"] = dict(stream.stats["labels_masked"])
         if capped_note(result):
             log.warn(capped_note(result))
         runs = [("checkpoint", per_batch, result["measured"])]
