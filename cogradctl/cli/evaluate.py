@@ -98,4 +98,6 @@ def _cell(m: dict, key: str) -> str:
         return ""
     if key == "rows":
         return str(m[key])
+    if key == "weight":
+        return f"{m[key]:g}"
     return fmt(m[key], 5 if key == "auc_se" else 4)

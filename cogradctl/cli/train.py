@@ -330,7 +330,8 @@ def _caption(result: dict, both: bool) -> str:
     rows = result.get("data", {}) or {}
     valid = rows.get("valid")
     on = f" on {counted(valid['rows_used'], 'row')} of --valid" if valid else ""
-    return f"{after}; ± se: the AUC's standard error (DeLong){on}"
+    weighted = any("weight" in m for m in (result.get("after") or {}).get("tasks", {}).values())
+    return f"{after}; ± se: the AUC's standard error (DeLong){on}" + (", n/a with row weights" if weighted else "")
 
 
 def _best_lines(result: dict) -> list[str]:
