@@ -282,3 +282,24 @@ def test_evaluate_scores_each_task_on_its_observed_rows_weighted():
     ds = data.Dataset(dense, torch.zeros(n, 0, dtype=torch.int64), torch.from_numpy(y))
     m = evaluate(model, ds, schema, standard_errors=True)["tasks"]["cvr"]
     assert m == {"rows": 0, "auc": None, "logloss": None, "auc_se": None}
+
+
+def test_drop_with_on_invalid_error_still_refuses_a_nan_feature(ctr, tmp_path):
+    """--missing-labels drop drops null-label rows only: a NaN feature is still an error under
+    --on-invalid-rows error, found by train's count before the run (and by the stream's id pass)."""
+    from cogradctl.train.report import count_rows
+
+    _, table, schema = ctr
+    f0 = table.column("f0").to_numpy().copy()
+    f0[300] = np.nan
+    pq.write_table(table.set_column(0, "f0", pa.array(f0)), tmp_path / "f.parquet", row_group_size=128)
+    s = ParquetStream(str(tmp_path / "f.parquet"), schema, label_options=LabelOptions("drop"))
+    with pytest.raises(
+        DataError, match=r"f.parquet \(row groups 0-4\): 1 invalid row\(s\) \(NaN or infinite values: column 'f0' 1\)"
+    ):
+        count_rows(s, "error")
+    null = table.column("purchase").null_count
+    clean = ParquetStream(str(tmp_path / "f.parquet"), schema, on_invalid="drop", label_options=LabelOptions("drop"))
+    counts = count_rows(clean, "drop")
+    assert counts["rows_dropped"] == null + (0 if table.column("purchase")[300].as_py() is None else 1)
+    assert counts["invalid"]["purchase"] == {"null": null}

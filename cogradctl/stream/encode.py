@@ -171,8 +171,9 @@ class Encoder:
         """Whether any row may be dropped: ``--on-invalid-rows drop`` or ``--missing-labels drop``."""
         return on_invalid == "drop" or (self.missing == "drop" and bool(self.tasks))
 
-    def valid(self, table: pa.Table, where: str) -> np.ndarray | None:
-        """The keep-mask of ``table`` (None: every row valid), without encoding."""
+    def valid(self, table: pa.Table, where: str, on_invalid: str = "drop") -> np.ndarray | None:
+        """The keep-mask of ``table`` (None: every row valid), without encoding (``on_invalid="error"``:
+        an invalid row raises, as :meth:`encode` would; only null labels under ``drop`` are dropped)."""
         bad = {}
         for name, _, _ in self.dense:
             _, m = self._dense_raw(table.column(name), where, name)
@@ -180,7 +181,7 @@ class Encoder:
                 bad[name] = m
         _, lbad, absent = self._labels(table, where)
         bad.update(lbad)
-        return self._invalid(bad, table.num_rows, where, "drop", set(lbad), absent)
+        return self._invalid(bad, table.num_rows, where, on_invalid, set(lbad), absent)
 
     # -- encoding
 
@@ -338,7 +339,7 @@ class UnitEncoder:
             return Chunk(np.arange(u.start, u.start + u.rows, dtype=np.int64))
         parts = []
         for offset, table in read_unit(self.files[u.file], u):
-            keep = self.encoder.valid(table, self.where(u))
+            keep = self.encoder.valid(table, self.where(u), self.on_invalid)
             ids = np.arange(u.start + offset, u.start + offset + table.num_rows, dtype=np.int64)
             self.stats["rows_dropped"] += 0 if keep is None else int((~keep).sum())
             parts.append(ids if keep is None else ids[keep])

@@ -77,7 +77,7 @@ def count_rows(stream: ParquetStream, on_invalid: str) -> dict:
             dictionary=[],
         )
         for _, table in read_unit(f, u):
-            keep = encoder.valid(table, where(f, u))
+            keep = encoder.valid(table, where(f, u), on_invalid)
             if keep is None:
                 continue
             dropped += int((~keep).sum())
