@@ -1,6 +1,6 @@
 """Training and measuring on partial labels and weights (issue #23, items 3 and 4): a step where a
 task has no observed row, every method on a CTR/CVR data set, the distributed reduction against one
-process with the global batch, the transference against a hand-rolled float64 masked computation,
+process with the global batch (tests/test_distributed.py), the transference against a hand-rolled float64 masked computation,
 and the CLI proof (sample-data --kind ctr-cvr → init → train → evaluate → measure-transference)."""
 
 from __future__ import annotations
@@ -112,58 +112,6 @@ def test_every_method_trains_on_partial_labels(ctr, name):
         losses, _ = train_step(grads, method, opt, *ds.batch(slice(start, start + 32)))
         assert torch.isfinite(losses).all()
         assert all(torch.isfinite(p).all() for p in model.parameters())
-
-
-# ---------------------------------------------------------------------------- distributed
-
-
-def _reduce_worker(rank: int, checkpoint: str, path: str, store: str, out: str) -> None:
-    import torch.distributed as tdist
-
-    from cogradctl.distributed import Dist, StepReducer
-
-    torch.set_num_threads(1)
-    tdist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
-    try:
-        schema, model, split = _model(checkpoint)
-        ds = data.load(path, schema, WEIGHTED)
-        inputs, labels = ds.batch(slice(rank * 32, rank * 32 + 32))  # rank 0: no purchase label at all
-        grads = TaskGradients(model, split, schema)
-        losses, g, own = grads(inputs, labels, create_graph=True)
-        reducer = StepReducer(Dist(rank, 2))
-        losses, own = reducer(32, losses, g, own, False, grads.denominators)
-        hvp = reducer.hvp(32, grads.hvp())
-        v = torch.randn(g.shape[1], generator=torch.Generator().manual_seed(0))
-        torch.save(
-            {"losses": losses, "g": g.clone(), "own": own, "hvp": [hvp(i, v) for i in range(2)]}, f"{out}/{rank}.pt"
-        )
-    finally:
-        tdist.destroy_process_group()
-
-
-def test_distributed_partial_labels_equal_one_process_with_the_global_batch(ctr, tmp_path):
-    import torch.multiprocessing as mp
-
-    mp.spawn(
-        _reduce_worker,
-        args=(str(ctr["checkpoint"]), str(ctr["data"]), str(tmp_path / "store"), str(tmp_path)),
-        nprocs=2,
-    )
-    schema, model, split = _model(ctr["checkpoint"])
-    inputs, labels = data.load(str(ctr["data"]), schema, WEIGHTED).batch(slice(0, 64))
-    grads = TaskGradients(model, split, schema)
-    losses, g, own = grads(inputs, labels, create_graph=True)
-    v = torch.randn(g.shape[1], generator=torch.Generator().manual_seed(0))
-    ref = {"losses": losses, "g": g, "own": own, "hvp": [grads.hvp()(i, v) for i in range(2)]}
-    for rank in range(2):
-        got = torch.load(tmp_path / f"{rank}.pt")
-        assert torch.allclose(got["losses"], ref["losses"], rtol=1e-5, atol=1e-7)
-        assert torch.allclose(got["g"], ref["g"], rtol=1e-4, atol=1e-7)
-        for task in schema.task_names:
-            for a, b in zip(got["own"][task], ref["own"][task]):
-                assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
-        for a, b in zip(got["hvp"], ref["hvp"]):
-            assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------- transference
