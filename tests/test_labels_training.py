@@ -203,6 +203,8 @@ def test_cli_ctr_cvr_trains_evaluates_and_measures(cli, tmp_path):
     valid = pq.read_table(root / "valid.parquet")
     observed = len(valid) - valid.column("purchase").null_count
     assert doc["after"]["tasks"]["purchase"]["rows"] == observed
+    assert doc["data"]["valid"]["labels_masked"] == {"purchase": len(valid) - observed}
+    assert f"--valid {root / 'valid.parquet'}: null labels masked" in r.stderr
     # the purchase loss the run logs is the masked weighted mean of the model's outputs
     schema, model, split = _model(out / "last.safetensors")
     inputs, labels = data.load(str(root / "valid.parquet"), schema, WEIGHTED).batch(slice(None))

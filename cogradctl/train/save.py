@@ -13,7 +13,7 @@ from cogradctl.console import counted
 from cogradctl.errors import Diverged
 from cogradctl.evaluate import evaluate, mean_auc
 from cogradctl.train.logs import summary
-from cogradctl.train.report import oov_text, stream_oov
+from cogradctl.train.report import masked_text, oov_text, stream_oov
 from cogradctl.train.run import Run
 from cogradctl.train.state import optimizer_tensors
 
@@ -79,6 +79,15 @@ def report_valid(run: Run, result: dict) -> None:
     text = oov_text(entry["path"], "--valid", entry["oov"])
     if text:
         run.log.warn(text)
+    masked = {
+        t: result["rows"] - m["rows"]
+        for t, m in result["tasks"].items()
+        if m.get("rows", result["rows"]) < result["rows"]
+    }
+    entry["labels_masked"] = masked  # per task: null labels each evaluation leaves out (--missing-labels mask)
+    text = masked_text(entry["path"], "--valid", masked, result["rows"])
+    if text:
+        run.log.info(text)
     averaged, no_auc = score_tasks(result)
     entry["tasks_without_auc"] = no_auc
     if no_auc:
