@@ -100,7 +100,9 @@ def test_count_rows_agrees_with_the_stream_per_column_and_reason(base_checkpoint
 
 def test_dropped_rows_are_warned_counted_and_used_for_the_steps(cli, base_checkpoint, dirty, tmp_path):
     out = tmp_path / "run"
-    args = train_args(base_checkpoint, dirty["train"], out, "--valid", dirty["valid"], "--on-invalid-rows", "drop", *STRICT)
+    args = train_args(
+        base_checkpoint, dirty["train"], out, "--valid", dirty["valid"], "--on-invalid-rows", "drop", *STRICT
+    )
     r = cli(*args, "--batch-size", "256", "--epochs", "2", "--json")
     assert r.exit_code == 0, r.output
     used = dirty["used"]
@@ -125,7 +127,9 @@ def test_dropped_rows_are_warned_counted_and_used_for_the_steps(cli, base_checkp
 
 def test_unseen_categorical_values_are_reported_for_data_and_valid(cli, base_checkpoint, dirty, tmp_path):
     out = tmp_path / "run"
-    args = train_args(base_checkpoint, dirty["train"], out, "--valid", dirty["valid"], "--on-invalid-rows", "drop", *STRICT)
+    args = train_args(
+        base_checkpoint, dirty["train"], out, "--valid", dirty["valid"], "--on-invalid-rows", "drop", *STRICT
+    )
     r = cli(*args, "--batch-size", "256", "--json")
     assert r.exit_code == 0, r.output
     # counted over every row read, dropped ones included, and worded as evaluate words it
@@ -156,7 +160,9 @@ def test_a_run_shorter_than_an_epoch_reports_the_rows_it_read(cli, base_checkpoi
 
 def test_a_task_without_an_auc_is_named_with_the_tasks_the_score_averages(cli, base_checkpoint, dirty, tmp_path):
     out = tmp_path / "run"
-    args = train_args(base_checkpoint, dirty["train"], out, "--valid", dirty["valid"], "--on-invalid-rows", "drop", *STRICT)
+    args = train_args(
+        base_checkpoint, dirty["train"], out, "--valid", dirty["valid"], "--on-invalid-rows", "drop", *STRICT
+    )
     r = cli(*args, "--batch-size", "1024")
     assert r.exit_code == 0, r.output
     assert (
