@@ -293,6 +293,8 @@ def transference_summary(result: dict) -> str:
         key=lambda p: -abs(z[p[0]][p[1]]),
     )
     if not pairs:
+        if k > 1:  # partial labels: no batch observed both tasks of any pair (transference.summarise)
+            return "transference summary: no pair of tasks was observed together in a measured batch."
         return "transference summary: only one task, nothing to compare."
     delta = result.get("delta")
     fmt, fmt_e = number_format([z[i][j] for i, j in pairs])
