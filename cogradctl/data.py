@@ -23,9 +23,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from cogradctl import labels as label_io
 from cogradctl.errors import DataError
-from cogradctl.labels import PLAIN, LabelOptions
+from cogradctl.labels import PLAIN, LabelOptions, checked_weights
 from cogradctl.schema import (
     Schema,
     Task,
@@ -294,7 +293,7 @@ def _weights(table: pa.Table, path: Path, column: str) -> torch.Tensor:
         raise DataError(f"{path}: weight column '{column}' is {arr.type}; weights must be numeric")
     values = _as_float(arr, f"{path}: weight column '{column}'")
     valid = values.is_valid().to_numpy(zero_copy_only=False) if values.null_count else None
-    w = label_io.weights(values.to_numpy(zero_copy_only=False), valid, str(path), column)
+    w = checked_weights(values.to_numpy(zero_copy_only=False), valid, str(path), column)
     return torch.from_numpy(w).reshape(-1, 1)
 
 

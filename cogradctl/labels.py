@@ -64,7 +64,7 @@ def split(labels: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, tor
     return y, ~torch.isnan(y), labels[:, k] if labels.shape[1] > k else None
 
 
-def weights(values: np.ndarray, valid: np.ndarray | None, where: str, column: str) -> np.ndarray:
+def checked_weights(values: np.ndarray, valid: np.ndarray | None, where: str, column: str) -> np.ndarray:
     """The weight column's values (float64; ``valid``: the non-null mask, None when every value is
     there) → float32, or a DataError naming ``where`` and the column: a weight must be finite and ≥ 0."""
     bad = ~np.isfinite(values) | (values < 0)

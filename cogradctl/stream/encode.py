@@ -18,10 +18,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from cogradctl import labels as label_io
 from cogradctl.data import _categorical_values, _short
 from cogradctl.errors import DataError
-from cogradctl.labels import PLAIN, LabelOptions
+from cogradctl.labels import PLAIN, LabelOptions, checked_weights
 from cogradctl.schema import Schema
 from cogradctl.stream.files import File, Unit, read_rows, read_unit, where
 from cogradctl.stream.shuffle import Chunk
@@ -134,7 +133,7 @@ class Encoder:
             labels[:, k] = y
         if self.label_width > len(self.tasks):
             w, valid = _numbers(table.column(self.weight), where, f"weight column '{self.weight}'")
-            labels[:, -1] = label_io.weights(w, valid, where, self.weight)
+            labels[:, -1] = checked_weights(w, valid, where, self.weight)
         return labels, bad, absent
 
     def _invalid(
@@ -247,20 +246,6 @@ class Encoder:
             raise DataError(f"{where}: categorical column '{name}' cannot be encoded ({_short(exc)})") from exc
 
 
-def _numbers(arr, where: str, what: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """A column as float64 (nulls NaN) and its non-null mask (None when no value is null)."""
-    try:
-        values = arr.cast(pa.float64())
-    except (pa.ArrowException, ValueError) as exc:
-        raise DataError(f"{where}: {what} cannot be read as numbers ({_short(exc)})") from exc
-    valid = None
-    if values.null_count:
-        valid = (values.is_valid() if isinstance(values, pa.Array) else pc.is_valid(values)).to_numpy(
-            zero_copy_only=False
-        )
-    return values.to_numpy(zero_copy_only=False), valid
-
-
 def _distinct(arr, codes: np.ndarray) -> list:
     """The distinct non-null values of ``arr`` whose code is 0 (not in the vocabulary)."""
     if isinstance(arr, pa.ChunkedArray):
@@ -363,3 +348,17 @@ class UnitEncoder:
         inverse = np.empty_like(order)
         inverse[order] = np.arange(len(order))
         return merged.take(inverse)
+
+
+def _numbers(arr, where: str, what: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """A column as float64 (nulls NaN) and its non-null mask (None when no value is null)."""
+    try:
+        values = arr.cast(pa.float64())
+    except (pa.ArrowException, ValueError) as exc:
+        raise DataError(f"{where}: {what} cannot be read as numbers ({_short(exc)})") from exc
+    valid = None
+    if values.null_count:
+        valid = (values.is_valid() if isinstance(values, pa.Array) else pc.is_valid(values)).to_numpy(
+            zero_copy_only=False
+        )
+    return values.to_numpy(zero_copy_only=False), valid

@@ -22,10 +22,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from cogradctl import labels as label_io
 from cogradctl.console import Log, counted
 from cogradctl.data import unseen_message
 from cogradctl.errors import DataError
+from cogradctl.labels import checked_weights
 from cogradctl.stream import ParquetStream
 from cogradctl.stream.encode import Encoder
 from cogradctl.stream.files import read_unit, where
@@ -112,7 +112,7 @@ def check_weights(stream: ParquetStream) -> None:
             column = table.column(weight)
             values = column.cast(pa.float64())
             valid = pc.is_valid(values).to_numpy(zero_copy_only=False) if values.null_count else None
-            label_io.weights(values.to_numpy(zero_copy_only=False), valid, where(f, u), weight)
+            checked_weights(values.to_numpy(zero_copy_only=False), valid, where(f, u), weight)
 
 
 def _bad_values(column, label: bool) -> dict[str, int]:
