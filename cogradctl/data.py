@@ -4,7 +4,8 @@
 e.g. hive partitions ``events/date=2026-11-*``, contribute every ``*.parquet`` below them). Each file is read and
 validated on its own, so an error names the file and the column. A batch handed to a model is a
 dict: ``"dense"`` float32 B×D (standardised), ``"categorical"`` int64 B×C (index 0 = missing/OOV),
-in the schema's feature order; labels are a float32 B×K matrix in the schema's task order.
+in the schema's feature order; labels are a float32 B×K matrix in the schema's task order (B×(K+1)
+with a weight column; NaN for a label not observed: :mod:`cogradctl.labels`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 from cogradctl.batch import split, widths
 from cogradctl.encodings import Lookup, plain_values
 from cogradctl.errors import DataError
+from cogradctl.labels import PLAIN, LabelOptions, checked_weights
 from cogradctl.lists import sequence_rows, vector_values
 from cogradctl.schema import (
     Schema,
@@ -183,20 +185,25 @@ def _as_float(arr: pa.ChunkedArray, what: str) -> pa.ChunkedArray:
         raise DataError(f"{what} cannot be read as numbers ({_short(exc)})") from exc
 
 
-def _validate_labels(table: pa.Table, path: Path, tasks: list[Task]) -> None:
+def _validate_labels(table: pa.Table, path: Path, tasks: list[Task], missing: str = "mask") -> None:
+    """Labels numeric, finite and binary ones in {0, 1}; a null label is an error with ``missing``
+    "error" only (``mask``: NaN in the label matrix; ``drop``: :func:`_drop_missing` removes its row)."""
     for task in tasks:
         arr = table.column(task.name)
         if not is_label_type(arr.type):
             raise DataError(f"{path}: task column '{task.name}' is {arr.type}; labels must be numeric or boolean")
-        if arr.null_count:
-            raise DataError(f"{path}: task column '{task.name}' has {arr.null_count} missing (null) label(s)")
-        y = _as_float(arr, f"{path}: task column '{task.name}'").to_numpy(zero_copy_only=False)
-        if not np.isfinite(y).all():
+        if arr.null_count and missing == "error":
             raise DataError(
-                f"{path}: task column '{task.name}' has {int((~np.isfinite(y)).sum())} NaN or infinite label(s)"
+                f"{path}: task column '{task.name}' has {arr.null_count} missing (null) label(s) (--missing-labels error)"
+            )
+        y = _as_float(arr, f"{path}: task column '{task.name}'").to_numpy(zero_copy_only=False)
+        if int((~np.isfinite(y)).sum()) > arr.null_count:
+            raise DataError(
+                f"{path}: task column '{task.name}' has {int((~np.isfinite(y)).sum()) - arr.null_count} NaN or "
+                "infinite label(s); use null for a missing label"
             )
         if task.type == "binary":
-            bad = (y != 0) & (y != 1)
+            bad = ~np.isnan(y) & (y != 0) & (y != 1)  # NaN here: a null label (stored NaN is refused above)
             if bad.any():
                 raise DataError(
                     f"{path}: binary task column '{task.name}' has {int(bad.sum())} value(s) outside {{0, 1}} "
@@ -244,28 +251,58 @@ class Dataset:
         return out
 
 
-def load(spec: str, schema: Schema) -> Dataset:
-    """Read, validate and encode every file of ``spec`` against ``schema``."""
+def load(spec: str, schema: Schema, label_options: LabelOptions = PLAIN) -> Dataset:
+    """Read, validate and encode every file of ``spec`` against ``schema``; null labels and the
+    weight column as ``label_options`` say (:mod:`cogradctl.labels`; dropped rows are warned about)."""
     files = resolve(spec)
-    parts, sources, oov, values, start = [], [], Counter(), {}, 0
+    label_options.check(schema)
+    parts, sources, oov, values, start, dropped = [], [], Counter(), {}, 0, 0
     for path in files:
-        table = read_file(path, schema.columns)
+        if label_options.weight is not None and label_options.weight not in read_schema(path).names:
+            raise DataError(f"{path}: no weight column '{label_options.weight}' (--weight-column)")
+        table = read_file(path, [*schema.columns, *label_options.extra])
         _validate_types(table, path, schema)
-        _validate_labels(table, path, schema.tasks)
+        _validate_labels(table, path, schema.tasks, label_options.missing)
+        if label_options.missing == "drop":
+            table, n = _drop_missing(table, schema.task_names)
+            dropped += n
         part, unseen = encode(table, schema, path)
+        if label_options.weight is not None:
+            part = (*part[:2], torch.cat([part[2], _weights(table, path, label_options.weight)], dim=1))
         for col, (n, distinct) in unseen.items():
             oov[col] += n
             values.setdefault(col, set()).update(distinct)
         parts.append(part)
         sources.append((str(path), start, start + table.num_rows))
         start += table.num_rows
+    if dropped:
+        warnings.warn(f"{spec}: dropped {dropped} row(s) with a null label (--missing-labels drop)", stacklevel=2)
     if start == 0:
-        raise DataError(f"{spec}: the data has no rows")
+        raise DataError(f"{spec}: the data has no rows" + (" left after dropping them" if dropped else ""))
     dense, cat, labels = (torch.cat([p[i] for p in parts]) for i in range(3))
     distinct = {c: len(v) for c, v in values.items()}
     if oov:
         warnings.warn(unseen_message(spec, oov, distinct), stacklevel=2)
     return Dataset(dense, cat, labels, sources, dict(oov), oov_distinct=distinct, schema=schema)
+
+
+def _drop_missing(table: pa.Table, tasks: list[str]) -> tuple[pa.Table, int]:
+    """``table`` without the rows that have a null label, and how many there were."""
+    keep = np.ones(table.num_rows, dtype=bool)
+    for name in tasks:
+        keep &= table.column(name).is_valid().to_numpy(zero_copy_only=False)
+    return (table, 0) if keep.all() else (table.filter(pa.array(keep)), int((~keep).sum()))
+
+
+def _weights(table: pa.Table, path: Path, column: str) -> torch.Tensor:
+    """The weight column as an N×1 float32 tensor (label column K), or a DataError naming it."""
+    arr = table.column(column)
+    if not is_label_type(arr.type):
+        raise DataError(f"{path}: weight column '{column}' is {arr.type}; weights must be numeric")
+    values = _as_float(arr, f"{path}: weight column '{column}'")
+    valid = values.is_valid().to_numpy(zero_copy_only=False) if values.null_count else None
+    w = checked_weights(values.to_numpy(zero_copy_only=False), valid, str(path), column)
+    return torch.from_numpy(w).reshape(-1, 1)
 
 
 def unseen_message(spec: str, rows: dict[str, int], distinct: dict[str, int], capped=()) -> str:

@@ -7,8 +7,9 @@ one process, no collective calls.
 
 Every process keeps a full replica of the model and the method. Each step, process r computes its
 per-task losses and gradients on its own rows (n_r of them) and :class:`StepReducer` sums
-n_r·(losses, K×P shared gradients, task-specific gradients) over the processes and divides by
-N = Σ n_r: every process then holds the losses and gradients of the global batch, bit-identical,
+d_kr·(losses, K×P shared gradients, task-specific gradients) of each task k over the processes and
+divides by Σ_r d_kr, d_kr the denominator of task k's loss on process r (n_r without partial labels
+or weights, so this is the mean over the global batch's N = Σ n_r rows): every process then holds the losses and gradients of the global batch, bit-identical,
 runs the same method on them and takes the same optimizer step, so the replicas never drift
 apart. See docs/distributed.md for the communication volume per method family.
 """
@@ -112,30 +113,48 @@ def process_group(device: str):
 
 
 class StepReducer:
-    """Turns each process's (losses, K×P gradients, own gradients) of its n rows into those of the
+    """Turns each process's (losses, K×P gradients, own gradients) of its rows into those of the
     global batch, with two all-reduces: the K×P matrix in place, and one small buffer with the
-    losses, the task-specific gradients, the row count and the stop flag."""
+    losses, the task-specific gradients, the per-task denominators, the row count and the stop flag.
+
+    Task k's loss on process p is a mean with denominator d_kp (``taskgrad.masked_losses``: the
+    weights of its observed rows; n_p without masks or weights), so the global batch's is
+    Σ_p d_kp L_kp / Σ_p d_kp, and likewise its gradients (shared, own, Hessian-vector products);
+    a task no process observed keeps loss 0 and zero gradients."""
 
     def __init__(self, dist: Dist) -> None:
         self.dist = dist
         self.total = 0  # rows in the last global batch
         self.stop = False  # whether any process asked to stop (SIGTERM/SIGINT) at the last step
+        self.denominators: torch.Tensor | None = None  # K: Σ_p d_kp of the last global batch
+        self._mine: torch.Tensor | None = None  # K: this process's d_kp at the last call
 
     def __call__(
-        self, n: int, losses: torch.Tensor, g: torch.Tensor, own: dict[str, list[torch.Tensor]], stop: bool
+        self,
+        n: int,
+        losses: torch.Tensor,
+        g: torch.Tensor,
+        own: dict[str, list[torch.Tensor]],
+        stop: bool,
+        d: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]] | None:
         """Reduce in place (``g``) and return (losses, own) of the global batch, or None if every
-        process is out of data (the epoch is over)."""
-        flat_own = [t for grads in own.values() for t in grads]
+        process is out of data (the epoch is over). ``d``: this process's K denominators (None: n each)."""
+        k = losses.numel()
+        d = torch.full((k,), float(n), device=losses.device) if d is None else d.to(losses.device).float()
+        if not n:
+            d = torch.zeros_like(d)
+        flat_own = [(i, t) for i, grads in enumerate(own.values()) for t in grads]
         small = torch.cat(
             [
-                losses.reshape(-1).float() * n,
-                *(t.reshape(-1).float() * n for t in flat_own),
+                losses.reshape(-1).float() * d,
+                *(t.reshape(-1).float() * d[i] for i, t in flat_own),
+                d,
                 torch.tensor([float(n), 1.0 if stop else 0.0], device=losses.device),
             ]
         )
         if n:
-            g.mul_(n)
+            g.mul_(d.to(g.dtype)[:, None])
         else:
             g.zero_()
         tdist.all_reduce(small)
@@ -143,26 +162,31 @@ class StepReducer:
         self.total, self.stop = int(round(small[-2].item())), bool(small[-1].item() > 0)
         if self.total == 0:
             return None
-        small = small[:-2] / self.total
-        g.div_(self.total)
-        k = losses.numel()
-        out_losses, at = small[:k].to(losses.dtype), k
+        self._mine, self.denominators = d, small[-2 - k : -2].clone()
+        # Σ_p d_kp = 0 only when every process's share is 0 (the sums are 0 too): divide by 1 there.
+        safe = torch.where(self.denominators > 0, self.denominators, torch.ones_like(self.denominators))
+        g.div_(safe.to(g.dtype)[:, None])
+        out_losses, at = (small[:k] / safe).to(losses.dtype), k
         out_own = {}
-        for task, grads in own.items():
+        for i, (task, grads) in enumerate(own.items()):
             out_own[task] = []
             for t in grads:
-                out_own[task].append(small[at : at + t.numel()].view_as(t).to(t.dtype))
+                out_own[task].append((small[at : at + t.numel()] / safe[i]).view_as(t).to(t.dtype))
                 at += t.numel()
         return out_losses, out_own
 
     def hvp(
-        self, n: int, fn: Callable[[int, torch.Tensor], torch.Tensor] | None
+        self, n: int, fn: Callable[[int, torch.Tensor], torch.Tensor] | None, d: torch.Tensor | None = None
     ) -> Callable[[int, torch.Tensor], torch.Tensor]:
-        """Hessian-vector products of the global batch: Σ n_r H_r v / N (zero where a process has no rows)."""
+        """Hessian-vector products of the global batch: Σ_p d_ip H_ip v / Σ_p d_ip (zero where a
+        process has no rows; ``d``: this process's denominators, default those of the last reduce's
+        call, n each without masks or weights)."""
+        mine = self._mine if d is None else d
 
         def global_hvp(i: int, v: torch.Tensor) -> torch.Tensor:
-            out = fn(i, v) * n if n and fn is not None else torch.zeros_like(v)
+            out = fn(i, v) * float(mine[i]) if n and fn is not None else torch.zeros_like(v)
             tdist.all_reduce(out)
-            return out / self.total
+            total = float(self.denominators[i])
+            return out / total if total > 0 else torch.zeros_like(out)
 
         return global_hvp

@@ -34,7 +34,8 @@ def predict_with_labels(
     device: torch.device | str = "cpu",
     progress: Callable[[int], object] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(N×K predictions: probabilities for binary tasks, values for regression; N×K labels).
+    """(N×K predictions: probabilities for binary tasks, values for regression; the N×K label
+    matrix, N×(K+1) with a weight column, NaN where a label is not observed).
     ``progress(rows)`` is called after each batch with its number of rows."""
     was_training = model.training
     model.eval()
@@ -54,7 +55,7 @@ def predict_with_labels(
         model.train(was_training)
     k = len(schema.tasks)
     if not preds:
-        return np.empty((0, k)), np.empty((0, k), dtype=np.float32)
+        return np.empty((0, k)), np.empty((0, k), dtype=np.float32)  # (no batch: no weight column either)
     return np.concatenate(preds), np.concatenate(labels)
 
 
@@ -67,30 +68,45 @@ def evaluate(
     standard_errors: bool = False,
     progress: Callable[[int], object] | None = None,
 ) -> dict:
-    """``{"rows": N, "tasks": {task: {"auc": …, "logloss": …} | {"mse": …, "mae": …}}}`` (AUC None if one class).
+    """``{"rows": N, "tasks": {task: {"rows": …, "auc": …, "logloss": …} | {"rows": …, "mse": …, "mae": …}}}``.
+
+    Each task is scored on its observed rows only (a null label masked: NaN in the label matrix,
+    :mod:`cogradctl.labels`), whose number is its ``"rows"``; with a weight column, every metric
+    is weighted (AUC: the weighted Mann–Whitney statistic, ties one half) and ``"weight"`` is the
+    task's total weight. A metric is None where it is undefined: AUC with one class (or one class
+    of zero weight), every metric of a task without an observed row of positive weight.
 
     ``standard_errors``: also each AUC's DeLong standard error, ``"auc_se"`` (None with fewer than
-    two rows of a class); three more sorts of the rows per task, so training's periodic validation
+    two rows of a class, and with weights: DeLong's variance is derived for unweighted placements,
+    not given here); three more sorts of the rows per task, so training's periodic validation
     leaves it out and ``cogradctl evaluate`` reports it. ``progress(rows)``: called after each batch.
     """
     preds, labels = predict_with_labels(model, data, schema, batch_size, device, progress)
+    k = len(schema.tasks)
+    weights = labels[:, k].astype(np.float64) if labels.shape[1] > k else None
     tasks = {}
-    for k, task in enumerate(schema.tasks):
+    for j, task in enumerate(schema.tasks):
+        seen = ~np.isnan(labels[:, j])
+        y, p = labels[seen, j], preds[seen, j]
+        w = None if weights is None else weights[seen]
+        some = bool(seen.any()) and (w is None or w.sum() > 0)
+        entry = {"rows": int(seen.sum())}
+        if w is not None:
+            entry["weight"] = float(w.sum())
         if task.type == "binary":
-            a = metrics.auc(labels[:, k], preds[:, k])
-            tasks[task.name] = {
-                "auc": None if math.isnan(a) else a,
-                "logloss": metrics.logloss(labels[:, k], preds[:, k]),
-            }
+            entry["auc"] = _number(metrics.auc(y, p, w)) if some else None
+            entry["logloss"] = _number(metrics.logloss(y, p, weights=w)) if some else None
             if standard_errors:
-                se = metrics.auc_se(labels[:, k], preds[:, k])
-                tasks[task.name]["auc_se"] = None if math.isnan(se) else se
+                entry["auc_se"] = _number(metrics.auc_se(y, p)) if some and w is None else None
         else:
-            tasks[task.name] = {
-                "mse": metrics.mse(labels[:, k], preds[:, k]),
-                "mae": metrics.mae(labels[:, k], preds[:, k]),
-            }
+            entry["mse"] = _number(metrics.mse(y, p, w)) if some else None
+            entry["mae"] = _number(metrics.mae(y, p, w)) if some else None
+        tasks[task.name] = entry
     return {"rows": len(labels), "tasks": tasks}
+
+
+def _number(value: float) -> float | None:
+    return None if math.isnan(value) else value
 
 
 def mean_auc(result: dict) -> float | None:

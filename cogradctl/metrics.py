@@ -7,7 +7,7 @@ import math
 import numpy as np
 
 
-def auc(labels: np.ndarray, scores: np.ndarray) -> float:
+def auc(labels: np.ndarray, scores: np.ndarray, weights: np.ndarray | None = None) -> float:
     """Exact ROC AUC, tie-aware: the probability that a random positive outscores a random negative,
     counting ties as one half (the Mann–Whitney U statistic with average ranks). NaN when only one
     class is present.
@@ -16,15 +16,36 @@ def auc(labels: np.ndarray, scores: np.ndarray) -> float:
     0.75
     >>> auc(np.array([0, 1]), np.array([0.5, 0.5]))
     0.5
+
+    With ``weights`` (row weights w ≥ 0): the weighted Mann–Whitney statistic, each pair of a
+    positive i and a negative j counting w_i·w_j (ties one half), over W₊·W₋; NaN when either
+    class has no weight. With every weight 1 it is the AUC above.
     """
     labels = np.asarray(labels, dtype=np.float64).ravel()
     scores = np.asarray(scores, dtype=np.float64).ravel()
+    if weights is not None:
+        return _weighted_auc(labels, scores, np.asarray(weights, dtype=np.float64).ravel())
     n_pos = float(labels.sum())
     n_neg = float(labels.size - n_pos)
     if n_pos == 0 or n_neg == 0:
         return math.nan
     u = _midranks(scores)[labels == 1].sum() - n_pos * (n_pos + 1) / 2.0
     return float(u / (n_pos * n_neg))
+
+
+def _weighted_auc(labels: np.ndarray, scores: np.ndarray, w: np.ndarray) -> float:
+    """Σ over (positive i, negative j) of w_i w_j ([s_i > s_j] + ½[s_i = s_j]) / (W₊ W₋), in O(N log N):
+    per distinct score, its positives' weight times the negatives' weight below it plus half of
+    the negatives' weight at it."""
+    pos = labels == 1
+    w_pos, w_neg = float(w[pos].sum()), float(w[~pos].sum())
+    if w_pos == 0 or w_neg == 0:
+        return math.nan
+    _, group = np.unique(scores, return_inverse=True)
+    neg = np.bincount(group, weights=np.where(pos, 0.0, w))
+    pos_at = np.bincount(group, weights=np.where(pos, w, 0.0), minlength=neg.size)
+    below = np.cumsum(neg) - neg
+    return float((pos_at * (below + 0.5 * neg)).sum() / (w_pos * w_neg))
 
 
 def _midranks(x: np.ndarray) -> np.ndarray:
@@ -63,16 +84,25 @@ def auc_se(labels: np.ndarray, scores: np.ndarray) -> float:
     return float(math.sqrt(v10.var(ddof=1) / m + v01.var(ddof=1) / n))
 
 
-def logloss(labels: np.ndarray, probs: np.ndarray, eps: float = 1e-7) -> float:
-    """Mean binary cross-entropy of probabilities clipped to [eps, 1 - eps]."""
+def logloss(labels: np.ndarray, probs: np.ndarray, eps: float = 1e-7, weights: np.ndarray | None = None) -> float:
+    """Mean binary cross-entropy of probabilities clipped to [eps, 1 - eps] (weighted: Σ w·l / Σ w)."""
     y = np.asarray(labels, dtype=np.float64).ravel()
     p = np.clip(np.asarray(probs, dtype=np.float64).ravel(), eps, 1 - eps)
-    return float(-np.mean(y * np.log(p) + (1 - y) * np.log1p(-p)))
+    return _mean(-(y * np.log(p) + (1 - y) * np.log1p(-p)), weights)
 
 
-def mse(labels: np.ndarray, preds: np.ndarray) -> float:
-    return float(np.mean((np.asarray(preds, np.float64).ravel() - np.asarray(labels, np.float64).ravel()) ** 2))
+def mse(labels: np.ndarray, preds: np.ndarray, weights: np.ndarray | None = None) -> float:
+    return _mean((np.asarray(preds, np.float64).ravel() - np.asarray(labels, np.float64).ravel()) ** 2, weights)
 
 
-def mae(labels: np.ndarray, preds: np.ndarray) -> float:
-    return float(np.mean(np.abs(np.asarray(preds, np.float64).ravel() - np.asarray(labels, np.float64).ravel())))
+def mae(labels: np.ndarray, preds: np.ndarray, weights: np.ndarray | None = None) -> float:
+    return _mean(np.abs(np.asarray(preds, np.float64).ravel() - np.asarray(labels, np.float64).ravel()), weights)
+
+
+def _mean(values: np.ndarray, weights: np.ndarray | None) -> float:
+    """The mean of ``values``, or their weighted mean Σ w·v / Σ w (NaN when Σ w = 0)."""
+    if weights is None:
+        return float(np.mean(values))
+    w = np.asarray(weights, dtype=np.float64).ravel()
+    total = float(w.sum())
+    return float((w * values).sum() / total) if total > 0 else math.nan

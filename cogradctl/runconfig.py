@@ -43,6 +43,8 @@ TYPES: dict[str, tuple[type, ...]] = {
     "precision": (str,),
     "on_nonfinite": (str,),
     "on_invalid_rows": (str,),
+    "missing_labels": (str,),
+    "weight_column": (str,),
     "shuffle_buffer": (int,),
     "seed": (int,),
     "device": (str,),

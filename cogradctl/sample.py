@@ -22,6 +22,9 @@ from cogradctl.checkpoint import atomic_write_bytes
 
 DEFAULT_TASKS = {"click": (1.0, 0.30), "like": (0.8, 0.20), "share": (-0.5, 0.10)}  # name: (ρ, positive rate)
 DEVICES = ["android", "ios", "web"]
+KINDS = ("mtl", "ctr-cvr")  # sample-data --kind: the data sets generate and generate_ctr_cvr write
+CTR_CVR_TASKS = {"click": (1.0, 0.30), "purchase": (0.6, 0.30)}  # purchase: null where click = 0
+WEIGHT_VALUES = (0.5, 1.0, 2.0)  # the ctr-cvr data's row weights, drawn uniformly
 NUM_DENSE, NUM_CATEGORY, NUM_USER_BUCKET = 6, 50, 200
 LATENT = NUM_DENSE + 1 + 2 + 2  # dense, device, category, user_bucket dimensions
 SINES = 10
@@ -93,6 +96,21 @@ class World:
         return s + np.sin(np.outer(s, self.a) + self.b).sum(axis=1) / math.sqrt(SINES)
 
 
+def generate_ctr_cvr(rows: int, seed: int = 0, world_seed: int = 1234) -> pa.Table:
+    """``rows`` rows of a CTR/CVR-style data set (``sample-data --kind ctr-cvr``): the features of
+    :func:`generate`, a ``click`` task and a ``purchase`` task (conversion) that is observed only
+    after a click: null where click = 0 (a partial label, masked by ``--missing-labels mask``),
+    and a ``weight`` column of row weights drawn from WEIGHT_VALUES (``--weight-column weight``).
+    Among clicks, a purchase is the top rate fraction of its own score, related to click's by ρ."""
+    table = generate(rows, CTR_CVR_TASKS, seed=seed, world_seed=world_seed)
+    click = table.column("click").to_numpy(zero_copy_only=False)
+    purchase = table.column("purchase").to_numpy(zero_copy_only=False)
+    at = table.schema.get_field_index("purchase")
+    table = table.set_column(at, "purchase", pa.array(purchase, mask=click == 0, type=pa.int8()))
+    rng = np.random.default_rng([seed, 0xC0C0])
+    return table.append_column("weight", pa.array(rng.choice(WEIGHT_VALUES, size=rows).astype(np.float32)))
+
+
 def write(table: pa.Table, path: Path) -> None:
     """Write ``table`` atomically as Parquet (zstd, row groups of 4096 rows)."""
     sink = pa.BufferOutputStream()
@@ -100,13 +118,18 @@ def write(table: pa.Table, path: Path) -> None:
     atomic_write_bytes(Path(path), sink.getvalue().to_pybytes())
 
 
-def write_splits(out: Path, rows: int, valid_rows: int, tasks: dict[str, tuple[float, float]], seed: int = 0) -> dict:
+def write_splits(
+    out: Path, rows: int, valid_rows: int, tasks: dict[str, tuple[float, float]], seed: int = 0, kind: str = "mtl"
+) -> dict:
     """Write ``out``/train.parquet and ``out``/valid.parquet, drawn with the seeds 2·seed+1 and
-    2·seed+2 (distinct for every seed); → {split: {"path": …, "rows": …}}."""
+    2·seed+2 (distinct for every seed); → {split: {"path": …, "rows": …}}. ``kind`` (KINDS):
+    ``mtl``, the tasks given; ``ctr-cvr``, :func:`generate_ctr_cvr` (``tasks`` unused)."""
+    if kind not in KINDS:
+        raise ValueError(f"--kind {kind!r}: expected one of {', '.join(KINDS)}")
     written = {}
     for name, n, split_seed in (("train", rows, seed * 2 + 1), ("valid", valid_rows, seed * 2 + 2)):
         path = Path(out) / f"{name}.parquet"
-        write(generate(n, tasks, seed=split_seed), path)
+        write(generate(n, tasks, seed=split_seed) if kind == "mtl" else generate_ctr_cvr(n, seed=split_seed), path)
         written[name] = {"path": str(path), "rows": n}
     return written
 

@@ -11,20 +11,51 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from cogradctl import labels as label_io
 from cogradctl.models import ParamSplit
 from cogradctl.schema import Schema
 
 
 def task_losses(outputs: dict[str, torch.Tensor], labels: torch.Tensor, schema: Schema) -> torch.Tensor:
-    """The K-vector of mean per-task losses: BCE on logits for binary tasks, MSE for regression."""
+    """The K-vector of per-task losses (:func:`masked_losses` without the denominators)."""
+    return masked_losses(outputs, labels, schema)[0]
+
+
+def masked_losses(
+    outputs: dict[str, torch.Tensor], labels: torch.Tensor, schema: Schema
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the K-vector of per-task losses, their K denominators): BCE on logits for binary tasks, MSE
+    for regression, task k's loss the weighted mean over its observed rows,
+
+        L_k = Σ_i w_i m_ik l_ik / d_k,   d_k = Σ_i w_i m_ik,
+
+    with m_ik = 1 where row i's label of task k is observed (not NaN) and w_i the row's weight (1
+    without a weight column; :mod:`cogradctl.labels`). A task with d_k = 0 (no observed row of
+    positive weight) has loss 0 and, through it, a zero gradient. With every label observed and no
+    weights this is the plain mean (computed as such) and d_k = B."""
+    k = len(schema.tasks)
+    y, observed, weight = label_io.split(labels, k)
+    if weight is None and bool(observed.all()):
+        losses = []
+        for j, task in enumerate(schema.tasks):
+            out = outputs[task.name].float()
+            if task.type == "binary":
+                losses.append(F.binary_cross_entropy_with_logits(out, y[:, j]))
+            else:
+                losses.append(F.mse_loss(out, y[:, j]))
+        return torch.stack(losses), torch.full((k,), float(len(y)), device=labels.device)
+    w = observed.float() if weight is None else observed.float() * weight.float()[:, None]
+    target = torch.where(observed, y, torch.zeros_like(y))  # a NaN label must not reach the loss (0·NaN = NaN)
     losses = []
-    for k, task in enumerate(schema.tasks):
+    for j, task in enumerate(schema.tasks):
         out = outputs[task.name].float()
         if task.type == "binary":
-            losses.append(F.binary_cross_entropy_with_logits(out, labels[:, k]))
+            per_row = F.binary_cross_entropy_with_logits(out, target[:, j], reduction="none")
         else:
-            losses.append(F.mse_loss(out, labels[:, k]))
-    return torch.stack(losses)
+            per_row = F.mse_loss(out, target[:, j], reduction="none")
+        losses.append(torch.where(w[:, j] > 0, per_row * w[:, j], torch.zeros_like(per_row)).sum())
+    denominators = w.sum(dim=0)
+    return torch.stack(losses) / denominators.clamp_min(torch.finfo(torch.float32).tiny), denominators
 
 
 class TaskGradients:
@@ -53,6 +84,7 @@ class TaskGradients:
                 offset += param.numel()
             self.views.append(row)
         self._graph_grads: list[tuple[torch.Tensor, ...]] = []
+        self.denominators: torch.Tensor | None = None  # of the last call's losses (K), see __call__
 
     def __call__(
         self,
@@ -63,9 +95,11 @@ class TaskGradients:
     ):
         """→ (losses K-vector detached, grads K×P (the shared buffer, overwritten next call),
         {task: gradients of its own parameters}). With ``loss_scale`` (fp16), each loss is
-        multiplied by it before its backward pass and every gradient divided by it afterwards."""
+        multiplied by it before its backward pass and every gradient divided by it afterwards.
+        ``self.denominators`` is then the K-vector of each loss's denominator (``masked_losses``:
+        the observed rows' weights; 0 for a task absent from the batch)."""
         outputs = self.model(inputs)
-        losses = task_losses(outputs, labels, self.schema)
+        losses, self.denominators = masked_losses(outputs, labels, self.schema)
         if create_graph:
             return self._with_graph(losses)
         scaled = losses * loss_scale if loss_scale is not None else losses
@@ -95,6 +129,7 @@ class TaskGradients:
     def nothing(self):
         """The result of a call on no rows, all zeros: a process out of data in a distributed step."""
         self.grads.zero_()
+        self.denominators = torch.zeros(len(self.tasks), device=self.grads.device)
         own = {t: [torch.zeros_like(p) for p in self.split.tasks[t]] if self.own else [] for t in self.tasks}
         return torch.zeros(len(self.tasks), device=self.grads.device), self.grads, own
 

@@ -229,7 +229,7 @@ def test_train_evaluate_measure_inspect_leave_inputs_untouched(cli, tmp_path, fi
     assert set(doc) == {"rows", "tasks"} and doc["rows"] == 500
     assert set(doc["tasks"]) == set(TASKS)
     for m in doc["tasks"].values():
-        assert set(m) == {"auc", "auc_se", "logloss"}
+        assert set(m) == {"rows", "auc", "auc_se", "logloss"} and m["rows"] == 500  # the task's observed rows
         assert 0.0 <= m["auc"] <= 1.0 and m["logloss"] > 0 and 0.0 < m["auc_se"] < 0.1
 
     r = cli(

@@ -349,7 +349,6 @@ def test_numbers_in_a_string_categorical_are_oov(tmp_path, schema, train_table):
         ("click", [-1] + [0] * 49, "outside {0, 1}"),
         ("like", [float("nan")] + [0.0] * 49, "NaN or infinite label"),
         ("like", [float("inf")] + [1.0] * 49, "NaN or infinite label"),
-        ("share", [None] + [0] * 49, "missing (null) label"),
     ],
 )
 def test_bad_labels(tmp_path, schema, train_table, task, values, words):

@@ -301,3 +301,74 @@ def test_no_valid_rows_on_any_process_is_an_error(base_checkpoint, tmp_path):
     assert proc.returncode != 0
     # counted before the run starts (train.report.count_rows), by every process
     assert "bad.parquet: no rows left after dropping 300 invalid row(s)" in proc.stderr
+
+
+# ---------------------------------------------------------------------------- partial labels and weights
+
+
+def _partial_model(checkpoint: str):
+    from cogradctl.models import build, split_parameters
+
+    source = ckpt_io.load(checkpoint)
+    model, _ = build(source.model, source.schema, source.model_config)
+    ckpt_io.load_into(model, source.state, checkpoint)
+    return source.schema, model, split_parameters(model, source.schema.task_names, source.model)
+
+
+def _partial_batch(checkpoint: str, path: str, rows: slice):
+    from cogradctl import data
+    from cogradctl.labels import LabelOptions
+    from cogradctl.taskgrad import TaskGradients
+
+    schema, model, split = _partial_model(checkpoint)
+    inputs, labels = data.load(path, schema, LabelOptions(weight="w")).batch(rows)
+    grads = TaskGradients(model, split, schema)
+    losses, g, own = grads(inputs, labels, create_graph=True)
+    return grads, losses, g, own
+
+
+def _reduce_worker(rank: int, checkpoint: str, path: str, store: str, out: str) -> None:
+    import torch.distributed as tdist
+
+    from cogradctl.distributed import Dist, StepReducer
+
+    torch.set_num_threads(1)
+    tdist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        grads, losses, g, own = _partial_batch(checkpoint, path, slice(rank * 32, rank * 32 + 32))
+        reducer = StepReducer(Dist(rank, 2))
+        losses, own = reducer(32, losses, g, own, False, grads.denominators)
+        hvp = reducer.hvp(32, grads.hvp())
+        v = torch.randn(g.shape[1], generator=torch.Generator().manual_seed(0))
+        result = {"losses": losses, "g": g.clone(), "own": own, "hvp": [hvp(i, v) for i in range(len(losses))]}
+        torch.save(result, f"{out}/{rank}.pt")
+    finally:
+        tdist.destroy_process_group()
+
+
+def test_partial_labels_and_weights_reduce_as_one_process_with_the_global_batch(base_checkpoint, tmp_path):
+    """Two gloo processes of 32 rows each, rank 0 without any 'like' label and with row weights:
+    the reduced losses, shared and own gradients and Hessian-vector products are those of one
+    process holding the 64 rows (each task's loss a weighted mean over its observed rows)."""
+    import torch.multiprocessing as mp
+
+    t = sample.generate(64, seed=4)
+    like = t.column("like").to_pylist()
+    like[:40] = [None] * 40  # rank 0 has none; rank 1 has 24
+    t = t.set_column(t.schema.get_field_index("like"), "like", pa.array(like, pa.int8()))
+    t = t.append_column("w", pa.array(torch.rand(64, generator=torch.Generator().manual_seed(1)).numpy() * 3))
+    pq.write_table(t, tmp_path / "partial.parquet")
+    args = (str(base_checkpoint), str(tmp_path / "partial.parquet"), str(tmp_path / "store"), str(tmp_path))
+    mp.spawn(_reduce_worker, args=args, nprocs=2)
+    grads, losses, g, own = _partial_batch(str(base_checkpoint), args[1], slice(0, 64))
+    v = torch.randn(g.shape[1], generator=torch.Generator().manual_seed(0))
+    hvps = [grads.hvp()(i, v) for i in range(len(losses))]
+    for rank in range(2):
+        got = torch.load(tmp_path / f"{rank}.pt")
+        assert torch.allclose(got["losses"], losses, rtol=1e-5, atol=1e-7)
+        assert torch.allclose(got["g"], g, rtol=1e-4, atol=1e-7)
+        for task, grads_of_task in own.items():
+            for a, b in zip(got["own"][task], grads_of_task):
+                assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+        for a, b in zip(got["hvp"], hvps):
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)

@@ -358,15 +358,15 @@ def test_gradient_clipping_bounds_the_step(base_checkpoint, sample_dir, tmp_path
 def test_nonfinite_abort_keeps_last_good_state_and_skip_counts(base_checkpoint, sample_dir, tmp_path, monkeypatch):
     import cogradctl.taskgrad as taskgrad
 
-    real = taskgrad.task_losses
+    real = taskgrad.masked_losses  # what TaskGradients computes each step's losses with
     calls = {"n": 0}
 
     def poisoned(outputs, labels, schema):
         calls["n"] += 1
-        losses = real(outputs, labels, schema)
-        return losses * float("nan") if calls["n"] == 4 else losses
+        losses, denominators = real(outputs, labels, schema)
+        return (losses * float("nan") if calls["n"] == 4 else losses), denominators
 
-    monkeypatch.setattr(taskgrad, "task_losses", poisoned)
+    monkeypatch.setattr(taskgrad, "masked_losses", poisoned)
     with pytest.raises(Diverged, match=r"non-finite loss or gradient for task\(s\) click, like, share at step 4"):
         train(_cfg(base_checkpoint, sample_dir, tmp_path / "abort", save_every=2), Log(quiet=True))
     assert ckpt_io.load(tmp_path / "abort" / "last.safetensors").training_state["step"] == 2

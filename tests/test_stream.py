@@ -10,6 +10,7 @@ import torch
 
 from cogradctl import data, sample
 from cogradctl.errors import DataError, UsageError
+from cogradctl.labels import LabelOptions
 from cogradctl.stream import ParquetStream
 
 TASKS = ["click", "like", "share"]
@@ -132,13 +133,22 @@ def test_drop_invalid_rows_counts_them(tmp_path, parts):
         table.schema.get_field_index("like"), "like", pa.array(like, pa.int8())
     )
     pq.write_table(table, tmp_path / "bad.parquet")
+    strict = LabelOptions(missing="error")  # a null label makes its row invalid, as before --missing-labels
     with pytest.raises(
         DataError, match=r"bad.parquet \(row group 0\): 3 invalid row\(s\).*'f0' 2.*'like' 1.*--on-invalid-rows drop"
     ):
+        list(ParquetStream(str(tmp_path / "bad.parquet"), schema, label_options=strict).batches(64, shuffle=False))
+    s = ParquetStream(str(tmp_path / "bad.parquet"), schema, on_invalid="drop", label_options=strict)
+    _, _, y = cat(list(s.batches(64, shuffle=False)))
+    assert len(y) == 297 and s.stats["rows_dropped"] == 3
+    # --missing-labels mask (the default): the null label is NaN in its row, which is kept
+    with pytest.raises(DataError, match=r"2 invalid row\(s\) \(NaN or infinite values: column 'f0' 2\)"):
         list(ParquetStream(str(tmp_path / "bad.parquet"), schema).batches(64, shuffle=False))
     s = ParquetStream(str(tmp_path / "bad.parquet"), schema, on_invalid="drop")
     _, _, y = cat(list(s.batches(64, shuffle=False)))
-    assert len(y) == 297 and s.stats["rows_dropped"] == 3
+    assert len(y) == 298 and s.stats["rows_dropped"] == 2 and s.stats["labels_masked"] == {"like": 1}
+    like_k = schema.task_names.index("like")
+    assert int(torch.isnan(y).sum()) == 1 and bool(torch.isnan(y[10 - 1, like_k]))  # row 3 before it was dropped
 
 
 def test_bad_arguments(parts):

@@ -23,12 +23,14 @@ from cogradctl import checkpoint as ckpt_io
 from cogradctl import sample
 from cogradctl.cli import train as train_cli
 from cogradctl.console import Log
+from cogradctl.labels import LabelOptions
 from cogradctl.stream import ParquetStream
 from cogradctl.train import loop, report
 from cogradctl.train.report import ProgressLine, count_rows, counted
 
 TASKS = ["click", "like", "share"]
 CPU = ("--device", "cpu")
+STRICT = ("--missing-labels", "error")  # a null label is an invalid row, as before --missing-labels
 
 
 def with_column(table: pa.Table, name: str, values) -> pa.Table:
@@ -84,7 +86,9 @@ def records(out) -> list[dict]:
 
 def test_count_rows_agrees_with_the_stream_per_column_and_reason(base_checkpoint, dirty):
     schema = ckpt_io.load(base_checkpoint).schema
-    stream = ParquetStream(str(dirty["train"]), schema, on_invalid="drop")
+    masked = count_rows(ParquetStream(str(dirty["train"]), schema, on_invalid="drop"), "drop")
+    assert masked["rows_dropped"] == 55 and masked["invalid"] == {"f0": {"nan": 50, "inf": 5}}  # null 'like' masked
+    stream = ParquetStream(str(dirty["train"]), schema, on_invalid="drop", label_options=LabelOptions("drop"))
     counts = count_rows(stream, "drop")
     assert counts["rows"] == 2000 and counts["rows_dropped"] == 1245 and counts["rows_used"] == dirty["used"]
     assert counts["invalid"] == {"f0": {"nan": 50, "inf": 5}, "like": {"null": 1200}}
@@ -96,7 +100,9 @@ def test_count_rows_agrees_with_the_stream_per_column_and_reason(base_checkpoint
 
 def test_dropped_rows_are_warned_counted_and_used_for_the_steps(cli, base_checkpoint, dirty, tmp_path):
     out = tmp_path / "run"
-    args = train_args(base_checkpoint, dirty["train"], out, "--valid", dirty["valid"], "--on-invalid-rows", "drop")
+    args = train_args(
+        base_checkpoint, dirty["train"], out, "--valid", dirty["valid"], "--on-invalid-rows", "drop", *STRICT
+    )
     r = cli(*args, "--batch-size", "256", "--epochs", "2", "--json")
     assert r.exit_code == 0, r.output
     used = dirty["used"]
@@ -121,7 +127,9 @@ def test_dropped_rows_are_warned_counted_and_used_for_the_steps(cli, base_checkp
 
 def test_unseen_categorical_values_are_reported_for_data_and_valid(cli, base_checkpoint, dirty, tmp_path):
     out = tmp_path / "run"
-    args = train_args(base_checkpoint, dirty["train"], out, "--valid", dirty["valid"], "--on-invalid-rows", "drop")
+    args = train_args(
+        base_checkpoint, dirty["train"], out, "--valid", dirty["valid"], "--on-invalid-rows", "drop", *STRICT
+    )
     r = cli(*args, "--batch-size", "256", "--json")
     assert r.exit_code == 0, r.output
     # counted over every row read, dropped ones included, and worded as evaluate words it
@@ -152,7 +160,9 @@ def test_a_run_shorter_than_an_epoch_reports_the_rows_it_read(cli, base_checkpoi
 
 def test_a_task_without_an_auc_is_named_with_the_tasks_the_score_averages(cli, base_checkpoint, dirty, tmp_path):
     out = tmp_path / "run"
-    args = train_args(base_checkpoint, dirty["train"], out, "--valid", dirty["valid"], "--on-invalid-rows", "drop")
+    args = train_args(
+        base_checkpoint, dirty["train"], out, "--valid", dirty["valid"], "--on-invalid-rows", "drop", *STRICT
+    )
     r = cli(*args, "--batch-size", "1024")
     assert r.exit_code == 0, r.output
     assert (
@@ -331,7 +341,7 @@ def test_a_state_saved_before_these_fields_resumes_as_its_run_began(cli, base_ch
     resumed: its run's length is the one it began with (every row counted), its session the second."""
     out = tmp_path / "run"
     args = train_args(
-        base_checkpoint, dirty["train"], out, "--on-invalid-rows", "drop", "--batch-size", "250", "--json"
+        base_checkpoint, dirty["train"], out, "--on-invalid-rows", "drop", *STRICT, "--batch-size", "250", "--json"
     )
     stop_at(monkeypatch, 2)
     assert cli(*args, "--quiet").exit_code == 130

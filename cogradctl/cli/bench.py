@@ -12,12 +12,15 @@ from cogradctl.cli.core import command
 from cogradctl.cli.options import (
     Device,
     Json,
+    MissingLabels,
     OnInvalid,
     PluginPath,
     Quiet,
     Seed,
+    WeightColumn,
     count,
     csv_list,
+    label_options,
     open_data,
     paths,
     report_data,
@@ -47,6 +50,8 @@ def bench_cmd(
     steps: Annotated[int, typer.Option(help="Timed steps per method.")] = 20,
     warmup: Annotated[int, typer.Option(help="Untimed steps first.")] = 3,
     on_invalid_rows: OnInvalid = "error",
+    missing_labels: MissingLabels = "mask",
+    weight_column: WeightColumn = None,
     device: Device = "auto",
     seed: Seed = 0,
     plugin_path: PluginPath = None,
@@ -66,13 +71,14 @@ def bench_cmd(
         raise UsageError("--methods: give at least one method")
     per_method = _per_method_options(option or [], names)
     count("--seed", seed, 0)  # a seed must be a non-negative 64-bit integer (torch and numpy take no other)
+    labels = label_options(missing_labels, weight_column)
     dev = models.resolve_device(device)
     torch.manual_seed(seed)
     log = Log(quiet)
     if checkpoint is not None and data is not None and model is None and not synthetic:
         ckpt, net, _ = models.from_checkpoint(checkpoint, paths(plugin_path), dev)
         schema, plugin = ckpt.schema, ckpt.model
-        stream = open_data(data, schema, log, on_invalid_rows)
+        stream = open_data(data, schema, log, on_invalid_rows, labels=labels)
         dataset = stream.rows([(0, min(stream.num_rows, 8 * batch_size))])  # bench times at most 8 batches
         report_data(stream, log)
     elif model is not None and synthetic and checkpoint is None and data is None:

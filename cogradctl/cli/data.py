@@ -21,21 +21,36 @@ def sample_data_cmd(
     rows: Annotated[int, typer.Option(help="Training rows.")] = 20_000,
     valid_rows: Annotated[int, typer.Option(help="Validation rows.")] = 5_000,
     tasks: Annotated[
-        str, typer.Option(help="NAME=RELATEDNESS[:POSITIVE_RATE],… ; the first task is the anchor.")
-    ] = SAMPLE_TASKS,
+        str | None,
+        typer.Option(
+            help=f"NAME=RELATEDNESS[:POSITIVE_RATE],… ; the first task is the anchor (--kind mtl; default {SAMPLE_TASKS}).",
+            show_default=False,
+        ),
+    ] = None,
+    kind: Annotated[
+        str,
+        typer.Option(
+            help="mtl: the --tasks, every label observed; ctr-cvr: tasks click and purchase, purchase null "
+            "where click = 0 (a partial label), and a 'weight' column of row weights."
+        ),
+    ] = "mtl",
     seed: Seed = 0,
     json_out: Json = False,
 ) -> None:
-    """Generate the synthetic multi-task dataset of known task relatedness (sample_data/)."""
+    """Generate a synthetic multi-task dataset of known task relatedness (sample_data/)."""
     from cogradctl import sample
 
     count("--seed", seed, 0)  # a seed must be a non-negative 64-bit integer (torch and numpy take no other)
     if rows < 1 or valid_rows < 1:
         raise UsageError("--rows and --valid-rows must be positive")
+    if kind not in sample.KINDS:
+        raise UsageError(f"--kind {kind!r}: expected one of {', '.join(sample.KINDS)}")
+    if tasks is not None and kind != "mtl":
+        raise UsageError(f"--tasks applies to --kind mtl; --kind {kind} has its own tasks")
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: exists and is not a directory")
     try:
-        written = sample.write_splits(out, rows, valid_rows, sample.parse_tasks(tasks), seed)
+        written = sample.write_splits(out, rows, valid_rows, sample.parse_tasks(tasks or SAMPLE_TASKS), seed, kind)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     if json_out:

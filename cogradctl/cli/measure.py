@@ -14,12 +14,15 @@ from cogradctl.cli.measure_view import capped_note, print_measurement, untrained
 from cogradctl.cli.options import (
     Device,
     Json,
+    MissingLabels,
     OnInvalid,
     PluginPath,
     Quiet,
     Seed,
+    WeightColumn,
     count,
     finite,
+    label_options,
     open_data,
     paths,
     report_data,
@@ -99,6 +102,8 @@ def measure_cmd(
         typer.Option(help="Write every per-batch quantity to this Parquet file (one row per batch × ordered pair)."),
     ] = None,
     on_invalid_rows: OnInvalid = "error",
+    missing_labels: MissingLabels = "mask",
+    weight_column: WeightColumn = None,
     device: Device = "auto",
     seed: Seed = 0,
     plugin_path: PluginPath = None,
@@ -116,6 +121,7 @@ def measure_cmd(
     from cogradctl.models import from_checkpoint, resolve_device
 
     count("--seed", seed, 0)  # a seed must be a non-negative 64-bit integer (torch and numpy take no other)
+    labels = label_options(missing_labels, weight_column)
     _check(batches, batch_size, lookahead, lookahead_lr, baseline, max_regression, max_conflict_rate, min_transference)
     if plot is not None:
         require_matplotlib()
@@ -150,7 +156,8 @@ def measure_cmd(
 
         def run(ck, net, sp, path, label):
             precond, alpha, state = measurement.lookahead_step(ck, sp, options, path)
-            stream = open_data(data, ck.schema, log, on_invalid_rows)  # only the picked row ranges are read
+            # only the picked row ranges are read
+            stream = open_data(data, ck.schema, log, on_invalid_rows, labels=labels)
             with _batch_progress(log, f"measuring {label}") as progress:
                 out = measurement.measure(ck, net, sp, stream, precond, alpha, options, dev, dist, progress)
             if state is not None:
@@ -163,6 +170,8 @@ def measure_cmd(
         log.info(f"measuring {checkpoint}")
         (result, per_batch), stream = run(ckpt, model, split, checkpoint, "the checkpoint")
         report_data(stream, log)
+        if stream.stats["labels_masked"]:  # per task, in the rows measured (the key only when there are some)
+            result["labels_masked"] = dict(stream.stats["labels_masked"])
         if capped_note(result):
             log.warn(capped_note(result))
         runs = [("checkpoint", per_batch, result["measured"])]

@@ -132,6 +132,12 @@ def legend(result: dict) -> str:
     text = f"± : standard error of the mean over the {n} batches"
     if "delta" in result:
         text += " (of the paired per-batch differences for a change)"
+    if "batches_used" in result:
+        fewest = min(min(row) for row in result["batches_used"]["transference"])
+        text += (
+            f"; a pair with a task not observed in some batches (a null label) over the batches where it was, "
+            f"at least {fewest} (batches_used in --json)"
+        )
     text += "; GMS: gradient magnitude similarity 2‖g_i‖‖g_j‖ / (‖g_i‖² + ‖g_j‖²)."
     if "delta" in result:
         text += f"\n{RISE} / {FALL} : the change is above / below 0 by more than {SIGNIFICANT_SE} standard errors"
@@ -287,6 +293,8 @@ def transference_summary(result: dict) -> str:
         key=lambda p: -abs(z[p[0]][p[1]]),
     )
     if not pairs:
+        if k > 1:  # partial labels: no batch observed both tasks of any pair (transference.summarise)
+            return "transference summary: no pair of tasks was observed together in a measured batch."
         return "transference summary: only one task, nothing to compare."
     delta = result.get("delta")
     fmt, fmt_e = number_format([z[i][j] for i, j in pairs])
@@ -317,11 +325,14 @@ def transference_summary(result: dict) -> str:
 
 
 def _conflict_line(result: dict) -> str:
-    tasks, conflict, n = result["tasks"], result["conflict_rate"], result["batches"]
-    worst = max(((conflict[i][j], i, j) for i, j in _pairs(tasks)), default=None)
+    tasks, conflict = result["tasks"], result["conflict_rate"]
+    pairs = ((conflict[i][j], i, j) for i, j in _pairs(tasks) if conflict[i][j] is not None)
+    worst = max(pairs, default=None)
     if worst is None or worst[0] <= 0:
         return "No pair's gradients conflicted on any measured batch."
     rate, i, j = worst
+    # partial labels: the batches where both tasks were observed (transference.summarise)
+    n = result["batches_used"]["cosine"][i][j] if "batches_used" in result else result["batches"]
     return (
         f"Gradients conflict most between {tasks[i]} and {tasks[j]}: "
         f"{round(rate * n)} of {n} batches ({rate:.0%}) have a negative cosine."

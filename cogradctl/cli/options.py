@@ -25,8 +25,23 @@ OnInvalid = Annotated[
     str,
     typer.Option(
         "--on-invalid-rows",
-        help="Rows with NaN/infinite features or labels, or null labels: "
-        "error (exit 2, with a count) or drop (skip them, log the count).",
+        help="Rows with NaN/infinite features or labels: error (exit 2, with a count) or drop (skip them, log the count).",
+    ),
+]
+MissingLabels = Annotated[
+    str,
+    typer.Option(
+        "--missing-labels",
+        help="A null label: mask (not observed: that task's loss and metrics leave the row out, the others "
+        "keep it; counted), drop (drop the row, counted) or error (the row is invalid, as --on-invalid-rows says).",
+    ),
+]
+WeightColumn = Annotated[
+    str | None,
+    typer.Option(
+        "--weight-column",
+        help="A numeric column weighting each row's loss and metrics (finite, ≥ 0; not a feature of the schema).",
+        show_default=False,
     ),
 ]
 
@@ -69,24 +84,48 @@ def csv_list(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
-def open_data(spec: str, schema, log: Log, on_invalid: str = "error", shuffle_buffer: int = 65536):
-    """A ParquetStream over ``spec`` (files validated from their footers; nothing read yet)."""
+def label_options(missing_labels: str = "mask", weight_column: str | None = None):
+    """--missing-labels and --weight-column as the library takes them (checked: a UsageError names the option)."""
+    from cogradctl.labels import LabelOptions
+
+    return LabelOptions(missing_labels, weight_column).check()
+
+
+def open_data(spec: str, schema, log: Log, on_invalid: str = "error", shuffle_buffer: int = 65536, labels=None):
+    """A ParquetStream over ``spec`` (files validated from their footers; nothing read yet);
+    ``labels``: :func:`label_options` (default: null labels masked, no weights)."""
+    from cogradctl.labels import PLAIN
     from cogradctl.stream import ParquetStream
 
-    return ParquetStream(spec, schema, on_invalid=on_invalid, shuffle_buffer=shuffle_buffer)
+    return ParquetStream(
+        spec, schema, on_invalid=on_invalid, shuffle_buffer=shuffle_buffer, label_options=labels or PLAIN
+    )
 
 
 def report_data(stream, log: Log) -> None:
     """Log what reading the stream dropped (--on-invalid-rows drop) and mapped to the OOV bucket."""
     dropped = stream.stats.get("rows_dropped", 0)
     if dropped:
-        log.warn(
-            f"{stream.spec}: dropped {dropped} invalid row(s) "
-            "(NaN/infinite values or null labels; --on-invalid-rows drop)"
-        )
+        log.warn(f"{stream.spec}: dropped {dropped} invalid row(s) ({_drop_reasons(stream)})")
     unseen = stream.unseen_warning()  # per column: rows and distinct values not in the vocabulary
     if unseen:
         log.warn(unseen)
     cut = stream.truncation_warning()
     if cut:
         log.warn(cut)
+    masked = stream.stats.get("labels_masked")
+    if masked:
+        listed = "; ".join(f"{t}: {n}" for t, n in masked.items())
+        log.info(f"{stream.spec}: null labels masked per task (not observed; --missing-labels mask): {listed}")
+
+
+def _drop_reasons(stream) -> str:
+    """Why the stream's rows may have been dropped, in the options' words."""
+    reasons = []
+    if stream.on_invalid == "drop":
+        reasons.append("NaN/infinite values; --on-invalid-rows drop")
+    if stream.label_options.missing == "drop":
+        reasons.append("null labels; --missing-labels drop")
+    elif stream.label_options.missing == "error" and stream.on_invalid == "drop":
+        reasons[0] = "NaN/infinite values or null labels; --on-invalid-rows drop"
+    return ", ".join(reasons) or "invalid rows"

@@ -10,7 +10,18 @@ import typer
 from rich.table import Table
 
 from cogradctl.cli.core import command
-from cogradctl.cli.options import Device, Json, OnInvalid, PluginPath, Quiet, Seed, csv_list, paths
+from cogradctl.cli.options import (
+    Device,
+    Json,
+    MissingLabels,
+    OnInvalid,
+    PluginPath,
+    Quiet,
+    Seed,
+    WeightColumn,
+    csv_list,
+    paths,
+)
 from cogradctl.cli.output import emit_json, fmt, stdout
 from cogradctl.console import Log, stderr
 from cogradctl.errors import Stopped, UsageError
@@ -94,6 +105,8 @@ def train_cmd(
         str, typer.Option(help="abort (exit 4, keep the last saved state) or skip the batch.")
     ] = "abort",
     on_invalid_rows: OnInvalid = "error",
+    missing_labels: MissingLabels = "mask",
+    weight_column: WeightColumn = None,
     shuffle_buffer: Annotated[
         int, typer.Option(help="Rows held in the shuffle buffer (files and row groups are also shuffled each epoch).")
     ] = 65536,
@@ -286,7 +299,7 @@ def _before_after_table(result: dict) -> Table:
     evaluations = (after, best_eval) if best_eval is not None else (after,)
     for task, metrics in before["tasks"].items():
         for name, value in metrics.items():
-            if name == "auc_se":
+            if name in ("auc_se", "rows", "weight"):  # not scores (the rows each task was scored on)
                 continue
             row = [task, name, fmt(value)]
             for evaluation in evaluations:
@@ -317,7 +330,8 @@ def _caption(result: dict, both: bool) -> str:
     rows = result.get("data", {}) or {}
     valid = rows.get("valid")
     on = f" on {counted(valid['rows_used'], 'row')} of --valid" if valid else ""
-    return f"{after}; ± se: the AUC's standard error (DeLong){on}"
+    weighted = any("weight" in m for m in (result.get("after") or {}).get("tasks", {}).values())
+    return f"{after}; ± se: the AUC's standard error (DeLong){on}" + (", n/a with row weights" if weighted else "")
 
 
 def _best_lines(result: dict) -> list[str]:

@@ -2,9 +2,12 @@
 with per-row validity, packed one row per line of bytes for the shuffle buffer (:class:`Encoder`);
 and the rows of whole units as the chunks the shuffle buffer moves (:class:`UnitEncoder`).
 
-Invalid rows (NaN or infinite dense features or labels, null labels) are an error naming the file,
-row group and column (``on_invalid="error"``), or are dropped and counted (``"drop"``). Binary
-labels outside {0, 1} are always an error (the task type is wrong, not the row).
+Invalid rows (NaN or infinite dense features or labels) are an error naming the file, row group
+and column (``on_invalid="error"``), or are dropped and counted (``"drop"``). A null label is
+masked (NaN in the label matrix), makes its row dropped, or makes it invalid, per the
+``--missing-labels`` policy (:mod:`cogradctl.labels`). Binary labels outside {0, 1} and null,
+NaN, infinite or negative weights are always an error (the task type or the weights are wrong, not
+the row).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from cogradctl.batch import widths
 from cogradctl.data import _short
 from cogradctl.encodings import Lookup
 from cogradctl.errors import DataError
+from cogradctl.labels import PLAIN, LabelOptions, checked_weights
 from cogradctl.lists import sequence_rows, vector_values
 from cogradctl.schema import Schema
 from cogradctl.stream.files import File, Unit, read_rows, read_unit, where
@@ -31,17 +35,19 @@ DISTINCT_CAP = 100_000  # unseen values remembered per column to count distinct 
 class Encoder:
     """Encodes Arrow tables exactly as :func:`cogradctl.data.encode`, with per-row validity."""
 
-    def __init__(self, schema: Schema) -> None:
+    def __init__(self, schema: Schema, labels: LabelOptions = PLAIN) -> None:
         self.schema = schema
         self.dense = [(f.name, float(f.mean), float(f.std)) for f in schema.dense]
         self.cats = [(f.name, Lookup(f)) for f in schema.categorical]
         self.sequences = [(f.name, Lookup(f), f.max_len) for f in schema.sequences]
         self.vectors = [(f.name, f.size) for f in schema.vectors]
         self.tasks = [(t.name, t.type) for t in schema.tasks]
+        self.missing, self.weight = labels.missing, labels.weight  # the weight: label column K (labels.py)
+        self.label_width = len(self.tasks) + (0 if not self.tasks or self.weight is None else 1)
 
         d, c = widths(schema)  # the float and the integer block (cogradctl.batch)
         self.widths = (d, c)
-        k = len(self.tasks)
+        k = self.label_width
         self.offsets = (0, 8 * c, 8 * c + 4 * d, 8 * c + 4 * d + 4 * k)
         self.width = max(8, -(-self.offsets[3] // 8) * 8)  # bytes per packed row, a multiple of 8
 
@@ -61,7 +67,7 @@ class Encoder:
             for (a, b), dtype, n in (
                 (o[1:3], np.float32, self.widths[0]),
                 (o[0:2], np.int64, self.widths[1]),
-                (o[2:4], np.float32, len(self.tasks)),
+                (o[2:4], np.float32, self.label_width),
             )
         )
 
@@ -69,7 +75,7 @@ class Encoder:
         return (
             np.zeros((0, self.widths[0]), np.float32),
             np.zeros((0, self.widths[1]), np.int64),
-            np.zeros((0, len(self.tasks)), np.float32),
+            np.zeros((0, self.label_width), np.float32),
         )
 
     # -- validity
@@ -91,18 +97,26 @@ class Encoder:
             bad &= values.is_valid().to_numpy(zero_copy_only=False)
         return raw, (bad if bad.any() else None)
 
-    def _labels(self, table: pa.Table, where: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        labels = np.empty((table.num_rows, len(self.tasks)), dtype=np.float32)
-        bad = {}
+    def _labels(self, table: pa.Table, where: str) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """→ (labels N×label_width f32, {task: rows it makes invalid}, {task: rows it makes dropped}).
+
+        A stored NaN or infinite label makes its row invalid; a null label is NaN in the matrix
+        (``mask``), makes its row dropped whatever ``on_invalid`` says (``drop``), or invalid
+        (``error``). The weight column, when read, is label column K (a bad weight: DataError)."""
+        labels = np.empty((table.num_rows, self.label_width), dtype=np.float32)
+        bad, absent = {}, {}
         for k, (name, kind) in enumerate(self.tasks):
-            arr = table.column(name)
-            try:
-                y = arr.cast(pa.float64()).to_numpy(zero_copy_only=False)
-            except (pa.ArrowException, ValueError) as exc:
-                raise DataError(f"{where}: task column '{name}' cannot be read as numbers ({_short(exc)})") from exc
+            y, valid = _numbers(table.column(name), where, f"task column '{name}'")
             finite = np.isfinite(y)
             if not finite.all():
-                bad[name] = ~finite
+                if self.missing == "error" or valid is None:
+                    bad[name] = ~finite
+                else:
+                    stored = ~finite & valid  # NaN or inf written as such: never a missing label
+                    if stored.any():
+                        bad[name] = stored
+                    if self.missing == "drop" and not valid.all():
+                        absent[name] = ~valid
             if kind == "binary":
                 out = finite & (y != 0) & (y != 1)
                 if out.any():
@@ -112,28 +126,48 @@ class Encoder:
                         "if it is real-valued"
                     )
             labels[:, k] = y
-        return labels, bad
+        if self.label_width > len(self.tasks):
+            w, valid = _numbers(table.column(self.weight), where, f"weight column '{self.weight}'")
+            labels[:, -1] = checked_weights(w, valid, where, self.weight)
+        return labels, bad, absent
 
     def _invalid(
-        self, bad: dict[str, np.ndarray], n: int, where: str, on_invalid: str, label_cols: set
+        self,
+        bad: dict[str, np.ndarray],
+        n: int,
+        where: str,
+        on_invalid: str,
+        label_cols: set,
+        absent: dict[str, np.ndarray] | None = None,
     ) -> np.ndarray | None:
-        if not bad:
+        """The keep-mask (None: every row kept): rows with a value in ``bad`` are an error
+        (``on_invalid="error"``) or dropped; rows in ``absent`` (a null label under
+        ``--missing-labels drop``) are dropped either way."""
+        if not bad and not absent:
             return None
         mask = np.zeros(n, dtype=bool)
         for m in bad.values():
             mask |= m
-        if on_invalid == "error":
+        if bad and on_invalid == "error":
             what = ", ".join(
                 f"{'task column' if c in label_cols else 'column'} '{c}' {int(m.sum())}" for c, m in bad.items()
             )
+            nulls = ", or null labels (--missing-labels error)" if self.missing == "error" else ""
             raise DataError(
-                f"{where}: {int(mask.sum())} invalid row(s) (NaN or infinite values, or null labels: {what}); "
-                "use null for a missing feature value, or --on-invalid-rows drop to skip such rows"
+                f"{where}: {int(mask.sum())} invalid row(s) (NaN or infinite values{nulls}: {what}); "
+                "use null for a missing value, or --on-invalid-rows drop to skip such rows"
             )
+        for m in (absent or {}).values():
+            mask |= m
         return ~mask
 
-    def valid(self, table: pa.Table, where: str) -> np.ndarray | None:
-        """The keep-mask of ``table`` (None: every row valid), without encoding."""
+    def drops(self, on_invalid: str) -> bool:
+        """Whether any row may be dropped: ``--on-invalid-rows drop`` or ``--missing-labels drop``."""
+        return on_invalid == "drop" or (self.missing == "drop" and bool(self.tasks))
+
+    def valid(self, table: pa.Table, where: str, on_invalid: str = "drop") -> np.ndarray | None:
+        """The keep-mask of ``table`` (None: every row valid), without encoding (``on_invalid="error"``:
+        an invalid row raises, as :meth:`encode` would; only null labels under ``drop`` are dropped)."""
         bad = {}
         for name, _, _ in self.dense:
             _, m = self._dense_raw(table.column(name), where, name)
@@ -144,9 +178,9 @@ class Encoder:
                 _, m = vector_values(table.column(name), size, name)
             if m is not None:
                 bad[name] = m
-        _, lbad = self._labels(table, where)
+        _, lbad, absent = self._labels(table, where)
         bad.update(lbad)
-        return self._invalid(bad, table.num_rows, where, "drop", set(lbad))
+        return self._invalid(bad, table.num_rows, where, on_invalid, set(lbad), absent)
 
     # -- encoding
 
@@ -165,9 +199,9 @@ class Encoder:
             np.nan_to_num(x, copy=False, nan=0.0, posinf=0.0, neginf=0.0)  # inf only in rows that get dropped
             dense[:, k] = x
         self._vectors(table, where, dense, bad)
-        labels, lbad = self._labels(table, where)
+        labels, lbad, absent = self._labels(table, where)
         bad.update(lbad)
-        keep = self._invalid(bad, n, where, on_invalid, set(lbad))
+        keep = self._invalid(bad, n, where, on_invalid, set(lbad), absent)
         cat = np.empty((n, self.widths[1]), dtype=np.int64)
         unseen = {}
         for k, (name, lookup) in enumerate(self.cats):
@@ -230,7 +264,8 @@ class UnitEncoder:
     gathered by global ids. Invalid rows are raised or dropped per ``on_invalid`` and counted in
     ``stats`` (the stream's dict: ``rows_read``, ``rows_dropped``, ``oov`` (rows of unseen categorical
     values per column), ``oov_distinct`` (distinct unseen values per column, at most DISTINCT_CAP),
-    ``oov_distinct_capped`` (columns with more distinct unseen values than that))."""
+    ``oov_distinct_capped`` (columns with more distinct unseen values than that), ``labels_masked``
+    (labels not observed, per task, in the rows used, under ``--missing-labels mask``))."""
 
     def __init__(self, encoder: Encoder, files: list[File], units: list[Unit], on_invalid: str, stats: dict) -> None:
         self.encoder, self.files, self.units, self.on_invalid, self.stats = encoder, files, units, on_invalid, stats
@@ -246,7 +281,19 @@ class UnitEncoder:
         self.count(table.num_rows, keep, oov, truncated)
         if keep is not None:
             dense, cat, labels = dense[keep], cat[keep], labels[keep]
+        self.count_masked(labels)
         return dense, cat, labels
+
+    def count_masked(self, labels: np.ndarray) -> None:
+        """Count the masked (unobserved) labels per task of rows used (``stats["labels_masked"]``)."""
+        k = len(self.encoder.tasks)
+        if not k or self.encoder.missing != "mask":
+            return
+        per_task = np.isnan(labels[:, :k]).sum(axis=0)
+        masked = self.stats.setdefault("labels_masked", {})
+        for (name, _), n in zip(self.encoder.tasks, per_task.tolist()):
+            if n:
+                masked[name] = masked.get(name, 0) + int(n)
 
     def count(self, rows: int, keep, oov: dict[str, tuple[int, list]], truncated: dict[str, int] | None = None) -> None:
         self.stats["rows_read"] += rows
@@ -275,11 +322,11 @@ class UnitEncoder:
     def ids(self, u: Unit) -> Chunk:
         """The ids of one unit's valid rows, as one chunk, without encoding (the data is read only
         when rows may be dropped)."""
-        if self.on_invalid == "error":
+        if not self.encoder.drops(self.on_invalid):
             return Chunk(np.arange(u.start, u.start + u.rows, dtype=np.int64))
         parts = []
         for offset, table in read_unit(self.files[u.file], u):
-            keep = self.encoder.valid(table, self.where(u))
+            keep = self.encoder.valid(table, self.where(u), self.on_invalid)
             ids = np.arange(u.start + offset, u.start + offset + table.num_rows, dtype=np.int64)
             self.stats["rows_dropped"] += 0 if keep is None else int((~keep).sum())
             parts.append(ids if keep is None else ids[keep])
@@ -303,3 +350,17 @@ class UnitEncoder:
         inverse = np.empty_like(order)
         inverse[order] = np.arange(len(order))
         return merged.take(inverse)
+
+
+def _numbers(arr, where: str, what: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """A column as float64 (nulls NaN) and its non-null mask (None when no value is null)."""
+    try:
+        values = arr.cast(pa.float64())
+    except (pa.ArrowException, ValueError) as exc:
+        raise DataError(f"{where}: {what} cannot be read as numbers ({_short(exc)})") from exc
+    valid = None
+    if values.null_count:
+        valid = (values.is_valid() if isinstance(values, pa.Array) else pc.is_valid(values)).to_numpy(
+            zero_copy_only=False
+        )
+    return values.to_numpy(zero_copy_only=False), valid

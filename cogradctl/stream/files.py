@@ -108,13 +108,14 @@ def coalesce(units: list[Unit]) -> list[Unit]:
     return out
 
 
-def scan(spec: str, schema: Schema) -> tuple[list[File], list[Unit], int]:
-    """(files, units of their non-empty row groups, total rows) of ``spec``, from the footers only."""
+def scan(spec: str, schema: Schema, extra: tuple[str, ...] = ()) -> tuple[list[File], list[Unit], int]:
+    """(files, units of their non-empty row groups, total rows) of ``spec``, from the footers only;
+    ``extra``: numeric columns read besides the schema's (the weight column)."""
     files: list[File] = []
     units: list[Unit] = []
     start = 0
     for path in resolve(spec):
-        f = open_file(path, start, schema)
+        f = open_file(path, start, schema, extra)
         for g in range(f.meta.num_row_groups):
             n = f.meta.row_group(g).num_rows
             if n:
@@ -127,9 +128,9 @@ def scan(spec: str, schema: Schema) -> tuple[list[File], list[Unit], int]:
 # ---------------------------------------------------------------------------- validation (footers only)
 
 
-def open_file(path: Path, start: int, schema: Schema) -> File:
+def open_file(path: Path, start: int, schema: Schema, extra: tuple[str, ...] = ()) -> File:
     """``path`` checked against ``schema`` from its footer: every column present (stored or a hive
-    partition key) and of a type the schema can encode."""
+    partition key) and of a type the schema can encode; the ``extra`` columns present and numeric."""
     try:
         pf = pq.ParquetFile(path)
         arrow = pf.schema_arrow
@@ -143,14 +144,20 @@ def open_file(path: Path, start: int, schema: Schema) -> File:
     if missing:
         raise DataError(f"{path}: missing column(s) {', '.join(missing)} (the checkpoint's schema needs them)")
     _check_types(path, arrow, names, schema)
-    columns = [c for c in schema.columns if c in names]
+    for name in extra:
+        if name not in names and name not in keys:
+            raise DataError(f"{path}: no weight column '{name}' (--weight-column)")
+        if name in names and not is_label_type(arrow.field(name).type):
+            raise DataError(f"{path}: weight column '{name}' is {arrow.field(name).type}; weights must be numeric")
+    wanted = [*schema.columns, *(c for c in extra if c not in schema.columns)]
+    columns = [c for c in wanted if c in names]
     dictionary = [
         c.name
         for c in schema.categorical
         if c.name in names
         and (pa.types.is_string(arrow.field(c.name).type) or pa.types.is_large_string(arrow.field(c.name).type))
     ]
-    constants = {c: keys[c] for c in schema.columns if c not in names}
+    constants = {c: keys[c] for c in wanted if c not in names}
     return File(path, meta, columns, constants, dictionary, start)
 
 

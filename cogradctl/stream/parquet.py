@@ -14,6 +14,7 @@ import torch
 from cogradctl.batch import split
 from cogradctl.data import Dataset, truncation_message, unseen_message
 from cogradctl.errors import DataError, UsageError
+from cogradctl.labels import PLAIN, LabelOptions
 from cogradctl.schema import Schema
 from cogradctl.stream.encode import Encoder, UnitEncoder
 from cogradctl.stream.files import Unit, carry_type, coalesce, cut, read_rows, read_unit, scan, with_carry
@@ -26,10 +27,18 @@ class ParquetStream:
     """Parquet files read as a stream of encoded batches; see :mod:`cogradctl.stream`."""
 
     def __init__(
-        self, spec: str, schema: Schema, *, on_invalid: str = "error", shuffle_buffer: int = 65536, labels: bool = True
+        self,
+        spec: str,
+        schema: Schema,
+        *,
+        on_invalid: str = "error",
+        shuffle_buffer: int = 65536,
+        labels: bool = True,
+        label_options: LabelOptions = PLAIN,
     ) -> None:
         """``labels=False`` (prediction): only the feature columns are required and read, only
-        invalid features make a row invalid, and the label matrices are B×0."""
+        invalid features make a row invalid, and the label matrices are B×0. ``label_options``:
+        null labels and the weight column (:mod:`cogradctl.labels`: the label matrix's layout)."""
         if on_invalid not in ON_INVALID:
             raise UsageError(f"--on-invalid-rows {on_invalid!r}: expected one of {', '.join(ON_INVALID)}")
         if shuffle_buffer < 0:
@@ -42,11 +51,13 @@ class ParquetStream:
             "oov_distinct": {},
             "oov_distinct_capped": [],
             "truncated": {},  # sequence column → rows whose list was cut to max_len
+            "labels_masked": {},  # per task: labels not observed in the rows used (--missing-labels mask)
         }
         self.labels = labels
+        self.label_options = label_options.check(schema) if labels else PLAIN
         read = schema if labels else Schema(schema.features, [])
-        self._encoder = Encoder(read)
-        self.files, units, self.num_rows = scan(spec, read)
+        self._encoder = Encoder(read, self.label_options)
+        self.files, units, self.num_rows = scan(spec, read, self.label_options.extra)
         self.units = coalesce(units)  # small row groups read as one unit (docs/data.md)
         if self.num_rows == 0:
             raise DataError(f"{spec}: the data has no rows")
@@ -66,7 +77,8 @@ class ParquetStream:
         shards: int = 1,
         take: tuple[int, ...] = (0,),
     ) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
-        """One epoch of (inputs {"dense", "categorical"}, labels B×K); the last batch may be smaller.
+        """One epoch of (inputs {"dense", "categorical"}, labels B×K, or B×(K+1) with a weight column);
+        the last batch may be smaller.
 
         The same ``(seed, epoch)`` gives the same batches; ``start_batch`` skips that many batches
         of the sequence exactly (the rows they held are not encoded).

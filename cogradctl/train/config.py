@@ -14,6 +14,7 @@ from pathlib import Path
 
 from cogradctl import checkpoint as ckpt_io
 from cogradctl.errors import UsageError
+from cogradctl.labels import MISSING_LABELS, LabelOptions
 
 OUTPUTS = ("last.safetensors", "best.safetensors", "metrics.jsonl")
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -54,6 +55,7 @@ RESUME_KEYS = (
     "on_invalid_rows",
     "shuffle_buffer",
 )
+LABEL_KEYS = {"missing_labels": "mask", "weight_column": None}  # resume keys too, saved when not these defaults
 
 
 @dataclass
@@ -82,7 +84,9 @@ class TrainConfig:
     save_every: int | None = None  # steps; state is also saved at every epoch end
     precision: str = "fp32"
     on_nonfinite: str = "abort"
-    on_invalid_rows: str = "error"  # or "drop": rows with NaN/inf/missing labels or features
+    on_invalid_rows: str = "error"  # or "drop": rows with NaN/inf labels or features
+    missing_labels: str = "mask"  # a null label: mask (that task's loss leaves it out), drop (the row) or error
+    weight_column: str | None = None  # a column of row weights (finite, ≥ 0) for every loss and metric
     shuffle_buffer: int = 65536  # rows held for shuffling, beyond file and row-group order
     seed: int = 0
     device: str = "cpu"
@@ -127,6 +131,7 @@ class TrainConfig:
             ("precision", PRECISIONS),
             ("on_nonfinite", ("abort", "skip")),
             ("on_invalid_rows", ("error", "drop")),
+            ("missing_labels", MISSING_LABELS),
         ):
             if getattr(self, name) not in allowed:
                 raise UsageError(f"--{_flag(name)} {getattr(self, name)!r}: expected one of {', '.join(allowed)}")
@@ -140,9 +145,16 @@ class TrainConfig:
         and the data shards, so a run may resume with another number of processes (docs/distributed.md)."""
         return {
             **{k: getattr(self, k) for k in RESUME_KEYS},
+            # only when not the default: a run saved before these options resumes as it was
+            **{k: getattr(self, k) for k, default in LABEL_KEYS.items() if getattr(self, k) != default},
             "global_batch": self.batch_size * world,
             "data_shards": shards,
         }
+
+    @property
+    def label_options(self) -> LabelOptions:
+        """--missing-labels and --weight-column as the data readers take them."""
+        return LabelOptions(self.missing_labels, self.weight_column)
 
 
 def _flag(name: str) -> str:

@@ -79,8 +79,12 @@ class TensorBoard:
         self.writer.close()
 
 
-def step_record(step: int, epoch: int, tasks: list[str], losses: torch.Tensor, g: torch.Tensor) -> dict:
-    """Per-task loss and shared-gradient norm, and the pairwise cosine of the task gradients."""
+def step_record(
+    step: int, epoch: int, tasks: list[str], losses: torch.Tensor, g: torch.Tensor, observed: list[bool] | None = None
+) -> dict:
+    """Per-task loss and shared-gradient norm, and the pairwise cosine of the task gradients;
+    ``observed`` False for a task without a labelled row in the batch: its loss is null (not the
+    0 the step used), its pairs' cosine too."""
     gram = (g @ g.T).double()
     norms = gram.diagonal().clamp_min(0).sqrt()
     cosine = {}
@@ -88,10 +92,16 @@ def step_record(step: int, epoch: int, tasks: list[str], losses: torch.Tensor, g
         for j in range(i + 1, len(tasks)):
             d = float(norms[i] * norms[j])
             cosine[f"{tasks[i]}|{tasks[j]}"] = float(gram[i, j]) / d if d > 0 else 0.0
+    if observed is not None and not all(observed):
+        for i in range(len(tasks)):
+            for j in range(i + 1, len(tasks)):
+                if not (observed[i] and observed[j]):
+                    cosine[f"{tasks[i]}|{tasks[j]}"] = None
+        losses = [float(v) if seen else None for v, seen in zip(losses, observed)]
     return {
         "step": step,
         "epoch": epoch,
-        "loss": {t: float(v) for t, v in zip(tasks, losses)},
+        "loss": {t: None if v is None else float(v) for t, v in zip(tasks, losses)},
         "grad_norm": {t: float(v) for t, v in zip(tasks, norms)},
         "cosine": cosine,
     }
@@ -104,5 +114,5 @@ def summary(result: dict) -> str:
         if "auc" in m:
             parts.append(f"{task} auc={m['auc']:.4f}" if m["auc"] is not None else f"{task} auc=n/a")
         else:
-            parts.append(f"{task} mse={m['mse']:.4f}")
+            parts.append(f"{task} mse={m['mse']:.4f}" if m["mse"] is not None else f"{task} mse=n/a")
     return ", ".join(parts)

@@ -38,7 +38,7 @@ from cogradctl.train.config import OUTPUTS, TrainConfig
 from cogradctl.train.guard import StopFlag, run_dir, stop_signals
 from cogradctl.train.logs import step_record
 from cogradctl.train.optim import lr_at
-from cogradctl.train.report import duration, oov_text
+from cogradctl.train.report import duration, masked_text, oov_text
 from cogradctl.train.run import Inputs, Run
 from cogradctl.train.save import evaluate_now, kept_state, record_evaluation, save_last, score_tasks
 from cogradctl.train.setup import MEASURE_BATCH_SIZE, MEASURE_BATCHES, prepare, read_inputs
@@ -172,8 +172,10 @@ def _after_step(run: Run, losses: torch.Tensor | None, g: torch.Tensor | None, a
     cfg, p = run.cfg, run.progress
     p.step += 1
     p.batch += 1
+    d = run.reduce.denominators if run.reduce is not None else getattr(run.grads, "denominators", None)
+    observed = None if d is None else (d > 0).tolist()  # a task without a labelled row: its loss is not logged
     if losses is not None and (p.step % cfg.log_every == 0 or p.step == 1 or p.step == run.total):
-        record = step_record(p.step, p.epoch, run.inputs.source.schema.task_names, losses, g)
+        record = step_record(p.step, p.epoch, run.inputs.source.schema.task_names, losses, g, observed)
         record["lr"] = run.optimizer.param_groups[0]["lr"]
         if run.inputs.method.stats:
             record["method"] = run.inputs.method.stats
@@ -181,7 +183,7 @@ def _after_step(run: Run, losses: torch.Tensor | None, g: torch.Tensor | None, a
             record["skipped_total"] = p.skipped
         run.metrics.write(record)
         if run.tensorboard:
-            run.tensorboard.scalars(p.step, {f"loss/{t}": v for t, v in record["loss"].items()})
+            run.tensorboard.scalars(p.step, {f"loss/{t}": v for t, v in record["loss"].items() if v is not None})
     if run.measure_rows is not None and p.step % cfg.measure_every == 0:
         run.metrics.write({"step": p.step, "epoch": p.epoch, "transference": _measure(run)})
         run.inputs.model.train()
@@ -216,18 +218,23 @@ def _report_oov(run: Run, epoch_end: bool) -> None:
     entry = run.inputs.data["train"]
     counts = dict(counts)
     truncated = counts.pop("truncated")
+    masked = counts.pop("labels_masked", {})
     entry["oov"] = counts
+    entry["labels_masked"] = masked  # per task, in the rows read that oov counts (--missing-labels mask)
     if truncated:
         entry["truncated"] = truncated
     when = f" in epoch {counts['epoch']}" if counts["epoch"] is not None else "; no epoch was read whole"
     text = oov_text(entry["path"], "--data", entry["oov"], when)
     if text:
         run.log.warn(text)
+    text = masked_text(entry["path"], "--data", masked, counts["rows_read"], when)
+    if text:
+        run.log.info(text)
     if truncated:
         max_len = {f.name: f.max_len for f in run.inputs.source.schema.sequences}
         cut = {c: (n, max_len[c]) for c, n in truncated.items()}
         run.log.warn(f"{truncation_message('--data ' + entry['path'], cut)} (of {counts['rows_read']} rows read{when})")
-    record = {"oov": entry["oov"], **({"truncated": truncated} if truncated else {})}
+    record = {"oov": entry["oov"], "labels_masked": masked, **({"truncated": truncated} if truncated else {})}
     run.metrics.write({"step": p.step, "epoch": p.epoch, "data": {"train": record}})
 
 

@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 from cogradctl.console import Log, counted
 from cogradctl.data import unseen_message
 from cogradctl.errors import DataError
+from cogradctl.labels import checked_weights
 from cogradctl.schema import is_list_type
 from cogradctl.stream import ParquetStream
 from cogradctl.stream.encode import Encoder
@@ -52,18 +53,20 @@ def count_rows(stream: ParquetStream, on_invalid: str) -> dict:
     ``invalid`` is ``{column: {"null"|"nan"|"inf": values}}`` (a dropped row counts once in
     ``rows_dropped`` and under every column that makes it invalid).
 
-    With ``--on-invalid-rows drop`` every row is read once, its dense features and labels only,
-    and judged as the stream judges it (the same :meth:`Encoder.valid`), so ``rows_used`` is what
-    training sees; a DataError if no row is left (the stream's own message). With ``error`` nothing
-    is read: the rows are all used, or the run stops at the first invalid one (exit 2)."""
+    With ``--on-invalid-rows drop`` (or ``--missing-labels drop``) every row is read once, its
+    dense features, labels and weight only, and judged as the stream judges it (the same
+    :meth:`Encoder.valid`), so ``rows_used`` is what training sees; a DataError if no row is left
+    (the stream's own message). Otherwise nothing is read: the rows are all used, or the run stops
+    at the first invalid one (exit 2). A null label masked (``--missing-labels mask``) is no reason."""
     out = {"path": stream.spec, "rows": stream.num_rows, "rows_dropped": 0, "rows_used": stream.num_rows, "invalid": {}}
-    if on_invalid != "drop":
+    schema, options = stream.schema, stream.label_options
+    encoder = Encoder(schema, options)
+    if not encoder.drops(on_invalid):
+        check_weights(stream)
         return out
-    schema = stream.schema
-    encoder = Encoder(schema)
     dense = [f.name for f in schema.dense + schema.vectors]
     labels = [t.name for t in schema.tasks]
-    needed = set(dense) | set(labels)
+    needed = set(dense) | set(labels) | set(options.extra)
     invalid: dict[str, dict[str, int]] = {}
     dropped = 0
     for u in stream.units:
@@ -75,12 +78,13 @@ def count_rows(stream: ParquetStream, on_invalid: str) -> dict:
             dictionary=[],
         )
         for _, table in read_unit(f, u):
-            keep = encoder.valid(table, where(f, u))
+            keep = encoder.valid(table, where(f, u), on_invalid)
             if keep is None:
                 continue
             dropped += int((~keep).sum())
             for name in dense + labels:
-                for reason, n in _bad_values(table.column(name), label=name in labels).items():
+                null = name in labels and options.missing != "mask"  # a null label that drops its row
+                for reason, n in _bad_values(table.column(name), label=null).items():
                     column = invalid.setdefault(name, {})
                     column[reason] = column.get(reason, 0) + n
     invalid = {c: invalid[c] for c in dense + labels if c in invalid}  # in the schema's order
@@ -88,6 +92,28 @@ def count_rows(stream: ParquetStream, on_invalid: str) -> dict:
     if not out["rows_used"]:
         raise DataError(f"{stream.spec}: no rows left after dropping {dropped} invalid row(s)")
     return out
+
+
+def check_weights(stream: ParquetStream) -> None:
+    """Read the weight column (--weight-column) of every row once, before the run: a null, NaN,
+    infinite or negative weight is a DataError naming the file, row group and column before
+    anything is written (otherwise it would stop the run where the stream meets it)."""
+    weight = stream.label_options.weight
+    if weight is None:
+        return
+    for u in stream.units:
+        f = stream.files[u.file]
+        f = replace(
+            f,
+            columns=[c for c in f.columns if c == weight],
+            constants={k: v for k, v in f.constants.items() if k == weight},
+            dictionary=[],
+        )
+        for _, table in read_unit(f, u):
+            column = table.column(weight)
+            values = column.cast(pa.float64())
+            valid = pc.is_valid(values).to_numpy(zero_copy_only=False) if values.null_count else None
+            checked_weights(values.to_numpy(zero_copy_only=False), valid, where(f, u), weight)
 
 
 def _bad_values(column, label: bool) -> dict[str, int]:
@@ -115,14 +141,16 @@ def dropped_text(counts: dict, labels: list[str]) -> str:
     return "; ".join(parts)
 
 
-def warn_dropped(log: Log, counts: dict, labels: list[str], role: str, use: str) -> None:
-    """The warning for rows --on-invalid-rows drop leaves out (nothing if none): counts, columns, reasons."""
+def warn_dropped(
+    log: Log, counts: dict, labels: list[str], role: str, use: str, why: str = "--on-invalid-rows drop"
+) -> None:
+    """The warning for rows dropped (nothing if none): counts, columns, reasons; ``why``: the options that drop."""
     if not counts["rows_dropped"]:
         return
     share = counts["rows_dropped"] / counts["rows"]
     log.warn(
         f"{role} {counts['path']}: dropped {counts['rows_dropped']} of {counts['rows']} rows ({share:.1%}; "
-        f"--on-invalid-rows drop): {dropped_text(counts, labels)}; {use} the other {counts['rows_used']}"
+        f"{why}): {dropped_text(counts, labels)}; {use} the other {counts['rows_used']}"
     )
 
 
@@ -138,7 +166,9 @@ class OovCount:
 
     def __init__(self, stream: ParquetStream) -> None:
         self.stream = stream
-        self.base = (0, {}, {})  # (rows read, oov rows, truncated rows per column) when the counted epoch began
+        # (rows read, oov rows per column, truncated rows per sequence column, masked labels per task)
+        # when the counted epoch began
+        self.base = (0, {}, {}, {})
         self.full = False  # the epoch being counted began at its first batch
         self.first = True  # the epoch being counted is this process's first
         self.result: dict | None = None
@@ -150,7 +180,12 @@ class OovCount:
             return
         if not self.first:
             stats = self.stream.stats
-            self.base = (stats["rows_read"], dict(stats["oov"]), dict(stats.get("truncated", {})))
+            self.base = (
+                stats["rows_read"],
+                dict(stats["oov"]),
+                dict(stats.get("truncated", {})),
+                dict(stats.get("labels_masked", {})),
+            )
         self.full, self.first = batch == 0, False
 
     def take(self, dist, epoch: int, epoch_end: bool) -> dict | None:
@@ -164,14 +199,19 @@ class OovCount:
         rows = stats["rows_read"] - self.base[0]
         oov = {c: n - self.base[1].get(c, 0) for c, n in stats["oov"].items()}
         cut = {c: n - self.base[2].get(c, 0) for c, n in stats.get("truncated", {}).items()}
-        parts = dist.gather([(rows, oov, dict(stats["oov_distinct"]), list(stats["oov_distinct_capped"]), cut)])
+        masked = {t: n - self.base[3].get(t, 0) for t, n in stats.get("labels_masked", {}).items()}
+        gathered = (rows, oov, dict(stats["oov_distinct"]), list(stats["oov_distinct_capped"]), cut, masked)
+        parts = dist.gather([gathered])
         total: dict[str, int] = {}
         distinct: dict[str, int] = {}
         truncated: dict[str, int] = {}
         at_least = set()
-        for _, counts, seen, capped, cuts in parts:
+        labels_masked: dict[str, int] = {}
+        for _, counts, seen, capped, cuts, part_masked in parts:
             for c, n in cuts.items():
                 truncated[c] = truncated.get(c, 0) + n
+            for t, n in part_masked.items():
+                labels_masked[t] = labels_masked.get(t, 0) + n
             for c, n in counts.items():
                 total[c] = total.get(c, 0) + n
             for c, n in seen.items():
@@ -187,6 +227,7 @@ class OovCount:
             "distinct": {c: distinct.get(c, 0) for c in columns},
             "distinct_at_least": sorted(c for c in at_least if c in columns),
             "truncated": {c: n for c, n in sorted(truncated.items()) if n},  # sequence lists cut to max_len
+            "labels_masked": {t: n for t, n in labels_masked.items() if n},  # in the rows used of those read
         }
         return self.result
 
@@ -201,6 +242,18 @@ def stream_oov(stream: ParquetStream) -> dict:
         "distinct": {c: stats["oov_distinct"].get(c, 0) for c in columns},
         "distinct_at_least": sorted(c for c in stats["oov_distinct_capped"] if c in columns),
     }
+
+
+def masked_text(path: str, role: str, masked: dict[str, int], rows: int, when: str = "") -> str | None:
+    """The line for labels not observed (None if every label was): per task, the labels masked
+    out of the rows read (--missing-labels mask: each task's loss and metrics leave them out)."""
+    if not masked:
+        return None
+    listed = "; ".join(f"{t}: {counted(n, 'label')}" for t, n in masked.items())
+    return (
+        f"{role} {path}: null labels masked (not observed; --missing-labels mask, each task's loss uses its "
+        f"observed rows only): {listed} (of {counted(rows, 'row')} read{when})"
+    )
 
 
 def oov_text(path: str, role: str, counts: dict, when: str = "") -> str | None:

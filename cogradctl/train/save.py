@@ -13,7 +13,7 @@ from cogradctl.console import counted
 from cogradctl.errors import Diverged
 from cogradctl.evaluate import evaluate, mean_auc
 from cogradctl.train.logs import summary
-from cogradctl.train.report import oov_text, stream_oov
+from cogradctl.train.report import masked_text, oov_text, stream_oov
 from cogradctl.train.run import Run
 from cogradctl.train.state import optimizer_tensors
 
@@ -49,7 +49,12 @@ def record_evaluation(run: Run, result: dict) -> dict:
     if run.tensorboard:
         run.tensorboard.scalars(
             p.step,
-            {f"valid/{t}/{k}": v for t, m in result["tasks"].items() for k, v in m.items() if k != "auc_se"},
+            {
+                f"valid/{t}/{k}": v
+                for t, m in result["tasks"].items()
+                for k, v in m.items()
+                if k not in ("auc_se", "rows", "weight")
+            },
         )
     run.log.info(f"step {p.step} (epoch {p.epoch}): valid " + summary(result))
     if score is not None and (p.best_score is None or score > p.best_score):
@@ -74,6 +79,15 @@ def report_valid(run: Run, result: dict) -> None:
     text = oov_text(entry["path"], "--valid", entry["oov"])
     if text:
         run.log.warn(text)
+    masked = {
+        t: result["rows"] - m["rows"]
+        for t, m in result["tasks"].items()
+        if m.get("rows", result["rows"]) < result["rows"]
+    }
+    entry["labels_masked"] = masked  # per task: null labels each evaluation leaves out (--missing-labels mask)
+    text = masked_text(entry["path"], "--valid", masked, result["rows"])
+    if text:
+        run.log.info(text)
     averaged, no_auc = score_tasks(result)
     entry["tasks_without_auc"] = no_auc
     if no_auc:
@@ -104,7 +118,7 @@ def validation_score(result: dict) -> float | None:
     auc = mean_auc(result)
     if auc is not None:
         return auc
-    mses = [m["mse"] for m in result["tasks"].values() if "mse" in m]
+    mses = [m["mse"] for m in result["tasks"].values() if m.get("mse") is not None]
     return -sum(mses) / len(mses) if mses else None
 
 

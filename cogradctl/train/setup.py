@@ -60,18 +60,24 @@ def read_inputs(cfg: TrainConfig, out: Path, log: Log, plugin_paths, dist: Dist,
     labels = source.schema.task_names
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        options = cfg.label_options
         stream = ParquetStream(
-            cfg.data, source.schema, on_invalid=cfg.on_invalid_rows, shuffle_buffer=cfg.shuffle_buffer
+            cfg.data,
+            source.schema,
+            on_invalid=cfg.on_invalid_rows,
+            shuffle_buffer=cfg.shuffle_buffer,
+            label_options=options,
         )
-        data = {"train": count_rows(stream, cfg.on_invalid_rows)}  # --on-invalid-rows drop: read once, counted
+        data = {"train": count_rows(stream, cfg.on_invalid_rows)}  # rows to drop: read once, counted
         valid = None
         if cfg.valid and dist.main:
-            valid = ParquetStream(cfg.valid, source.schema, on_invalid=cfg.on_invalid_rows)
+            valid = ParquetStream(cfg.valid, source.schema, on_invalid=cfg.on_invalid_rows, label_options=options)
             data["valid"] = count_rows(valid, cfg.on_invalid_rows)
         if dist.main:
-            warn_dropped(log, data["train"], labels, "--data", "training on")
+            why = _drop_options(cfg)
+            warn_dropped(log, data["train"], labels, "--data", "training on", why)
             if valid is not None:
-                warn_dropped(log, data["valid"], labels, "--valid", "evaluating on")
+                warn_dropped(log, data["valid"], labels, "--valid", "evaluating on", why)
         position = (state["epoch"], state["batch"]) if state else (1, 0)
         batches = Batches(stream, cfg, shards, dist, position, device, rows_used=data["train"]["rows_used"])
         before = (
@@ -82,6 +88,12 @@ def read_inputs(cfg: TrainConfig, out: Path, log: Log, plugin_paths, dist: Dist,
     for w in caught:
         log.warn(str(w.message))
     return Inputs(source, model, split, method, state, batches, valid, before, data)
+
+
+def _drop_options(cfg: TrainConfig) -> str:
+    """The options that drop rows, as the warning names them."""
+    parts = ["--on-invalid-rows drop"] if cfg.on_invalid_rows == "drop" else []
+    return ", ".join([*parts, *(["--missing-labels drop"] if cfg.missing_labels == "drop" else [])])
 
 
 def prepare(

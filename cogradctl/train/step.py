@@ -38,6 +38,10 @@ def train_step(
     per-task gradient is divided by it before the method sees them; an overflow skips the step
     and halves the scale. A non-finite loss or gradient otherwise raises Diverged (naming the tasks).
 
+    Partial labels (``grads.denominators``, see ``taskgrad.masked_losses``): a task with no
+    observed row of positive weight in the batch has loss 0 and a zero gradient row; the method
+    is then called with ``observed``, the K bool tensor of the tasks that had some.
+
     Distributed (``reduce``): the losses and gradients are those of the global batch, the same on
     every process; ``inputs`` is None on a process out of data, and the step returns None (nothing
     done) when every process is. ``stop`` is this process's stop request, shared with the others.
@@ -51,12 +55,16 @@ def train_step(
     else:
         losses, g, own = grads.nothing()
     hvp = grads.hvp() if requires_hvp and inputs is not None else None
+    # Each loss's denominator (masked_losses): the observed rows' weights; None from a stand-in
+    # that has none (every task observed).
+    d = getattr(grads, "denominators", None)
     if reduce is not None:
         n = 0 if inputs is None else len(labels)
-        reduced = reduce(n, losses, g, own, stop)
+        reduced = reduce(n, losses, g, own, stop, d)
         if reduced is None:
             return None
         losses, own = reduced
+        d = reduce.denominators
         if requires_hvp:
             hvp = reduce.hvp(n, hvp)
     # A NaN or inf anywhere makes the total non-finite: one reduction and one sync per step. Only
@@ -74,7 +82,12 @@ def train_step(
     for group in optimizer.param_groups:
         for param in group["params"]:
             param.grad = None
-    update = method(g, losses, hvp=hvp) if requires_hvp else method(g, losses)
+    extra = {"hvp": hvp} if requires_hvp else {}
+    if d is not None and not bool((d > 0).all()):
+        # A task without an observed row of positive weight in the (global) batch: its loss is 0 and
+        # its gradient row zero; the method is told which tasks were observed.
+        extra["observed"] = d > 0
+    update = method(g, losses, **extra)
     set_shared_grad(split, update)
     weights = method.task_weights()
     for k, task in enumerate(tasks):

@@ -14,7 +14,7 @@ from torch.func import functional_call
 from cogradctl.errors import CheckpointError
 from cogradctl.models import ParamSplit
 from cogradctl.schema import Schema
-from cogradctl.taskgrad import TaskGradients, flat_shared, task_losses, unflatten_shared
+from cogradctl.taskgrad import TaskGradients, flat_shared, masked_losses, task_losses, unflatten_shared
 from cogradctl.transference.groups import Group
 
 # The default SGD lookahead step α (see docs/transference.md, "Choosing the lookahead step"): large
@@ -144,6 +144,7 @@ def measure_batch(
     the step batch.
     """
     losses, g, _ = grads(inputs, labels)
+    d_step = getattr(grads, "denominators", None)
     if precond is None:
         step = lookahead_lr * g
     elif isinstance(precond, AdamLookahead):
@@ -153,14 +154,19 @@ def measure_batch(
     k = len(schema.tasks)
     x, y = eval_batch if eval_batch is not None else (inputs, labels)
     with torch.no_grad():
-        before = losses.double() if eval_batch is None else task_losses(model(x), y, schema).double()
+        if eval_batch is None:
+            before, d_eval = losses.double(), d_step
+        else:
+            before, d_eval = masked_losses(model(x), y, schema)
+            before = before.double()
         base = flat_shared(split)
         after = torch.empty(k, k, dtype=torch.float64, device=before.device)
         for i in range(k):
             after[i] = task_losses(
                 functional_call(model, unflatten_shared(split, base - step[i]), (x,)), y, schema
             ).double()
-        out = _matrices(before, after, g)
+        seen = _seen(d_step, k), _seen(d_eval, k)
+        out = _absent(_matrices(before, after, g), *seen)
         if isinstance(precond, AdamLookahead):
             out[UNTRAINED_MOVED] = precond.untrained_moved(g)
         if groups:
@@ -173,5 +179,28 @@ def measure_batch(
                     chunks = torch.split(local, [params[n].numel() for n in grp.params])
                     stepped = {n: params[n].detach() - c.view_as(params[n]) for n, c in zip(grp.params, chunks)}
                     moved[i] = task_losses(functional_call(model, stepped, (x,)), y, schema).double()
-                out["modules"][grp.name] = _matrices(before, moved, g.index_select(1, grp.index))
+                out["modules"][grp.name] = _absent(_matrices(before, moved, g.index_select(1, grp.index)), *seen)
+    return out
+
+
+def _seen(d: torch.Tensor | None, k: int) -> np.ndarray:
+    """Which tasks had an observed row of positive weight (``masked_losses``' denominators > 0)."""
+    return np.ones(k, dtype=bool) if d is None else (d > 0).cpu().numpy()
+
+
+def _absent(out: dict[str, np.ndarray], source: np.ndarray, target: np.ndarray) -> dict[str, np.ndarray]:
+    """NaN for the entries a batch says nothing about: a source task with no observed row in the step
+    batch (no gradient: its row, and its pairs' cosine, conflict and gms), a target task with none
+    in the batch its losses are measured on (its column). ``summarise`` leaves them out of the mean."""
+    if source.all() and target.all():
+        return out
+    out = {key: value.copy() for key, value in out.items()}  # .numpy() may share the tensors' memory
+    for key in ("transference", "transference_rel", "loss_after"):
+        out[key][~source, :] = np.nan
+        out[key][:, ~target] = np.nan
+    for key in ("cosine", "conflict_rate", "gms"):
+        out[key][~source, :] = np.nan
+        out[key][:, ~source] = np.nan
+    out["loss_before"][~target] = np.nan
+    out["grad_norm"][~source] = np.nan
     return out

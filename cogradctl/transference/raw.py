@@ -5,6 +5,7 @@ target, written as zstd-compressed Parquet.
 from __future__ import annotations
 
 import io
+import math
 from pathlib import Path
 
 from cogradctl.transference.lookahead import MATRICES
@@ -12,7 +13,8 @@ from cogradctl.transference.lookahead import MATRICES
 
 def raw_table(tasks: list[str], runs: list[tuple[str, list[dict], list[dict]]]):
     """A pyarrow table, one row per (checkpoint role, module, batch, source, target) — every ordered
-    pair including the diagonal (a task's own progress), so K×K rows per batch and module."""
+    pair including the diagonal (a task's own progress), so K×K rows per batch and module; a value
+    is null where the batch gives none (its source or target task had no observed row there)."""
     import pyarrow as pa
 
     cols: dict[str, list] = {
@@ -55,16 +57,26 @@ def raw_table(tasks: list[str], runs: list[tuple[str, list[dict], list[dict]]]):
                         cols["eval_rows_end"].append(ev[1])
                         cols["source"].append(tasks[i])
                         cols["target"].append(tasks[j])
-                        cols["loss_before"].append(float(r["loss_before"][j]))
-                        cols["loss_after"].append(float(r["loss_after"][i, j]))
-                        cols["transference"].append(float(r["transference"][i, j]))
-                        cols["transference_rel"].append(float(r["transference_rel"][i, j]))
-                        cols["cosine"].append(float(r["cosine"][i, j]))
-                        cols["conflict"].append(bool(r["conflict_rate"][i, j] > 0))
-                        cols["gms"].append(float(r["gms"][i, j]))
-                        cols["grad_norm_source"].append(float(r["grad_norm"][i]))
-                        cols["grad_norm_target"].append(float(r["grad_norm"][j]))
+                        cols["loss_before"].append(_value(r["loss_before"][j]))
+                        cols["loss_after"].append(_value(r["loss_after"][i, j]))
+                        cols["transference"].append(_value(r["transference"][i, j]))
+                        cols["transference_rel"].append(_value(r["transference_rel"][i, j]))
+                        cols["cosine"].append(_value(r["cosine"][i, j]))
+                        cols["conflict"].append(_flag(r["conflict_rate"][i, j]))
+                        cols["gms"].append(_value(r["gms"][i, j]))
+                        cols["grad_norm_source"].append(_value(r["grad_norm"][i]))
+                        cols["grad_norm_target"].append(_value(r["grad_norm"][j]))
     return pa.table(cols)
+
+
+def _value(v) -> float | None:
+    """A float, or None (a null) where the batch gives the entry no value (a task not observed there)."""
+    v = float(v)
+    return None if math.isnan(v) else v
+
+
+def _flag(v) -> bool | None:
+    return None if math.isnan(float(v)) else bool(v > 0)
 
 
 def write_raw(table, path) -> None:

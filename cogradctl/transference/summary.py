@@ -20,8 +20,28 @@ def _stack(per_batch: list[dict], key: str, module: str | None = None) -> np.nda
 
 
 def _stderr(stack: np.ndarray) -> np.ndarray:
+    """The standard error of the mean over batches, per entry, over the batches that give the entry
+    a value (NaN: a task not observed in that batch, ``lookahead._absent``); 0 with one such batch."""
     n = stack.shape[0]
-    return stack.std(axis=0, ddof=1) / math.sqrt(n) if n > 1 else np.zeros_like(stack[0])
+    if not np.isnan(stack).any():
+        return stack.std(axis=0, ddof=1) / math.sqrt(n) if n > 1 else np.zeros_like(stack[0])
+    used = _used(stack)
+    mean = _mean(stack)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        var = np.nansum((stack - mean[None]) ** 2, axis=0) / (used - 1)
+        return np.where(used > 1, np.sqrt(var / used), np.where(used == 1, 0.0, np.nan))
+
+
+def _used(stack: np.ndarray) -> np.ndarray:
+    """Per entry, the number of batches that give it a value."""
+    return (~np.isnan(stack)).sum(axis=0)
+
+
+def _mean(stack: np.ndarray) -> np.ndarray:
+    """The mean over the batches that give each entry a value (NaN where none does)."""
+    used = _used(stack)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(used > 0, np.nansum(stack, axis=0) / np.maximum(used, 1), np.nan)
 
 
 def _clean(array: np.ndarray) -> list:
@@ -30,8 +50,11 @@ def _clean(array: np.ndarray) -> list:
 
 
 def _ratio_of_means(num: np.ndarray, den: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """mean(num)/mean(den) per cell and its delta-method standard error (covariance included)."""
-    mn, md = num.mean(axis=0), den.mean(axis=0)
+    """mean(num)/mean(den) per cell and its delta-method standard error (covariance included), over
+    the batches where both have a value."""
+    both = ~(np.isnan(num) | np.isnan(den))
+    num, den = np.where(both, num, np.nan), np.where(both, den, np.nan)
+    mn, md = _mean(num), _mean(den)
     with np.errstate(divide="ignore", invalid="ignore"):
         r = np.where(md != 0, mn / md, np.nan)
         resid = (num - r[None] * den) / md[None]
@@ -39,11 +62,19 @@ def _ratio_of_means(num: np.ndarray, den: np.ndarray) -> tuple[np.ndarray, np.nd
 
 
 def summarise(per_batch: list[dict], module: str | None = None, normalize_rows: bool = False) -> dict:
+    """Mean and standard error over batches of every matrix (``"stderr"``). An entry a batch gives
+    no value (NaN: its source or target task had no observed row there) is averaged over the other
+    batches; ``"batches_used"`` (only when some entry missed a batch) counts them per entry, for
+    the losses' matrices (``"transference"``: source and target observed) and the gradients'
+    (``"cosine"``: both tasks observed), and an entry no batch gives is None."""
     out, err = {}, {}
     for key in MATRICES:
         stack = _stack(per_batch, key, module)
-        out[key] = _clean(stack.mean(axis=0))
+        out[key] = _clean(_mean(stack))
         err[key] = _clean(_stderr(stack))
+    used = {key: _used(_stack(per_batch, key, module)) for key in ("transference", "cosine")}
+    if any((u < len(per_batch)).any() for u in used.values()):
+        out["batches_used"] = {key: u.astype(int).tolist() for key, u in used.items()}
     if normalize_rows:
         for key in ("transference", "transference_rel"):
             stack = _stack(per_batch, key, module)
@@ -85,7 +116,7 @@ def compare(after: list[dict], before: list[dict]) -> dict:
     delta, err = {}, {}
     for key in MATRICES:
         diff = _stack(after, key) - _stack(before, key)
-        delta[key] = _clean(diff.mean(axis=0))
+        delta[key] = _clean(_mean(diff))
         err[key] = _clean(_stderr(diff))
     delta["stderr"] = err
     verdict = []
@@ -126,7 +157,9 @@ def check_gates(
             )
     if max_conflict_rate is not None:
         c = result["conflict_rate"]
-        bad = sorted([(-c[i][j], i, j) for i, j in off if i < j and c[i][j] > max_conflict_rate])
+        bad = sorted(
+            [(-c[i][j], i, j) for i, j in off if i < j and c[i][j] is not None and c[i][j] > max_conflict_rate]
+        )
         if bad:
             v, i, j = bad[0]
             more = f" (and {len(bad) - 1} more pair(s))" if len(bad) > 1 else ""
