@@ -25,6 +25,7 @@ DEVICES = ["android", "ios", "web"]
 KINDS = ("mtl", "ctr-cvr")  # sample-data --kind: the data sets generate and generate_ctr_cvr write
 CTR_CVR_TASKS = {"click": (1.0, 0.30), "purchase": (0.6, 0.30)}  # purchase: null where click = 0
 WEIGHT_VALUES = (0.5, 1.0, 2.0)  # the ctr-cvr data's row weights, drawn uniformly
+HISTORY_MAX = 8  # the ctr-cvr data's history lists: 0 to this many categories
 NUM_DENSE, NUM_CATEGORY, NUM_USER_BUCKET = 6, 50, 200
 LATENT = NUM_DENSE + 1 + 2 + 2  # dense, device, category, user_bucket dimensions
 SINES = 10
@@ -99,8 +100,8 @@ class World:
 def generate_ctr_cvr(rows: int, seed: int = 0, world_seed: int = 1234) -> pa.Table:
     """``rows`` rows of a CTR/CVR-style data set (``sample-data --kind ctr-cvr``): the features of
     :func:`generate`, a ``click`` task and a ``purchase`` task (conversion) that is observed only
-    after a click: null where click = 0 (a partial label, masked by ``--missing-labels mask``),
-    and a ``weight`` column of row weights drawn from WEIGHT_VALUES (``--weight-column weight``).
+    after a click: null where click = 0 (a partial label, masked by ``--missing-labels mask``), a
+    ``history`` list column (browsed categories: a sequence feature), and a ``weight`` column of row weights drawn from WEIGHT_VALUES (``--weight-column weight``).
     Among clicks, a purchase is the top rate fraction of its own score, related to click's by ρ."""
     table = generate(rows, CTR_CVR_TASKS, seed=seed, world_seed=world_seed)
     click = table.column("click").to_numpy(zero_copy_only=False)
@@ -108,7 +109,22 @@ def generate_ctr_cvr(rows: int, seed: int = 0, world_seed: int = 1234) -> pa.Tab
     at = table.schema.get_field_index("purchase")
     table = table.set_column(at, "purchase", pa.array(purchase, mask=click == 0, type=pa.int8()))
     rng = np.random.default_rng([seed, 0xC0C0])
-    return table.append_column("weight", pa.array(rng.choice(WEIGHT_VALUES, size=rows).astype(np.float32)))
+    weight = pa.array(rng.choice(WEIGHT_VALUES, size=rows).astype(np.float32))
+    table = table.append_column("history", _history(table.column("category").to_numpy(), rng))
+    return table.append_column("weight", weight)
+
+
+def _history(category: np.ndarray, rng: np.random.Generator) -> pa.Array:
+    """A list column (a sequence feature): the categories a user browsed before, 0 to HISTORY_MAX of
+    them, most recent first; the row's own category is among them four times in five, so the list
+    carries some of the signal the category column does."""
+    lengths = rng.integers(0, HISTORY_MAX + 1, size=len(category))
+    values = np.minimum(rng.zipf(1.3, size=int(lengths.sum())) - 1, NUM_CATEGORY - 1)
+    starts = np.cumsum(lengths) - lengths
+    own = (lengths > 0) & (rng.random(len(category)) < 0.8)
+    values[starts[own]] = category[own]
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values.astype(np.int32)))
 
 
 def write(table: pa.Table, path: Path) -> None:
