@@ -93,21 +93,7 @@ def import_cmd(
 
     count("--seed", seed, 0)  # a seed must be a non-negative 64-bit integer (torch and numpy take no other)
     log = Log(quiet)
-    opts = schema_options(
-        tasks,
-        out,
-        overwrite,
-        features,
-        dense,
-        categorical,
-        task_type,
-        max_vocab,
-        min_count,
-        exclude_features,
-        encoding,
-        dense_scaling,
-        max_len,
-    )
+    opts = schema_options(locals())
     request = ImportRequest(
         model=model,
         weights=weights,

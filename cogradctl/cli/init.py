@@ -102,21 +102,7 @@ def init_cmd(
 
     count("--seed", seed, 0)  # a seed must be a non-negative 64-bit integer (torch and numpy take no other)
     log = Log(quiet)
-    opts = schema_options(
-        tasks,
-        out,
-        overwrite,
-        features,
-        dense,
-        categorical,
-        task_type,
-        max_vocab,
-        min_count,
-        exclude_features,
-        encoding,
-        dense_scaling,
-        max_len,
-    )
+    opts = schema_options(locals())
     model_config = models.parse_config(config or [])
     schema, rows, encoded = infer.infer_from_options(data, opts)
     note_partition_keys(log, data, schema, opts)
@@ -150,31 +136,21 @@ def init_cmd(
         )
 
 
-def schema_options(
-    tasks: str,
-    out: Path,
-    overwrite: bool,
-    features: str | None,
-    dense: str,
-    categorical: str,
-    task_type: list[str] | None,
-    max_vocab: int,
-    min_count: int,
-    exclude_features: str = "",
-    encoding: list[str] | None = None,
-    dense_scaling: list[str] | None = None,
-    max_len: list[str] | None = None,
-):
-    """The schema options as the library takes them, after the checks on them and on ``--out``.
+def schema_options(values: dict):
+    """The schema options as the library takes them, after the checks on them and on ``--out``, from
+    the command's parameters (``locals()`` of init and import, which share these options by name).
     ``--exclude-features`` narrows the default feature set, so it is refused with ``--features``."""
     from cogradctl.infer import SchemaOptions
     from cogradctl.schema import parse_task_types
 
+    tasks, out, features, task_type = values["tasks"], values["out"], values["features"], values["task_type"]
+    max_vocab, min_count = values["max_vocab"], values["min_count"]
+
     task_list = csv_list(tasks)
-    _check(task_list, tasks, out, overwrite, max_vocab, min_count)
+    _check(task_list, tasks, out, values["overwrite"], max_vocab, min_count)
     parse_task_types(task_type or [], task_list)  # a bad --task-type is reported before --config
-    exclude = csv_list(exclude_features)
-    encodings, scaling = encoding_options(encoding, dense_scaling)
+    exclude = csv_list(values["exclude_features"])
+    encodings, scaling = encoding_options(values["encoding"], values["dense_scaling"])
     if exclude and features:
         raise UsageError("--exclude-features narrows the default feature set: give it or --features, not both")
     return SchemaOptions(
@@ -182,13 +158,13 @@ def schema_options(
         task_types=list(task_type or []),
         features=csv_list(features) if features else None,
         exclude=exclude,
-        dense=csv_list(dense),
-        categorical=csv_list(categorical),
+        dense=csv_list(values["dense"]),
+        categorical=csv_list(values["categorical"]),
         max_vocab=max_vocab,
         min_count=min_count,
         encodings=encodings,
         scaling=scaling,
-        max_len=_max_lens(max_len),
+        max_len=_max_lens(values["max_len"]),
     )
 
 
