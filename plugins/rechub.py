@@ -171,6 +171,12 @@ class _Bridge:
     def __init__(self, schema: Schema, inputs: list, oov_id: int, **rechub_kwargs) -> None:
         super().__init__(**rechub_kwargs)  # torch-rechub's constructor: its modules, its names
         self.cogradctl_tasks = schema.task_names
+        lists = [f.name for f in schema.sequences + schema.vectors]
+        if lists:  # the bridge maps no list feature onto torch-rechub's inputs: refused, not ignored
+            raise ValueError(
+                f"list feature(s) {', '.join(lists)} cannot reach a torch-rechub model through the bridge "
+                f"(SequenceFeature is not mapped); leave them out with --exclude-features {','.join(lists)}"
+            )
         categorical, dense = {f.name for f in schema.categorical}, {f.name for f in schema.dense}
         sizes = {name: owner.vocab_size for name, owner in _owners(inputs).items()}  # the table each id indexes
         for fea in inputs:

@@ -427,3 +427,18 @@ def test_identity_encoded_ids_reach_the_model_as_they_are(rechub, rows, tmp_path
     inputs, _ = data.load(str(tmp_path / "new.parquet"), schema).batch(slice(0, None))
     x = net.rechub_inputs(inputs)
     assert x["user"].tolist() == new["user"].tolist() and x["item"].tolist() == new["item"].tolist()
+
+
+def test_list_features_are_refused_not_ignored(rechub, rows, tmp_path):
+    """A list column becomes a sequence feature at init; the bridge cannot feed it to torch-rechub,
+    so building the model says so (exit 2 at init) instead of training without it."""
+    _, path = rows
+    table = pq.read_table(path)
+    table = table.append_column("hist", pa.array([[1, 2]] * table.num_rows, pa.list_(pa.int64())))
+    pq.write_table(table, tmp_path / "lists.parquet")
+    schema, _ = data.infer_schema(
+        str(tmp_path / "lists.parquet"), ["click", "like"], {"click": "binary", "like": "binary"}
+    )
+    cfg = case_config("MMOE", ["click", "like"], CASES[1][3])
+    with pytest.raises(UsageError, match="list feature\\(s\\) hist .* --exclude-features hist"):
+        models.build("rechub-mmoe", schema, cfg)
