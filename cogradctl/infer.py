@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from cogradctl.columns import plan_columns
 from cogradctl.data import (
     _categorical_values,
     _dense_values,
@@ -29,7 +30,7 @@ from cogradctl.data import (
 )
 from cogradctl.encodings import Lookup, Spec, read_vocab_file
 from cogradctl.errors import DataError, UsageError
-from cogradctl.schema import Feature, Schema, Task, family, parse_task_types, plan_columns
+from cogradctl.schema import Feature, Schema, Task, family, parse_task_types
 from cogradctl.stream.files import partition_array, partitions
 from cogradctl.vocab_tensors import vocab_tensors
 
