@@ -6,6 +6,10 @@ gradients, the methods' updates and one training step; lazy Adam/SGD against a f
 
 import copy
 import math
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -306,3 +310,108 @@ def test_check_mode_refuses_what_row_sparse_tables_cannot_do_yet():
         tables.check_mode("coordinate", ew, 1, 5)
     for mode in ("dense", "freeze"):
         tables.check_mode(mode, exact, 2, 5)
+
+
+# ---------------------------------------------------------------------------- the train command
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def train_args(ckpt, sample_dir, out, *extra):
+    return [
+        sys.executable,
+        "-m",
+        "cogradctl",
+        "train",
+        "--checkpoint",
+        str(ckpt),
+        "--data",
+        str(sample_dir / "train.parquet"),
+        "--method",
+        "cograd",
+        "--optimizer",
+        "adamw",
+        "--weight-decay",
+        "0.01",
+        "--batch-size",
+        "64",
+        "--save-every",
+        "3",
+        "--seed",
+        "7",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+        "--quiet",
+        *extra,
+    ]
+
+
+def saved(out: Path):
+    try:
+        return ckpt_io.load(out / "last.safetensors")
+    except Exception:
+        return None
+
+
+def test_sigkill_then_rerun_is_bit_identical_with_row_sparse_tables(base_checkpoint, sample_dir, tmp_path, cli):
+    """The lazy optimizer's table state is saved (optim.<key>.<table>) and restored exactly."""
+    reference = tmp_path / "reference"
+    args = ("--embeddings", "coordinate")
+    assert cli(*train_args(base_checkpoint, sample_dir, reference, *args)[3:]).exit_code == 0
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(train_args(base_checkpoint, sample_dir, out, *args), cwd=ROOT)
+    deadline = time.time() + 120
+    while (saved(out).training_state["step"] if saved(out) else -1) < 6:
+        assert proc.poll() is None and time.time() < deadline, "the run ended or stalled before the kill"
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    killed_at = saved(out).training_state["step"]
+    assert 6 <= killed_at < 32
+    subprocess.run(train_args(base_checkpoint, sample_dir, out, *args), check=True, cwd=ROOT, timeout=600)
+    want, got = saved(reference), saved(out)
+    assert got.training_state["finished"] and got.training_state["step"] == 32
+    for name in want.state:
+        assert torch.equal(want.state[name], got.state[name]), name
+    table = "input.embedding.weight"
+    assert want.training_state["config"]["embeddings"] == "coordinate"
+    for key in ("step", "exp_avg", "exp_avg_sq"):
+        assert torch.equal(want.extra[f"optim.{key}.{table}"], got.extra[f"optim.{key}.{table}"])
+    # lazy: rows no batch ever touched kept their initial weights and zero moments
+    start = ckpt_io.load(base_checkpoint).state[table]
+    never = (want.extra[f"optim.exp_avg_sq.{table}"] == 0).all(dim=1)
+    assert torch.equal(want.state[table][never], start[never])
+
+
+def test_the_mode_is_validated_stored_and_fixed_for_the_run(base_checkpoint, sample_dir, tmp_path, cli):
+    out = tmp_path / "run"
+    common = ["train", "--checkpoint", str(base_checkpoint), "--data", str(sample_dir / "train.parquet")]
+    common += ["--out", str(out), "--batch-size", "256", "--device", "cpu", "--max-steps", "2", "-q"]
+    result = cli(*common, "--embeddings", "rows")
+    assert result.exit_code == 2 and "--embeddings 'rows'" in result.stderr and not out.exists()
+    result = cli(*common, "--embeddings", "coordinate", "--method", "cograd", "-o", "hessian=fisher-ema")
+    assert result.exit_code == 2 and "fisher-ema" in result.stderr and not out.exists()
+    assert cli(*common).exit_code == 0  # auto: the sample's small table stays dense
+    assert 'embeddings = "dense"' in (out / "config.toml").read_text()
+    assert "optim.exp_avg.input.embedding.weight" in saved(out).extra  # the dense path's Adam state
+    assert cli(*common, "--embeddings", "sum", "--overwrite").exit_code == 0
+    state = saved(out)
+    state.training_state["finished"] = False  # an unfinished run, rerun with another mode: refused
+    ckpt_io.save(state, out / "last.safetensors")
+    result = cli(*common, "--embeddings", "coordinate")
+    assert result.exit_code == 2 and "embeddings ('sum' → 'coordinate')" in result.stderr
+    result = cli(*common)  # auto resolves to dense here: a change too
+    assert result.exit_code == 2 and "embeddings ('sum' → 'dense')" in result.stderr
+
+
+def test_auto_is_coordinate_from_the_threshold_on(world, monkeypatch):
+    model = mmoe(world)
+    split = models.split_parameters(model, TASKS)
+    numbers = model.input.embedding.weight.numel()
+    monkeypatch.setattr(tables, "AUTO_ELEMENTS", numbers + 1)
+    assert tables.resolve("auto", model, split) == "dense"
+    monkeypatch.setattr(tables, "AUTO_ELEMENTS", numbers)
+    assert tables.resolve("auto", model, split) == "coordinate"
+    assert tables.resolve("freeze", model, split) == "freeze"
