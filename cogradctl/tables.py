@@ -119,11 +119,16 @@ class TableRows:
 
     def touched(self, device, dtype) -> None:
         """The unique looked-up rows of each table (sorted), and a zeroed K × Σ rows·dim matrix."""
-        self.index, self.sizes = [], []
+        self.index, self.sizes, self.lookups = [], [], []
         for module, seen in zip(self.modules, self.inputs):
-            ids = torch.unique(torch.cat(seen)) if seen else torch.zeros(0, dtype=torch.long, device=device)
+            looked = torch.cat(seen) if seen else torch.zeros(0, dtype=torch.long, device=device)
+            ids, inverse = torch.unique(looked, return_inverse=True)
+            # (lookups, their touched row): a gradient whose indices are the lookups in order (one
+            # lookup call, no padding row) is summed by position, without a search
+            self.lookups.append((looked, inverse))
             if module.padding_idx is not None:  # its gradient is zero by definition: not a touched row
                 ids = ids[ids != module.padding_idx % module.num_embeddings]
+                self.lookups[-1] = None
             self.index.append(ids)
             self.sizes.append(ids.numel() * module.embedding_dim)
         self.reset(recording=False)
@@ -142,7 +147,11 @@ class TableRows:
                 "outside its lookups, e.g. tied to an output layer); use --embeddings dense"
             )
         indices, values = grad._indices()[0], grad._values()
-        position = torch.searchsorted(self.index[t], indices)
+        lookups = self.lookups[t]
+        if lookups is not None and lookups[0].shape == indices.shape and torch.equal(lookups[0], indices):
+            position = lookups[1]
+        else:
+            position = torch.searchsorted(self.index[t], indices)
         self.blocks[t][i].index_add_(0, position, values.to(self.rows.dtype))
 
     def matrix(self, dense: torch.Tensor) -> torch.Tensor:
