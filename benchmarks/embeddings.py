@@ -72,6 +72,7 @@ def child(args) -> None:
     from cogradctl.train import TrainConfig, make_optimizer, train_step, trainable
 
     ckpt, model, split = models.from_checkpoint(args.checkpoint)
+    ckpt.state.clear()  # as train does (setup.read_inputs): the model holds the weights
     data = data_io.load(str(args.data), ckpt.schema)
     numbers = sum(m.weight.numel() for _, m in tables.embedding_tables(model, split))
     tables.separate(model, split, args.path)
@@ -86,15 +87,14 @@ def child(args) -> None:
             torch.autograd.grad(losses[i], params, retain_graph=i < k - 1, allow_unused=True)
 
     candidates = {"floor": floor}
-    optimizers = []
+    # one optimizer for both methods (neither has parameters), as `cogradctl bench`: one Adam state
+    params, _ = trainable(model, split, torch.nn.Module())
+    optimizer = make_optimizer(TrainConfig(checkpoint="", data="", out="", lr=0.0), params, len(split.tables))
     for name in ("ew", "cograd"):
         method = get_method(name)
         method.setup(k)
         method.segments = [p.numel() for p in split.shared]
-        params, _ = trainable(model, split, method)
-        optimizer = make_optimizer(TrainConfig(checkpoint="", data="", out="", lr=0.0), params, len(split.tables))
-        optimizers.append(optimizer)
-        candidates[name] = lambda i, l, m=method, o=optimizer: train_step(grads, m, o, i, l)  # noqa: E741
+        candidates[name] = lambda i, l, m=method: train_step(grads, m, optimizer, i, l)  # noqa: E741
     times, _ = bench._time_rounds(candidates, batches, args.warmup, args.steps, torch.device("cpu"), lambda n=1: None)
     stats = {c: bench._stats(t) for c, t in times.items()}
     out = {

@@ -144,7 +144,8 @@ class TableRows:
         if not grad.is_sparse:
             raise UsageError(
                 f"--embeddings: table {self.split.table_names[t]} got a dense gradient (its weight is used "
-                "outside its lookups, e.g. tied to an output layer); use --embeddings dense"
+                "other than through its module's lookups: tied to an output layer, or read with "
+                "F.embedding); use --embeddings dense"
             )
         indices, values = grad._indices()[0], grad._values()
         lookups = self.lookups[t]

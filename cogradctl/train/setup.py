@@ -50,6 +50,7 @@ def read_inputs(cfg: TrainConfig, out: Path, log: Log, plugin_paths, dist: Dist,
                 f"{cfg.checkpoint}: weight {name} holds NaN or infinite values (a diverged run's?); "
                 "train from a checkpoint with finite weights"
             )
+    source.state.clear()  # the model holds the weights now: not a second copy of them (its tables) all run
     model.to(device)
     check_output(model, source.schema, source.model)  # exit 2 before --out is written
     split = split_parameters(model, source.schema.task_names, source.model)
