@@ -1,7 +1,7 @@
 """Row-sparse embedding tables (issue #24): step time and peak RSS against table size; writes
 docs/benchmarks-embeddings.md (never edit that file by hand).
 
-    python benchmarks/embeddings.py [--log2-rows 16,20,23] [--steps 30] [--threads N]
+    python benchmarks/embeddings.py [--log2-rows 16,20,23] [--steps 30] [--threads 1,2]
                                     [--dense-up-to 20] [--out docs/benchmarks-embeddings.md]
 
 The built-in mmoe (embedding_dim 16, K = 3 tasks, batch 2048) on the sample data plus two id
@@ -100,10 +100,12 @@ def child(args) -> None:
     out = {
         "log2_rows": args.log2_rows,
         "path": args.path,
+        "threads": args.threads,
         "table_numbers": numbers,
         "floor_ms": stats["floor"]["median_ms"],
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
-        "device": bench.describe_device(torch.device("cpu")),
+        "device": bench.cpu_model(),
+        "torch": torch.__version__,
     }
     for name in ("ew", "cograd"):
         out[name] = {
@@ -115,18 +117,19 @@ def child(args) -> None:
 
 
 def table(results: list[dict], args) -> str:
-    base = {r["path"]: r for r in results if r["log2_rows"] == min(x["log2_rows"] for x in results)}
+    smallest = min(x["log2_rows"] for x in results)
+    base = {(r["path"], r["threads"]): r for r in results if r["log2_rows"] == smallest}
     lines = [
-        "| rows per table | path | floor ms | ew ms (÷ floor, 95% interval) | cograd ms (÷ floor, 95% interval) "
+        "| rows per table | path | threads | floor ms | ew ms (÷ floor, 95% interval) | cograd ms (÷ floor, 95% interval) "
         "| cograd step ÷ its step at the smallest table | peak RSS MB | tables + 2 Adam moments MB |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
-        cells = [f"2^{r['log2_rows']}", r["path"], f"{r['floor_ms']:.1f}"]
+        cells = [f"2^{r['log2_rows']}", r["path"], str(r["threads"]), f"{r['floor_ms']:.1f}"]
         for name in ("ew", "cograd"):
             lo, hi = r[name]["ci95"]
             cells.append(f"{r[name]['step_ms']:.1f} ({r[name]['ratio_to_floor']:.2f}, {lo:.2f}–{hi:.2f})")
-        cells.append(f"{r['cograd']['step_ms'] / base[r['path']]['cograd']['step_ms']:.2f}")
+        cells.append(f"{r['cograd']['step_ms'] / base[(r['path'], r['threads'])]['cograd']['step_ms']:.2f}")
         cells.append(f"{r['peak_rss_mb']:,.0f}")
         cells.append(f"{3 * 4 * r['table_numbers'] / 2**20:,.0f}")
         lines.append("| " + " | ".join(cells) + " |")
@@ -139,7 +142,7 @@ def main() -> None:
     parser.add_argument("--dense-up-to", type=int, default=20)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", default="1,2", help="thread counts, each a row per size and path")
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks-embeddings.md"))
     parser.add_argument("--note", default="", help="a line about the machine's load, printed under the table")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -148,7 +151,7 @@ def main() -> None:
     parser.add_argument("--path", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        args.log2_rows = int(args.log2_rows)
+        args.log2_rows, args.threads = int(args.log2_rows), int(args.threads)
         child(args)
         return
     results = []
@@ -159,13 +162,14 @@ def main() -> None:
             ckpt = Path(tmp) / f"mmoe-{s}.safetensors"
             init(data, s, ckpt)
             for path in ("coordinate", "dense") if s <= args.dense_up_to else ("coordinate",):
-                cmd = [sys.executable, __file__, "--child", "--log2-rows", str(s), "--path", path]
-                cmd += ["--checkpoint", str(ckpt), "--data", str(data), "--steps", str(args.steps)]
-                cmd += ["--warmup", str(args.warmup), "--threads", str(args.threads)]
-                env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(args.threads)}
-                line = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
-                results.append(json.loads(line.strip().splitlines()[-1]))
-                print(json.dumps(results[-1]), flush=True)
+                for threads in args.threads.split(","):
+                    cmd = [sys.executable, __file__, "--child", "--log2-rows", str(s), "--path", path]
+                    cmd += ["--checkpoint", str(ckpt), "--data", str(data), "--steps", str(args.steps)]
+                    cmd += ["--warmup", str(args.warmup), "--threads", threads]
+                    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": threads}
+                    line = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
+                    results.append(json.loads(line.strip().splitlines()[-1]))
+                    print(json.dumps(results[-1]), flush=True)
             ckpt.unlink()
     command = "python benchmarks/embeddings.py " + " ".join(sys.argv[1:])
     text = "\n".join(
@@ -174,7 +178,8 @@ def main() -> None:
             "",
             f"Written by `{command.strip()}`; do not edit by hand.",
             "",
-            f"Machine: {results[0]['device']}, {os.cpu_count()} cores, Python {platform.python_version()}. "
+            f"Machine: {results[0]['device']}, {os.cpu_count()} cores, torch {results[0]['torch']}, "
+            f"Python {platform.python_version()}. "
             f"mmoe, embedding_dim 16, K = 3, batch {BATCH}, two id features hashed into 2^s rows each "
             "(about 2048 distinct rows of each touched per batch); median of "
             f"{args.steps} interleaved rounds after {args.warmup}. Floor: one forward and K backward "

@@ -20,9 +20,10 @@ def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter], tables: i
     parameter group marked ``row_sparse``, which ``optimizer_step`` updates lazily (``lazy_step``)."""
 
     def groups() -> list[dict]:  # fresh each time: an optimizer fills in the dicts it is given
-        dense = [{"params": params[: len(params) - tables]}]
-        # the tables' group: not fused, so its step count stays on the CPU (state._placed)
-        return dense + ([{"params": params[len(params) - tables :], "row_sparse": True, "fused": False}] * bool(tables))
+        out = [{"params": params[: len(params) - tables]}]
+        if tables:  # not fused, so its step count stays on the CPU (state._placed)
+            out.append({"params": params[len(params) - tables :], "row_sparse": True, "fused": False})
+        return out
 
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
