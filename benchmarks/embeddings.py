@@ -171,7 +171,8 @@ def main() -> None:
                     results.append(json.loads(line.strip().splitlines()[-1]))
                     print(json.dumps(results[-1]), flush=True)
             ckpt.unlink()
-    command = "python benchmarks/embeddings.py " + " ".join(sys.argv[1:])
+    given = [a for i, a in enumerate(sys.argv[1:]) if a != "--note" and (i == 0 or sys.argv[i] != "--note")]
+    command = "python benchmarks/embeddings.py " + " ".join(given) + (' --note "…"' if args.note else "")
     text = "\n".join(
         [
             "# Row-sparse embedding tables: step time and memory against table size",
