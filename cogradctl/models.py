@@ -15,7 +15,7 @@ import math
 import os
 import random
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -248,6 +248,10 @@ class ParamSplit:
     task_names: dict[str, list[str]]
     # Set by ``taskgrad.flatten_shared``: one P-vector whose slices the shared parameters are.
     flat: nn.Parameter | None = None
+    # Shared embedding tables trained row-sparse (``tables.separate``, ``train --embeddings
+    # coordinate|sum``): taken out of ``shared``; their per-task gradients are the touched rows only.
+    tables: list[nn.Parameter] = field(default_factory=list)
+    table_names: list[str] = field(default_factory=list)
 
     @property
     def num_shared(self) -> int:

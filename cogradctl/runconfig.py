@@ -51,6 +51,7 @@ TYPES: dict[str, tuple[type, ...]] = {
     "log_every": (int,),
     "measure_every": (int,),
     "tensorboard": (bool,),
+    "embeddings": (str,),
 }
 
 

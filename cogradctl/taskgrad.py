@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from cogradctl import labels as label_io
 from cogradctl.models import ParamSplit
 from cogradctl.schema import Schema
+from cogradctl.tables import TableRows
 
 
 def task_losses(outputs: dict[str, torch.Tensor], labels: torch.Tensor, schema: Schema) -> torch.Tensor:
@@ -68,12 +69,21 @@ class TaskGradients:
         schema: Schema,
         device: torch.device | str = "cpu",
         own: bool = True,
+        sum_tables: bool = False,
     ) -> None:
-        """``own=False``: gradients on the shared parameters only (measurement needs no others)."""
+        """``own=False``: gradients on the shared parameters only (measurement needs no others).
+
+        With row-sparse tables (``split.tables``, see :mod:`cogradctl.tables`) a call returns the
+        K × (P + touched rows × dim) matrix, the columns in the model's parameter order;
+        ``sum_tables``: the method is to see the P dense columns only (``coordinated``) and the
+        tables get the plain sum of the task gradients (``set_update``)."""
         self.model, self.split, self.schema = model, split, schema
         self.own = own
         self.tasks = schema.task_names
         k, p = len(self.tasks), split.num_shared
+        self.sum_tables = sum_tables
+        self.tables = TableRows(model, split, k) if split.tables else None
+        self.segments = [q.numel() for q in split.shared]  # of the matrix of the last call
         self.grads = torch.empty(k, p, device=device, dtype=split.shared[0].dtype)
         # views[i][n]: the slice of row i that holds shared parameter n, shaped like it.
         self.views = []
@@ -98,6 +108,10 @@ class TaskGradients:
         multiplied by it before its backward pass and every gradient divided by it afterwards.
         ``self.denominators`` is then the K-vector of each loss's denominator (``masked_losses``:
         the observed rows' weights; 0 for a task absent from the batch)."""
+        if self.tables is not None:
+            if create_graph:
+                raise ValueError("row-sparse tables: Hessian-vector products are not supported")
+            self.tables.reset()
         outputs = self.model(inputs)
         losses, self.denominators = masked_losses(outputs, labels, self.schema)
         if create_graph:
@@ -106,25 +120,65 @@ class TaskGradients:
         own: dict[str, list[torch.Tensor]] = {}
         last = len(self.tasks) - 1
         self.grads.zero_()
+        tables = self.split.tables
+        if self.tables is not None:
+            self.tables.touched(self.grads.device, self.grads.dtype)
         for i, task in enumerate(self.tasks):
             # Each backward pass accumulates straight into row i of the buffer: the shared
             # parameters' .grad are views of it. The task's own parameters get fresh gradients
-            # in the same pass; the last pass frees the graph.
+            # in the same pass; the last pass frees the graph. A row-sparse table's sparse
+            # gradient is summed onto its touched rows (``TableRows.add``).
             for param, view in zip(self.split.shared, self.views[i]):
                 param.grad = view
             mine = self.split.tasks[task] if self.own else []
-            for param in mine:
+            for param in (*mine, *tables):
                 param.grad = None
-            torch.autograd.backward(scaled[i], inputs=[*self.split.shared, *mine], retain_graph=i < last)
+            torch.autograd.backward(scaled[i], inputs=[*self.split.shared, *tables, *mine], retain_graph=i < last)
             own[task] = [torch.zeros_like(p) if p.grad is None else p.grad for p in mine]
+            for t, param in enumerate(tables):
+                self.tables.add(i, t, param.grad)
+                param.grad = None
         for param in self.split.shared:
             param.grad = None
         if loss_scale is not None:
             self.grads.div_(loss_scale)
+            if self.tables is not None:
+                self.tables.rows.div_(loss_scale)
             for grads in own.values():
                 for grad in grads:
                     grad.div_(loss_scale)
-        return losses.detach(), self.grads, own
+        if self.tables is None:
+            return losses.detach(), self.grads, own
+        self.segments = self.tables.segments()
+        return losses.detach(), self.tables.matrix(self.grads), own
+
+    def coordinated(self, g: torch.Tensor, method) -> torch.Tensor:
+        """The columns of a call's matrix ``g`` that the method coordinates: all of them, except
+        with ``sum_tables`` (the dense shared parameters' only). With row-sparse tables the
+        method's ``segments`` are set to this batch's (they change with the touched rows) and its
+        ``columns`` to the P the matrix stands for (methods/base.py)."""
+        if self.tables is None:
+            return g
+        if self.sum_tables:
+            return self.grads
+        method.segments = self.segments
+        method.columns = self.split.num_shared + sum(p.numel() for p in self.split.tables)
+        return g
+
+    def set_update(self, update: torch.Tensor) -> None:
+        """The method's update (on ``coordinated``'s columns) as the shared parameters' ``.grad``
+        (``set_shared_grad``) and the tables' coalesced sparse ``.grad`` on their touched rows:
+        the update's table columns, or with ``sum_tables`` the sum of the task gradients there."""
+        if self.tables is None:
+            set_shared_grad(self.split, update)
+            return
+        if self.sum_tables:
+            dense, rows = update, self.tables.rows.sum(dim=0)
+        else:
+            dense, rows = self.tables.cut(update)
+        set_shared_grad(self.split, dense)
+        for param, grad in zip(self.split.tables, self.tables.sparse_grads(rows)):
+            param.grad = grad
 
     def nothing(self):
         """The result of a call on no rows, all zeros: a process out of data in a distributed step."""

@@ -115,6 +115,15 @@ def train_cmd(
         int | None,
         typer.Option(help="Every N steps, write a transference record (4 fixed training batches) to metrics.jsonl."),
     ] = None,
+    embeddings: Annotated[
+        str,
+        typer.Option(
+            help="Shared embedding tables: coordinate (row-sparse: the method sees the rows the batch "
+            "touched; lazy Adam on them), sum (row-sparse: the plain sum of the task gradients; the "
+            "method coordinates the other shared layers), freeze, dense (every row a gradient column), "
+            "or auto: coordinate from 2^24 table numbers on, else dense.",
+        ),
+    ] = "auto",
     tensorboard: Annotated[
         bool, typer.Option(help="Also log to OUT/tensorboard (needs the tensorboard package).")
     ] = False,

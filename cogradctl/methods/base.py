@@ -35,6 +35,13 @@ What the training loop provides (the contract, read by the loop's author):
   without calling ``aggregate``. ``observed_gram`` and ``spread`` are the Gram-based methods' helpers.
   A task that is observed but whose gradient is exactly zero is a different case: the method's own
   definition decides (MGDA: a stationary task, so a zero update).
+* ``columns`` and ``column_state`` (row-sparse embedding tables, ``train --embeddings
+  coordinate``): the matrix then holds the dense shared parameters' columns and only the rows of
+  the tables that the batch touched; every other column is zero in every row and is left out, so
+  the columns change from step to step (``segments`` is set each step). ``columns`` is the number
+  of columns the matrix stands for (``None``: ``grads.shape[1]``): a method whose result depends on
+  the number of zero columns (a mean over columns) divides by it. A method that keeps per-column
+  state across steps sets ``column_state`` true and is refused in that mode.
 * ``task_weights()``: the K weights the loop applies to each task's gradient on its own
   task-specific parameters (``None``: all 1).
 * ``stats``: diagnostics of the last call (floats, bools or lists of floats), logged per step.
@@ -82,6 +89,7 @@ class Method(torch.nn.Module):
     paper = ""
     options: dict[str, str] = {}
     requires_hvp = False
+    column_state = False  # keeps state per column across steps (see the module docstring)
 
     def __init__(self, granularity: str = "global") -> None:
         super().__init__()
@@ -92,6 +100,7 @@ class Method(torch.nn.Module):
         self.num_blocks: int = 1
         self.block: int = 0
         self._segments: list[int] | None = None
+        self.columns: int | None = None  # the P the columns stand for, zero columns left out included
         # Which tasks the current step observed (see the module docstring): set by ``forward``.
         self.observed: torch.Tensor | None = None
         self.observed_rows: list[int] | None = None

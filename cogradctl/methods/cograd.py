@@ -106,6 +106,7 @@ class CoGrad(Method):
         self.fisher_decay = float(fisher_decay)
         # The loop passes hvp=fn to methods whose (instance) requires_hvp is true.
         self.requires_hvp = hessian == "exact"
+        self.column_state = hessian == "fisher-ema"  # one average per column
         self._tiny_steps = 0
         self._warned = False
 
@@ -131,10 +132,10 @@ class CoGrad(Method):
             self.fisher = torch.zeros_like(state_dict[key])
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    @staticmethod
-    def _scaled(h: torch.Tensor) -> torch.Tensor:
-        """Rows of a non-negative diagonal divided by their mean (zero rows stay zero)."""
-        mean = h.mean(dim=1, keepdim=True)
+    def _scaled(self, h: torch.Tensor) -> torch.Tensor:
+        """Rows of a non-negative diagonal divided by their mean (zero rows stay zero), over
+        ``columns`` when zero columns were left out (row-sparse tables)."""
+        mean = h.mean(dim=1, keepdim=True) if not self.columns else h.sum(dim=1, keepdim=True) / self.columns
         return torch.where(mean > 0, h / mean.clamp_min(torch.finfo(h.dtype).tiny), torch.zeros_like(h))
 
     def _gamma(self) -> torch.Tensor:

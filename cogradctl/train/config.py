@@ -20,6 +20,7 @@ OUTPUTS = ("last.safetensors", "best.safetensors", "metrics.jsonl")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "cosine", "linear")
 PRECISIONS = ("fp32", "bf16", "fp16")
+EMBEDDINGS = ("auto", "coordinate", "sum", "freeze", "dense")  # tables.MODES
 INT_OPTIONS = (
     "warmup_steps",
     "batch_size",
@@ -54,6 +55,7 @@ RESUME_KEYS = (
     "precision",
     "on_invalid_rows",
     "shuffle_buffer",
+    "embeddings",
 )
 LABEL_KEYS = {"missing_labels": "mask", "weight_column": None}  # resume keys too, saved when not these defaults
 
@@ -92,6 +94,9 @@ class TrainConfig:
     device: str = "cpu"
     log_every: int = 10
     measure_every: int | None = None  # every N steps: transference on a few fixed training batches
+    # shared embedding tables: auto|coordinate|sum|freeze|dense (cogradctl/tables.py); a run's
+    # config holds the mode "auto" resolved to (train.setup.read_inputs)
+    embeddings: str = "auto"
     tensorboard: bool = False
     overwrite: bool = False
     resume: bool = False
@@ -132,6 +137,7 @@ class TrainConfig:
             ("on_nonfinite", ("abort", "skip")),
             ("on_invalid_rows", ("error", "drop")),
             ("missing_labels", MISSING_LABELS),
+            ("embeddings", EMBEDDINGS),
         ):
             if getattr(self, name) not in allowed:
                 raise UsageError(f"--{_flag(name)} {getattr(self, name)!r}: expected one of {', '.join(allowed)}")

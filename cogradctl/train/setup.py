@@ -13,6 +13,7 @@ import torch
 
 from cogradctl import checkpoint as ckpt_io
 from cogradctl import data as data_io
+from cogradctl import tables
 from cogradctl.console import Log, counted
 from cogradctl.contract import check_output
 from cogradctl.distributed import Dist, StepReducer
@@ -49,10 +50,16 @@ def read_inputs(cfg: TrainConfig, out: Path, log: Log, plugin_paths, dist: Dist,
                 f"{cfg.checkpoint}: weight {name} holds NaN or infinite values (a diverged run's?); "
                 "train from a checkpoint with finite weights"
             )
+    source.state.clear()  # the model holds the weights now: not a second copy of them (its tables) all run
     model.to(device)
     check_output(model, source.schema, source.model)  # exit 2 before --out is written
     split = split_parameters(model, source.schema.task_names, source.model)
     method = get_method(cfg.method, plugin_paths, **cfg.method_options).to(device)
+    cfg.embeddings = tables.resolve(cfg.embeddings, model, split)  # "auto" decided once, saved so
+    tables.check_mode(cfg.embeddings, method, dist.world, cfg.measure_every)
+    if cfg.embeddings != "dense" and tables.embedding_tables(model, split):  # dense: as every run before
+        log.info(tables.describe(cfg.embeddings, model, split))
+    tables.separate(model, split, cfg.embeddings)
     state = previous_state(cfg, out, dist.world)
     if state is None and not cfg.overwrite and (out / "last.safetensors").exists():
         log.info(f"{out}: its run stopped before its first step; starting it again")
@@ -109,7 +116,7 @@ def prepare(
     method.setup(len(inputs.source.schema.task_names))
     method.segments = [p.numel() for p in split.shared]
     params, names = trainable(inputs.model, split, method)
-    optimizer = make_optimizer(cfg, params)
+    optimizer = make_optimizer(cfg, params, tables=len(split.tables))
     scaler = LossScaler() if cfg.precision == "fp16" else None
     if state:
         taken = state["step"] - state.get("skipped", 0)
@@ -135,7 +142,7 @@ def prepare(
         optimizer=optimizer,
         names=names,
         scaler=scaler,
-        grads=TaskGradients(inputs.model, split, inputs.source.schema, device),
+        grads=TaskGradients(inputs.model, split, inputs.source.schema, device, sum_tables=cfg.embeddings == "sum"),
         autocast=Autocast(device, cfg.precision),
         reduce=StepReducer(dist) if dist.world > 1 else None,
         stop=stop,

@@ -149,7 +149,7 @@ def previous_state(cfg: TrainConfig, out: Path, world: int = 1) -> dict | None:
                 f"--resume: the run in {out} has finished (step {state['step']}); pass --overwrite to start again"
             )
         raise UsageError(f"--out {out}: already holds a finished run; choose another directory or pass --overwrite")
-    saved = state.get("config", {})
+    saved = {"embeddings": "dense", **state.get("config", {})}  # runs saved before --embeddings were dense
     now = cfg.identity(world, data_shards(cfg, state, world))
     changed = [k for k, v in now.items() if json.dumps(saved.get(k)) != json.dumps(v)]
     if changed:

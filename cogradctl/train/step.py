@@ -16,7 +16,7 @@ import torch
 from cogradctl.distributed import StepReducer
 from cogradctl.errors import Diverged
 from cogradctl.taskgrad import TaskGradients, set_shared_grad
-from cogradctl.train.optim import optimizer_step
+from cogradctl.train.optim import clip_gradients, optimizer_step
 
 
 def train_step(
@@ -87,15 +87,22 @@ def train_step(
         # A task without an observed row of positive weight in the (global) batch: its loss is 0 and
         # its gradient row zero; the method is told which tasks were observed.
         extra["observed"] = d > 0
-    update = method(g, losses, **extra)
-    set_shared_grad(split, update)
+    # Row-sparse embedding tables (cogradctl/tables.py): g holds their touched rows; with
+    # --embeddings sum the method sees the dense columns only and the tables get the sum.
+    sparse = getattr(grads, "tables", None) is not None
+    coordinated = grads.coordinated(g, method) if sparse else g
+    update = method(coordinated, losses, **extra)
+    if sparse:
+        grads.set_update(update)
+    else:
+        set_shared_grad(split, update)
     weights = method.task_weights()
     for k, task in enumerate(tasks):
         w = 1.0 if weights is None else float(weights[k])
         for param, grad in zip(split.tasks[task], own[task]):
             param.grad = grad * w if w != 1.0 else grad
     if grad_clip is not None:
-        torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], grad_clip)
+        clip_gradients(optimizer, grad_clip)
     optimizer_step(optimizer)
     if scaler is not None:
         scaler.update(found_inf=False)
