@@ -79,6 +79,7 @@ from pathlib import Path
 
 METHODS = ["ew", "cograd", "gdod", "pcgrad", "mgda", "cagrad", "nash-mtl", "uw"]
 COGRAD_FIXED = ["-o", "hessian=diag", "-o", "normalize=relative"]
+ROOT = Path(__file__).resolve().parent.parent
 SMALL_MMOE = {"num_experts": 2, "expert": [16], "tower": [8]}
 
 FULL = {
@@ -130,7 +131,16 @@ class Runner:
         self.steps = out / "steps"
         self.steps.mkdir(parents=True, exist_ok=True)
         self.in_process, self.cached_only = in_process, cached_only
-        self.env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        # This checkout's code, the model plugins included: they are the package cogradctl_plugins,
+        # which an editable install of another clone would otherwise provide.
+        shim = out / "pythonpath"
+        shim.mkdir(exist_ok=True)
+        if not (shim / "cogradctl_plugins").exists():
+            (shim / "cogradctl_plugins").symlink_to(ROOT / "plugins", target_is_directory=True)
+        path = [str(ROOT), str(shim.resolve()), *filter(None, [os.environ.get("PYTHONPATH")])]
+        self.env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(path)}
+        if in_process:
+            sys.path[:0] = path[:2]
         self.records: dict[str, dict] = {}
         self.lock = threading.Lock()
         self.key_locks: dict[str, threading.Lock] = {}
@@ -871,7 +881,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.in_process:
         args.jobs = 1
     cfg = TINY if args.tiny else QUICK if args.quick else FULL
-    default = Path(__file__).resolve().parent.parent / "docs" / "results.md"
+    default = ROOT / "docs" / "results.md"
     path = (
         Path(args.results) if args.results else (Path(args.out) / "results.md" if args.quick or args.tiny else default)
     )
