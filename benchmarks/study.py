@@ -170,6 +170,7 @@ class Runner:
         if code != 0:
             raise SystemExit(f"step {key} failed with exit code {code}: {text}\n{stderr[-2000:]}")
         record = {"key": key, "command": text, "seconds": round(time.time() - started, 2), "started": started}
+        record["load"] = os.getloadavg()[0]  # the machine's 1-minute load average as the step ended
         record["result"] = json.loads(stdout)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(record, indent=1))
@@ -700,9 +701,10 @@ def figure(report: dict, cfg: dict, path: Path) -> bool:
 
 def hessian_section(report: dict, cfg: dict) -> list[str]:
     h = report.get("hessian")
-    if not h or "ew" not in h["runs"]:
+    runs = {v: rs for v, rs in (h or {"runs": {}})["runs"].items() if rs}
+    if "ew" not in runs:
         return ["## CoGrad's Hessian, isolated", "", "Not run yet.", ""]
-    tasks, runs = h["tasks"], h["runs"]
+    tasks = h["tasks"]
     mean = {
         v: {s: {sp: statistics.fmean(r[sp][t] for t in tasks) for sp in ("valid", "test")} for s, r in rs.items()}
         for v, rs in runs.items()
@@ -751,24 +753,29 @@ def defaults_section(report: dict, cfg: dict) -> list[str]:
 
 
 def conclusions(report: dict, cfg: dict) -> list[str]:
-    """Counted statements only: what the verdicts say, cell by cell."""
-    verdicts: dict[str, dict[str, int]] = {}
-    for _, _, _, s in cells(report, cfg):
+    """Counted statements only: what the verdicts say, and in which cells beyond noise."""
+    verdicts: dict[str, dict[str, list[str]]] = {}
+    for name, proto, _, s in cells(report, cfg):
         for m, r in s["rows"].items():
             p = r["vs_ew_dm"] or r["vs_ew_auc"]
             if m != "ew" and p:
-                verdicts.setdefault(m, {"better": 0, "worse": 0, "no detectable difference": 0})[p["verdict"]] += 1
+                v = verdicts.setdefault(m, {"better": [], "worse": [], "no detectable difference": []})
+                v[p["verdict"]].append(f"{name}/{proto} ({fmt_pair(p)})")
     L = ["## What a user should conclude", ""]
     for m, v in verdicts.items():
-        L.append(
-            f"- `{m}` against `ew`: better in {v['better']}, worse in {v['worse']}, no detectable difference in "
-            f"{v['no detectable difference']} of {sum(v.values())} data-set/protocol cells (95 % paired intervals over seeds)."
-        )
-    c = verdicts.get("cograd", {})
+        n = sum(map(len, v.values()))
+        line = f"- `{m}` against `ew` ({n} data-set/protocol cells, 95 % paired intervals over seeds): "
+        line += f"better in {len(v['better'])}, worse in {len(v['worse'])}, no detectable difference in "
+        line += f"{len(v['no detectable difference'])}."
+        for word in ("better", "worse"):
+            if v[word]:
+                line += f" {word.capitalize()}: " + "; ".join(v[word]) + "."
+        L.append(line)
+    c = verdicts.get("cograd")
     if c and not c["better"]:
         L.append("- **CoGrad never beat `ew` beyond noise in this study.**")
     elif c:
-        L.append(f"- CoGrad beat `ew` beyond noise in {c['better']} cell(s); see the tables for which.")
+        L.append(f"- CoGrad beat `ew` beyond noise in {len(c['better'])} cell(s), listed above.")
     L += [
         "- A cell's verdict is per data set and protocol; with several methods and cells compared, an occasional "
         "interval that excludes 0 is expected by chance alone (about 1 in 20 per comparison when nothing differs).",
@@ -816,12 +823,24 @@ def setup_section(cfg: dict, args) -> list[str]:
     return L
 
 
+def load_note(records: list[dict]) -> str:
+    loads = [r["load"] for r in records if "load" in r]
+    if not loads:
+        return ""
+    return (
+        f" (1-minute load average as the steps ended: median {statistics.median(loads):.1f}, on {os.cpu_count()} cores)"
+    )
+
+
 def write_results(report: dict, cfg: dict, args, path: Path) -> None:
     import torch
 
     lost = missing(report, cfg)
     records = sorted(report["records"].values(), key=lambda r: r["started"])
     busy = sum(r["seconds"] for r in records)
+    span = max((r["started"] + r["seconds"] for r in records), default=0) - min(
+        (r["started"] for r in records), default=0
+    )
     png = path.with_name(path.stem + "-gain.png")
     drew = figure(report, cfg, png)
     mode = "--tiny" if args.tiny else "--quick" if args.quick else ""
@@ -841,9 +860,10 @@ def write_results(report: dict, cfg: dict, args, path: Path) -> None:
         "",
         f"- {platform.platform()}, Python {platform.python_version()}, torch {torch.__version__}, {os.cpu_count()} cores; "
         f"{args.jobs} step(s) at a time, one torch thread each.",
-        f"- {len(records)} steps ({sum(1 for r in records if r.get('reused'))} reused from an earlier invocation); "
-        f"their summed wall time is {busy / 60:.1f} min, i.e. about {busy / 60 / max(1, args.jobs):.1f} min on "
-        f"{args.jobs} idle cores. The machine was shared with other jobs while this ran, so these times are inflated.",
+        f"- {len(records)} steps; from the first step's start to the last one's end {span / 60:.1f} min wall; the "
+        f"steps' summed wall time is {busy / 60:.1f} min, i.e. about {busy / 60 / max(1, args.jobs):.1f} min at "
+        f"{args.jobs} at a time. The machine was shared with other agents' jobs while this ran, so both times "
+        "are inflated against an idle machine" + load_note(records) + ".",
         "",
     ]
     for name, proto, p, summary in cells(report, cfg):
