@@ -8,8 +8,10 @@ Usage::
                                [--quick | --tiny] [--jobs 2] [--results docs/results.md]
     python benchmarks/study.py --out /tmp/study-run --report-only   # results from the finished steps
 
-Every step is one ``cogradctl`` command (a subprocess; ``--in-process`` calls the CLI in this
-interpreter, for the test). Its exact command and JSON output are kept in ``OUT/steps/KEY.json``;
+Every step is one ``cogradctl`` command, run through the CLI's entry by one of ``--jobs`` long-lived
+worker processes, which import torch and cogradctl once (``--fresh-processes``: a new interpreter per
+step; ``--in-process``: in this interpreter, for the test); every worker runs this checkout's code,
+model plugins included. Its exact command and JSON output are kept in ``OUT/steps/KEY.json``;
 a step whose record has the same command and whose inputs are older than the record is reused, so
 an interrupted study resumes where it stopped. Up to ``--jobs`` steps run at a time (each with one
 torch thread), the data sets in the order listed below (the first finish first).
@@ -127,7 +129,7 @@ class Runner:
     reused when the same command was recorded after its inputs were written; None when
     ``cached_only`` and not recorded."""
 
-    def __init__(self, out: Path, in_process: bool = False, cached_only: bool = False) -> None:
+    def __init__(self, out: Path, in_process: bool = False, cached_only: bool = False, workers: int = 0) -> None:
         self.steps = out / "steps"
         self.steps.mkdir(parents=True, exist_ok=True)
         self.in_process, self.cached_only = in_process, cached_only
@@ -141,6 +143,17 @@ class Runner:
         self.env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(path)}
         if in_process:
             sys.path[:0] = path[:2]
+        self.workers = None
+        if workers and not in_process:
+            # Long-lived worker processes: each imports torch and cogradctl once instead of once a step
+            # (on the loaded 2-core machine a fresh interpreter took 20-30 s of a step's time).
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            context = multiprocessing.get_context("spawn")
+            self.workers = ProcessPoolExecutor(
+                workers, context, initializer=_worker_init, initargs=(path[:2],), max_tasks_per_child=200
+            )
         self.records: dict[str, dict] = {}
         self.lock = threading.Lock()
         self.key_locks: dict[str, threading.Lock] = {}
@@ -184,14 +197,31 @@ class Runner:
 
     def _execute(self, args: list[str]) -> tuple[int, str, str]:
         if self.in_process:
-            from typer.testing import CliRunner
-
-            from cogradctl import cli
-
-            result = CliRunner().invoke(cli.app, args)
-            return result.exit_code, result.stdout, result.stderr
+            return _invoke(args)
+        if self.workers is not None:
+            return self.workers.submit(_invoke, args).result()
         proc = subprocess.run([sys.executable, "-m", "cogradctl", *args], capture_output=True, text=True, env=self.env)
         return proc.returncode, proc.stdout, proc.stderr
+
+
+def _worker_init(path: list[str]) -> None:
+    """A worker process: this checkout first on sys.path, one torch thread (set before torch loads)."""
+    os.environ["OMP_NUM_THREADS"] = "1"
+    sys.path[:0] = path
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _invoke(args: list[str]) -> tuple[int, str, str]:
+    """``cogradctl ARGS`` in this process, through the CLI's own entry (click's test runner keeps
+    stdout and stderr apart) → exit code, stdout, stderr."""
+    from typer.testing import CliRunner
+
+    from cogradctl import cli
+
+    result = CliRunner().invoke(cli.app, args)
+    return result.exit_code, result.stdout, result.stderr
 
 
 class Pool:
@@ -224,7 +254,8 @@ class Pool:
 class Study:
     def __init__(self, args, cfg: dict) -> None:
         self.cfg, self.out = cfg, Path(args.out)
-        self.run = Runner(self.out, args.in_process, args.report_only)
+        workers = 0 if args.fresh_processes else max(1, args.jobs)
+        self.run = Runner(self.out, args.in_process, args.report_only, workers)
         self.pool = Pool(1 if args.in_process else max(1, args.jobs))
         self.source = args.source
 
@@ -893,6 +924,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tiny", action="store_true", help="the test's size: 2 seeds, ew and cograd, a few hundred rows")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="steps at a time (default: the core count)")
     p.add_argument("--in-process", action="store_true", help="call the CLI in this interpreter (one step at a time)")
+    p.add_argument(
+        "--fresh-processes",
+        action="store_true",
+        help="a new cogradctl process per step (default: --jobs long-lived workers)",
+    )
     p.add_argument("--report-only", action="store_true", help="run nothing: write the results from the recorded steps")
     p.add_argument(
         "--results", default=None, help="the markdown file (default docs/results.md; --quick/--tiny: OUT/results.md)"
