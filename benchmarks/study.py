@@ -23,15 +23,17 @@ Data sets:
   --seed 0`` gives train and valid; ``--seed 1`` gives the fine-tuning data (its train file: rows the
   base never saw, same distribution) and test (its valid file).
 * ``census-g1``, ``census-g2``, ``census-all``: ``cogradctl data prepare census-kdd --group 1|2|all``
-  (income+marital, education+marital, the three); from scratch only (its fine-tuning from a
-  converged base is docs/results-census.md).
+  (income+marital, education+marital, the three). For ``finetune`` the training split is cut in two
+  random halves (seed 0): the base learns on the first from scratch, is fine-tuned on the second
+  (docs/results-census.md fine-tunes a converged base under a decaying learning rate instead).
 
 Protocols (per data set, every seed s):
 
 * ``scratch``: ``init --seed s``, then ``train --method M --seed s`` for the whole schedule (warmup,
   cosine decay), as the MTL literature and LibMTL do.
-* ``finetune``: the product's use. The base is the ``ew`` model of the scratch protocol with the
-  same seed; it is fine-tuned on the unseen rows with a constant learning rate (room to act).
+* ``finetune``: the product's use. The base is an ``ew`` model trained from scratch with the same
+  seed (synthetic: the scratch protocol's); it is fine-tuned on rows it never saw with a constant
+  learning rate (room to act).
 
 Methods: ew, cograd, gdod, pcgrad, mgda, cagrad, nash-mtl, uw at their defaults, except CoGrad,
 whose strength γ is chosen per data set and protocol within a declared grid by the seed-0 run's
@@ -92,7 +94,11 @@ FULL = {
     "syn": {"rows": 12000, "valid": 6000, "ft_rows": 6000, "test": 6000, "model": {}},
     "scratch": {"epochs": 4, "batch": 256, "lr": 2e-3, "warmup": 20},
     "finetune": {"epochs": 2, "batch": 256, "lr": 1e-3},
-    "census": {"groups": ["1", "2", "all"], "epochs": 1, "batch": 1024, "lr": 2e-3, "warmup": 50},
+    "census": {
+        "groups": ["1", "2", "all"],
+        **{"epochs": 1, "batch": 1024, "lr": 2e-3, "warmup": 50},
+        "finetune": {"epochs": 1, "batch": 1024, "lr": 5e-4},
+    },
     "hessian": {"rho": 0.0, "gammas": [0.1, 0.5], "kinds": ["exact", "diag", "fisher-ema", "outer"]},
     "measure": {"batches": 10, "batch": 512},
 }
@@ -337,6 +343,11 @@ class Study:
             sbase = {(t, s): _path(scratch["single"].get(t, {}).get(s)) for t in ds["tasks"] for s in seeds}
             spec = {"sched": cfg["finetune"], "train": data["ft"], "start": base, "single_start": sbase}
             report["protocols"]["finetune"] = self.protocol(ds, "finetune", spec, sub)
+        halves = self.halves(ds) if ds["kind"] == "census" and cfg["census"].get("finetune") else None
+        if halves:
+            base = self.half_bases(ds, halves[0], inits, singles, sub)
+            spec = {"sched": cfg["census"]["finetune"], "train": halves[1], **base}
+            report["protocols"]["finetune"] = self.protocol(ds, "finetune", spec, sub)
         ew0 = report["protocols"]["scratch"]["runs"].get("ew", {}).get(seeds[0])
         if ew0:
             m = cfg["measure"]
@@ -344,6 +355,44 @@ class Study:
             args += ["--data", data["valid"], "--batches", m["batches"], "--batch-size", m["batch"], "--seed", 0]
             report["measure"] = self.step(priority, f"{name}-measure", [*args, "--json", "-q"])
         return report
+
+    def halves(self, ds: dict) -> tuple[Path, Path] | None:
+        """The census training split cut in two halves at random (seed 0; rows keep their order):
+        the finetune protocol's base learns on the first, is fine-tuned on the second."""
+        src = ds["data"]["train"]
+        d = self.out / "data" / ds["name"]
+        h1, h2 = d / "half1.parquet", d / "half2.parquet"
+        if not src.exists():
+            return None
+        if not (h2.exists() and h2.stat().st_mtime > src.stat().st_mtime):
+            import numpy as np
+            import pyarrow.parquet as pq
+
+            d.mkdir(parents=True, exist_ok=True)
+            table = pq.read_table(src)
+            perm = np.random.default_rng(0).permutation(table.num_rows)
+            for path, rows in ((h1, perm[: len(perm) // 2]), (h2, perm[len(perm) // 2 :])):
+                pq.write_table(table.take(np.sort(rows)), path.with_suffix(".tmp"), row_group_size=4096)
+                os.replace(path.with_suffix(".tmp"), path)
+        return h1, h2
+
+    def half_bases(self, ds: dict, half: Path, inits: dict, singles: dict, sub) -> dict:
+        """The census finetune protocol's bases: ew (and each single-task model) from scratch on the
+        first half, with the scratch schedule; → the protocol's start checkpoints."""
+        name, sched, seeds = ds["name"], self.cfg["census"], self.cfg["seeds"]
+        ew = ["--method", "ew"]
+        base = {
+            s: sub(self.train_eval, f"{name}-half-ew-s{s}", _result(inits[s]), ds["data"], half, ew, s, sched)
+            for s in seeds
+        }
+        single = {
+            (t, s): sub(self.train_eval, f"{name}-half-single-{t}-s{s}", _result(f), ds["data"], half, ew, s, sched)
+            for (t, s), f in singles.items()
+        }
+        return {
+            "start": {s: _path(_result(f)) for s, f in base.items()},
+            "single_start": {k: _path(_result(f)) for k, f in single.items()},
+        }
 
     def protocol(self, ds: dict, proto: str, spec: dict, sub) -> dict:
         """Every method (CoGrad after its γ grid), the single-task models; futures resolved here."""
@@ -580,7 +629,8 @@ def missing(report: dict, cfg: dict) -> list[str]:
     seeds, lost = set(cfg["seeds"]), []
     for name in report["order"]:
         ds = report["datasets"].get(name)
-        protos = ["scratch", "finetune"] if name.startswith("syn") else ["scratch"]
+        census_ft = (cfg["census"] or {}).get("finetune")
+        protos = ["scratch", "finetune"] if name.startswith("syn") or census_ft else ["scratch"]
         for proto in protos:
             p = (ds or {}).get("protocols", {}).get(proto, {"runs": {}, "single": {}})
             want = {m: p["runs"].get(m, {}) for m in cfg["methods"]}
@@ -650,8 +700,8 @@ def prediction_section(report: dict, cfg: dict, figure: str | None) -> list[str]
     L = [
         "## Does measurement predict the outcome?",
         "",
-        "Measured once per data set on the seed-0 `ew` model of the scratch protocol (which is also the base the "
-        "finetune protocol starts from), on validation: `measure-transference --json`. *ratio*: the mean over task "
+        "Measured once per data set on the seed-0 `ew` model of the scratch protocol (on the synthetic data also the "
+        "base the finetune protocol starts from; on census that base is the same recipe on half the rows), on validation: `measure-transference --json`. *ratio*: the mean over task "
         "pairs of Z_rel[i→j] / Z_rel[i→i] (what a lookahead step on task i does to task j's loss, as a fraction of "
         "what it does to i's own); *cos*: the mean gradient cosine; *conflict*: the share of batches with a negative "
         "cosine. Each method column: its Δm% − ew (mean over seeds; ▲ better / ▼ worse beyond the 95 % interval, "
@@ -831,13 +881,16 @@ def setup_section(cfg: dict, args) -> list[str]:
         f"{cfg['syn']['rows']} training, {cfg['syn']['valid']} validation, {cfg['syn']['test']} test rows and "
         f"{cfg['syn']['ft_rows']} unseen rows for fine-tuning; the MMoE model ({json.dumps(cfg['syn']['model']) if cfg['syn']['model'] else 'its defaults'}).",
         f"- scratch: Adam, lr {s['lr']:g}, {s['warmup']} warmup steps then cosine decay to 0, {s['epochs']} epochs, batch {s['batch']}.",
-        f"- finetune: from the seed's scratch `ew` model, constant lr {f['lr']:g}, {f['epochs']} epochs, batch {f['batch']}, on the unseen rows.",
+        f"- finetune (synthetic): from the seed's scratch `ew` model, constant lr {f['lr']:g}, {f['epochs']} epochs, batch {f['batch']}, on the unseen rows.",
     ]
     if c and args.source:
         L.append(
             f"- Census-Income (KDD), groups {', '.join(c['groups'])}: the full training split, scratch only, lr {c['lr']:g}, "
-            f"{c['warmup']} warmup steps then cosine, {c['epochs']} epoch(s), batch {c['batch']}. The fine-tuning of a "
-            "converged census base is [docs/results-census.md](results-census.md)."
+            f"{c['warmup']} warmup steps then cosine, {c['epochs']} epoch(s), batch {c['batch']}; finetune: the training "
+            "split cut in two random halves (seed 0), the base (and each single-task model) trained from scratch on the "
+            f"first with that schedule, then fine-tuned on the second at a constant lr {c['finetune']['lr']:g}, "
+            f"{c['finetune']['epochs']} epoch(s), batch {c['finetune']['batch']}. The fine-tuning of a converged census "
+            "base under a decaying lr is [docs/results-census.md](results-census.md)."
         )
     else:
         L.append(
