@@ -648,6 +648,8 @@ def missing(report: dict, cfg: dict) -> list[str]:
 
 
 def results_table(tasks: list[str], summary: dict, proto: dict) -> list[str]:
+    if not summary["rows"]:
+        return ["Not run yet (listed under Missing)."]
     L = [
         "| method | seeds | " + " | ".join(f"test AUC {t}" for t in tasks) + " | Δm% | Δm% − ew [95% CI] | verdict | "
         "mean test AUC − ew [95% CI] | mean valid AUC |",
@@ -816,6 +818,29 @@ def hessian_section(report: dict, cfg: dict) -> list[str]:
     return [*L, ""]
 
 
+def hessian_conclusion(report: dict) -> list[str]:
+    """One line: the Hessian study's verdicts on validation, per approximation and strength."""
+    h = report.get("hessian") or {"runs": {}}
+    runs = {v: rs for v, rs in h["runs"].items() if rs}
+    if "ew" not in runs or len(runs) < 2:
+        return []
+    tasks = h["tasks"]
+    ew = {s: statistics.fmean(r["valid"][t] for t in tasks) for s, r in runs["ew"].items()}
+    parts = []
+    for v, rs in runs.items():
+        p = (
+            paired({s: statistics.fmean(r["valid"][t] for t in tasks) for s, r in rs.items()}, ew)
+            if v != "ew"
+            else None
+        )
+        if p:
+            parts.append(f"{v} {p['verdict']} ({fmt_pair(p, 4)})")
+    return [
+        f"- CoGrad's Hessian isolated (small MMoE, ρ = {h['rho']:g}; mean validation AUC − ew, by approximation and "
+        "γ): " + "; ".join(parts) + "."
+    ]
+
+
 def defaults_section(report: dict, cfg: dict) -> list[str]:
     chosen = [(n, pr, p.get("gamma")) for n, pr, p, _ in cells(report, cfg) if p.get("gamma") is not None]
     counts = {g: sum(1 for *_, c in chosen if c == g) for g in cfg["cograd_grid"]}
@@ -845,13 +870,14 @@ def conclusions(report: dict, cfg: dict) -> list[str]:
     L = ["## What a user should conclude", ""]
     for m, v in verdicts.items():
         n = sum(map(len, v.values()))
-        line = f"- `{m}` against `ew` ({n} data-set/protocol cells, 95 % paired intervals over seeds): "
+        line = f"- `{m}` against `ew` ({n} data-set/protocol cells; Δm% points, 95 % paired intervals over seeds): "
         line += f"better in {len(v['better'])}, worse in {len(v['worse'])}, no detectable difference in "
         line += f"{len(v['no detectable difference'])}."
         for word in ("better", "worse"):
             if v[word]:
                 line += f" {word.capitalize()}: " + "; ".join(v[word]) + "."
         L.append(line)
+    L += hessian_conclusion(report)
     c = verdicts.get("cograd")
     if c and not c["better"]:
         L.append("- **CoGrad never beat `ew` beyond noise in this study.**")
