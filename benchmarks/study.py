@@ -747,7 +747,7 @@ def figure(report: dict, cfg: dict, path: Path) -> bool:
     except ImportError:
         return False
     rows = prediction_rows(report, cfg)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     for r in rows:
         g = r["gains"].get("cograd")
         if g:
@@ -771,6 +771,7 @@ def figure(report: dict, cfg: dict, path: Path) -> bool:
         ax.axhline(0, color="grey", lw=0.8)
         ax.set_xlabel("transference ratio of the ew model (measured first)")
     left.set_ylabel("Δm% − ew (test)")
+    right.set_ylabel("Δm% − ew (test)")
     left.set_title("CoGrad (o scratch, □ finetune; bars: 95 % CI)")
     right.set_title("the other methods (mean over seeds)")
     if colors:
