@@ -47,6 +47,8 @@ def test_t_quantiles_and_verdicts():
     assert study.delta_m({"a": 0.808, "b": 0.679}, {"a": 0.8, "b": 0.7}) == pytest.approx(-1.0)
     assert study.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert study.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # Of the 6 orderings of 3 points, two (identity and reversal) reach |ρ| = 1: p = 1/3.
+    assert study.spearman_p([1, 2, 3], [5, 6, 7]) == pytest.approx(1 / 3)
 
 
 def table(markdown: str, heading: str) -> dict[str, list[str]]:
