@@ -629,7 +629,7 @@ def spearman(x: list[float], y: list[float]) -> float | None:
 # ---------------------------------------------------------------- results
 
 
-def fmt_pair(p: dict | None, digits: int = 3) -> str:
+def fmt_pair(p: dict | None, digits: int = 4) -> str:
     if not p:
         return "–"
     return f"{p['mean']:+.{digits}f} [{p['lo']:+.{digits}f}, {p['hi']:+.{digits}f}]"
@@ -735,7 +735,7 @@ def prediction_section(report: dict, cfg: dict, figure: str | None) -> list[str]
     ]
     for r in rows:
         g = [
-            f"{r['gains'][m]['mean']:+.3f}{mark[r['gains'][m]['verdict']]}" if m in r["gains"] else "–" for m in methods
+            f"{r['gains'][m]['mean']:+.4f}{mark[r['gains'][m]['verdict']]}" if m in r["gains"] else "–" for m in methods
         ]
         L.append(
             f"| {r['name']} | {r['proto']} | {r['ratio']:+.3f} | {r['cosine']:+.3f} | {r['conflict']:.2f} | "

@@ -95,7 +95,7 @@ def test_tiny_study_end_to_end(tmp_path):
         diff = [c - e for c, e in zip(dm["cograd"], dm["ew"])]
         mean, half = statistics.fmean(diff), 12.706 * statistics.stdev(diff) / math.sqrt(2)
         row = rows[f"cograd (γ={gamma:g})"]
-        assert row[5] == f"{mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}]"
+        assert row[5] == f"{mean:+.4f} [{mean - half:+.4f}, {mean + half:+.4f}]"
         assert row[6] == ("better" if mean - half > 0 else "worse" if mean + half < 0 else "no detectable difference")
         for t, cell in zip(tasks, row[2:4]):
             values = [test_auc(f"{name}-cograd-g{gamma:g}-s{s}")[t] for s in seeds]
