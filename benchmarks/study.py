@@ -942,7 +942,7 @@ def setup_section(cfg: dict, args) -> list[str]:
     ]
     if c and args.source:
         L.append(
-            f"- Census-Income (KDD), groups {', '.join(c['groups'])}: the full training split, scratch only, lr {c['lr']:g}, "
+            f"- Census-Income (KDD), groups {', '.join(c['groups'])}: scratch on the full training split, lr {c['lr']:g}, "
             f"{c['warmup']} warmup steps then cosine, {c['epochs']} epoch(s), batch {c['batch']}; finetune: the training "
             "split cut in two random halves (seed 0), the base (and each single-task model) trained from scratch on the "
             f"first with that schedule, then fine-tuned on the second at a constant lr {c['finetune']['lr']:g}, "
@@ -1013,8 +1013,14 @@ def write_results(report: dict, cfg: dict, args, path: Path) -> None:
     L += ["", *hessian_section(report, cfg), *defaults_section(report, cfg)]
     if lost:
         L += ["## Missing (PARTIAL)", "", "Not finished when this file was written: " + "; ".join(lost) + ".", ""]
-    L += ["## Exact commands", "", "<details><summary>every cogradctl call, with its wall time</summary>", "", "```"]
-    L += [f"{r['command']}    # {r['seconds']:.1f}s{' reused' if r.get('reused') else ''}" for r in records]
+    L += [
+        "## Exact commands",
+        "",
+        f"Every `cogradctl` call, in the order run, with its wall time; `$OUT` is `{args.out}`.",
+        "",
+    ]
+    L += ["<details><summary>the commands</summary>", "", "```"]
+    L += [f"{r['command'].replace(str(args.out), '$OUT')}    # {r['seconds']:.1f}s" for r in records]
     L += ["```", "", "</details>", ""]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
