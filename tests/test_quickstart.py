@@ -18,7 +18,7 @@ def test_quickstart_runs_and_prints_before_after_and_transference(tmp_path):
     result = run("bash", "sample_data/quickstart.sh", str(tmp_path / "qs"))
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    assert out.count("validation: before → after") == 2  # ew and cograd fine-tunes
+    assert out.count("validation: before → after") == 3  # ew, cograd and gdod fine-tunes
     assert "transference summary" in out and "relative transference" in out
     for task in ("click", "like", "share"):
         assert re.search(rf"{task}\s+│ auc", out)
@@ -30,6 +30,14 @@ def test_quickstart_runs_and_prints_before_after_and_transference(tmp_path):
     # CoGrad's correction is visible in the logs (not silently ew).
     corr = [max(r["method"]["relative_correction"]) for r in log if "method" in r]
     assert corr and min(corr) > 1e-3
+    # The side-by-side summary (issue #25 item 15): read back from each run's log, CoGrad where ew
+    # is (as the evidence study found almost everywhere) and GDOD visibly lower.
+    final = {}
+    for method in ("ew", "cograd", "gdod"):
+        rows = [json.loads(line) for line in (tmp_path / "qs" / method / "metrics.jsonl").read_text().splitlines()]
+        final[method] = mean([r["valid"] for r in rows if "valid" in r][-1])
+        assert f"  {method:7} {final[method]:.4f}  (click " in out
+    assert abs(final["cograd"] - final["ew"]) < 1e-3 and final["gdod"] < final["ew"] - 2e-3
     # stdout is data only: the progress/log lines went to stderr.
     assert "training mmoe" in result.stderr and "training mmoe" not in out
 
