@@ -22,6 +22,9 @@ Data sets:
   and task ``b`` at relatedness ρ, both 30 % positive) for ρ in {−0.5, 0, 0.5, 0.9}. ``sample-data
   --seed 0`` gives train and valid; ``--seed 1`` gives the fine-tuning data (its train file: rows the
   base never saw, same distribution) and test (its valid file).
+* ``ctr-cvr``: ``cogradctl sample-data --kind ctr-cvr`` (tasks click and purchase, purchase null where
+  click = 0, masked; a ``history`` sequence feature; a ``weight`` column, excluded from the features and
+  given to train, evaluate and measure-transference as ``--weight-column``), split as ``syn±ρ``.
 * ``census-g1``, ``census-g2``, ``census-all``: ``cogradctl data prepare census-kdd --group 1|2|all``
   (income+marital, education+marital, the three). For ``finetune`` the training split is cut in two
   random halves (seed 0): the base learns on the first from scratch, is fine-tuned on the second
@@ -38,7 +41,8 @@ Protocols (per data set, every seed s):
 Methods: ew, cograd, gdod, pcgrad, mgda, cagrad, nash-mtl, uw at their defaults, except CoGrad,
 whose strength γ is chosen per data set and protocol within a declared grid by the seed-0 run's
 mean validation AUC at its last step (``hessian=diag normalize=relative`` given explicitly). The
-single-task references are the same model built with one task (``init --tasks T``) trained with the
+single-task references are the same model built with one task (``init --tasks T``, the other tasks'
+label columns excluded from its features) trained with the
 same schedule (and, for ``finetune``, fine-tuned the same way from its own scratch model).
 
 Every run's ``last.safetensors`` is scored once on test (``evaluate --json``); the validation AUCs

@@ -73,6 +73,9 @@ def test_tiny_study_end_to_end(tmp_path):
     md, steps, cfg = results.read_text(), out / "steps", config.TINY
     assert "complete." in md and "PARTIAL" not in md
     seeds, tasks = cfg["seeds"], ["a", "b"]
+    # A single-task model's features leave out the other task's label (it would leak into the reference).
+    assert "b" not in record(steps, "syn+0-init-a-s0")["features"] and "b" in record(steps, "syn+0-init-s0")["tasks"]
+    assert "a" not in record(steps, "syn+0-init-b-s1")["features"]
     for proto in ("scratch", "finetune"):
         name = f"syn+0-{proto}"
         # CoGrad's γ: the grid's best seed-0 mean validation AUC, from train's own JSON.

@@ -14,6 +14,7 @@ FULL = {
     "methods": METHODS,
     "cograd_grid": [0.03, 0.1, 0.3],
     "rhos": [0.0, -0.5, 0.9, 0.5],
+    "ctr": True,  # sample-data --kind ctr-cvr: the partial-label case
     "syn": {"rows": 12000, "valid": 6000, "ft_rows": 6000, "test": 6000, "model": {}},
     "scratch": {"epochs": 4, "batch": 256, "lr": 2e-3, "warmup": 20},
     "finetune": {"epochs": 2, "batch": 256, "lr": 1e-3},
@@ -31,6 +32,7 @@ QUICK = {
     "methods": ["ew", "cograd", "pcgrad", "mgda"],
     "cograd_grid": [0.1, 0.3],
     "rhos": [0.0],
+    "ctr": False,
     "syn": {**FULL["syn"], "rows": 6000, "valid": 3000, "ft_rows": 3000, "test": 3000},
     "scratch": {**FULL["scratch"], "epochs": 2},
     "finetune": {**FULL["finetune"], "epochs": 1},

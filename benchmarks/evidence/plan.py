@@ -27,9 +27,12 @@ class Study:
     def model_options(self, model: dict) -> list:
         return [x for k, v in model.items() for x in ("--config", f"{k}={json.dumps(v, separators=(',', ':'))}")]
 
-    def init(self, key: str, data: Path, tasks: list[str], seed: int, model: dict) -> Path | None:
+    def init(self, key: str, data: Path, tasks: list[str], seed: int, model: dict, exclude=()) -> Path | None:
+        """A model of ``tasks``; ``exclude``: columns that must not be features (a single-task model's
+        other tasks: their labels would leak; a weight column)."""
         path = self.out / "ckpt" / f"{key}.safetensors"
         args = ["init", "--model", "mmoe", "--data", data, "--tasks", ",".join(tasks), *self.model_options(model)]
+        args += ["--exclude-features", ",".join(exclude)] if exclude else []
         ok = self.run(key, [*args, "--out", path, "--seed", seed, "--overwrite", "--json"])
         return path if ok is not None else None
 
@@ -44,12 +47,13 @@ class Study:
             schedule = ["--schedule", "constant"]
         args = ["train", "--checkpoint", ckpt, "--data", train, "--valid", data["valid"], "--out", out, *method]
         args += ["--epochs", sched["epochs"], "--batch-size", sched["batch"], "--lr", sched["lr"], *schedule]
-        result = self.run(key, [*args, "--seed", seed, "--overwrite", "--json", "-q"])
+        weight = ["--weight-column", data["weight"]] if data.get("weight") else []
+        result = self.run(key, [*args, *weight, "--seed", seed, "--overwrite", "--json", "-q"])
         if result is None:
             return None
         test = self.run(
             f"{key}-test",
-            ["evaluate", "--checkpoint", out / "last.safetensors", "--data", data["test"], "--json", "-q"],
+            ["evaluate", "--checkpoint", out / "last.safetensors", "--data", data["test"], *weight, "--json", "-q"],
         )
         if test is None:
             return None
@@ -73,6 +77,21 @@ class Study:
         data["ft"] = d / "new/train.parquet"
         return {"name": name, "kind": "synthetic", "rho": rho, "tasks": ["a", "b"], "data": data, "model": c["model"]}
 
+    def ctr_cvr(self, priority: int) -> dict:
+        """``sample-data --kind ctr-cvr``: click, and purchase observed only where click = 1 (a partial
+        label, masked), a sequence feature and a row weight; split as the synthetic data sets."""
+        name, c = "ctr-cvr", self.cfg["syn"]
+        d = self.out / "data" / name
+        common = ["sample-data", "--kind", "ctr-cvr", "--json"]
+        self.step(
+            priority, f"{name}-data", [*common, "--out", d / "base", "--rows", c["rows"], "--valid-rows", c["valid"]]
+        )
+        args = [*common, "--out", d / "new", "--rows", c["ft_rows"], "--valid-rows", c["test"], "--seed", 1]
+        self.step(priority, f"{name}-data2", args)
+        data = {"train": d / "base/train.parquet", "valid": d / "base/valid.parquet", "test": d / "new/valid.parquet"}
+        data.update(ft=d / "new/train.parquet", weight="weight")
+        return {"name": name, "kind": "ctr-cvr", "tasks": ["click", "purchase"], "data": data, "model": c["model"]}
+
     def census(self, group: str, priority: int) -> dict:
         name = f"census-{'g' + group if group != 'all' else 'all'}"
         d = self.out / "data" / name
@@ -85,18 +104,23 @@ class Study:
     def dataset(self, ds: dict, priority: int) -> dict:
         """Both protocols (census: scratch only) of one data set; returns its part of the report."""
         cfg, seeds, data, name = self.cfg, self.cfg["seeds"], ds["data"], ds["name"]
-        sched = cfg["scratch"] if ds["kind"] == "synthetic" else cfg["census"]
+        sched = cfg["census"] if ds["kind"] == "census" else cfg["scratch"]
         sub = lambda fn, *a: self.pool.submit(priority, fn, *a)  # noqa: E731
-        inits = {s: sub(self.init, f"{name}-init-s{s}", data["train"], ds["tasks"], s, ds["model"]) for s in seeds}
+        weight = [data["weight"]] if data.get("weight") else []
+        inits = {
+            s: sub(self.init, f"{name}-init-s{s}", data["train"], ds["tasks"], s, ds["model"], weight) for s in seeds
+        }
         singles = {
-            (t, s): sub(self.init, f"{name}-init-{t}-s{s}", data["train"], [t], s, ds["model"])
+            (t, s): sub(
+                self.init, f"{name}-init-{t}-s{s}", data["train"], [t], s, ds["model"], _others(ds["tasks"], t) + weight
+            )
             for t in ds["tasks"]
             for s in seeds
         }
         protocols = {"scratch": {"sched": sched, "train": data["train"], "start": inits, "single_start": singles}}
         report = {**{k: v for k, v in ds.items() if k != "data"}, "protocols": {}}
         report["protocols"]["scratch"] = self.protocol(ds, "scratch", protocols["scratch"], sub)
-        if ds["kind"] == "synthetic":
+        if ds["kind"] != "census":
             scratch = report["protocols"]["scratch"]
             base = {s: _path(scratch["runs"].get("ew", {}).get(s)) for s in seeds}
             sbase = {(t, s): _path(scratch["single"].get(t, {}).get(s)) for t in ds["tasks"] for s in seeds}
@@ -112,6 +136,7 @@ class Study:
             m = cfg["measure"]
             args = ["measure-transference", "--checkpoint", Path(ew0["dir"]) / "last.safetensors"]
             args += ["--data", data["valid"], "--batches", m["batches"], "--batch-size", m["batch"], "--seed", 0]
+            args += ["--weight-column", data["weight"]] if data.get("weight") else []
             report["measure"] = self.step(priority, f"{name}-measure", [*args, "--json", "-q"])
         return report
 
@@ -237,6 +262,10 @@ class Study:
         return {"rho": h["rho"], "model": SMALL_MMOE, "runs": runs, "tasks": ds["tasks"]}
 
 
+def _others(tasks: list[str], task: str) -> list[str]:
+    return [t for t in tasks if t != task]
+
+
 def _result(future):
     return future.result() if isinstance(future, Future) else future
 
@@ -249,9 +278,11 @@ def run_study(args, cfg: dict) -> dict:
     """Every data set in its own orchestrating thread; the report is filled as they finish."""
     study = Study(args, cfg)
     started = time.time()
-    # The order is the priority: ρ = 0 and the Hessian study first, census last.
+    # The order is the priority: the CTR/CVR case (the newest), ρ = 0 and the Hessian study first, census last.
     jobs = [("synthetic", rho) for rho in cfg["rhos"]]
-    jobs.insert(1, ("hessian", None))
+    if cfg["hessian"]:
+        jobs.insert(1, ("hessian", None))
+    jobs[:0] = [("ctr-cvr", None)] if cfg["ctr"] else []
     if cfg["census"] and args.source:
         jobs += [("census", g) for g in cfg["census"]["groups"]]
     report = {"datasets": {}, "hessian": None, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -262,7 +293,10 @@ def run_study(args, cfg: dict) -> dict:
             if kind == "hessian":
                 report["hessian"] = study.hessian(i)
                 return
-            ds = study.synthetic(arg, i) if kind == "synthetic" else study.census(arg, i)
+            if kind == "ctr-cvr":
+                ds = study.ctr_cvr(i)
+            else:
+                ds = study.synthetic(arg, i) if kind == "synthetic" else study.census(arg, i)
             report["datasets"][ds["name"]] = study.dataset(ds, i)
         except BaseException as exc:  # noqa: BLE001 - raised after the others finish
             errors.append(exc)
@@ -274,9 +308,11 @@ def run_study(args, cfg: dict) -> dict:
         t.join()
     if errors:
         raise errors[0]
-    report["order"] = [f"syn{r:+g}" for r in cfg["rhos"]] + [
-        f"census-{'g' + g if g != 'all' else 'all'}" for g in (cfg["census"] or {}).get("groups", []) if args.source
-    ]
+    report["order"] = (
+        [f"syn{r:+g}" for r in cfg["rhos"]]
+        + ["ctr-cvr"] * bool(cfg["ctr"])
+        + [f"census-{'g' + g if g != 'all' else 'all'}" for g in (cfg["census"] or {}).get("groups", []) if args.source]
+    )
     report["seconds"] = time.time() - started
     report["records"] = study.run.records
     return report

@@ -30,6 +30,14 @@ def setup_section(cfg: dict, args) -> list[str]:
         f"- scratch: Adam, lr {s['lr']:g}, {s['warmup']} warmup steps then cosine decay to 0, {s['epochs']} epochs, batch {s['batch']}.",
         f"- finetune (synthetic): from the seed's scratch `ew` model, constant lr {f['lr']:g}, {f['epochs']} epochs, batch {f['batch']}, on the unseen rows.",
     ]
+    if cfg["ctr"]:
+        L.append(
+            "- CTR/CVR partial labels (`sample-data --kind ctr-cvr`): tasks `click` and `purchase`, purchase null where "
+            "click = 0 (`--missing-labels mask`, the default: a row teaches purchase only where it is observed), the "
+            "`history` list column as a sequence feature, and row weights (`init --exclude-features weight`; `train`, "
+            "`evaluate` and `measure-transference --weight-column weight`); the synthetic data sets' sizes, split (a "
+            "second `--seed 1` draw gives the fine-tuning rows and test), schedules and both protocols."
+        )
     if c and args.source:
         L.append(
             f"- Census-Income (KDD), groups {', '.join(c['groups'])}: scratch on the full training split, lr {c['lr']:g}, "
@@ -46,7 +54,8 @@ def setup_section(cfg: dict, args) -> list[str]:
     L += [
         "- Scored: each run's `last.safetensors`, once, on test (`evaluate --json`); validation AUCs are `train`'s at the last step.",
         "- Δm% = mean over tasks of (AUC_t − AUC_single,t) / AUC_single,t × 100 (LibMTL, higher is better); "
-        "single-task AUCs are the mean over seeds of the single-task models of the same cell.",
+        "single-task AUCs are the mean over seeds of the single-task models of the same cell; a single-task model's "
+        "features leave out the other tasks' label columns (`init --exclude-features`).",
         "- Every difference against `ew` is paired by seed: mean, 95 % Student-t interval; *better*/*worse* only when "
         "the interval excludes 0.",
         "",

@@ -30,7 +30,7 @@ def missing(report: dict, cfg: dict) -> list[str]:
     for name in report["order"]:
         ds = report["datasets"].get(name)
         census_ft = (cfg["census"] or {}).get("finetune")
-        protos = ["scratch", "finetune"] if name.startswith("syn") or census_ft else ["scratch"]
+        protos = ["scratch", "finetune"] if not name.startswith("census") or census_ft else ["scratch"]
         for proto in protos:
             p = (ds or {}).get("protocols", {}).get(proto, {"runs": {}, "single": {}})
             want = {m: p["runs"].get(m, {}) for m in cfg["methods"]}
@@ -40,8 +40,9 @@ def missing(report: dict, cfg: dict) -> list[str]:
                     lost.append(f"{name}/{proto}/{m} (seeds {', '.join(map(str, sorted(seeds - set(runs))))})")
         if ds is None or not ds.get("measure"):
             lost.append(f"{name}/measure-transference")
-    h = report.get("hessian") or {"runs": {}}
-    for v in ["ew", *(f"{k}-g{g:g}" for k in cfg["hessian"]["kinds"] for g in cfg["hessian"]["gammas"])]:
+    h, hc = report.get("hessian") or {"runs": {}}, cfg["hessian"]
+    variants = ["ew", *(f"{k}-g{g:g}" for k in hc["kinds"] for g in hc["gammas"])] if hc else []
+    for v in variants:
         if seeds - set(h["runs"].get(v, {})):
             lost.append(f"hessian/{v}")
     return lost
