@@ -24,7 +24,7 @@ def load_study():
 
 study = load_study()  # puts benchmarks/ on sys.path: its parts are the package evidence
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from evidence import config, stats  # noqa: E402
+from evidence import config, report, stats  # noqa: E402
 
 
 def test_t_quantiles_and_verdicts():
@@ -52,6 +52,15 @@ def test_t_quantiles_and_verdicts():
     assert stats.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
     # Of the 6 orderings of 3 points, two (identity and reversal) reach |ρ| = 1: p = 1/3.
     assert stats.spearman_p([1, 2, 3], [5, 6, 7]) == pytest.approx(1 / 3)
+
+
+def test_running_time_by_hand():
+    """Steps [0, 10], [5, 15], [20, 30], then [1000, 1010]: 15 + 10 + 10 s running, in 2 sittings (the
+    5 s gap stays in one, the 970 s gap starts another; the overlap is counted once)."""
+    steps = [{"started": a, "seconds": b - a} for a, b in ((20, 30), (0, 10), (5, 15), (1000, 1010))]
+    assert report.running_time(steps) == (35.0, 2)
+    assert report.running_time([{"started": 0, "seconds": 10}, {"started": 2, "seconds": 3}]) == (10.0, 1)
+    assert report.running_time([]) == (0.0, 0)
 
 
 def table(markdown: str, heading: str) -> dict[str, list[str]]:

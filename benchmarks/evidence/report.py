@@ -72,15 +72,29 @@ def load_note(records: list[dict]) -> str:
     )
 
 
+def running_time(records: list[dict], pause: float = 600.0) -> tuple[float, int]:
+    """Seconds during which at least one step ran (the union of the steps' intervals), and the number
+    of sittings: runs of steps separated by more than ``pause`` seconds with none running."""
+    total, sittings, end = 0.0, 0, None
+    for r in sorted(records, key=lambda r: r["started"]):
+        start, stop = r["started"], r["started"] + r["seconds"]
+        if end is None or start > end:
+            sittings += end is None or start - end > pause
+            total += stop - start
+            end = stop
+        elif stop > end:
+            total += stop - end
+            end = stop
+    return total, sittings
+
+
 def write_results(report: dict, cfg: dict, args, path: Path) -> None:
     import torch
 
     lost = missing(report, cfg)
     records = sorted(report["records"].values(), key=lambda r: r["started"])
     busy = sum(r["seconds"] for r in records)
-    span = max((r["started"] + r["seconds"] for r in records), default=0) - min(
-        (r["started"] for r in records), default=0
-    )
+    running, sittings = running_time(records)
     png = path.with_name(path.stem + "-gain.png")
     drew = figure(report, cfg, png)
     mode = "--tiny" if args.tiny else "--quick" if args.quick else ""
@@ -100,7 +114,13 @@ def write_results(report: dict, cfg: dict, args, path: Path) -> None:
         "",
         f"- {platform.platform()}, Python {platform.python_version()}, torch {torch.__version__}, {os.cpu_count()} cores; "
         f"{args.jobs} step(s) at a time, one torch thread each.",
-        f"- {len(records)} steps; from the first step's start to the last one's end {span / 60:.1f} min wall; the "
+        f"- {len(records)} steps; {running / 60:.1f} min wall with at least one step running"
+        + (
+            f" (in {sittings} sittings: the study was resumed from its step records, and reused them)"
+            if sittings > 1
+            else ""
+        )
+        + "; the "
         f"steps' summed wall time is {busy / 60:.1f} min, i.e. about {busy / 60 / max(1, args.jobs):.1f} min at "
         f"{args.jobs} at a time. The machine was shared with other agents' jobs while this ran, so both times "
         "are inflated against an idle machine" + load_note(records) + ".",

@@ -103,7 +103,7 @@ def prediction_section(report: dict, cfg: dict, figure: str | None) -> list[str]
     L = [
         "## Does measurement predict the outcome?",
         "",
-        "Measured once per data set on the seed-0 `ew` model of the scratch protocol (on the synthetic data also the "
+        "Measured once per data set on the seed-0 `ew` model of the scratch protocol (on the synthetic and CTR/CVR data also the "
         "base the finetune protocol starts from; on census that base is the same recipe on half the rows), on validation: `measure-transference --json`. *ratio*: the mean over task "
         "pairs of Z_rel[i→j] / Z_rel[i→i] (what a lookahead step on task i does to task j's loss, as a fraction of "
         "what it does to i's own); *cos*: the mean gradient cosine; *conflict*: the share of batches with a negative "
