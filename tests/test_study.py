@@ -7,6 +7,7 @@ import importlib.util
 import json
 import math
 import statistics
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,9 @@ def load_study():
     return module
 
 
-study = load_study()
+study = load_study()  # puts benchmarks/ on sys.path: its parts are the package evidence
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from evidence import config, report, stats  # noqa: E402
 
 
 def test_t_quantiles_and_verdicts():
@@ -31,24 +34,33 @@ def test_t_quantiles_and_verdicts():
     except ImportError:
         scipy_stats = None
     if scipy_stats is not None:
-        for df, q in enumerate(study.T975, start=1):
+        for df, q in enumerate(stats.T975, start=1):
             assert q == pytest.approx(scipy_stats.t.ppf(0.975, df), abs=6e-4)
     # d = 1, 2, 3: mean 2, sd 1, half-width 4.303 / sqrt(3) = 2.4843 → the interval holds 0.
-    p = study.paired({0: 2.0, 1: 3.0, 2: 4.0}, {0: 1.0, 1: 1.0, 2: 1.0})
+    p = stats.paired({0: 2.0, 1: 3.0, 2: 4.0}, {0: 1.0, 1: 1.0, 2: 1.0})
     assert p["mean"] == pytest.approx(2.0) and p["n"] == 3
     assert p["lo"] == pytest.approx(2 - 4.303 / math.sqrt(3)) and p["hi"] == pytest.approx(2 + 4.303 / math.sqrt(3))
     assert p["verdict"] == "no detectable difference"
     # d = 1.0, 1.1, 0.9 (sd 0.1): 1 ± 0.2484 excludes 0 → better; the opposite sign → worse.
-    assert study.paired({0: 1.0, 1: 1.1, 2: 0.9}, {0: 0.0, 1: 0.0, 2: 0.0})["verdict"] == "better"
-    assert study.paired({0: -1.0, 1: -1.1, 2: -0.9}, {0: 0.0, 1: 0.0, 2: 0.0})["verdict"] == "worse"
+    assert stats.paired({0: 1.0, 1: 1.1, 2: 0.9}, {0: 0.0, 1: 0.0, 2: 0.0})["verdict"] == "better"
+    assert stats.paired({0: -1.0, 1: -1.1, 2: -0.9}, {0: 0.0, 1: 0.0, 2: 0.0})["verdict"] == "worse"
     # Only the seeds both sides have are paired; under two, no interval.
-    assert study.paired({0: 1.0, 5: 2.0}, {0: 0.0, 1: 0.0}) is None
+    assert stats.paired({0: 1.0, 5: 2.0}, {0: 0.0, 1: 0.0}) is None
     # Δm% by hand: tasks at +1 % and −3 % of their single-task AUCs → −1 %.
-    assert study.delta_m({"a": 0.808, "b": 0.679}, {"a": 0.8, "b": 0.7}) == pytest.approx(-1.0)
-    assert study.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
-    assert study.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert stats.delta_m({"a": 0.808, "b": 0.679}, {"a": 0.8, "b": 0.7}) == pytest.approx(-1.0)
+    assert stats.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert stats.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
     # Of the 6 orderings of 3 points, two (identity and reversal) reach |ρ| = 1: p = 1/3.
-    assert study.spearman_p([1, 2, 3], [5, 6, 7]) == pytest.approx(1 / 3)
+    assert stats.spearman_p([1, 2, 3], [5, 6, 7]) == pytest.approx(1 / 3)
+
+
+def test_running_time_by_hand():
+    """Steps [0, 10], [5, 15], [20, 30], then [1000, 1010]: 15 + 10 + 10 s running, in 2 sittings (the
+    5 s gap stays in one, the 970 s gap starts another; the overlap is counted once)."""
+    steps = [{"started": a, "seconds": b - a} for a, b in ((20, 30), (0, 10), (5, 15), (1000, 1010))]
+    assert report.running_time(steps) == (35.0, 2)
+    assert report.running_time([{"started": 0, "seconds": 10}, {"started": 2, "seconds": 3}]) == (10.0, 1)
+    assert report.running_time([]) == (0.0, 0)
 
 
 def table(markdown: str, heading: str) -> dict[str, list[str]]:
@@ -67,9 +79,12 @@ def record(steps: Path, key: str) -> dict:
 def test_tiny_study_end_to_end(tmp_path):
     out, results = tmp_path / "run", tmp_path / "results.md"
     study.main(["--out", str(out), "--tiny", "--in-process", "--results", str(results)])
-    md, steps, cfg = results.read_text(), out / "steps", study.TINY
+    md, steps, cfg = results.read_text(), out / "steps", config.TINY
     assert "complete." in md and "PARTIAL" not in md
     seeds, tasks = cfg["seeds"], ["a", "b"]
+    # A single-task model's features leave out the other task's label (it would leak into the reference).
+    assert "b" not in record(steps, "syn+0-init-a-s0")["features"] and "b" in record(steps, "syn+0-init-s0")["tasks"]
+    assert "a" not in record(steps, "syn+0-init-b-s1")["features"]
     for proto in ("scratch", "finetune"):
         name = f"syn+0-{proto}"
         # CoGrad's γ: the grid's best seed-0 mean validation AUC, from train's own JSON.
