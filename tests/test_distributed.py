@@ -28,6 +28,7 @@ from cogradctl import checkpoint as ckpt_io
 from cogradctl import sample
 from cogradctl.errors import UsageError
 from cogradctl.train import TrainConfig, data_shards, previous_state
+from tests.runs import saved_step, weights
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-5
@@ -63,10 +64,6 @@ def env() -> dict:
 
 def run(cmd: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
-
-
-def weights(out: Path) -> dict[str, torch.Tensor]:
-    return ckpt_io.load(out / "last.safetensors").state
 
 
 def assert_close(a: dict, b: dict, tol: float = TOL) -> None:
@@ -159,13 +156,6 @@ def children(pid: int) -> list[int]:
             if int(fields[1]) == pid:
                 out.append(int(entry.name))
     return out
-
-
-def saved_step(out: Path) -> int:
-    try:
-        return ckpt_io.load(out / "last.safetensors").training_state["step"]
-    except Exception:
-        return -1
 
 
 def start_and_wait(cmd: list[str], out: Path, step: int) -> tuple[subprocess.Popen, list[int]]:

@@ -8,7 +8,6 @@ import copy
 import math
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +22,7 @@ from cogradctl.methods import get_method
 from cogradctl.taskgrad import TaskGradients
 from cogradctl.train import TrainConfig, make_optimizer, train_step
 from cogradctl.train.optim import lazy_step, trainable
+from tests.runs import wait_for_step
 
 TASKS = ["click", "like", "share"]
 
@@ -362,10 +362,7 @@ def test_sigkill_then_rerun_is_bit_identical_with_row_sparse_tables(base_checkpo
     assert cli(*train_args(base_checkpoint, sample_dir, reference, *args)[3:]).exit_code == 0
     out = tmp_path / "killed"
     proc = subprocess.Popen(train_args(base_checkpoint, sample_dir, out, *args), cwd=ROOT)
-    deadline = time.time() + 120
-    while (saved(out).training_state["step"] if saved(out) else -1) < 6:
-        assert proc.poll() is None and time.time() < deadline, "the run ended or stalled before the kill"
-        time.sleep(0.05)
+    wait_for_step(proc, out, 6)
     proc.kill()
     proc.wait()
     killed_at = saved(out).training_state["step"]

@@ -16,6 +16,7 @@ from cogradctl import checkpoint as ckpt_io
 from cogradctl.console import Log
 from cogradctl.errors import Diverged, UsageError
 from cogradctl.train import TrainConfig, lr_at, train
+from tests.runs import saved_step, wait_for_step, weights
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,25 +77,6 @@ def train_args(ckpt, sample_dir, out, *extra):
         "--quiet",
         *extra,
     ]
-
-
-def saved_step(out: Path) -> int:
-    try:
-        return ckpt_io.load(out / "last.safetensors").training_state["step"]
-    except Exception:
-        return -1
-
-
-def weights(out: Path) -> dict[str, torch.Tensor]:
-    return ckpt_io.load(out / "last.safetensors").state
-
-
-def wait_for_step(proc, out: Path, step: int, timeout: float = 120.0) -> None:
-    deadline = time.time() + timeout
-    while saved_step(out) < step:
-        assert proc.poll() is None, "the run ended before it could be interrupted"
-        assert time.time() < deadline, "the run made no progress"
-        time.sleep(0.05)
 
 
 def test_sigkill_mid_epoch_then_rerun_gives_bit_identical_weights(dropout_checkpoint, sample_dir, tmp_path, cli):
