@@ -26,7 +26,7 @@ import torch
 from cogradctl.batch import split, widths
 from cogradctl.encodings import Lookup, plain_values
 from cogradctl.errors import DataError
-from cogradctl.labels import PLAIN, LabelOptions, checked_weights
+from cogradctl.labels import PLAIN, LabelOptions, weights_of
 from cogradctl.lists import sequence_rows, vector_values
 from cogradctl.schema import (
     Schema,
@@ -268,7 +268,18 @@ def load(spec: str, schema: Schema, label_options: LabelOptions = PLAIN) -> Data
             dropped += n
         part, unseen = encode(table, schema, path)
         if label_options.weight is not None:
-            part = (*part[:2], torch.cat([part[2], _weights(table, path, label_options.weight)], dim=1))
+            part = (
+                *part[:2],
+                torch.cat(
+                    [
+                        part[2],
+                        torch.from_numpy(
+                            weights_of(table.column(label_options.weight), str(path), label_options.weight)
+                        ).reshape(-1, 1),
+                    ],
+                    dim=1,
+                ),
+            )
         for col, (n, distinct) in unseen.items():
             oov[col] += n
             values.setdefault(col, set()).update(distinct)
@@ -292,17 +303,6 @@ def _drop_missing(table: pa.Table, tasks: list[str]) -> tuple[pa.Table, int]:
     for name in tasks:
         keep &= table.column(name).is_valid().to_numpy(zero_copy_only=False)
     return (table, 0) if keep.all() else (table.filter(pa.array(keep)), int((~keep).sum()))
-
-
-def _weights(table: pa.Table, path: Path, column: str) -> torch.Tensor:
-    """The weight column as an N×1 float32 tensor (label column K), or a DataError naming it."""
-    arr = table.column(column)
-    if not is_label_type(arr.type):
-        raise DataError(f"{path}: weight column '{column}' is {arr.type}; weights must be numeric")
-    values = _as_float(arr, f"{path}: weight column '{column}'")
-    valid = values.is_valid().to_numpy(zero_copy_only=False) if values.null_count else None
-    w = checked_weights(values.to_numpy(zero_copy_only=False), valid, str(path), column)
-    return torch.from_numpy(w).reshape(-1, 1)
 
 
 def unseen_message(spec: str, rows: dict[str, int], distinct: dict[str, int], capped=()) -> str:

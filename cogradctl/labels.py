@@ -20,9 +20,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from cogradctl.errors import DataError, UsageError
+from cogradctl.schema import is_label_type
 
 MISSING_LABELS = ("mask", "drop", "error")
 
@@ -62,6 +65,21 @@ def split(labels: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, tor
     """(values B×K with NaN where unobserved, observed B×K bool, weights B or None) of a label matrix."""
     y = labels[:, :k]
     return y, ~torch.isnan(y), labels[:, k] if labels.shape[1] > k else None
+
+
+def weights_of(column, where: str, name: str) -> np.ndarray:
+    """A weight column (Arrow array or chunked array) → float32 weights, checked by ``checked_weights``;
+    a column that is not numeric, or cannot be read as numbers, is a DataError naming ``where`` and it.
+    Every reader (in memory, the stream, train's up-front check) reads weights through this."""
+    if not is_label_type(column.type):
+        raise DataError(f"{where}: weight column '{name}' is {column.type}; weights must be numeric")
+    try:
+        values = column.cast(pa.float64())
+    except (pa.ArrowException, ValueError) as exc:
+        text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"{where}: weight column '{name}' cannot be read as numbers ({text})") from exc
+    valid = pc.is_valid(values).to_numpy(zero_copy_only=False) if values.null_count else None
+    return checked_weights(values.to_numpy(zero_copy_only=False), valid, where, name)
 
 
 def checked_weights(values: np.ndarray, valid: np.ndarray | None, where: str, column: str) -> np.ndarray:

@@ -23,7 +23,7 @@ from cogradctl.batch import widths
 from cogradctl.data import _short
 from cogradctl.encodings import Lookup
 from cogradctl.errors import DataError
-from cogradctl.labels import PLAIN, LabelOptions, checked_weights
+from cogradctl.labels import PLAIN, LabelOptions, weights_of
 from cogradctl.lists import sequence_rows, vector_values
 from cogradctl.schema import Schema
 from cogradctl.stream.files import File, Unit, read_rows, read_unit, where
@@ -127,8 +127,7 @@ class Encoder:
                     )
             labels[:, k] = y
         if self.label_width > len(self.tasks):
-            w, valid = _numbers(table.column(self.weight), where, f"weight column '{self.weight}'")
-            labels[:, -1] = checked_weights(w, valid, where, self.weight)
+            labels[:, -1] = weights_of(table.column(self.weight), where, self.weight)
         return labels, bad, absent
 
     def _invalid(

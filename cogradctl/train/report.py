@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 from cogradctl.console import Log, counted
 from cogradctl.data import unseen_message
 from cogradctl.errors import DataError
-from cogradctl.labels import checked_weights
+from cogradctl.labels import weights_of
 from cogradctl.schema import is_list_type
 from cogradctl.stream import ParquetStream
 from cogradctl.stream.encode import Encoder
@@ -110,10 +110,7 @@ def check_weights(stream: ParquetStream) -> None:
             dictionary=[],
         )
         for _, table in read_unit(f, u):
-            column = table.column(weight)
-            values = column.cast(pa.float64())
-            valid = pc.is_valid(values).to_numpy(zero_copy_only=False) if values.null_count else None
-            checked_weights(values.to_numpy(zero_copy_only=False), valid, where(f, u), weight)
+            weights_of(table.column(weight), where(f, u), weight)
 
 
 def _bad_values(column, label: bool) -> dict[str, int]:
