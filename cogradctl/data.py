@@ -257,6 +257,7 @@ def load(spec: str, schema: Schema, label_options: LabelOptions = PLAIN) -> Data
     files = resolve(spec)
     label_options.check(schema)
     parts, sources, oov, values, start, dropped = [], [], Counter(), {}, 0, 0
+    lookups = lookups_of(schema)  # built once: a large vocabulary's index is sorted then
     for path in files:
         if label_options.weight is not None and label_options.weight not in read_schema(path).names:
             raise DataError(f"{path}: no weight column '{label_options.weight}' (--weight-column)")
@@ -266,7 +267,7 @@ def load(spec: str, schema: Schema, label_options: LabelOptions = PLAIN) -> Data
         if label_options.missing == "drop":
             table, n = _drop_missing(table, schema.task_names)
             dropped += n
-        part, unseen = encode(table, schema, path)
+        part, unseen = encode(table, schema, path, lookups)
         if label_options.weight is not None:
             part = (
                 *part[:2],
@@ -329,11 +330,14 @@ def _validate_types(table: pa.Table, path: Path, schema: Schema) -> None:
 
 
 def encode(
-    table: pa.Table, schema: Schema, path: Path | str = "<table>"
+    table: pa.Table, schema: Schema, path: Path | str = "<table>", lookups: dict[str, Lookup] | None = None
 ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], dict[str, tuple[int, set]]]:
     """Encode one validated table → ((floats, integers, labels), {column: (rows with a value that has no
     row of its own, those distinct values)} for the columns that have any). ``floats`` and
-    ``integers`` are the two blocks :func:`cogradctl.batch.split` cuts into a model's batch."""
+    ``integers`` are the two blocks :func:`cogradctl.batch.split` cuts into a model's batch.
+    ``lookups``: each categorical and sequence feature's Lookup, built once for many tables
+    (``lookups_of``; a large vocabulary's index is sorted when it is built)."""
+    lookups = lookups or lookups_of(schema)
     n = table.num_rows
     nf, ni = widths(schema)
     floats = np.zeros((n, nf), dtype=np.float32)
@@ -357,21 +361,25 @@ def encode(
     for k, f in enumerate(schema.categorical):
         values = table.column(f.name)
         try:
-            rows, unmapped = Lookup(f).rows(values)
+            rows, unmapped = lookups[f.name].rows(values)
         except ValueError as exc:
             raise DataError(f"{path}: categorical column '{f.name}': {exc}") from None
         if unmapped.any():
             plain = plain_values(values, f.value_type)
             unseen[f.name] = (int(unmapped.sum()), set(pc.unique(plain.filter(pa.array(unmapped))).to_pylist()))
         ints[:, k] = rows
-    _encode_sequences(table, schema, path, ints, unseen)
+    _encode_sequences(table, schema, path, ints, unseen, lookups)
     labels = np.stack(
         [table.column(t).cast(pa.float32()).to_numpy(zero_copy_only=False) for t in schema.task_names], axis=1
     )
     return (torch.from_numpy(floats), torch.from_numpy(ints), torch.from_numpy(labels.astype(np.float32))), unseen
 
 
-def _encode_sequences(table: pa.Table, schema: Schema, path, ints: np.ndarray, unseen: dict) -> None:
+def lookups_of(schema: Schema) -> dict[str, Lookup]:
+    return {f.name: Lookup(f) for f in schema.categorical + schema.sequences}
+
+
+def _encode_sequences(table: pa.Table, schema: Schema, path, ints: np.ndarray, unseen: dict, lookups: dict) -> None:
     """Each sequence feature's rows and lengths into ``ints`` (after the categorical columns); a list
     longer than the feature's ``max_len`` keeps its first values, counted in a warning."""
     at = len(schema.categorical)
@@ -379,7 +387,7 @@ def _encode_sequences(table: pa.Table, schema: Schema, path, ints: np.ndarray, u
     cut = {}
     for s, f in enumerate(schema.sequences):
         try:
-            rows, lengths, flagged, values, truncated = sequence_rows(table.column(f.name), Lookup(f), f.max_len)
+            rows, lengths, flagged, values, truncated = sequence_rows(table.column(f.name), lookups[f.name], f.max_len)
         except ValueError as exc:
             raise DataError(f"{path}: sequence column '{f.name}': {exc}") from None
         ints[:, at : at + f.max_len], at = rows, at + f.max_len
