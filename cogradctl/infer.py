@@ -19,17 +19,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cogradctl.columns import plan_columns
-from cogradctl.data import (
-    _categorical_values,
-    _dense_values,
-    _short,
-    _validate_labels,
-    read_file,
-    read_schema,
-    resolve,
-)
+from cogradctl.data import _categorical_values, _dense_values, _validate_labels
 from cogradctl.encodings import Lookup, Spec, read_vocab_file
 from cogradctl.errors import DataError, UsageError
+from cogradctl.parquet_files import _short, read_file, read_schema, resolve
 from cogradctl.schema import Feature, Schema, Task, family, parse_task_types
 from cogradctl.stream.files import partition_array, partitions
 from cogradctl.vocab_tensors import vocab_tensors

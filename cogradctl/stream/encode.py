@@ -20,11 +20,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cogradctl.batch import widths
-from cogradctl.data import _short
 from cogradctl.encodings import Lookup
 from cogradctl.errors import DataError
 from cogradctl.labels import PLAIN, LabelOptions, weights_of
 from cogradctl.lists import sequence_rows, vector_values
+from cogradctl.parquet_files import _short
 from cogradctl.schema import Schema
 from cogradctl.stream.files import File, Unit, read_rows, read_unit, where
 from cogradctl.stream.shuffle import Chunk

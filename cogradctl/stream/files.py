@@ -17,8 +17,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cogradctl.data import _short, check_names, resolve
 from cogradctl.errors import DataError
+from cogradctl.parquet_files import _short, check_names, resolve
 from cogradctl.schema import Schema, is_label_type, type_problem
 
 READ_ROWS = 65_536  # rows per record batch read from a row group
