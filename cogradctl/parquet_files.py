@@ -97,7 +97,7 @@ def _regular(p: Path) -> Path:
 def read_schema(path: Path) -> pa.Schema:
     try:
         arrow = pq.read_schema(path)
-    except (pa.ArrowException, OSError) as exc:
+    except (pa.ArrowException, OSError, UnicodeDecodeError) as exc:  # a damaged column name is not UTF-8
         raise DataError(f"{path}: not a readable Parquet file ({_short(exc)})") from exc
     check_names(path, arrow)
     return arrow
@@ -124,7 +124,7 @@ def read_file(path: Path, columns: list[str]) -> pa.Table:
         raise DataError(f"{path}: missing column(s) {', '.join(missing)} (the checkpoint's schema needs them)")
     try:
         return pq.read_table(path, columns=columns)
-    except (pa.ArrowException, OSError) as exc:
+    except (pa.ArrowException, OSError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: not a readable Parquet file ({_short(exc)})") from exc
 
 
