@@ -11,7 +11,9 @@ d_kr·(losses, K×P shared gradients, task-specific gradients) of each task k ov
 divides by Σ_r d_kr, d_kr the denominator of task k's loss on process r (n_r without partial labels
 or weights, so this is the mean over the global batch's N = Σ n_r rows): every process then holds the losses and gradients of the global batch, bit-identical,
 runs the same method on them and takes the same optimizer step, so the replicas never drift
-apart. See docs/distributed.md for the communication volume per method family.
+apart. Row-sparse embedding tables (``--embeddings coordinate|sum``) are not all-reduced whole:
+:meth:`StepReducer.rows` exchanges each process's touched rows (indices, then the rows scattered
+onto their union and all-reduced). See docs/distributed.md for the communication volume.
 """
 
 from __future__ import annotations
