@@ -11,7 +11,9 @@ d_kr·(losses, K×P shared gradients, task-specific gradients) of each task k ov
 divides by Σ_r d_kr, d_kr the denominator of task k's loss on process r (n_r without partial labels
 or weights, so this is the mean over the global batch's N = Σ n_r rows): every process then holds the losses and gradients of the global batch, bit-identical,
 runs the same method on them and takes the same optimizer step, so the replicas never drift
-apart. See docs/distributed.md for the communication volume per method family.
+apart. Row-sparse embedding tables (``--embeddings coordinate|sum``) are not all-reduced whole:
+:meth:`StepReducer.rows` exchanges each process's touched rows (indices, then the rows scattered
+onto their union and all-reduced). See docs/distributed.md for the communication volume.
 """
 
 from __future__ import annotations
@@ -128,6 +130,7 @@ class StepReducer:
         self.stop = False  # whether any process asked to stop (SIGTERM/SIGINT) at the last step
         self.denominators: torch.Tensor | None = None  # K: Σ_p d_kp of the last global batch
         self._mine: torch.Tensor | None = None  # K: this process's d_kp at the last call
+        self.row_bytes = 0  # bytes this process handed to the last ``rows`` call's collectives
 
     def __call__(
         self,
@@ -163,8 +166,7 @@ class StepReducer:
         if self.total == 0:
             return None
         self._mine, self.denominators = d, small[-2 - k : -2].clone()
-        # Σ_p d_kp = 0 only when every process's share is 0 (the sums are 0 too): divide by 1 there.
-        safe = torch.where(self.denominators > 0, self.denominators, torch.ones_like(self.denominators))
+        safe = _safe(self.denominators)
         g.div_(safe.to(g.dtype)[:, None])
         out_losses, at = (small[:k] / safe).to(losses.dtype), k
         out_own = {}
@@ -190,3 +192,66 @@ class StepReducer:
             return out / total if total > 0 else torch.zeros_like(out)
 
         return global_hvp
+
+    def rows(self, index: list[torch.Tensor], blocks: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Row-sparse tables (``tables.TableRows``), after ``__call__``: this process's touched rows of
+        each table (``index[t]``, sorted) and their K × rows × dim task gradients (``blocks[t]``) →
+        the global batch's: each table's union U_t of every process's touched rows (sorted, the same
+        everywhere) and the K × Σ_t |U_t|·dim_t matrix, each task's rows Σ_p d_kp G_kp / Σ_p d_kp
+        (as ``merge_rows`` computes in one process). Three collectives: the index sizes and the
+        padded indices all-gathered, the rows scattered onto the unions and all-reduced."""
+        device = blocks[0].device
+        mine = torch.tensor([i.numel() for i in index], dtype=torch.long, device=device)
+        sizes = [torch.empty_like(mine) for _ in range(self.dist.world)]
+        tdist.all_gather(sizes, mine)
+        flat = torch.zeros(max(1, *(int(s.sum()) for s in sizes)), dtype=torch.long, device=device)  # padded
+        own = torch.cat(index).to(device)
+        flat[: own.numel()] = own
+        everyone = [torch.empty_like(flat) for _ in range(self.dist.world)]
+        tdist.all_gather(everyone, flat)
+        parts = [f[: int(s.sum())].split(s.tolist()) for f, s in zip(everyone, sizes)]
+        unions = [union_rows([part[t] for part in parts]) for t in range(len(index))]
+        out = placed(unions, index, blocks, self._mine)
+        if out.numel():  # the same on every process (the unions are)
+            tdist.all_reduce(out)
+        self.row_bytes = sum(t.numel() * t.element_size() for t in (mine, flat, out))
+        return unions, out.div_(_safe(self.denominators).to(out.dtype)[:, None])
+
+
+def union_rows(indices: list[torch.Tensor]) -> torch.Tensor:
+    """The sorted union of several processes' touched rows of one table."""
+    return torch.unique(torch.cat(indices))
+
+
+def placed(
+    unions: list[torch.Tensor], index: list[torch.Tensor], blocks: list[torch.Tensor], d: torch.Tensor
+) -> torch.Tensor:
+    """One process's K × rows × dim blocks (table t's rows ``index[t]``, a subset of ``unions[t]``),
+    each task's multiplied by its denominator d_k, placed at their rows' positions in the unions:
+    K × Σ_t |U_t|·dim_t, each table's block row-major (``tables.TableRows.rows``'s layout)."""
+    k = len(d)
+    widths = [u.numel() * b.shape[2] for u, b in zip(unions, blocks)]
+    out = torch.zeros(k, sum(widths), dtype=blocks[0].dtype, device=blocks[0].device)
+    weights = d.to(out)[:, None, None]
+    for union, rows, block, part in zip(unions, index, blocks, out.split(widths, 1)):
+        target = part.view(k, union.numel(), block.shape[2])
+        target.index_copy_(1, torch.searchsorted(union, rows.to(union.device)), block * weights)
+    return out
+
+
+def merge_rows(
+    parts: list[tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]],
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """In one process, what ``StepReducer.rows`` computes across processes: ``parts`` holds each
+    process's (touched rows per table, K × rows × dim blocks per table, K denominators d_p) →
+    (each table's union of touched rows, the K × Σ_t |U_t|·dim_t matrix Σ_p d_kp G_kp / Σ_p d_kp)."""
+    tables = len(parts[0][0])
+    unions = [union_rows([index[t] for index, _, _ in parts]) for t in range(tables)]
+    total = sum(placed(unions, index, blocks, d) for index, blocks, d in parts)
+    denominators = sum(d for _, _, d in parts)
+    return unions, total.div_(_safe(denominators).to(total.dtype)[:, None])
+
+
+def _safe(denominators: torch.Tensor) -> torch.Tensor:
+    """Σ_p d_kp, with 1 where it is 0 (every process's share and sum are 0 there: a zero row stays zero)."""
+    return torch.where(denominators > 0, denominators, torch.ones_like(denominators))

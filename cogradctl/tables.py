@@ -137,6 +137,15 @@ class TableRows:
             b.view(self.k, -1, m.embedding_dim) for b, m in zip(self.rows.split(self.sizes, 1), self.modules)
         ]
 
+    def replace(self, index: list[torch.Tensor], rows: torch.Tensor) -> None:
+        """Other touched rows (``index``, sorted) and their K × Σ rows·dim matrix in ``rows``'s layout,
+        in place of the batch's: under torchrun the union of every process's, ``StepReducer.rows``."""
+        self.index, self.rows, self.lookups = index, rows, [None] * len(index)
+        self.sizes = [ids.numel() * m.embedding_dim for ids, m in zip(index, self.modules)]
+        self.blocks = [
+            b.view(self.k, -1, m.embedding_dim) for b, m in zip(self.rows.split(self.sizes, 1), self.modules)
+        ]
+
     def add(self, i: int, t: int, grad: torch.Tensor | None) -> None:
         """Task i's gradient on table t (sparse, uncoalesced: one entry per lookup) onto its touched rows."""
         if grad is None:
@@ -229,14 +238,11 @@ def _layout(model: nn.Module, split: ParamSplit) -> list[tuple[str, int, int]]:
 
 
 def check_mode(mode: str, method, world: int, measure_every: int | None) -> None:
-    """What a row-sparse mode cannot do yet, refused before anything is written (exit 2)."""
+    """What a row-sparse mode cannot do yet, refused before anything is written (exit 2). Any
+    ``world`` (number of processes) is fine: under torchrun the processes exchange their touched
+    rows (``distributed.StepReducer.rows``)."""
     if mode not in ("coordinate", "sum"):
         return
-    if world > 1:
-        raise UsageError(
-            f"--embeddings {mode}: not under torchrun yet (the touched rows are not exchanged between "
-            "processes); use --embeddings dense or freeze, or one process"
-        )
     if getattr(method, "requires_hvp", False):
         raise UsageError(
             f"--embeddings {mode}: the method needs Hessian-vector products, which the row-sparse "

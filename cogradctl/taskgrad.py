@@ -180,9 +180,21 @@ class TaskGradients:
         for param, grad in zip(self.split.tables, self.tables.sparse_grads(rows)):
             param.grad = grad
 
+    def exchanged(self, reduce) -> torch.Tensor:
+        """Under torchrun with row-sparse tables, after ``reduce`` (a ``StepReducer``) reduced the
+        dense columns: the tables' rows of the global batch (the union of every process's touched
+        rows, ``reduce.rows``) in place of this process's → the call's matrix for the global batch."""
+        self.tables.replace(*reduce.rows(self.tables.index, self.tables.blocks))
+        self.segments = self.tables.segments()
+        return self.tables.matrix(self.grads)
+
     def nothing(self):
-        """The result of a call on no rows, all zeros: a process out of data in a distributed step."""
+        """The result of a call on no rows, all zeros: a process out of data in a distributed step
+        (with row-sparse tables: no touched rows)."""
         self.grads.zero_()
+        if self.tables is not None:
+            self.tables.reset()
+            self.tables.touched(self.grads.device, self.grads.dtype)
         self.denominators = torch.zeros(len(self.tasks), device=self.grads.device)
         own = {t: [torch.zeros_like(p) for p in self.split.tasks[t]] if self.own else [] for t in self.tasks}
         return torch.zeros(len(self.tasks), device=self.grads.device), self.grads, own

@@ -58,13 +58,18 @@ def train_step(
     # Each loss's denominator (masked_losses): the observed rows' weights; None from a stand-in
     # that has none (every task observed).
     d = getattr(grads, "denominators", None)
+    # Row-sparse embedding tables (cogradctl/tables.py): g holds their touched rows; with
+    # --embeddings sum the method sees the dense columns only and the tables get the sum.
+    sparse = getattr(grads, "tables", None) is not None
     if reduce is not None:
         n = 0 if inputs is None else len(labels)
-        reduced = reduce(n, losses, g, own, stop, d)
+        reduced = reduce(n, losses, grads.grads if sparse else g, own, stop, d)
         if reduced is None:
             return None
         losses, own = reduced
         d = reduce.denominators
+        if sparse:  # the union of the processes' touched rows: exchanged, not the whole tables
+            g = grads.exchanged(reduce)
         if requires_hvp:
             hvp = reduce.hvp(n, hvp)
     # A NaN or inf anywhere makes the total non-finite: one reduction and one sync per step. Only
@@ -87,9 +92,6 @@ def train_step(
         # A task without an observed row of positive weight in the (global) batch: its loss is 0 and
         # its gradient row zero; the method is told which tasks were observed.
         extra["observed"] = d > 0
-    # Row-sparse embedding tables (cogradctl/tables.py): g holds their touched rows; with
-    # --embeddings sum the method sees the dense columns only and the tables get the sum.
-    sparse = getattr(grads, "tables", None) is not None
     coordinated = grads.coordinated(g, method) if sparse else g
     update = method(coordinated, losses, **extra)
     if sparse:
