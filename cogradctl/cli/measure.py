@@ -154,6 +154,7 @@ def measure_cmd(
     with process_group(str(resolve_device(device))) as (dist, device_name):
         dev = torch.device(device_name)
         ckpt, model, split = from_checkpoint(checkpoint, paths(plugin_path), dev)
+        ckpt.state.clear()  # the model holds the weights: not a second copy of its tables all run
         base_ckpt = None
         if baseline is not None:
             base_ckpt = ckpt_io.load(baseline)
@@ -163,6 +164,7 @@ def measure_cmd(
                     f"--baseline {baseline} has tasks {', '.join(theirs)} but --checkpoint {checkpoint} has "
                     f"{', '.join(mine)}; both must have the same tasks"
                 )
+            base_ckpt.state.clear()  # its model is loaded from the file when it is measured
 
         def run(ck, net, sp, path, label):
             mode = measurement.take_tables(net, sp, options)
