@@ -42,6 +42,20 @@ def peak_rss_mb(cmd: list[str]) -> float:
     return int(out.stdout.split()[-1]) / 1024  # ru_maxrss is in KiB on Linux
 
 
+def quietly(fn, *args) -> None:
+    """``fn(*args)`` with this process's stdout (fd 1, inherited by its subprocesses) sent to /dev/null:
+    ``cogradctl init``'s summary line would cut the table."""
+    sys.stdout.flush()
+    saved, null = os.dup(1), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)
+    try:
+        fn(*args)
+    finally:
+        os.dup2(saved, 1)
+        os.close(null)
+        os.close(saved)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--log2-rows", default="16,20,23")
@@ -62,7 +76,7 @@ def main() -> None:
         write_data(data)
         for s in rows:
             ckpt = Path(tmp) / f"init{s}.safetensors"
-            init(data, s, ckpt)
+            quietly(init, data, s, ckpt)
             tables_mb = 2 * (1 << s) * 16 * 4 / 1e6
             for path in ("coordinate", "dense"):
                 if path == "dense" and s > args.dense_up_to:
