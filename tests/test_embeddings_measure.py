@@ -16,6 +16,7 @@ absolute (on values of order 0.01–1), an order above that and far below any di
 """
 
 import copy
+import dataclasses
 import json
 
 import numpy as np
@@ -186,8 +187,9 @@ def test_optimizer_lookahead_equals_dense_untouched_rows_stay_put(world, dtype, 
 
 
 def test_train_measure_every_with_coordinate_tables_and_its_checkpoint(world, tmp_path):
-    """train --embeddings coordinate --measure-every runs; its records equal the dense measurement of
-    the same weights on the same rows; its checkpoint (lazy Adam state) measures as on the dense path."""
+    """train --embeddings coordinate --measure-every runs, trains exactly as without it, and its
+    records equal the dense measurement of the same weights on the same rows; its checkpoint (lazy
+    Adam state) measures as on the dense path."""
     torch.manual_seed(0)
     net, config = models.build("mmoe", world["schema"], {"num_experts": 2, "expert": [8], "tower": [4]})
     init = tmp_path / "init.safetensors"
@@ -205,6 +207,12 @@ def test_train_measure_every_with_coordinate_tables_and_its_checkpoint(world, tm
         embeddings="coordinate",
     )
     train(cfg, Log(quiet=True))
+    train(dataclasses.replace(cfg, out=str(tmp_path / "plain"), measure_every=None), Log(quiet=True))
+    # measuring moved the tables' touched rows and put them back: the same weights as without it
+    with_measuring = ckpt_io.load(tmp_path / "run" / "last.safetensors").state
+    plain = ckpt_io.load(tmp_path / "plain" / "last.safetensors").state
+    assert with_measuring.keys() == plain.keys()
+    assert all(torch.equal(with_measuring[k], plain[k]) for k in plain)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     measured = [r for r in records if "transference" in r]
     assert [r["step"] for r in measured] == [2, 4]
