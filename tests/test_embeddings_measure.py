@@ -263,6 +263,12 @@ def test_cli_embeddings_option(world, tmp_path):
             a, b = out["dense"]["modules"][group], out["coordinate"]["modules"][group]
             assert a["size"] == b["size"] and a["parameters"] == b["parameters"]
             np.testing.assert_allclose(b[key], a[key], rtol=0, atol=TOL32, err_msg=f"{group} {key}")
+    # a baseline is measured the same way; the checkpoint against itself on the same batches: no change
+    same = runner.invoke(app, [*args, "--embeddings", "coordinate", "--baseline", str(ckpt)])
+    assert same.exit_code == 0, same.stderr
+    doc = json.loads(same.stdout)
+    assert doc["baseline"]["embeddings"] == "coordinate"
+    assert np.array_equal(doc["baseline"]["transference_rel"], doc["transference_rel"])
     bad = runner.invoke(app, [*args, "--embeddings", "sum"])
     assert (
         bad.exit_code == 2 and "--embeddings 'sum'" in bad.stderr and "expected auto, coordinate, dense" in bad.stderr
