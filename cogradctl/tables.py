@@ -244,9 +244,7 @@ def _layout(model: nn.Module, split: ParamSplit) -> list[tuple[str, int, int]]:
 
 
 def check_mode(mode: str, method, world: int, measure_every: int | None) -> None:
-    """What a row-sparse mode cannot do yet, refused before anything is written (exit 2).
-    (``measure_every`` is allowed: the measurement takes the tables row-sparse too,
-    cogradctl/transference/rowsparse.py.)"""
+    """What a row-sparse mode cannot do yet, refused before anything is written (exit 2)."""
     if mode not in ("coordinate", "sum"):
         return
     if world > 1:
