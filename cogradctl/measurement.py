@@ -10,8 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from cogradctl import tables
 from cogradctl import transference as tr
 from cogradctl.distributed import SINGLE, Dist
+from cogradctl.errors import UsageError
+
+EMBEDDINGS = ("auto", "coordinate", "dense")  # measure-transference --embeddings
 
 
 @dataclass(frozen=True)
@@ -26,6 +30,21 @@ class Options:
     holdout: bool = False
     by_module: bool = False
     normalize_rows: bool = False
+    embeddings: str = "auto"  # shared embedding tables: auto (train's size rule), coordinate (row-sparse), dense
+
+
+def take_tables(model, split, options: Options) -> str | None:
+    """How the measurement takes the model's shared embedding tables (docs/transference.md): ``auto``
+    resolved by train's size rule (``tables.resolve``: row-sparse from 2^24 table numbers on, so a
+    model measures the way ``train --embeddings auto`` trains it), ``coordinate`` row-sparse
+    (``split.tables``), ``dense`` every row a column. → the mode, None for a model without tables."""
+    if options.embeddings not in EMBEDDINGS:
+        raise UsageError(f"--embeddings {options.embeddings!r}: expected {', '.join(EMBEDDINGS)}")
+    if not tables.embedding_tables(model, split):
+        return None
+    mode = tables.resolve(options.embeddings, model, split)
+    tables.separate(model, split, mode)
+    return mode
 
 
 def lookahead_step(ckpt, split, options: Options, source: str | Path):

@@ -96,8 +96,7 @@ class TableRows:
         order = {id(p): t for t, p in enumerate(split.tables)}
         self.modules.sort(key=lambda m: order[id(m.weight)])
         self.inputs: list[list[torch.Tensor]] = [[] for _ in self.modules]
-        for t, module in enumerate(self.modules):
-            module.register_forward_pre_hook(self._recorder(t))
+        self.hooks = [module.register_forward_pre_hook(self._recorder(t)) for t, module in enumerate(self.modules)]
         self.layout = _layout(model, split)
         self.starts = list(accumulate([0, *(p.numel() for p in split.shared)]))  # dense columns
         self.recording = False  # between reset and touched: lookups outside a training step are not kept
@@ -171,6 +170,22 @@ class TableRows:
         starts = self.starts
         pieces = [dense[:, starts[a] : starts[b]] if kind == "dense" else self.rows_of(a) for kind, a, b in self.layout]
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+
+    def close(self) -> None:
+        """Remove the lookup recorders from the table modules (a measurement's ``TableRows`` lives
+        for one measurement; the modules outlive it, in a training run)."""
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks = []
+
+    def spans(self) -> dict[str, tuple[int, int]]:
+        """{shared parameter name: (first, last + 1) of its columns in ``matrix``}, in column order:
+        a dense parameter's every entry, a table's touched rows (``index``, row-major)."""
+        names = [*self.split.shared_names, *self.split.table_names]
+        width = len(self.split.shared_names)
+        keys = [n for kind, a, b in self.layout for n in ([names[width + a]] if kind == "table" else names[a:b])]
+        ends = list(accumulate(self.segments()))
+        return {n: (end - size, end) for n, end, size in zip(keys, ends, self.segments())}
 
     def rows_of(self, t: int) -> torch.Tensor:
         start = sum(self.sizes[:t])
@@ -253,11 +268,6 @@ def check_mode(mode: str, method, world: int, measure_every: int | None) -> None
             "--embeddings coordinate: the method keeps state per gradient column (cograd "
             "hessian=fisher-ema), but the tables' columns change with the rows each batch touches; "
             "use --embeddings sum or dense, or another hessian option"
-        )
-    if measure_every:
-        raise UsageError(
-            f"--measure-every: transference is not measured with row-sparse tables yet (--embeddings "
-            f"{mode}); use --embeddings dense, or measure with 'cogradctl measure-transference'"
         )
 
 

@@ -101,6 +101,13 @@ def measure_cmd(
         Path | None,
         typer.Option(help="Write every per-batch quantity to this Parquet file (one row per batch × ordered pair)."),
     ] = None,
+    embeddings: Annotated[
+        str,
+        typer.Option(
+            help="Shared embedding tables: coordinate (row-sparse: the touched rows of each batch only), "
+            "dense (every row a column), auto (coordinate from 2^24 table numbers on, as train --embeddings auto)."
+        ),
+    ] = "auto",
     on_invalid_rows: OnInvalid = "error",
     missing_labels: MissingLabels = "mask",
     weight_column: WeightColumn = None,
@@ -123,6 +130,8 @@ def measure_cmd(
     count("--seed", seed, 0)  # a seed must be a non-negative 64-bit integer (torch and numpy take no other)
     labels = label_options(missing_labels, weight_column)
     _check(batches, batch_size, lookahead, lookahead_lr, baseline, max_regression, max_conflict_rate, min_transference)
+    if embeddings not in measurement.EMBEDDINGS:
+        raise UsageError(f"--embeddings {embeddings!r}: expected {', '.join(measurement.EMBEDDINGS)}")
     if plot is not None:
         require_matplotlib()
     import torch
@@ -139,11 +148,13 @@ def measure_cmd(
         holdout=holdout,
         by_module=by_module,
         normalize_rows=normalize_rows,
+        embeddings=embeddings,
     )
     # Under torchrun, each process measures its share of the batches (docs/distributed.md).
     with process_group(str(resolve_device(device))) as (dist, device_name):
         dev = torch.device(device_name)
         ckpt, model, split = from_checkpoint(checkpoint, paths(plugin_path), dev)
+        ckpt.state.clear()  # the model holds the weights: not a second copy of its tables all run
         base_ckpt = None
         if baseline is not None:
             base_ckpt = ckpt_io.load(baseline)
@@ -153,13 +164,21 @@ def measure_cmd(
                     f"--baseline {baseline} has tasks {', '.join(theirs)} but --checkpoint {checkpoint} has "
                     f"{', '.join(mine)}; both must have the same tasks"
                 )
+            base_ckpt.state.clear()  # its model is loaded from the file when it is measured
 
         def run(ck, net, sp, path, label):
+            mode = measurement.take_tables(net, sp, options)
+            if mode == "coordinate":
+                log.info(
+                    f"{path}: embedding tables {', '.join(sp.table_names)} measured row-sparse (--embeddings coordinate)"
+                )
             precond, alpha, state = measurement.lookahead_step(ck, sp, options, path)
             # only the picked row ranges are read
             stream = open_data(data, ck.schema, log, on_invalid_rows, labels=labels)
             with _batch_progress(log, f"measuring {label}") as progress:
                 out = measurement.measure(ck, net, sp, stream, precond, alpha, options, dev, dist, progress)
+            if mode is not None:
+                out[0]["embeddings"] = mode
             if state is not None:
                 state["untrained_entries_moved"] = out[0].pop("untrained_entries_moved", 0)
                 out[0]["lookahead_state"] = state

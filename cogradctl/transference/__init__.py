@@ -27,7 +27,9 @@ Modules:
   ``measure_full``, ``measure``);
 - :mod:`.summary`: means and standard errors (``summarise``), before/after (``reorder``,
   ``compare``) and the quality gates (``check_gates``, ``gate``);
-- :mod:`.raw`: the raw per-batch table (``raw_table``, ``write_raw``).
+- :mod:`.raw`: the raw per-batch table (``raw_table``, ``write_raw``);
+- :mod:`.rowsparse`: the same with row-sparse embedding tables (``split.tables``): the lookahead on
+  the touched rows in place (``lookahead_outputs``), Adam's saved state per batch (``RowAdam``).
 
 Everything the former module ``cogradctl/transference.py`` defined still imports from here.
 """
@@ -45,6 +47,7 @@ from cogradctl.transference.lookahead import (
     measure_batch,
 )
 from cogradctl.transference.raw import raw_table, write_raw
+from cogradctl.transference.rowsparse import RowAdam
 from cogradctl.transference.summary import check_gates, compare, gate, reorder, summarise
 
 _groups = build_groups  # its name before the split; tests call tr._groups
@@ -56,6 +59,7 @@ __all__ = [
     "PER_BATCH_EXTRA",
     "AdamLookahead",
     "Group",
+    "RowAdam",
     "SharedGradients",
     "adam_preconditioner",
     "build_groups",

@@ -88,6 +88,8 @@ def measure_per_batch(
             progress(len(measured), len(mine))
     finally:
         model.train(was_training)
+        if grads.tables is not None:  # its lookup recorders off the table modules (a training run's outlive it)
+            grads.tables.close()
     if dist.world > 1:
         everything = sorted(dist.gather(list(zip(mine, results, measured))), key=lambda item: item[0])
         results, measured = [r for _, r, _ in everything], [m for _, _, m in everything]
@@ -132,7 +134,11 @@ def measure_full(
         result["modules"] = {
             name: {
                 "parameters": params,
-                "size": sum(p.numel() for n, p in zip(split.shared_names, split.shared) if n in set(params)),
+                "size": sum(
+                    p.numel()
+                    for n, p in zip([*split.shared_names, *split.table_names], [*split.shared, *split.tables])
+                    if n in set(params)
+                ),
                 **summarise(per_batch, name, normalize_rows),
             }
             for name, params in groups.items()

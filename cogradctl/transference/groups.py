@@ -32,8 +32,9 @@ def default_group(name: str) -> str:
 
 def shared_groups(model: torch.nn.Module, split: ParamSplit, plugin: str = "model") -> dict[str, list[str]]:
     """{group: [shared parameter names]}: the plugin's ``shared_groups()`` when it defines one (shared
-    parameters it leaves out form the group ``(other)``), else :func:`default_group`."""
-    shared = list(split.shared_names)
+    parameters it leaves out form the group ``(other)``), else :func:`default_group`. Row-sparse
+    tables (``split.tables``) are shared parameters here too, in the model's order."""
+    shared = all_shared_names(model, split)
     custom = getattr(model, "shared_groups", None)
     if custom is None:
         groups: dict[str, list[str]] = {}
@@ -64,12 +65,22 @@ def shared_groups(model: torch.nn.Module, split: ParamSplit, plugin: str = "mode
     return groups
 
 
+def all_shared_names(model: torch.nn.Module, split: ParamSplit) -> list[str]:
+    """The shared parameters' names, row-sparse tables' included, in the model's parameter order."""
+    if not split.tables:
+        return list(split.shared_names)
+    mine = {id(p): n for n, p in zip([*split.shared_names, *split.table_names], [*split.shared, *split.tables])}
+    return [mine[id(p)] for p in model.parameters() if id(p) in mine]
+
+
 @dataclass
 class Group:
     name: str
     params: list[str]
-    index: torch.Tensor  # positions of the group's entries in the flat P-vector
-    size: int
+    # positions of the group's entries in the flat P-vector of the dense shared parameters (with
+    # row-sparse tables a batch's columns are found per batch: rowsparse.group_columns)
+    index: torch.Tensor
+    size: int  # entries, a table's every row included
 
 
 def build_groups(split: ParamSplit, spec: dict[str, list[str]], device) -> list[Group]:
@@ -78,8 +89,10 @@ def build_groups(split: ParamSplit, spec: dict[str, list[str]], device) -> list[
     for n, p in zip(split.shared_names, split.shared):
         offsets[n] = (offset, offset + p.numel())
         offset += p.numel()
+    sizes = {n: p.numel() for n, p in zip([*split.shared_names, *split.table_names], [*split.shared, *split.tables])}
     out = []
     for name, params in spec.items():
-        index = torch.cat([torch.arange(*offsets[n], device=device) for n in params])
-        out.append(Group(name, list(params), index, int(index.numel())))
+        pieces = [torch.arange(*offsets[n], device=device) for n in params if n in offsets]
+        index = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long, device=device)
+        out.append(Group(name, list(params), index, sum(sizes[n] for n in params)))
     return out

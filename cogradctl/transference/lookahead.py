@@ -16,6 +16,7 @@ from cogradctl.models import ParamSplit
 from cogradctl.schema import Schema
 from cogradctl.taskgrad import TaskGradients, flat_shared, masked_losses, task_losses, unflatten_shared
 from cogradctl.transference.groups import Group
+from cogradctl.transference.rowsparse import RowAdam, group_columns, lookahead_outputs, table_state
 
 # The default SGD lookahead step α (see docs/transference.md, "Choosing the lookahead step"): large
 # enough that loss changes are far above float32 rounding of the losses, small enough to stay near
@@ -49,6 +50,9 @@ class AdamLookahead:
     bias2: torch.Tensor  # P, float64: 1 − β₂^(t+1), t the step count of the entry's tensor
     beta2: float
     eps: float
+    # each entry's position in the flat vector of every shared entry (row-sparse tables: the
+    # batch's columns are a subset); None: the entries are that vector
+    columns: torch.Tensor | None = None
 
     def direction(self, g: torch.Tensor) -> torch.Tensor:
         """K×P source gradients → K×P steps per unit α, computed in ``g``'s dtype (two K×P temporaries)."""
@@ -58,14 +62,17 @@ class AdamLookahead:
 
     def untrained_moved(self, g: torch.Tensor) -> np.ndarray:
         """Indices of the entries with v = 0 that some source's gradient moves."""
-        return torch.nonzero((self.v == 0) & (g != 0).any(0)).reshape(-1).cpu().numpy()
+        moved = torch.nonzero((self.v == 0) & (g != 0).any(0)).reshape(-1)
+        return (moved if self.columns is None else self.columns[moved]).cpu().numpy()
 
 
 def adam_preconditioner(extra: dict[str, torch.Tensor], history: list[dict], split: ParamSplit, source: str):
     """→ (:class:`AdamLookahead` over the shared parameters, the training lr, info dict) from the
     Adam state ``cogradctl train`` saves; CheckpointError (exit 2) when the checkpoint has none.
-    ``info["untrained_entries"]``: shared entries whose saved second moment is 0 (never trained)."""
-    missing = [n for n in split.shared_names if f"{OPTIM_PREFIX}exp_avg_sq.{n}" not in extra]
+    ``info["untrained_entries"]``: shared entries whose saved second moment is 0 (never trained).
+    With row-sparse tables (``split.tables``) a :class:`RowAdam`, gathered per batch."""
+    names = [*split.shared_names, *split.table_names]
+    missing = [n for n in names if f"{OPTIM_PREFIX}exp_avg_sq.{n}" not in extra]
     if missing:
         raise CheckpointError(
             f"{source}: no optimizer state for --lookahead optimizer (missing optim.exp_avg_sq.{missing[0]}"
@@ -86,15 +93,31 @@ def adam_preconditioner(extra: dict[str, torch.Tensor], history: list[dict], spl
         vs.append(v)
         bias2.append(torch.full_like(v, 1.0 - beta2 ** (max(step, 0.0) + 1.0)))
     state = AdamLookahead(torch.cat(vs), torch.cat(bias2), beta2, eps)
+    entries, untrained = int(state.v.numel()), int((state.v == 0).sum())
+    if split.tables:
+        saved, table_steps, table_untrained = table_state(extra, split, beta2, OPTIM_PREFIX)
+        steps.update(table_steps)
+        entries += sum(p.numel() for p in split.tables)
+        untrained += table_untrained
+        starts = _starts(split.shared)
+        sizes = {n: (a, b) for n, a, b in zip(split.shared_names, starts, starts[1:])}
+        state = RowAdam(state.v, state.bias2, saved, sizes, beta2, eps)
     info = {
         "beta2": beta2,
         "eps": eps,
         "step": max(steps) if steps else 0,
         "lr": lr,
-        "shared_entries": int(state.v.numel()),
-        "untrained_entries": int((state.v == 0).sum()),
+        "shared_entries": entries,
+        "untrained_entries": untrained,
     }
     return state, lr, info
+
+
+def _starts(params: list[torch.Tensor]) -> list[int]:
+    out = [0]
+    for p in params:
+        out.append(out[-1] + p.numel())
+    return out
 
 
 def _matrices(before: torch.Tensor, after: torch.Tensor, g: torch.Tensor) -> dict[str, np.ndarray]:
@@ -138,17 +161,24 @@ def measure_batch(
     """All K×K matrices for one batch, in float64 (``"modules"``: the same per group).
 
     ``grads`` computes (losses, K×P gradients, _) for a batch (:class:`SharedGradients` or
-    ``taskgrad.TaskGradients``); ``precond``: an :class:`AdamLookahead` (Adam's next step) or a
-    P-vector that scales the SGD step elementwise;
+    ``taskgrad.TaskGradients``); ``precond``: an :class:`AdamLookahead` (Adam's next step; a
+    :class:`RowAdam` with row-sparse tables) or a P-vector that scales the SGD step elementwise;
     ``eval_batch`` = (inputs, labels) of the batch the losses are measured on (holdout), default
-    the step batch.
+    the step batch. With row-sparse tables (``split.tables``) the columns are the dense shared
+    parameters' and the touched rows' (:mod:`.rowsparse`).
     """
     losses, g, _ = grads(inputs, labels)
     d_step = getattr(grads, "denominators", None)
+    sparse = (grads.tables, grads.tables.spans()) if split.tables else None
+    if isinstance(precond, RowAdam):
+        v, bias2, columns = precond.for_batch(split, *sparse)
+        precond = AdamLookahead(v, bias2, precond.beta2, precond.eps, columns)
     if precond is None:
         step = lookahead_lr * g
     elif isinstance(precond, AdamLookahead):
         step = lookahead_lr * precond.direction(g)
+    elif sparse is not None:
+        raise ValueError("row-sparse tables: no elementwise lookahead scale (its P-vector would be dense)")
     else:  # an elementwise scale (P-vector)
         step = lookahead_lr * g * precond
     k = len(schema.tasks)
@@ -162,25 +192,37 @@ def measure_batch(
         base = flat_shared(split)
         after = torch.empty(k, k, dtype=torch.float64, device=before.device)
         for i in range(k):
-            after[i] = task_losses(
-                functional_call(model, unflatten_shared(split, base - step[i]), (x,)), y, schema
-            ).double()
+            after[i] = _lookahead_losses(model, split, schema, base, step[i], (x, y), sparse)
         seen = _seen(d_step, k), _seen(d_eval, k)
         out = _absent(_matrices(before, after, g), *seen)
         if isinstance(precond, AdamLookahead):
             out[UNTRAINED_MOVED] = precond.untrained_moved(g)
         if groups:
             out["modules"] = {}
-            params = dict(zip(split.shared_names, split.shared))
             for grp in groups:
                 moved = torch.empty(k, k, dtype=torch.float64, device=before.device)
                 for i in range(k):
-                    local = step[i].index_select(0, grp.index)
-                    chunks = torch.split(local, [params[n].numel() for n in grp.params])
-                    stepped = {n: params[n].detach() - c.view_as(params[n]) for n, c in zip(grp.params, chunks)}
-                    moved[i] = task_losses(functional_call(model, stepped, (x,)), y, schema).double()
-                out["modules"][grp.name] = _absent(_matrices(before, moved, g.index_select(1, grp.index)), *seen)
+                    moved[i] = _lookahead_losses(model, split, schema, base, step[i], (x, y), sparse, grp)
+                index = grp.index if sparse is None else group_columns(sparse[1], grp.params, g.device)
+                out["modules"][grp.name] = _absent(_matrices(before, moved, g.index_select(1, index)), *seen)
     return out
+
+
+def _lookahead_losses(model, split, schema, base, step, batch, sparse=None, group: Group | None = None):
+    """Every target's loss on ``batch`` after one source's ``step`` (a row of the step matrix) on
+    every shared parameter (``base`` − step), or on ``group``'s only; ``sparse``: (``TableRows``,
+    its spans) with row-sparse tables (:func:`.rowsparse.lookahead_outputs`)."""
+    x, y = batch
+    if sparse is not None:
+        out = lookahead_outputs(model, split, *sparse, step, x, None if group is None else set(group.params))
+    elif group is None:
+        out = functional_call(model, unflatten_shared(split, base - step), (x,))
+    else:
+        params = dict(zip(split.shared_names, split.shared))
+        chunks = torch.split(step.index_select(0, group.index), [params[n].numel() for n in group.params])
+        stepped = {n: params[n].detach() - c.view_as(params[n]) for n, c in zip(group.params, chunks)}
+        out = functional_call(model, stepped, (x,))
+    return task_losses(out, y, schema).double()
 
 
 def _seen(d: torch.Tensor | None, k: int) -> np.ndarray:
