@@ -11,7 +11,9 @@ whether the run finished, its configuration) with the tensors needed to resume e
 ``optim.<state>.<parameter>``, ``method.<buffer>`` and ``rng.<generator>``.
 
 Loading never unpickles anything. Writing goes to a temporary file in the target's directory,
-fsynced and renamed into place, so a reader never sees a half-written checkpoint.
+fsynced and renamed into place, so a reader never sees a half-written checkpoint; the file is
+written tensor after tensor from the live tensors (``safetensors_stream``), so a save of several GB
+of tables and optimizer state needs no copy of them.
 """
 
 from __future__ import annotations
@@ -28,9 +30,8 @@ from typing import BinaryIO
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save as st_save
 
-from cogradctl import __version__
+from cogradctl import __version__, safetensors_stream
 from cogradctl.errors import CheckpointError
 from cogradctl.schema import Schema
 from cogradctl.vocab_tensors import VOCAB_PREFIX, vocab_tensors, with_vocab
@@ -53,17 +54,32 @@ class Checkpoint:
 
 
 def save(ckpt: Checkpoint, path: str | Path) -> None:
-    atomic_write_bytes(Path(path), serialize(ckpt))
+    with staged_checkpoint(Path(path), ckpt):
+        pass
 
 
-def serialize(ckpt: Checkpoint) -> bytes:
-    """The checkpoint as the bytes of its ``.safetensors`` file.
+@contextmanager
+def staged_checkpoint(path: Path, ckpt: Checkpoint) -> Iterator[Path]:
+    """``staged_write`` for a checkpoint: its file written tensor after tensor from the caller's
+    tensors (``safetensors_stream``), never whole in memory; they must not change meanwhile."""
+    tensors, metadata = contents(ckpt)
+    with staged_file(path) as (f, tmp):
+        try:
+            safetensors_stream.write(f, tensors, metadata)
+            f.flush()
+        except OSError as exc:
+            raise _naming(exc, path) from exc
+        yield tmp
+
+
+def contents(ckpt: Checkpoint) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The checkpoint's tensors (the caller's own, not copies) and metadata, as its file holds them.
 
     ``model_config`` keeps the order of its keys (nested dicts included): a plugin may build its
     inputs from a config dict's order, so sorting the keys would permute its features silently.
     """
-    tensors = {MODEL_PREFIX + k: v.detach().to("cpu").contiguous().clone() for k, v in ckpt.state.items()}
-    tensors.update({k: v.detach().to("cpu").contiguous().clone() for k, v in ckpt.extra.items()})
+    tensors = {MODEL_PREFIX + k: v.detach() for k, v in ckpt.state.items()}
+    tensors.update({k: v.detach() for k, v in ckpt.extra.items()})
     schema, vocab = vocab_tensors(ckpt.schema)
     tensors.update(vocab)
     metadata = {
@@ -77,7 +93,7 @@ def serialize(ckpt: Checkpoint) -> bytes:
     }
     if ckpt.training_state is not None:
         metadata["training_state"] = json.dumps(ckpt.training_state)
-    return st_save(tensors, metadata=metadata)
+    return tensors, metadata
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
