@@ -87,6 +87,8 @@ def read_inputs(cfg: TrainConfig, out: Path, log: Log, plugin_paths, dist: Dist,
                 warn_dropped(log, data["valid"], labels, "--valid", "evaluating on", why)
         position = (state["epoch"], state["batch"]) if state else (1, 0)
         batches = Batches(stream, cfg, shards, dist, position, device, rows_used=data["train"]["rows_used"])
+        if batches.first is not None:  # a plugin's table read other than by its lookups: exit 2 now
+            tables.probe(model, split, cfg.embeddings, batches.first[0])
         before = (
             evaluate(model, valid, source.schema, device=device, standard_errors=True)
             if valid is not None and not state
