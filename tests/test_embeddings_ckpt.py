@@ -21,6 +21,7 @@ from safetensors.torch import save as st_save
 from cogradctl import checkpoint as ckpt_io
 from cogradctl import models, safetensors_stream
 from cogradctl import schema as schema_io
+from cogradctl.train.save import finite
 from cogradctl.train.state import optimizer_tensors
 
 
@@ -170,3 +171,35 @@ def test_a_save_of_large_state_needs_no_copy_of_it(tmp_path):
     assert torch.equal(back.extra["optim.exp_avg.w"], optimizer.state[weight]["exp_avg"])
     assert float(back.extra["optim.step.w"]) == 1.0 and torch.equal(back.state["w"], weight.detach())
     assert grown < 32, f"the save raised the peak RSS by {grown:.0f} MB"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_finite_agrees_with_isfinite(dtype):
+    """save.finite (every save's check for non-finite weights) against ``isfinite(t).all()``."""
+    gen = torch.Generator().manual_seed(1)
+    cases = [torch.zeros(0, 3, dtype=dtype), torch.tensor(-0.0, dtype=dtype), torch.tensor(float("nan"), dtype=dtype)]
+    for bad in (None, float("nan"), float("inf"), -float("inf")):
+        for where in (0, 17, -1):
+            t = torch.randn(5, 7, generator=gen).to(dtype) * 100
+            if bad is not None:
+                t.view(-1)[where] = bad
+            cases += [t, t.t()]
+    cases.append(_random((64,), dtype, gen))  # any bit pattern: NaNs, infinities, subnormals
+    for t in cases:
+        assert bool(finite(t)) == bool(torch.isfinite(t).all()), t
+
+
+def test_the_finiteness_check_needs_no_temporary_of_the_tables_size():
+    """``isfinite(t).all()`` on a 64 MB table made temporaries of more than its size (at every
+    save, on top of the tables and their moments); ``finite`` none."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pytest.skip("needs Linux's /proc/self/clear_refs to measure a peak RSS")
+    table = torch.ones(1 << 20, 16)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _rss_mb("VmRSS")
+    assert bool(finite(table))
+    assert _rss_mb("VmHWM") - before < 8

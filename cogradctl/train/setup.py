@@ -30,7 +30,7 @@ from cogradctl.train.logs import MetricsLog, NoLog, TensorBoard
 from cogradctl.train.optim import make_optimizer, trainable
 from cogradctl.train.report import OovCount, ProgressLine, count_rows, warn_dropped
 from cogradctl.train.run import Inputs, Progress, Run
-from cogradctl.train.save import save_last
+from cogradctl.train.save import finite, save_last
 from cogradctl.train.state import check_resume_tensors, previous_state, restore
 from cogradctl.train.step import Autocast, LossScaler
 
@@ -45,7 +45,7 @@ def read_inputs(cfg: TrainConfig, out: Path, log: Log, plugin_paths, dist: Dist,
     model, _ = build(source.model, source.schema, source.model_config, plugin_paths)
     ckpt_io.load_into(model, source.state, cfg.checkpoint)
     for name, tensor in source.state.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        if tensor.is_floating_point() and not bool(finite(tensor)):
             raise CheckpointError(
                 f"{cfg.checkpoint}: weight {name} holds NaN or infinite values (a diverged run's?); "
                 "train from a checkpoint with finite weights"
