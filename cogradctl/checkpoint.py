@@ -350,6 +350,23 @@ def load(path: str | Path) -> Checkpoint:
     return Checkpoint(meta.model, meta.model_config, schema, state, meta.history, extra, meta.training_state)
 
 
+def load_part(path: str | Path, weights: bool) -> dict[str, torch.Tensor]:
+    """Part of a checkpoint's tensors: the model's weights (names without ``model.``), or with
+    ``weights=False`` the others a ``train`` checkpoint holds to resume (``optim.*``, ``method.*``,
+    ``rng.*``, …), read into memory of their own, not mapped (``safetensors_stream.read``). A resumed
+    run loads the weights into its model, lets them go, then reads the rest: it never holds the
+    whole checkpoint beside its model, nor the file's pages."""
+    try:
+        with safe_open(path, framework="pt") as f:  # the library validates the header and offsets
+            f.keys()
+        tensors = safetensors_stream.read(path, lambda k: k.startswith(MODEL_PREFIX) == weights)
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path}: corrupt checkpoint ({exc})") from exc
+    if weights:
+        return {k[len(MODEL_PREFIX) :]: v for k, v in tensors.items()}
+    return {k: v for k, v in tensors.items() if not k.startswith(VOCAB_PREFIX)}
+
+
 def stored_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
     """The shapes of the model weights stored in ``path`` (names without ``model.``), from the
     safetensors header alone: nothing is read or allocated."""

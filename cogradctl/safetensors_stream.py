@@ -111,3 +111,28 @@ def write(f: BinaryIO, tensors: dict[str, torch.Tensor], metadata: dict[str, str
 def _bytes(tensor: torch.Tensor) -> memoryview:
     """A contiguous CPU tensor's bytes, without a copy."""
     return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+
+
+def read(path, keep) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file whose names ``keep`` accepts, each read with plain reads
+    into memory of its own. (The library's loader maps the file instead: every page a tensor's use
+    touches then counts toward the process's memory for as long as any tensor of the file lives; a
+    resumed run so held its checkpoint's weights a second time for its whole length.) The caller
+    has validated the file (``safe_open``)."""
+    out = {}
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        entries = json.loads(f.read(n))
+        for name, info in entries.items():
+            if name == "__metadata__" or not keep(name):
+                continue
+            if DTYPES.get(info["dtype"]) is None:
+                raise ValueError(f"tensor {name}: dtype {info['dtype']} is not one this torch has")
+            begin, end = info["data_offsets"]
+            tensor = torch.empty(info["shape"], dtype=DTYPES[info["dtype"]])
+            if end > begin:
+                f.seek(8 + n + begin)
+                if f.readinto(_bytes(tensor)) != end - begin:
+                    raise ValueError(f"tensor {name}: the file ends inside its data")
+            out[name] = tensor
+    return out

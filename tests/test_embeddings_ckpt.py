@@ -21,6 +21,7 @@ from safetensors.torch import save as st_save
 from cogradctl import checkpoint as ckpt_io
 from cogradctl import models, safetensors_stream
 from cogradctl import schema as schema_io
+from cogradctl.errors import CheckpointError
 from cogradctl.train.save import finite
 from cogradctl.train.state import optimizer_tensors
 
@@ -203,3 +204,41 @@ def test_the_finiteness_check_needs_no_temporary_of_the_tables_size():
     before = _rss_mb("VmRSS")
     assert bool(finite(table))
     assert _rss_mb("VmHWM") - before < 8
+
+
+def test_load_part_reads_what_load_reads(tmp_path, base_checkpoint):
+    """A resumed run's reads (the weights, then the rest) against ``load`` (the library's reader):
+    every tensor, bit for bit; and a damaged file is a CheckpointError naming it."""
+    base = ckpt_io.load(base_checkpoint)
+    net, config = models.build("mmoe", base.schema, {"num_experts": 3, "expert": [8, 4], "tower": [4]})
+    extra = {f"optim.{k}": v for k, v in _tensors().items()}
+    path = tmp_path / "c.safetensors"
+    ckpt_io.save(ckpt_io.Checkpoint("mmoe", config, base.schema, net.state_dict(), [], extra, {"step": 3}), path)
+    want = ckpt_io.load(path)
+    for got, expected in (
+        (ckpt_io.load_part(path, weights=True), want.state),
+        (ckpt_io.load_part(path, False), want.extra),
+    ):
+        assert got.keys() == expected.keys()
+        for name, tensor in expected.items():
+            assert got[name].dtype == tensor.dtype and got[name].shape == tensor.shape, name
+            assert torch.equal(got[name].reshape(-1).view(torch.uint8), tensor.reshape(-1).view(torch.uint8)), name
+    damaged = tmp_path / "d.safetensors"
+    damaged.write_bytes(path.read_bytes()[:-5])
+    with pytest.raises(CheckpointError, match="d.safetensors: corrupt checkpoint"):
+        ckpt_io.load_part(damaged, weights=False)
+
+
+def test_load_part_does_not_map_the_file(tmp_path):
+    """The library's reader maps the file: the pages a copy touches stay resident while any of its
+    tensors lives. ``load_part`` reads into the process's own memory: its file-backed RSS stays."""
+    schema = schema_io.Schema([schema_io.Feature("x", "dense")], [schema_io.Task("click", "binary")])
+    state = {"w": torch.ones(1 << 20, 16), "v": torch.ones(4)}  # 64 MB
+    ckpt_io.save(ckpt_io.Checkpoint("m", {}, schema, state, []), tmp_path / "c.safetensors")
+    before = _rss_mb("RssFile")
+    weights = ckpt_io.load_part(tmp_path / "c.safetensors", weights=True)
+    assert torch.equal(weights["w"], state["w"])
+    assert _rss_mb("RssFile") - before < 8
+    mapped = ckpt_io.load(tmp_path / "c.safetensors").state
+    assert torch.equal(mapped["w"], state["w"])  # touches every page of w
+    assert _rss_mb("RssFile") - before > 48  # what the test would catch

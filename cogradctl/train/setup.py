@@ -111,9 +111,10 @@ def prepare(
     """The optimizer and the method set up (from the saved state on resume), the logs opened,
     config.toml written: a :class:`Run` ready for its first step."""
     state, split, method, batches = inputs.state, inputs.split, inputs.method, inputs.batches
-    if state:
-        start = ckpt_io.load(out / "last.safetensors")
-        ckpt_io.load_into(inputs.model, start.state, str(out / "last.safetensors"))
+    if state:  # the weights first, then the rest: never the whole checkpoint beside the model
+        last = out / "last.safetensors"
+        ckpt_io.load_into(inputs.model, ckpt_io.load_part(last, weights=True), str(last))
+        extra = ckpt_io.load_part(last, weights=False)
     torch.manual_seed(cfg.seed)
     method.setup(len(inputs.source.schema.task_names))
     method.segments = [p.numel() for p in split.shared]
@@ -122,10 +123,8 @@ def prepare(
     scaler = LossScaler() if cfg.precision == "fp16" else None
     if state:
         taken = state["step"] - state.get("skipped", 0)
-        check_resume_tensors(
-            start.extra, optimizer, names, method, scaler, device, split, out / "last.safetensors", taken
-        )
-        restore(start.extra, optimizer, names, method, scaler, device, split)
+        check_resume_tensors(extra, optimizer, names, method, scaler, device, split, last, taken)
+        restore(extra, optimizer, names, method, scaler, device, split)
         log.info(f"resuming {out} at step {state['step']} (epoch {state['epoch']}, batch {state['batch']})")
     if dist.world > 1:
         # Dropout draws differ between processes; the methods' own generators are buffers, the
