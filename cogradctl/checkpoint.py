@@ -11,7 +11,9 @@ whether the run finished, its configuration) with the tensors needed to resume e
 ``optim.<state>.<parameter>``, ``method.<buffer>`` and ``rng.<generator>``.
 
 Loading never unpickles anything. Writing goes to a temporary file in the target's directory,
-fsynced and renamed into place, so a reader never sees a half-written checkpoint.
+fsynced and renamed into place, so a reader never sees a half-written checkpoint; the file is
+written tensor after tensor from the live tensors (``safetensors_stream``), so a save of several GB
+of tables and optimizer state needs no copy of them.
 """
 
 from __future__ import annotations
@@ -28,9 +30,8 @@ from typing import BinaryIO
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save as st_save
 
-from cogradctl import __version__
+from cogradctl import __version__, safetensors_stream
 from cogradctl.errors import CheckpointError
 from cogradctl.schema import Schema
 from cogradctl.vocab_tensors import VOCAB_PREFIX, vocab_tensors, with_vocab
@@ -53,17 +54,32 @@ class Checkpoint:
 
 
 def save(ckpt: Checkpoint, path: str | Path) -> None:
-    atomic_write_bytes(Path(path), serialize(ckpt))
+    with staged_checkpoint(Path(path), ckpt):
+        pass
 
 
-def serialize(ckpt: Checkpoint) -> bytes:
-    """The checkpoint as the bytes of its ``.safetensors`` file.
+@contextmanager
+def staged_checkpoint(path: Path, ckpt: Checkpoint) -> Iterator[Path]:
+    """``staged_write`` for a checkpoint: its file written tensor after tensor from the caller's
+    tensors (``safetensors_stream``), never whole in memory; they must not change meanwhile."""
+    tensors, metadata = contents(ckpt)
+    with staged_file(path) as (f, tmp):
+        try:
+            safetensors_stream.write(f, tensors, metadata)
+            f.flush()
+        except OSError as exc:
+            raise _naming(exc, path) from exc
+        yield tmp
+
+
+def contents(ckpt: Checkpoint) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The checkpoint's tensors (the caller's own, not copies) and metadata, as its file holds them.
 
     ``model_config`` keeps the order of its keys (nested dicts included): a plugin may build its
     inputs from a config dict's order, so sorting the keys would permute its features silently.
     """
-    tensors = {MODEL_PREFIX + k: v.detach().to("cpu").contiguous().clone() for k, v in ckpt.state.items()}
-    tensors.update({k: v.detach().to("cpu").contiguous().clone() for k, v in ckpt.extra.items()})
+    tensors = {MODEL_PREFIX + k: v.detach() for k, v in ckpt.state.items()}
+    tensors.update({k: v.detach() for k, v in ckpt.extra.items()})
     schema, vocab = vocab_tensors(ckpt.schema)
     tensors.update(vocab)
     metadata = {
@@ -77,7 +93,7 @@ def serialize(ckpt: Checkpoint) -> bytes:
     }
     if ckpt.training_state is not None:
         metadata["training_state"] = json.dumps(ckpt.training_state)
-    return st_save(tensors, metadata=metadata)
+    return tensors, metadata
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -332,6 +348,23 @@ def load(path: str | Path) -> Checkpoint:
     extra = {k: v for k, v in tensors.items() if not k.startswith((MODEL_PREFIX, VOCAB_PREFIX))}
     schema = with_vocab(meta.schema, path)
     return Checkpoint(meta.model, meta.model_config, schema, state, meta.history, extra, meta.training_state)
+
+
+def load_part(path: str | Path, weights: bool) -> dict[str, torch.Tensor]:
+    """Part of a checkpoint's tensors: the model's weights (names without ``model.``), or with
+    ``weights=False`` the others a ``train`` checkpoint holds to resume (``optim.*``, ``method.*``,
+    ``rng.*``, …), read into memory of their own, not mapped (``safetensors_stream.read``). A resumed
+    run loads the weights into its model, lets them go, then reads the rest: it never holds the
+    whole checkpoint beside its model, nor the file's pages."""
+    try:
+        with safe_open(path, framework="pt") as f:  # the library validates the header and offsets
+            f.keys()
+        tensors = safetensors_stream.read(path, lambda k: k.startswith(MODEL_PREFIX) == weights)
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path}: corrupt checkpoint ({exc})") from exc
+    if weights:
+        return {k[len(MODEL_PREFIX) :]: v for k, v in tensors.items()}
+    return {k: v for k, v in tensors.items() if not k.startswith(VOCAB_PREFIX)}
 
 
 def stored_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:

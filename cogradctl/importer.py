@@ -85,7 +85,7 @@ def import_weights(req: ImportRequest) -> dict:
     }
     ckpt = ckpt_io.Checkpoint(req.model, effective, schema, state, [entry])
     batch = sample_rows(req.data, schema, req.check_rows)
-    with ckpt_io.staged_write(req.out, ckpt_io.serialize(ckpt)) as staged:
+    with ckpt_io.staged_checkpoint(req.out, ckpt) as staged:
         check = self_check(staged, req, schema, effective, mapped, batch)
     return {
         "checkpoint": str(req.out),

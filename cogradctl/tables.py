@@ -82,6 +82,47 @@ def separate(model: nn.Module, split: ParamSplit, mode: str) -> None:
             split.table_names.append(next(n for n, m in tables if m is module))
 
 
+def probe(model: nn.Module, split: ParamSplit, mode: str, inputs: dict) -> None:
+    """Before anything is written: one forward pass on ``inputs`` (eval mode, no buffer changes) and
+    the gradient of the outputs onto each row-sparse table must come through its module's lookups
+    only: sparse, and on rows those lookups touched. A weight also used otherwise (tied to an
+    output layer, read with ``F.embedding``) would get a dense gradient (``TableRows.add`` refuses
+    it at the first step, after the step-0 checkpoint) or rows the step never sees: UsageError."""
+    if not split.tables:
+        return
+    modules = {id(m.weight): m for _, m in embedding_tables(model, split)}
+    looked: dict[int, list[torch.Tensor]] = {id(p): [] for p in split.tables}
+    handles = [
+        modules[id(p)].register_forward_pre_hook(lambda m, args: looked[id(m.weight)].append(args[0].reshape(-1)))
+        for p in split.tables
+    ]
+    training = model.training
+    try:
+        model.eval()
+        with torch.enable_grad():
+            outputs = model(inputs)
+            total = sum(v.float().sum() for v in outputs.values())
+            grads = torch.autograd.grad(total, split.tables, allow_unused=True)
+    finally:
+        model.train(training)
+        for handle in handles:
+            handle.remove()
+    for name, param, grad in zip(split.table_names, split.tables, grads):
+        if grad is None:
+            continue
+        seen = torch.cat(looked[id(param)]) if looked[id(param)] else grad.new_zeros(0, dtype=torch.long)
+        if not grad.is_sparse:
+            how = "a dense gradient: the weight is also used outside its module's lookups (tied to another layer?)"
+        elif not bool(torch.isin(grad.coalesce().indices()[0], seen).all()):
+            how = "gradient on rows its module did not look up (the weight read with F.embedding?)"
+        else:
+            continue
+        raise UsageError(
+            f"--embeddings {mode}: table parameter {name} gets {how}; the row-sparse path sees only the rows "
+            "its module looks up; use --embeddings dense"
+        )
+
+
 class TableRows:
     """Per batch: the rows each table's lookups touched, and each task's gradient on them.
 

@@ -30,7 +30,7 @@ from cogradctl.train.logs import MetricsLog, NoLog, TensorBoard
 from cogradctl.train.optim import make_optimizer, trainable
 from cogradctl.train.report import OovCount, ProgressLine, count_rows, warn_dropped
 from cogradctl.train.run import Inputs, Progress, Run
-from cogradctl.train.save import save_last
+from cogradctl.train.save import finite, save_last
 from cogradctl.train.state import check_resume_tensors, previous_state, restore
 from cogradctl.train.step import Autocast, LossScaler
 
@@ -45,7 +45,7 @@ def read_inputs(cfg: TrainConfig, out: Path, log: Log, plugin_paths, dist: Dist,
     model, _ = build(source.model, source.schema, source.model_config, plugin_paths)
     ckpt_io.load_into(model, source.state, cfg.checkpoint)
     for name, tensor in source.state.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        if tensor.is_floating_point() and not bool(finite(tensor)):
             raise CheckpointError(
                 f"{cfg.checkpoint}: weight {name} holds NaN or infinite values (a diverged run's?); "
                 "train from a checkpoint with finite weights"
@@ -87,6 +87,8 @@ def read_inputs(cfg: TrainConfig, out: Path, log: Log, plugin_paths, dist: Dist,
                 warn_dropped(log, data["valid"], labels, "--valid", "evaluating on", why)
         position = (state["epoch"], state["batch"]) if state else (1, 0)
         batches = Batches(stream, cfg, shards, dist, position, device, rows_used=data["train"]["rows_used"])
+        if batches.first is not None:  # a plugin's table read other than by its lookups: exit 2 now
+            tables.probe(model, split, cfg.embeddings, batches.first[0])
         before = (
             evaluate(model, valid, source.schema, device=device, standard_errors=True)
             if valid is not None and not state
@@ -109,9 +111,10 @@ def prepare(
     """The optimizer and the method set up (from the saved state on resume), the logs opened,
     config.toml written: a :class:`Run` ready for its first step."""
     state, split, method, batches = inputs.state, inputs.split, inputs.method, inputs.batches
-    if state:
-        start = ckpt_io.load(out / "last.safetensors")
-        ckpt_io.load_into(inputs.model, start.state, str(out / "last.safetensors"))
+    if state:  # the weights first, then the rest: never the whole checkpoint beside the model
+        last = out / "last.safetensors"
+        ckpt_io.load_into(inputs.model, ckpt_io.load_part(last, weights=True), str(last))
+        extra = ckpt_io.load_part(last, weights=False)
     torch.manual_seed(cfg.seed)
     method.setup(len(inputs.source.schema.task_names))
     method.segments = [p.numel() for p in split.shared]
@@ -120,10 +123,8 @@ def prepare(
     scaler = LossScaler() if cfg.precision == "fp16" else None
     if state:
         taken = state["step"] - state.get("skipped", 0)
-        check_resume_tensors(
-            start.extra, optimizer, names, method, scaler, device, split, out / "last.safetensors", taken
-        )
-        restore(start.extra, optimizer, names, method, scaler, device, split)
+        check_resume_tensors(extra, optimizer, names, method, scaler, device, split, last, taken)
+        restore(extra, optimizer, names, method, scaler, device, split)
         log.info(f"resuming {out} at step {state['step']} (epoch {state['epoch']}, batch {state['batch']})")
     if dist.world > 1:
         # Dropout draws differ between processes; the methods' own generators are buffers, the

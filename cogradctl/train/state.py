@@ -28,7 +28,8 @@ def optimizer_tensors(
 ) -> dict[str, torch.Tensor]:
     """The optimizer's per-parameter state as ``optim.<key>.<parameter name>`` tensors; the flat
     shared parameter's (name None) cut into one entry per shared parameter, so a checkpoint reads
-    the same with or without ``flatten_shared``."""
+    the same with or without ``flatten_shared``. The tensors are the optimizer's own (or views of
+    them), not copies: a checkpoint of large tables is written from them directly, between steps."""
     out = {}
     params = [p for group in optimizer.param_groups for p in group["params"]]
     for name, param in zip(names, params):
@@ -41,9 +42,9 @@ def optimizer_tensors(
                     else dict.fromkeys(split.shared_names, value)
                 )
                 for shared_name, piece in pieces.items():
-                    out[f"optim.{key}.{shared_name}"] = piece.clone()
+                    out[f"optim.{key}.{shared_name}"] = piece
             else:
-                out[f"optim.{key}.{name}"] = value.clone()
+                out[f"optim.{key}.{name}"] = value
     return out
 
 
