@@ -66,10 +66,9 @@ def init(data: Path, log2_rows: int, out: Path) -> None:
 
 def child(args) -> None:
     """One (table size, path): time the floor, ew and cograd; print a JSON line."""
-    from cogradctl.allocator import huge_pages, keep_freed_memory
+    from cogradctl.allocator import keep_freed_memory
 
     keep_freed_memory()  # as the cogradctl command does (cli/core.py main), before any tensor is allocated
-    huge_pages()
     import torch
 
     torch.set_num_threads(args.threads)

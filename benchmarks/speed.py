@@ -476,10 +476,9 @@ def main() -> None:
     if not thread_counts or min(thread_counts) < 1:
         parser.error(f"--threads {args.threads!r}: expected comma-separated positive integers, e.g. 1,2")
     torch.set_num_threads(thread_counts[0])
-    from cogradctl.allocator import huge_pages, keep_freed_memory
+    from cogradctl.allocator import keep_freed_memory
 
     keep_freed_memory()  # as the cogradctl command does, for the in-process sections
-    huge_pages()
     started = time.time()
     lines = [
         "# Benchmarks",

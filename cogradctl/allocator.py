@@ -15,9 +15,6 @@ It changes nothing when the allocator is not glibc's (macOS, Windows, musl, or j
 preloaded, where glibc's settings are not used), when the user has set any of these thresholds
 (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_TOP_PAD_`` or ``GLIBC_TUNABLES``),
 or with ``COGRADCTL_MALLOPT=0``.
-
-``huge_pages`` asks PyTorch for transparent huge pages on its large allocations (the same
-``COGRADCTL_MALLOPT=0`` leaves it off).
 """
 
 from __future__ import annotations
@@ -33,27 +30,6 @@ M_MMAP_THRESHOLD = -3
 
 SETTINGS = {M_MMAP_THRESHOLD: 32 << 20, M_TRIM_THRESHOLD: 1 << 30, M_TOP_PAD: 64 << 20}
 USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "GLIBC_TUNABLES")
-
-
-THP_VARIABLE = "THP_MEM_ALLOC_ENABLE"  # read by PyTorch's CPU allocator (c10/core/alloc_cpu.cpp)
-
-
-def huge_pages() -> bool:
-    """Ask PyTorch's CPU allocator for transparent huge pages: with ``THP_MEM_ALLOC_ENABLE=1`` it
-    aligns every allocation of 2 MiB or more to 2 MiB and marks it ``madvise(MADV_HUGEPAGE)``, so
-    Linux backs it with 2 MiB pages where transparent huge pages are ``always`` or ``madvise``
-    (the usual default) and does nothing where they are ``never``. A large embedding table and its
-    Adam moments are read and written at the rows a batch touched, scattered over gigabytes: with
-    4 KiB pages nearly every touched row costs a TLB miss in each of the six passes of
-    ``optim.lazy_step``. → whether it was set: not with ``COGRADCTL_MALLOPT=0``, not where the user
-    set ``THP_MEM_ALLOC_ENABLE`` (either value is theirs), not off Linux. PyTorch reads the variable
-    at its first large allocation, so call this first (the CLI's ``main`` does)."""
-    if os.environ.get("COGRADCTL_MALLOPT", "") == "0" or THP_VARIABLE in os.environ:
-        return False
-    if not sys.platform.startswith("linux"):
-        return False
-    os.environ[THP_VARIABLE] = "1"
-    return True
 
 
 def keep_freed_memory() -> bool:

@@ -18,7 +18,7 @@ import typer
 import typer.core
 
 from cogradctl import __version__
-from cogradctl.allocator import huge_pages, keep_freed_memory
+from cogradctl.allocator import keep_freed_memory
 from cogradctl.console import stderr
 from cogradctl.errors import EXIT_UNEXPECTED, CogradError, EnvironmentFailure, OutOfMemory
 
@@ -218,7 +218,6 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 def main() -> None:
     warnings.showwarning = _show_warning
     keep_freed_memory()  # glibc: steps reuse their pages instead of faulting them in again
-    huge_pages()  # 2 MiB pages for large tensors: a large table's touched rows without a TLB miss each
     if os.environ.get("WORLD_SIZE", "1") in ("", "0", "1"):
         app()
         return
