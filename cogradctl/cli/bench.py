@@ -61,7 +61,8 @@ def bench_cmd(
         str | None,
         typer.Option(
             help="With --synthetic: two id features more (user_id, item_id), hashed into this many rows "
-            "each (N or 2^K), × embedding_dim (16 unless --config embedding_dim=…): a ranking model's "
+            "each (N or 2^K), × embedding_dim (16 unless --config embedding_dim=…, for a model that has "
+            "that option): a ranking model's "
             "large tables, as benchmarks/embeddings.py measures them.",
         ),
     ] = None,
@@ -105,8 +106,8 @@ def bench_cmd(
         if not 1 <= num_tasks <= 9:
             raise UsageError("--num-tasks must be between 1 and 9")
         settings = models.parse_config(config or [])
-        if rows is not None:
-            settings.setdefault("embedding_dim", 16)
+        if rows is not None and "embedding_dim" in _model_options(model, plugin_path):
+            settings.setdefault("embedding_dim", 16)  # the tables' width in the issue's benchmark
         schema, dataset, net = bench_mod.synthetic_workload(
             model, num_tasks, batch_size * 4, settings, paths(plugin_path), dev, seed, rows
         )
@@ -139,6 +140,13 @@ def bench_cmd(
         emit_json(result)
         return
     _print(result, plugin, batch_size)
+
+
+def _model_options(model: str, plugin_path) -> dict:
+    """The config keys the model plugin takes (``--table-rows`` sets embedding_dim where it has one)."""
+    from cogradctl import models, registry
+
+    return models.config_options(registry.lookup("models", model, paths(plugin_path)))
 
 
 def _table_rows(text: str | None, synthetic: bool) -> int | None:
