@@ -18,6 +18,10 @@ training step of `ew` and `cograd` as `train` runs it (`train_step`, Adam at lea
 that every round does the same work: lazy Adam on the tables' touched rows for coordinate, the
 fused dense Adam otherwise). Each ratio to the floor has a 95% bootstrap interval; the peak RSS is
 the child's own (`ru_maxrss`), against the tables plus their Adam state.
+
+One row from the CLI (synthetic tasks instead of click/like/share, the same model and sizes):
+`OMP_NUM_THREADS=1 cogradctl bench --model mmoe --synthetic --num-tasks 3 --methods ew,cograd
+--table-rows 2^23 --embeddings coordinate --steps 30`.
 """
 
 from __future__ import annotations
@@ -62,6 +66,9 @@ def init(data: Path, log2_rows: int, out: Path) -> None:
 
 def child(args) -> None:
     """One (table size, path): time the floor, ew and cograd; print a JSON line."""
+    from cogradctl.allocator import keep_freed_memory
+
+    keep_freed_memory()  # as the cogradctl command does (cli/core.py main), before any tensor is allocated
     import torch
 
     torch.set_num_threads(args.threads)

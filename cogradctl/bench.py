@@ -9,7 +9,8 @@ summed loss is reported as ``plain`` for reference. Timings: median and interqua
 ``steps`` steps after ``warmup`` steps, all candidates interleaved on the same batches and weights;
 on CUDA timed with CUDA events, with per-candidate peak allocated memory. Each ratio to the floor
 comes with a 95% bootstrap interval over the rounds (``ratio_interval``), so a reader can tell a
-real difference from the machine's noise.
+real difference from the machine's noise. With row-sparse embedding tables (``embeddings``, as
+``train --embeddings``) the floor's backward passes give the tables their sparse gradients.
 """
 
 from __future__ import annotations
@@ -21,13 +22,16 @@ import time
 
 import torch
 
+from cogradctl import tables
 from cogradctl.data import Dataset
 from cogradctl.methods import get_method
 from cogradctl.models import ParamSplit
 from cogradctl.schema import Schema
 from cogradctl.taskgrad import TaskGradients, task_losses
-from cogradctl.train import TrainConfig, make_optimizer, train_step, trainable
+from cogradctl.train import TrainConfig, make_optimizer, optimizer_step, train_step, trainable
 from cogradctl.transference import DEFAULT_LOOKAHEAD_LR, measure_batch
+
+ID_FEATURES = ("user_id", "item_id")  # synthetic_workload's hashed id features (table_rows)
 
 
 def _stats(times: list[float]) -> dict:
@@ -74,21 +78,48 @@ def describe_device(device: torch.device) -> str:
     return f"{cpu_model()} CPU, {torch.get_num_threads()} threads (torch {torch.__version__})"
 
 
-def synthetic_workload(model: str, num_tasks: int, rows: int, config: dict, plugin_paths: list[str], device, seed=0):
+def synthetic_workload(
+    model: str,
+    num_tasks: int,
+    rows: int,
+    config: dict,
+    plugin_paths: list[str],
+    device,
+    seed=0,
+    table_rows: int | None = None,
+):
     """A fresh ``model`` plugin on ``rows`` rows of generated sample data with ``num_tasks`` binary
     tasks (task0 the anchor, the others of relatedness 0.5; positive rate 0.2): → (schema, dataset,
-    model built on ``device``)."""
+    model built on ``device``).
+
+    ``table_rows``: two id features more, ``user_id`` and ``item_id``, uniformly drawn 40-bit
+    integers hashed into ``table_rows`` rows each (``--encoding COL=hash:N``, as
+    benchmarks/embeddings.py builds its checkpoints): a batch touches about one distinct row per
+    row of the batch in each, the worst case for the row-sparse path (no repeats)."""
     import tempfile
     from pathlib import Path
 
+    import numpy as np
+    import pyarrow as pa
+
     from cogradctl import data as data_io
     from cogradctl import models, sample
+    from cogradctl.encodings import parse_specs
+    from cogradctl.infer import SchemaOptions, infer_from_options
 
     tasks = {f"task{k}": (1.0 if k == 0 else 0.5, 0.2) for k in range(num_tasks)}
+    table = sample.generate(rows, tasks, seed=seed)
+    encodings = []
+    if table_rows is not None:
+        ids = np.random.default_rng([seed, 0x1D5])
+        for name in ID_FEATURES:
+            table = table.append_column(name, pa.array(ids.integers(0, 1 << 40, size=rows), pa.int64()))
+            encodings.append(f"{name}=hash:{table_rows}")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "synthetic.parquet"
-        sample.write(sample.generate(rows, tasks, seed=seed), path)
-        schema, _ = data_io.infer_schema(str(path), list(tasks), {t: "binary" for t in tasks})
+        sample.write(table, path)
+        opts = SchemaOptions(list(tasks), encodings=parse_specs(encodings))
+        schema, _, _ = infer_from_options(str(path), opts)
         dataset = data_io.load(str(path), schema)
     with torch.device(device):  # built where it runs: no host copy of a large model, GPU initialisation
         net, _ = models.build(model, schema, config, plugin_paths)
@@ -108,6 +139,7 @@ def bench(
     warmup: int = 3,
     device: torch.device = torch.device("cpu"),
     progress=None,
+    embeddings: str = "dense",
 ) -> dict:
     """Time the floor, a plain step, each method's training step and a measure-transference batch.
 
@@ -115,37 +147,60 @@ def bench(
     rotates from round to round, so that a noisy, shared machine slows them all alike. The
     optimizer's learning rate is 0, so the weights (and hence every candidate's work) stay
     identical across rounds. ``progress(n)``, if given, is called after each round.
+
+    ``embeddings``: the resolved ``train --embeddings`` mode (:mod:`cogradctl.tables`; ``dense``
+    changes nothing). In ``coordinate`` and ``sum`` the tables are taken out of ``split.shared`` as
+    ``train`` does, the floor's K backward passes give them their sparse gradients too, the plain
+    step and the methods' steps update their touched rows (``optim.lazy_step``), and the
+    measure-transference batch is not timed (``measure_transference`` None: bench times the row-sparse training step).
     """
     n_batches = max(1, min(len(data) // batch_size, 8))
     batches = [data.batch(slice(b * batch_size, (b + 1) * batch_size), device) for b in range(n_batches)]
     model.train()
-    candidates = _candidates(model, split, schema, methods, method_options or {}, device)
+    found = tables.embedding_tables(model, split)  # before separate: the tables as the model holds them
+    tables.separate(model, split, embeddings)
+    candidates, grads = _candidates(model, split, schema, methods, method_options or {}, device, embeddings)
     times, peaks = _time_rounds(candidates, batches, warmup, steps, device, progress or (lambda n=1: None))
-    return _report(times, peaks, methods, schema, split, batch_size, steps, device)
+    result = _report(times, peaks, methods, schema, split, batch_size, steps, device)
+    result["embeddings"] = _tables_report(found, embeddings, grads)
+    return result
 
 
 def _candidates(
-    model, split: ParamSplit, schema: Schema, methods: list[str], method_options: dict[str, dict], device: torch.device
-) -> dict:
+    model,
+    split: ParamSplit,
+    schema: Schema,
+    methods: list[str],
+    method_options: dict[str, dict],
+    device: torch.device,
+    embeddings: str = "dense",
+) -> tuple[dict, TaskGradients]:
     """What is timed, by name: the floor, a plain step, ``method:<name>`` for each method's
-    training step, and a measure-transference batch with its own floor."""
+    training step, and (without row-sparse tables) a measure-transference batch with its own
+    floor; and the TaskGradients the methods' steps use."""
     k = len(schema.tasks)
     names = schema.task_names
-    grads = TaskGradients(model, split, schema, device)
+    grads = TaskGradients(model, split, schema, device, sum_tables=embeddings == "sum")
     params, _ = trainable(model, split, torch.nn.Module())  # as train's: the shared parameters flat
-    optimizer = make_optimizer(TrainConfig(checkpoint="", data="", out="", lr=0.0), params)
+    config = TrainConfig(checkpoint="", data="", out="", lr=0.0)
+    optimizer = make_optimizer(config, params, len(split.tables))
 
     def floor(inputs, labels) -> None:  # one forward, K backward passes onto shared + own parameters
         losses = task_losses(model(inputs), labels, schema)
-        for i, task in enumerate(names):
-            torch.autograd.grad(
-                losses[i], [*split.shared, *split.tasks[task]], retain_graph=i < k - 1, allow_unused=True
-            )
+        for i, task in enumerate(names):  # row-sparse tables (split.tables): their sparse gradients
+            params = [*split.shared, *split.tables, *split.tasks[task]]
+            torch.autograd.grad(losses[i], params, retain_graph=i < k - 1, allow_unused=True)
 
     def plain(inputs, labels) -> None:  # ordinary training on the summed loss
         optimizer.zero_grad(set_to_none=True)
         task_losses(model(inputs), labels, schema).sum().backward()
-        optimizer.step()
+        if not split.tables:
+            optimizer.step()
+            return
+        for table in split.tables:  # one entry per lookup: summed per row, as lazy_step takes it
+            if table.grad is not None:
+                table.grad = table.grad.coalesce()
+        optimizer_step(optimizer)
 
     def method_step(method):
         def run(inputs, labels) -> None:
@@ -170,9 +225,27 @@ def _candidates(
         if list(method.parameters()):
             optimizer.add_param_group({"params": list(method.parameters())})
         candidates[f"method:{name}"] = method_step(method)
-    candidates["measure"] = measure
-    candidates["measure_floor"] = measure_floor
-    return candidates
+    if not split.tables:
+        candidates["measure"] = measure
+        candidates["measure_floor"] = measure_floor
+    return candidates, grads
+
+
+def _tables_report(found: list, mode: str, grads: TaskGradients) -> dict | None:
+    """The embedding tables the bench ran with (None if the model has none): each table's rows and
+    dim, the mode, their numbers, what they and two Adam moments take (MiB, float32 as stored),
+    and the rows the last step touched (row-sparse modes)."""
+    if not found:
+        return None
+    numbers = sum(m.weight.numel() for _, m in found)
+    touched = sum(int(ids.numel()) for ids in grads.tables.index) if grads.tables is not None else None
+    return {
+        "mode": mode,
+        "tables": [{"name": n, "rows": m.num_embeddings, "dim": m.embedding_dim} for n, m in found],
+        "numbers": numbers,
+        "tables_and_adam_mb": 3 * found[0][1].weight.element_size() * numbers / 2**20,
+        "touched_rows": touched,
+    }
 
 
 def _time_rounds(
@@ -253,5 +326,7 @@ def _report(
             "floor_ms": stats["measure_floor"]["median_ms"],
             "ratio_to_floor": stats["measure"]["median_ms"] / stats["measure_floor"]["median_ms"],
             "ratio_to_floor_ci95": ratio_interval(times["measure"], times["measure_floor"]),
-        },
+        }
+        if "measure" in times
+        else None,
     }

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from itertools import accumulate
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -162,7 +163,7 @@ class TableRows:
         self.index, self.sizes, self.lookups = [], [], []
         for module, seen in zip(self.modules, self.inputs):
             looked = torch.cat(seen) if seen else torch.zeros(0, dtype=torch.long, device=device)
-            ids, inverse = torch.unique(looked, return_inverse=True)
+            ids, inverse = _unique(looked)
             # (lookups, their touched row): a gradient whose indices are the lookups in order (one
             # lookup call, no padding row) is summed by position, without a search
             self.lookups.append((looked, inverse))
@@ -270,6 +271,16 @@ class TableRows:
                 )
             )
         return out
+
+
+def _unique(looked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.unique(looked, return_inverse=True)``: the sorted unique ids and each lookup's
+    position among them. On the CPU through numpy, which gives the same two tensors about twice
+    as fast (torch's CPU unique sorts more slowly: 1.3 against 0.6 ms for a batch's 10k lookups)."""
+    if looked.device.type != "cpu" or looked.dtype != torch.long:
+        return torch.unique(looked, return_inverse=True)
+    ids, inverse = np.unique(looked.numpy(), return_inverse=True)
+    return torch.from_numpy(ids), torch.from_numpy(inverse.reshape(looked.shape).astype(np.int64, copy=False))
 
 
 def _joined(parts: list[torch.Tensor]) -> torch.Tensor:

@@ -49,6 +49,23 @@ def bench_cmd(
     batch_size: Annotated[int, typer.Option(help="Rows per step.")] = 2048,
     steps: Annotated[int, typer.Option(help="Timed steps per method.")] = 20,
     warmup: Annotated[int, typer.Option(help="Untimed steps first.")] = 3,
+    embeddings: Annotated[
+        str,
+        typer.Option(
+            help="Shared embedding tables, as train --embeddings: coordinate, sum, freeze, dense, or auto "
+            "(coordinate from 2^24 table numbers on, else dense). Row-sparse (coordinate, sum): the floor's "
+            "backward passes give the tables sparse gradients, and no measure-transference batch is timed.",
+        ),
+    ] = "auto",
+    table_rows: Annotated[
+        str | None,
+        typer.Option(
+            help="With --synthetic: two id features more (user_id, item_id), hashed into this many rows "
+            "each (N or 2^K), × embedding_dim (16 unless --config embedding_dim=…, for a model that has "
+            "that option): a ranking model's "
+            "large tables, as benchmarks/embeddings.py measures them.",
+        ),
+    ] = None,
     on_invalid_rows: OnInvalid = "error",
     missing_labels: MissingLabels = "mask",
     weight_column: WeightColumn = None,
@@ -62,7 +79,8 @@ def bench_cmd(
     import torch
 
     from cogradctl import bench as bench_mod
-    from cogradctl import models
+    from cogradctl import models, tables
+    from cogradctl.methods import get_method
 
     if steps < 2 or warmup < 0 or batch_size < 1:
         raise UsageError("--steps must be at least 2, --warmup at least 0, --batch-size positive")
@@ -73,6 +91,9 @@ def bench_cmd(
     count("--seed", seed, 0)  # a seed must be a non-negative 64-bit integer (torch and numpy take no other)
     labels = label_options(missing_labels, weight_column)
     dev = models.resolve_device(device)
+    rows = _table_rows(table_rows, synthetic)
+    if embeddings not in tables.MODES:
+        raise UsageError(f"--embeddings {embeddings!r}: expected one of {', '.join(tables.MODES)}")
     torch.manual_seed(seed)
     log = Log(quiet)
     if checkpoint is not None and data is not None and model is None and not synthetic:
@@ -84,8 +105,11 @@ def bench_cmd(
     elif model is not None and synthetic and checkpoint is None and data is None:
         if not 1 <= num_tasks <= 9:
             raise UsageError("--num-tasks must be between 1 and 9")
+        settings = models.parse_config(config or [])
+        if rows is not None and "embedding_dim" in _model_options(model, plugin_path):
+            settings.setdefault("embedding_dim", 16)  # the tables' width in the issue's benchmark
         schema, dataset, net = bench_mod.synthetic_workload(
-            model, num_tasks, batch_size * 4, models.parse_config(config or []), paths(plugin_path), dev, seed
+            model, num_tasks, batch_size * 4, settings, paths(plugin_path), dev, seed, rows
         )
         plugin = model
     else:
@@ -95,9 +119,14 @@ def bench_cmd(
         f"{steps} steps each, {dev}"
     )
     split = models.split_parameters(net, schema.task_names, plugin)
+    mode = tables.resolve(embeddings, net, split)
+    for name in names:  # what train refuses with row-sparse tables, refused here before any timing
+        tables.check_mode(mode, get_method(name, **per_method.get(name, {})), 1, None)
+    if tables.embedding_tables(net, split):
+        log.info(tables.describe(mode, net, split))
     with log.progress("bench rounds", warmup + steps) as advance:  # a bar on a terminal only
         result = bench_mod.bench(
-            net, split, schema, dataset, names, per_method, batch_size, steps, warmup, dev, advance
+            net, split, schema, dataset, names, per_method, batch_size, steps, warmup, dev, advance, mode
         )
     result["model"] = plugin
     ci = [r["ratio_to_floor_ci95"] for r in result["methods"].values()]
@@ -111,6 +140,32 @@ def bench_cmd(
         emit_json(result)
         return
     _print(result, plugin, batch_size)
+
+
+def _model_options(model: str, plugin_path) -> dict:
+    """The config keys the model plugin takes (``--table-rows`` sets embedding_dim where it has one)."""
+    from cogradctl import models, registry
+
+    return models.config_options(registry.lookup("models", model, paths(plugin_path)))
+
+
+def _table_rows(text: str | None, synthetic: bool) -> int | None:
+    """``--table-rows N`` or ``2^K`` → N (1 ≤ N ≤ 2^31); only with --synthetic."""
+    if text is None:
+        return None
+    if not synthetic:
+        raise UsageError("--table-rows: only with --model and --synthetic (your checkpoint's tables are its own)")
+    base, caret, power = text.strip().partition("^")
+    try:
+        if caret:  # 2^K, K checked before the power is taken
+            rows = 2 ** int(power) if base.strip() == "2" and 0 <= int(power) <= 31 else None
+        else:
+            rows = int(text)
+    except ValueError:
+        rows = None
+    if rows is None or not 1 <= rows <= 2**31:
+        raise UsageError(f"--table-rows {text!r}: expected a number of rows N or 2^K, between 1 and 2^31")
+    return rows
 
 
 def _per_method_options(items: list[str], names: list[str]) -> dict[str, dict]:
@@ -128,9 +183,11 @@ def _per_method_options(items: list[str], names: list[str]) -> dict[str, dict]:
 
 
 def _print(result: dict, plugin: str, batch_size: int) -> None:
+    e = result.get("embeddings")
+    besides = " besides the tables" if e and e["mode"] in ("coordinate", "sum") else ""
     table = Table(
         title=f"{plugin}, K={result['tasks']}, batch {batch_size}, {result['shared_parameters']} shared parameters"
-        f" — {result['device']}"
+        f"{besides} — {result['device']}"
     )
     on_gpu = next(iter(result["methods"].values()), {}).get("peak_mem_mb") is not None
     columns = ("step", "ms", "p25–p75", "÷ ew", "÷ floor", "95% interval") + (("peak MB",) if on_gpu else ())
@@ -153,17 +210,30 @@ def _print(result: dict, plugin: str, batch_size: int) -> None:
             *((peak,) if on_gpu else ()),
         )
     m = result["measure_transference"]
-    table.add_row(
-        "measure-transference batch",
-        f"{m['batch_ms']:.2f}",
-        "",
-        "",
-        f"{m['ratio_to_floor']:.2f} of its floor ({m['floor_ms']:.2f} ms)",
-        "{:.2f}–{:.2f}".format(*m["ratio_to_floor_ci95"]),
-        *pad,
-    )
+    if m is not None:  # not timed with row-sparse tables
+        table.add_row(
+            "measure-transference batch",
+            f"{m['batch_ms']:.2f}",
+            "",
+            "",
+            f"{m['ratio_to_floor']:.2f} of its floor ({m['floor_ms']:.2f} ms)",
+            "{:.2f}–{:.2f}".format(*m["ratio_to_floor_ci95"]),
+            *pad,
+        )
     stdout.print(table)
+    if result.get("embeddings"):
+        stdout.print(_tables_line(result["embeddings"]))
     if not on_gpu:
         stdout.print(
             f"process peak RSS: {result['process_peak_rss_mb']:.0f} MB (no per-method memory statistics on CPU)"
         )
+
+
+def _tables_line(e: dict) -> str:
+    """The embedding tables under the table: their sizes, the mode, the rows a step touched."""
+    sizes = ", ".join(f"{t['name']} {t['rows']:,} × {t['dim']}" for t in e["tables"])
+    touched = "" if e["touched_rows"] is None else f"; the last step touched {e['touched_rows']:,} rows"
+    return (
+        f"embedding tables: {sizes} (--embeddings {e['mode']}); tables + 2 Adam moments "
+        f"{e['tables_and_adam_mb']:,.0f} MB{touched}"
+    )
