@@ -304,10 +304,10 @@ def _layout(model: nn.Module, split: ParamSplit) -> list[tuple[str, int, int]]:
     return runs
 
 
-def check_mode(mode: str, method, world: int, measure_every: int | None) -> None:
-    """What a row-sparse mode cannot do yet, refused before anything is written (exit 2). Any
-    ``world`` (number of processes) is fine: under torchrun the processes exchange their touched
-    rows (``distributed.StepReducer.rows``)."""
+def check_mode(mode: str, method) -> None:
+    """What a row-sparse mode cannot do with ``method``, refused before anything is written (exit 2).
+    torchrun and ``--measure-every`` are fine: the processes exchange their touched rows
+    (``distributed.StepReducer.rows``) and measurement is row-sparse too (``transference.rowsparse``)."""
     if mode not in ("coordinate", "sum"):
         return
     if getattr(method, "requires_hvp", False):

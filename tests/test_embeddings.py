@@ -299,15 +299,14 @@ def test_check_mode_refuses_what_row_sparse_tables_cannot_do_yet():
         get_method("cograd", hessian="exact"),
         get_method("cograd", hessian="fisher-ema"),
     )
-    tables.check_mode("coordinate", ew, 2, None)  # torchrun: exchanged (test_embeddings_distributed.py)
+    tables.check_mode("coordinate", ew)
     with pytest.raises(UsageError, match="Hessian-vector"):
-        tables.check_mode("sum", exact, 1, None)
+        tables.check_mode("sum", exact)
     with pytest.raises(UsageError, match="fisher-ema"):
-        tables.check_mode("coordinate", fisher, 1, None)
-    tables.check_mode("sum", fisher, 1, None)  # the dense layers' columns do not change
-    tables.check_mode("coordinate", ew, 1, 5)  # --measure-every: measured row-sparse (test_embeddings_measure.py)
+        tables.check_mode("coordinate", fisher)
+    tables.check_mode("sum", fisher)  # the dense layers' columns do not change
     for mode in ("dense", "freeze"):
-        tables.check_mode(mode, exact, 2, 5)
+        tables.check_mode(mode, exact)
 
 
 # ---------------------------------------------------------------------------- the train command

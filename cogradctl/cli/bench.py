@@ -121,7 +121,7 @@ def bench_cmd(
     split = models.split_parameters(net, schema.task_names, plugin)
     mode = tables.resolve(embeddings, net, split)
     for name in names:  # what train refuses with row-sparse tables, refused here before any timing
-        tables.check_mode(mode, get_method(name, **per_method.get(name, {})), 1, None)
+        tables.check_mode(mode, get_method(name, **per_method.get(name, {})))
     if tables.embedding_tables(net, split):
         log.info(tables.describe(mode, net, split))
     with log.progress("bench rounds", warmup + steps) as advance:  # a bar on a terminal only

@@ -56,7 +56,7 @@ def read_inputs(cfg: TrainConfig, out: Path, log: Log, plugin_paths, dist: Dist,
     split = split_parameters(model, source.schema.task_names, source.model)
     method = get_method(cfg.method, plugin_paths, **cfg.method_options).to(device)
     cfg.embeddings = tables.resolve(cfg.embeddings, model, split)  # "auto" decided once, saved so
-    tables.check_mode(cfg.embeddings, method, dist.world, cfg.measure_every)
+    tables.check_mode(cfg.embeddings, method)
     if cfg.embeddings != "dense" and tables.embedding_tables(model, split):  # dense: as every run before
         log.info(tables.describe(cfg.embeddings, model, split))
     tables.separate(model, split, cfg.embeddings)
