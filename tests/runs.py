@@ -1,14 +1,31 @@
-"""Helpers for tests that run `cogradctl train` in a subprocess and interrupt it: the step its
-`last.safetensors` holds, its weights, and waiting for a step before a signal."""
+"""Helpers for tests that run `cogradctl train` in a subprocess and interrupt it: the command line
+under torchrun, the step its `last.safetensors` holds, its weights, and waiting for a step before a
+signal."""
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 from cogradctl import checkpoint as ckpt_io
+
+
+def torchrun(nproc: int, *args) -> list[str]:
+    """``cogradctl ARGS`` under torchrun with ``nproc`` processes on this machine (gloo on CPU)."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(nproc),
+        "-m",
+        "cogradctl",
+        *map(str, args),
+    ]
 
 
 def saved_step(out: Path) -> int:

@@ -15,7 +15,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from cogradctl import checkpoint as ckpt_io
 from cogradctl import sample
 from cogradctl.errors import UsageError
 from cogradctl.train import TrainConfig, data_shards, previous_state
-from tests.runs import saved_step, weights
+from tests.runs import saved_step, torchrun, weights
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-5
@@ -42,20 +41,6 @@ def uneven(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
     sample.write(sample.generate(ROWS, seed=11), root / "train.parquet")
     return root / "train.parquet"
-
-
-def torchrun(nproc: int, *args: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        str(nproc),
-        "-m",
-        "cogradctl",
-        *map(str, args),
-    ]
 
 
 def env() -> dict:

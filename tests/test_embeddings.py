@@ -58,7 +58,7 @@ class TwoTables(nn.Module):
                 self.table(ids).flatten(1),
                 self.table((ids * 7 + 3) % 40).flatten(1),  # a second lookup of the same table
                 self.bag(batch["categorical"] % 30),
-                batch["dense"],
+                batch["dense"].to(self.shared.weight.dtype),
             ],
             dim=1,
         )

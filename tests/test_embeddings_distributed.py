@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -30,7 +29,7 @@ import torch
 from cogradctl import checkpoint as ckpt_io
 from cogradctl import sample
 from cogradctl.distributed import merge_rows
-from tests.runs import saved_step, weights
+from tests.runs import saved_step, torchrun, weights
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-5
@@ -86,19 +85,6 @@ def test_merge_rows_is_the_denominator_weighted_mean_on_the_union_of_touched_row
 # ---------------------------------------------------------------------------- torchrun, 2 processes
 
 
-def torchrun(*args) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        "-m",
-        "cogradctl",
-    ] + [str(a) for a in args]
-
-
 def env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "COGRADCTL_DEBUG": ""}
 
@@ -128,7 +114,7 @@ def test_coordinate_with_two_processes_equals_one_process_with_the_global_batch(
     method += ["--epochs", "2"]
     two, one = tmp_path / "two", tmp_path / "one"
     proc = subprocess.run(
-        torchrun(*train(base_checkpoint, tmp_path / "partial.parquet", two, *method, "--batch-size", 64)),
+        torchrun(2, *train(base_checkpoint, tmp_path / "partial.parquet", two, *method, "--batch-size", 64)),
         cwd=ROOT,
         env=env(),
         capture_output=True,
@@ -171,7 +157,7 @@ def test_sum_saved_under_torchrun_resumes_with_one_process(base_checkpoint, samp
     of them, resumed by one process with the same global batch, against one uninterrupted process."""
     data, out, reference = sample_dir / "train.parquet", tmp_path / "stopped", tmp_path / "reference"
     method = ["--method", "pcgrad", "--embeddings", "sum", "--epochs", "2", "--save-every", "2"]
-    cmd = torchrun(*train(base_checkpoint, data, out, *method, "--batch-size", 32))
+    cmd = torchrun(2, *train(base_checkpoint, data, out, *method, "--batch-size", 32))
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     while saved_step(out) < 4:

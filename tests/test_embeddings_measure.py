@@ -22,7 +22,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from torch import nn
 from typer.testing import CliRunner
 
 from cogradctl import checkpoint as ckpt_io
@@ -33,6 +32,7 @@ from cogradctl.cli import app
 from cogradctl.console import Log
 from cogradctl.stream import ParquetStream
 from cogradctl.train import TrainConfig, train
+from tests.test_embeddings import TwoTables as Tables
 
 TASKS = ["click", "like", "share"]
 TOL32, TOL64 = 2e-6, 1e-12
@@ -45,36 +45,6 @@ def world(tmp_path_factory):
     sample.write(sample.generate(600, seed=5), root / "train.parquet")
     schema, _ = data_io.infer_schema(str(root / "train.parquet"), TASKS, dict.fromkeys(TASKS, "binary"))
     return {"root": root, "schema": schema, "data": data_io.load(str(root / "train.parquet"), schema)}
-
-
-class Tables(nn.Module):
-    """An Embedding (padding_idx 0, looked up twice per forward: duplicate rows) and an EmbeddingBag,
-    both shared, a shared linear layer and one head per task."""
-
-    def __init__(self, schema):
-        super().__init__()
-        c = len(schema.categorical)
-        self.table = nn.Embedding(40, 3, padding_idx=0)
-        self.bag = nn.EmbeddingBag(30, 2, mode="sum")
-        self.shared = nn.Linear(2 * c * 3 + 2 + len(schema.dense), 6)
-        self.heads = nn.ModuleDict({t: nn.Linear(6, 1) for t in TASKS})
-
-    def forward(self, batch):
-        ids = batch["categorical"] % 8  # rows 0 (padding) to 7 of 40: most rows untouched
-        x = torch.cat(
-            [
-                self.table(ids).flatten(1),
-                self.table((ids * 7 + 3) % 40).flatten(1),
-                self.bag(batch["categorical"] % 30),
-                batch["dense"].to(self.shared.weight.dtype),
-            ],
-            dim=1,
-        )
-        h = torch.tanh(self.shared(x))
-        return {t: head(h).squeeze(-1) for t, head in self.heads.items()}
-
-    def task_parameters(self):
-        return {t: [f"heads.{t}.weight", f"heads.{t}.bias"] for t in TASKS}
 
 
 def pair(schema, dtype):
