@@ -160,7 +160,7 @@ class TableRows:
 
     def touched(self, device, dtype) -> None:
         """The unique looked-up rows of each table (sorted), and a zeroed K × Σ rows·dim matrix."""
-        self.index, self.sizes, self.lookups = [], [], []
+        index, self.lookups = [], []
         for module, seen in zip(self.modules, self.inputs):
             looked = torch.cat(seen) if seen else torch.zeros(0, dtype=torch.long, device=device)
             ids, inverse = _unique(looked)
@@ -170,19 +170,22 @@ class TableRows:
             if module.padding_idx is not None:  # its gradient is zero by definition: not a touched row
                 ids = ids[ids != module.padding_idx % module.num_embeddings]
                 self.lookups[-1] = None
-            self.index.append(ids)
-            self.sizes.append(ids.numel() * module.embedding_dim)
+            index.append(ids)
         self.reset(recording=False)
-        self.rows = torch.zeros(self.k, sum(self.sizes), device=device, dtype=dtype)
-        self.blocks = [
-            b.view(self.k, -1, m.embedding_dim) for b, m in zip(self.rows.split(self.sizes, 1), self.modules)
-        ]
+        self._hold(index, lambda width: torch.zeros(self.k, width, device=device, dtype=dtype))
 
     def replace(self, index: list[torch.Tensor], rows: torch.Tensor) -> None:
         """Other touched rows (``index``, sorted) and their K × Σ rows·dim matrix in ``rows``'s layout,
         in place of the batch's: under torchrun the union of every process's, ``StepReducer.rows``."""
-        self.index, self.rows, self.lookups = index, rows, [None] * len(index)
+        self.lookups = [None] * len(index)
+        self._hold(index, lambda width: rows)
+
+    def _hold(self, index: list[torch.Tensor], matrix) -> None:
+        """Hold ``index`` (each table's touched rows) and ``matrix(width)``, their K × width matrix
+        (width = Σ rows·dim), cut into each table's K × rows × dim block."""
+        self.index = index
         self.sizes = [ids.numel() * m.embedding_dim for ids, m in zip(index, self.modules)]
+        self.rows = matrix(sum(self.sizes))
         self.blocks = [
             b.view(self.k, -1, m.embedding_dim) for b, m in zip(self.rows.split(self.sizes, 1), self.modules)
         ]
