@@ -981,7 +981,7 @@ def write_results(report: dict, path: Path, args, quick: bool) -> None:
     for r in report["steps"]:
         L.append(f"{r['command']}    # {r['seconds']:.1f}s{' reused' if r.get('reused') else ''}")
     L += ["```", ""]
-    from cogradctl.checkpoint import atomic_write_bytes
+    from cogradctl.atomic_files import atomic_write_bytes
 
     atomic_write_bytes(path, "\n".join(L).encode())
 

@@ -498,7 +498,7 @@ def main() -> None:
     lines += section_representation(args.steps)
     lines.append(f"Total benchmark time {time.time() - started:.0f} s.")
     lines += gpu_section(args.out)
-    from cogradctl.checkpoint import atomic_write_bytes
+    from cogradctl.atomic_files import atomic_write_bytes
 
     atomic_write_bytes(args.out, ("\n".join(lines) + "\n").encode())
     print("\n".join(lines))

@@ -37,7 +37,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-from cogradctl.checkpoint import atomic_write_bytes
+from cogradctl.atomic_files import atomic_write_bytes
 from cogradctl.errors import DataError, UsageError
 from cogradctl.sample import write as write_parquet
 

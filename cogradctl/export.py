@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from cogradctl import checkpoint as ckpt_io
+from cogradctl.atomic_files import atomic_write_bytes
 from cogradctl.errors import CheckpointError, UsageError
 
 FORMATS = {".pt": "pt", ".pth": "pt", ".bin": "pt", ".safetensors": "safetensors"}
@@ -72,7 +73,7 @@ def export(checkpoint: Path, out: Path, overwrite: bool = False) -> dict:
         from safetensors.torch import save
 
         data = save(state)
-    ckpt_io.atomic_write_bytes(out, data)
+    atomic_write_bytes(out, data)
     entry = import_entry(ckpt)
     return {
         "checkpoint": str(checkpoint),

@@ -30,8 +30,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from cogradctl.atomic_files import staged_file
 from cogradctl.batch import split
-from cogradctl.checkpoint import staged_file
 from cogradctl.errors import DataError, PluginError, UsageError
 from cogradctl.schema import Schema
 from cogradctl.stream import ParquetStream
@@ -183,7 +183,7 @@ def _concat(parts: list) -> tuple[np.ndarray, np.ndarray, pa.Table]:
 def _atomic_parquet(out: Path, schema: pa.Schema):
     """Yields ``write(table)``: tables appended in order, in row groups of ROW_GROUP rows, to a
     temporary file beside ``out`` that lands on ``out`` only when the block ends without an error
-    (``checkpoint.staged_file``, as every output is written)."""
+    (``atomic_files.staged_file``, as every output is written)."""
     with staged_file(out) as (fh, _), pq.ParquetWriter(fh, schema) as writer:
         groups = _RowGroups(writer)
         yield groups.write

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cogradctl.checkpoint import atomic_write_bytes
+from cogradctl.atomic_files import atomic_write_bytes
 
 DEFAULT_TASKS = {"click": (1.0, 0.30), "like": (0.8, 0.20), "share": (-0.5, 0.10)}  # name: (ρ, positive rate)
 DEVICES = ["android", "ios", "web"]

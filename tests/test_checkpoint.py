@@ -12,8 +12,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from cogradctl import atomic_files, models
 from cogradctl import checkpoint as ckpt_io
-from cogradctl import models
 from cogradctl.errors import CheckpointError
 
 
@@ -102,11 +102,11 @@ def test_staged_write_leaves_nothing_when_the_check_fails(tmp_path):
     """``import`` checks the staged file before it lands: a failed check leaves no file and no new folder."""
     target = tmp_path / "new" / "deeper" / "c.safetensors"
     with pytest.raises(RuntimeError, match="check failed"):
-        with ckpt_io.staged_write(target, b"abc") as staged:
+        with atomic_files.staged_write(target, b"abc") as staged:
             assert staged.read_bytes() == b"abc" and staged.parent == target.parent and not target.exists()
             raise RuntimeError("check failed")
     assert list(tmp_path.iterdir()) == []
-    with ckpt_io.staged_write(target, b"abc"):
+    with atomic_files.staged_write(target, b"abc"):
         pass
     assert target.read_bytes() == b"abc" and list(target.parent.iterdir()) == [target]
 

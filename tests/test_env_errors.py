@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from cogradctl import checkpoint as ckpt_io
+from cogradctl import atomic_files
 from cogradctl.errors import EXIT_ENVIRONMENT
 
 TINY_TRAIN = ("--max-steps", "2", "--batch-size", "256", "--device", "cpu", "--quiet")
@@ -76,7 +76,7 @@ def test_read_only_location(cli, base_checkpoint, tmp_path, monkeypatch):
     def read_only(src, dst):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS), src)
 
-    monkeypatch.setattr(ckpt_io.os, "replace", read_only)
+    monkeypatch.setattr(atomic_files.os, "replace", read_only)
     result = cli("export", base_checkpoint, "--out", target, "--overwrite")
     monkeypatch.undo()
     assert_env_error(result, target, errno.EROFS)
@@ -102,7 +102,7 @@ def test_staged_write_errors_name_the_target(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "fsync", full)
     with pytest.raises(OSError) as info:
-        ckpt_io.atomic_write_bytes(tmp_path / "a.bin", b"x")
+        atomic_files.atomic_write_bytes(tmp_path / "a.bin", b"x")
     assert info.value.errno == errno.ENOSPC and info.value.filename == str(tmp_path / "a.bin")
 
 
@@ -113,7 +113,7 @@ def test_stale_temp_files_of_dead_writers_are_removed(tmp_path):
     target = tmp_path / "last.safetensors"
     child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead = int(child.stdout)  # a process that has exited
-    tag = ckpt_io._host()
+    tag = atomic_files._host()
     stale = tmp_path / f".last.safetensors.{tag}-{dead}-abcd1234.tmp"
     live = tmp_path / f".last.safetensors.{tag}-{os.getppid()}-abcd1234.tmp"  # a live process
     other_host = tmp_path / f".last.safetensors.elsewhere-{dead}-abcd1234.tmp"
@@ -121,7 +121,7 @@ def test_stale_temp_files_of_dead_writers_are_removed(tmp_path):
     other_target = tmp_path / f".best.safetensors.{tag}-{dead}-abcd1234.tmp"
     for p in (stale, live, other_host, old_style, other_target):
         p.write_bytes(b"partial")
-    ckpt_io.atomic_write_bytes(target, b"data")
+    atomic_files.atomic_write_bytes(target, b"data")
     assert target.read_bytes() == b"data"
     left = sorted(p.name for p in tmp_path.iterdir())
     assert stale.name not in left
@@ -137,11 +137,11 @@ def test_killed_writer_leftover_is_cleaned_by_the_next_save(tmp_path):
     code = (
         "import os, sys\n"
         "from pathlib import Path\n"
-        "from cogradctl import checkpoint as c\n"
+        "from cogradctl import atomic_files as c\n"
         "with c.staged_write(Path(sys.argv[1]), b'half'):\n"
         "    os.kill(os.getpid(), 9)\n"
     )
     subprocess.run([sys.executable, "-c", code, str(target)], check=False)
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")], "the kill left no temp file"
-    ckpt_io.atomic_write_bytes(target, b"full")
+    atomic_files.atomic_write_bytes(target, b"full")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.safetensors"]

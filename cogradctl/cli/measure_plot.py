@@ -73,7 +73,7 @@ def plot_heatmaps(result: dict, path: Path) -> None:
 
     import matplotlib.pyplot as plt
 
-    from cogradctl.checkpoint import atomic_write_bytes
+    from cogradctl.atomic_files import atomic_write_bytes
 
     fig = heatmap_figure(result)
     buffer = _io.BytesIO()

@@ -12,7 +12,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from cogradctl import checkpoint as ckpt_io
+from cogradctl.atomic_files import atomic_write_bytes
 from cogradctl.errors import UsageError
 from cogradctl.labels import MISSING_LABELS, LabelOptions
 
@@ -177,7 +177,7 @@ def write_config(path: Path, cfg: TrainConfig) -> None:
             lines.append(f"{key} = {{ {', '.join(f'{json.dumps(k)} = {json.dumps(v)}' for k, v in value.items())} }}")
         else:
             lines.append(f"{key} = {json.dumps(value)}")
-    ckpt_io.atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
+    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
 
 
 def plain(cfg: TrainConfig) -> dict:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from cogradctl import checkpoint as ckpt_io
+from cogradctl.atomic_files import atomic_write_bytes
 from cogradctl.errors import UsageError
 
 
@@ -21,7 +21,7 @@ class MetricsLog:
             path.write_text("")
         elif path.exists():
             kept = [line for line in path.read_text().splitlines() if line.strip() and _step_of(line) <= keep_until]
-            ckpt_io.atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
+            atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
         self.file = open(path, "a", encoding="utf-8")
 
     def write(self, record: dict) -> None:

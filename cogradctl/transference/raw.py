@@ -82,7 +82,7 @@ def _flag(v) -> bool | None:
 def write_raw(table, path) -> None:
     import pyarrow.parquet as pq
 
-    from cogradctl.checkpoint import atomic_write_bytes
+    from cogradctl.atomic_files import atomic_write_bytes
 
     sink = io.BytesIO()
     pq.write_table(table, sink, compression="zstd")
